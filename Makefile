@@ -1,0 +1,42 @@
+# medfed — set-up and everyday commands. `make demo` and `make test` are the contract.
+PYTHON ?= python3.11
+VENV ?= .venv
+# GPU users: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medfed-installed
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the project's dependencies change; quick when already done.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/medfed pretrain --config configs/heart.yaml --out runs/demo/pretrain
+	$(BIN)/medfed simulate --config configs/heart.yaml --bundle runs/demo/pretrain --out runs/demo/federated
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
+
+lint: install
+	$(BIN)/ruff check common server client medfed tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,262 @@
+"""One typed config tree for an experiment, loaded from YAML with `key.sub=value` overrides.
+
+Defaults live here, next to a short comment on units or advice. A YAML file from `configs/`
+overrides them and command-line overrides come last. Unknown keys and wrong types stop with
+one sentence naming the key (:class:`ConfigError`). The resolved tree is stored in every bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a dataset comes from and how it is split into hospitals."""
+
+    source: str = "heart"  # heart | medmnist | csv | synthetic
+    # heart: "flamby" (FLamby's exact protocol) or "impute" (keep slope/ca/thal, impute on train)
+    heart_protocol: str = "flamby"
+    sites: tuple[str, ...] = ()  # restrict to these site names (empty: all)
+    medmnist: str = "breast"  # breast | pneumonia | retina
+    csv_paths: tuple[str, ...] = ()  # csv: one file per site (or one file with a site column)
+    csv_schema: str = ""  # csv: YAML schema file (columns, types, ranges, label)
+    site_column: str = ""  # csv: column naming the site when all sites share one file
+    synthetic_sites: int = 6  # synthetic: number of hospitals (unequal sizes, label skew)
+    synthetic_features: int = 13
+    synthetic_samples: int = 1200  # synthetic: total rows over all sites
+    # natural | iid | dirichlet:ALPHA | quantity:ALPHA ; non-natural partitions pool the train
+    # splits (and test splits) and re-split them over `num_sites` simulated hospitals
+    partition: str = "natural"
+    num_sites: int = 0  # 0: the natural number of sites
+    test_fraction: float = 0.34  # sources without a fixed test split (csv, synthetic)
+    split_seed: int = 43  # FLamby's seed for the heart train/test split
+    # site: each site z-normalises with its own train-split statistics (FLamby);
+    # bundle: everyone uses the statistics stored in the bundle (source train split)
+    normalisation: str = "site"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone family, its constructor arguments, and which tensors train."""
+
+    family: str = "mlp"  # mlp (tabular) | cnn (28x28 images)
+    hidden: tuple[int, ...] = (32, 16)  # mlp: widths of the backbone blocks
+    channels: tuple[int, ...] = (16, 32, 64)  # cnn: channels of the conv blocks
+    dropout: float = 0.0
+    # head | head+last-N (N backbone blocks train too) | all
+    trainable: str = "head"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Local optimisation: counted in optimiser steps so unequal sites stay comparable."""
+
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    steps: int = 20  # optimiser steps per round (ignored when epochs > 0)
+    epochs: int = 0  # >0: train whole passes over the local train split instead
+    proximal_mu: float = 0.0  # FedProx term; set by the server when strategy is fedprox
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Central training of backbone + head on the source dataset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "train"  # which split of the listed sites to train on
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, epochs=60))
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """A Flower strategy and its knobs (only the ones the named strategy uses matter)."""
+
+    name: str = "fedavg"  # fedavg|fedprox|fedadam|fedyogi|fedadagrad|fedmedian|fedtrimmedavg|krum
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2  # min train/evaluate/available nodes
+    proximal_mu: float = 0.01  # fedprox
+    eta: float = 0.01  # fedadam/fedyogi/fedadagrad server learning rate
+    eta_l: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 0.001
+    beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    num_malicious_nodes: int = 0  # krum
+    num_nodes_to_select: int = 0  # krum: 0 = Krum, >0 = MultiKrum
+    round_timeout: float = 600.0  # seconds to wait for replies in one round
+
+
+@dataclass(frozen=True)
+class AdaptationConfig:
+    """Local adaptation after federation: each site fine-tunes the head on its own data."""
+
+    enabled: bool = False
+    steps: int = 30
+    lr: float = 0.005
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The federated run: target data, rounds, strategy, local training, checks."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    rounds: int = 5
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    local: OptimConfig = field(default_factory=OptimConfig)
+    # held-out set on the server: "pooled-test" (all sites' test splits) or "source-test"
+    heldout: str = "pooled-test"
+    best_metric: str = "auc"  # which held-out metric picks the `best` version
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    labels: tuple[str, ...] = ("negative", "positive")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' has the wrong type: got {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known keys: {known})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `federation.rounds=3` into a nested dict; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    dotted, raw_value = text.split("=", 1)
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return typing.cast(dict[str, Any], value)
+
+
+def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from a plain dict plus overrides."""
+    merged = dict(raw)
+    for text in overrides:
+        merged = _merge(merged, parse_override(text))
+    return typing.cast(Config, _build(Config, merged))
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML experiment file and apply `key.sub=value` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from err
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return typing.cast(dict[str, Any], plain(dataclasses.asdict(config)))

@@ -1,0 +1,1 @@
+"""medfed: common datasets."""

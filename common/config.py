@@ -121,6 +121,9 @@ class FederationConfig:
     # held-out set on the server: "pooled-test" (all sites' test splits) or "source-test"
     heldout: str = "pooled-test"
     best_metric: str = "auc"  # which held-out metric picks the `best` version
+    # true when the target task differs from the source task (e.g. pneumonia -> breast):
+    # the pretrained head is replaced by a fresh, seeded one before round 1
+    reset_head: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
 
 
@@ -131,7 +134,6 @@ class Config:
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
-    labels: tuple[str, ...] = ("negative", "positive")
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)

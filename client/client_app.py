@@ -1,0 +1,97 @@
+"""Flower ClientApp of medfed: unpack a message, call `client/node.py`, pack the reply."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import node as ops
+from common import records as rk
+from common.settings import NodeSettings, RunSettings
+
+
+def _node(context: Context, defaults: RunSettings | None) -> ops.Node:
+    run = defaults or RunSettings.from_run_config(context.run_config)
+    return ops.Node(run.load_config(), run, NodeSettings.from_node_config(context.node_config, run))
+
+
+def _site_record(name: str) -> ConfigRecord:
+    return ConfigRecord({rk.SITE_NAME: name})
+
+
+def _file_bytes(content: RecordDict, key: str) -> bytes | None:
+    if key not in content.array_records:
+        return None
+    return np.ascontiguousarray(content.array_records[key][key].numpy()).tobytes()
+
+
+def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
+    """A ClientApp; `defaults` (from `medfed simulate`) win over Flower's run config."""
+    app = ClientApp()
+
+    @app.query(rk.QUERY_BACKBONE)
+    def backbone(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        meta = msg.content.config_records[rk.BUNDLE_META]
+        sha = str(meta[rk.BACKBONE_SHA256])
+        file_bytes = _file_bytes(msg.content, rk.BACKBONE_FILE)
+        if file_bytes is not None:
+            node.backbones.store(sha, file_bytes, str(meta[rk.MANIFEST_JSON]),
+                                 str(meta[rk.MANIFEST_SIG]))
+        has = node.backbones.has(sha)
+        return Message(RecordDict({rk.METRICS: MetricRecord({rk.HAS_BACKBONE: int(has)})}),
+                       reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        config = msg.content.config_records[rk.CONFIG]
+        arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        tensors, result, site = ops.train(
+            node, arrays, str(config[rk.BACKBONE_SHA256]), int(config[rk.SERVER_ROUND]),  # type: ignore[arg-type]
+            float(config.get(rk.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+        )
+        metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
+                                "steps": result.steps})
+        return Message(RecordDict({rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
+                                   rk.SITE: _site_record(site)}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        config = msg.content.config_records[rk.CONFIG]
+        arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]))
+        return Message(RecordDict({rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
+                                   rk.SITE: _site_record(site)}), reply_to=msg)
+
+    @app.query(rk.QUERY_ADAPT)
+    def adapt(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        config = msg.content.config_records[rk.CONFIG]
+        arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        sha = str(config[rk.BACKBONE_SHA256])
+        metrics, n, site = ops.adapt(node, arrays, sha, int(config["steps"]),  # type: ignore[arg-type]
+                                     float(config["lr"]))  # type: ignore[arg-type]
+        return Message(RecordDict({rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
+                                   rk.SITE: _site_record(site)}), reply_to=msg)
+
+    @app.query(rk.QUERY_SAVE_MODEL)
+    def save_model(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        meta = msg.content.config_records[rk.BUNDLE_META]
+        head = _file_bytes(msg.content, rk.HEAD_FILE)
+        if head is None:
+            raise ValueError("save_model message carries no head file")
+        path = ops.save_model(node, int(meta[rk.VERSION]), str(meta[rk.MANIFEST_JSON]),  # type: ignore[arg-type]
+                              str(meta[rk.MANIFEST_SIG]), head,
+                              _file_bytes(msg.content, rk.BACKBONE_FILE))
+        saved = MetricRecord({"saved-version": int(path.name[1:])})
+        return Message(RecordDict({rk.METRICS: saved}), reply_to=msg)
+
+    return app
+
+
+# `flwr run .` entry point (see [tool.flwr.app.components] in pyproject.toml).
+app = make_client_app()

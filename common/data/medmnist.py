@@ -1,0 +1,167 @@
+"""MedMNIST 28x28 (BreastMNIST, PneumoniaMNIST, RetinaMNIST) from the shipped official .npz files.
+
+The natural federation is one site, "all", with the official train and test splits; the
+official val split is available to pretraining through :func:`load_medmnist_split`. Images
+become float32 in [0, 1], NCHW. Files are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.data.federated import DataSpec, SiteSplit
+from common.data.schema import DataError
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "datasets" / "medmnist"
+SPLITS = ("train", "val", "test")
+# label names from common/datasets/medmnist/README.md (class index = position)
+DATASETS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    "breast": ("breastmnist.npz", ("malignant", "normal/benign"), 1),
+    "pneumonia": ("pneumoniamnist.npz", ("normal", "pneumonia"), 1),
+    "retina": ("retinamnist.npz", ("grade-0", "grade-1", "grade-2", "grade-3", "grade-4"), 3),
+}
+SITE = "all"
+
+
+def _entry(name: str) -> tuple[str, tuple[str, ...], int]:
+    if name not in DATASETS:
+        raise DataError(
+            f"config key 'data.medmnist' must be one of {', '.join(DATASETS)}, got {name!r}"
+        )
+    return DATASETS[name]
+
+
+def to_nchw(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 0-255 or float 0-1 images (N,H,W), (N,H,W,C) or (N,C,H,W) -> float32 NCHW [0,1].
+
+    A 4-d array is channels-last when its last axis has 1 or 3 entries, otherwise
+    channels-first when its second axis has 1 or 3.
+    """
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = a[:, None, :, :]
+    elif a.ndim == 4 and a.shape[-1] in (1, 3):
+        a = a.transpose(0, 3, 1, 2)
+    elif not (a.ndim == 4 and a.shape[1] in (1, 3)):
+        raise DataError(
+            f"{where}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W) with 1 or 3 "
+            f"channels, found {a.shape}"
+        )
+    if a.shape[0] == 0:
+        raise DataError(f"{where}: holds no images")
+    if a.dtype == np.uint8:
+        return (a.astype(np.float32) / 255.0).copy()
+    if not np.issubdtype(a.dtype, np.floating):
+        raise DataError(f"{where}: images must be uint8 or float, found dtype {a.dtype}")
+    a = a.astype(np.float32)
+    bad = int((~np.isfinite(a) | (a < 0) | (a > 1)).reshape(len(a), -1).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{where}: {bad} float images have values outside [0, 1]")
+    return np.ascontiguousarray(a)
+
+
+def _read_npz(path: Path, channels: int, n_classes: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError as err:
+        raise DataError(f"MedMNIST file {path} does not exist") from err
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npz file without pickled objects") from err
+    want = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    missing = [k for k in want if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)}")
+    shape = (28, 28) if channels == 1 else (28, 28, channels)
+    for s in SPLITS:
+        img, lab = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+        if img.dtype != np.uint8 or img.shape[1:] != shape:
+            raise DataError(
+                f"{path}: '{s}_images' must be uint8 of shape (N, {', '.join(map(str, shape))}), "
+                f"found {img.dtype} {img.shape}"
+            )
+        if lab.shape not in ((len(img),), (len(img), 1)):
+            raise DataError(
+                f"{path}: '{s}_labels' must have shape ({len(img)}, 1), found {lab.shape}"
+            )
+        lab = lab.reshape(-1)
+        bad = int(((lab < 0) | (lab >= n_classes)).sum())
+        if bad:
+            raise DataError(f"{path}: '{s}_labels' has {bad} labels outside 0..{n_classes - 1}")
+    return arrays
+
+
+def _spec(labels: tuple[str, ...], channels: int) -> DataSpec:
+    return DataSpec("image", (channels, 28, 28), len(labels), labels)
+
+
+def load_medmnist_split(
+    name: str, split: str, data_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray, DataSpec]:
+    """One official split: x float32 (N, C, 28, 28) in [0, 1], y int64 (N,)."""
+    filename, labels, channels = _entry(name)
+    if split not in SPLITS:
+        raise DataError(f"MedMNIST split must be one of {SPLITS}, got {split!r}")
+    path = Path(data_dir or DATA_DIR) / filename
+    arrays = _read_npz(path, channels, len(labels))
+    x = to_nchw(arrays[f"{split}_images"], str(path))
+    y = arrays[f"{split}_labels"].reshape(-1).astype(np.int64)
+    return x, y, _spec(labels, channels)
+
+
+def load_medmnist_sites(
+    name: str, data_dir: Path | None = None
+) -> tuple[DataSpec, list[SiteSplit]]:
+    """The single natural site "all": official train and test splits."""
+    x_tr, y_tr, spec = load_medmnist_split(name, "train", data_dir)
+    x_te, y_te, _ = load_medmnist_split(name, "test", data_dir)
+    return spec, [SiteSplit(SITE, x_tr, y_tr, x_te, y_te)]
+
+
+def _read_png_folder(folder: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # Pillow ships with matplotlib
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise DataError(f"{folder}: holds no .png files")
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as opened:
+                mode = "RGB" if opened.mode in ("RGB", "RGBA", "P") else "L"
+                images.append(np.asarray(opened.convert(mode), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{p}: not a readable PNG image") from err
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}: the PNG images do not all have the same size and channels")
+    return np.stack(images)
+
+
+def load_image_file(path: str | Path) -> np.ndarray:
+    """Images for prediction: .npz (key "images", else its first array), .npy, or a PNG folder.
+
+    Returns float32 NCHW in [0, 1]; PNG files are read in file-name order. The caller checks
+    the shape against the model's input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return to_nchw(_read_png_folder(path), str(path))
+    if not path.exists():
+        raise DataError(f"image file {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npz/.npy file without pickled objects") from err
+    if isinstance(loaded, np.ndarray):  # a plain .npy array
+        return to_nchw(loaded, str(path))
+    with loaded as z:
+        if not z.files:
+            raise DataError(f"{path}: the .npz file holds no arrays")
+        try:
+            images = z["images"] if "images" in z.files else z[z.files[0]]
+        except ValueError as err:  # an object array would need pickle
+            raise DataError(f"{path}: holds pickled objects, which are not loaded") from err
+    return to_nchw(images, str(path))

@@ -1,0 +1,318 @@
+"""The tabular data contract: which columns a hospital file holds, their types and ranges.
+
+A :class:`Schema` is written once (YAML in ``configs/schemas/``), stored in every bundle
+manifest, and used on both sides: the training path validates and encodes each site's file
+with it, and ``medfed predict`` checks new files against the same schema. Messages name the
+file, the column and how many rows are bad, never the values (they may be patient data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+COLUMN_TYPES = ("numeric", "binary", "categorical")
+
+
+class DataError(ValueError):
+    """Bad data or schema; one sentence naming the file, column or key and a row count."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One input column: its type, unit and allowed values."""
+
+    name: str
+    type: str  # numeric | binary | categorical
+    unit: str = ""
+    min: float | None = None
+    max: float | None = None
+    # categorical: allowed codes; the first one is the reference level dropped by one-hot
+    categories: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Feature columns plus a binary label column mapped from raw codes to 0/1."""
+
+    columns: tuple[Column, ...]
+    label: str
+    positive: tuple[float, ...]
+    negative: tuple[float, ...]
+    labels: tuple[str, str] = ("negative", "positive")  # display names of classes 0 and 1
+
+    def feature_names(self) -> list[str]:
+        """Encoded feature names, ordered like ``pandas.get_dummies(drop_first=True)``.
+
+        Numeric and binary columns keep their order; one-hot blocks (``"cp=2"``) follow in
+        column order, each without its first category. This reproduces FLamby's heart order.
+        """
+        plain = [c.name for c in self.columns if c.type != "categorical"]
+        dummies = [
+            f"{c.name}={_code(v)}"
+            for c in self.columns
+            if c.type == "categorical"
+            for v in c.categories[1:]
+        ]
+        return plain + dummies
+
+    def column(self, name: str) -> Column:
+        """The column called `name` (KeyError if absent)."""
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(name)
+
+    def without(self, names: tuple[str, ...] | list[str]) -> Schema:
+        """A copy without the named feature columns."""
+        kept = tuple(c for c in self.columns if c.name not in set(names))
+        return Schema(kept, self.label, self.positive, self.negative, self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (the manifest stores this)."""
+        cols = []
+        for c in self.columns:
+            d: dict[str, Any] = {"name": c.name, "type": c.type}
+            if c.unit:
+                d["unit"] = c.unit
+            if c.min is not None:
+                d["min"] = c.min
+            if c.max is not None:
+                d["max"] = c.max
+            if c.categories:
+                d["categories"] = list(c.categories)
+            cols.append(d)
+        return {
+            "columns": cols,
+            "label": self.label,
+            "positive": list(self.positive),
+            "negative": list(self.negative),
+            "labels": list(self.labels),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Schema:
+        """Build and check a schema from :meth:`to_dict` output or parsed YAML."""
+        return _schema_from_dict(d)
+
+
+def _code(v: float) -> str:
+    return f"{v:g}"
+
+
+# ---------------------------------------------------------------- parsing the schema file
+
+
+_COLUMN_KEYS = {"name", "type", "unit", "min", "max", "categories"}
+_SCHEMA_KEYS = {"columns", "label", "positive", "negative", "labels"}
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(f"schema key '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _numbers(value: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple):
+        raise DataError(f"schema key '{key}' must be a list of numbers, got {value!r}")
+    return tuple(_number(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"schema key '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _column_from_dict(d: Any, key: str) -> Column:
+    if not isinstance(d, dict):
+        raise DataError(f"schema key '{key}' must be a mapping, got {d!r}")
+    for k in d:
+        if k not in _COLUMN_KEYS:
+            raise DataError(f"unknown schema key '{key}.{k}' (known: {sorted(_COLUMN_KEYS)})")
+    for k in ("name", "type"):
+        if k not in d:
+            raise DataError(f"schema key '{key}.{k}' is missing")
+    name = _text(d["name"], f"{key}.name")
+    ctype = _text(d["type"], f"{key}.type")
+    if ctype not in COLUMN_TYPES:
+        raise DataError(f"schema key '{key}.type' must be one of {COLUMN_TYPES}, got {ctype!r}")
+    unit = d.get("unit", "")
+    if not isinstance(unit, str):
+        raise DataError(f"schema key '{key}.unit' must be a string, got {unit!r}")
+    lo = None if d.get("min") is None else _number(d["min"], f"{key}.min")
+    hi = None if d.get("max") is None else _number(d["max"], f"{key}.max")
+    if lo is not None and hi is not None and lo > hi:
+        raise DataError(f"schema key '{key}': min must not exceed max")
+    cats = _numbers(d.get("categories", []), f"{key}.categories")
+    if ctype == "categorical" and len(cats) < 2:
+        raise DataError(f"schema key '{key}.categories' needs at least two codes")
+    if ctype != "categorical" and cats:
+        raise DataError(f"schema key '{key}.categories' is only allowed for categorical columns")
+    if len(set(cats)) != len(cats):
+        raise DataError(f"schema key '{key}.categories' lists a code twice")
+    return Column(name, ctype, unit, lo, hi, cats)
+
+
+def _schema_from_dict(d: Any) -> Schema:
+    if not isinstance(d, dict):
+        raise DataError("a schema must be a mapping with keys columns, label, positive, negative")
+    for k in d:
+        if k not in _SCHEMA_KEYS:
+            raise DataError(f"unknown schema key '{k}' (known: {sorted(_SCHEMA_KEYS)})")
+    for k in ("columns", "label", "positive", "negative"):
+        if k not in d:
+            raise DataError(f"schema key '{k}' is missing")
+    if not isinstance(d["columns"], list | tuple) or not d["columns"]:
+        raise DataError("schema key 'columns' must be a non-empty list")
+    columns = tuple(_column_from_dict(c, f"columns[{i}]") for i, c in enumerate(d["columns"]))
+    names = [c.name for c in columns]
+    label = _text(d["label"], "label")
+    if len(set(names)) != len(names):
+        raise DataError("schema key 'columns' names a column twice")
+    if label in names:
+        raise DataError(f"schema key 'label': the label column '{label}' is also a feature")
+    positive, negative = _numbers(d["positive"], "positive"), _numbers(d["negative"], "negative")
+    if not positive or not negative or set(positive) & set(negative):
+        raise DataError("schema keys 'positive' and 'negative' must be non-empty and disjoint")
+    labels = d.get("labels", ["negative", "positive"])
+    if not isinstance(labels, list | tuple) or len(labels) != 2:
+        raise DataError(f"schema key 'labels' must be two class names, got {labels!r}")
+    labels = (_text(labels[0], "labels[0]"), _text(labels[1], "labels[1]"))
+    return Schema(columns, label, positive, negative, labels)
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Read a schema YAML file; any problem raises :class:`DataError` naming the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DataError(f"schema file {path} does not exist") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"schema file {path} is not UTF-8 text") from err
+    except yaml.YAMLError as err:
+        raise DataError(f"schema file {path} is not valid YAML") from err
+    try:
+        return Schema.from_dict(raw)
+    except DataError as err:
+        raise DataError(f"schema file {path}: {err}") from err
+
+
+# ------------------------------------------------------------------ checking a data frame
+
+
+def _numeric(series: pd.Series) -> pd.Series:
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype("float64")
+    if pd.api.types.is_numeric_dtype(series):
+        return series.astype("float64")
+    return pd.to_numeric(series.astype("object"), errors="coerce").astype("float64")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _check_values(values: pd.Series, raw: pd.Series, col: Column, where: str) -> None:
+    bad_text = int((values.isna() & raw.notna()).sum())
+    if bad_text:
+        raise DataError(f"{where}: column '{col.name}' has {_rows(bad_text)} that are not numbers")
+    missing = int(values.isna().sum())
+    if missing:
+        raise DataError(f"{where}: column '{col.name}' has {_rows(missing)} with missing values")
+    arr = values.to_numpy()
+    if not np.isfinite(arr).all():
+        n = int((~np.isfinite(arr)).sum())
+        raise DataError(f"{where}: column '{col.name}' has {_rows(n)} with infinite values")
+    if col.type == "binary":
+        n = int((~np.isin(arr, (0.0, 1.0))).sum())
+        if n:
+            raise DataError(f"{where}: column '{col.name}' has {_rows(n)} that are not 0 or 1")
+    elif col.type == "categorical":
+        n = int((~np.isin(arr, col.categories)).sum())
+        if n:
+            allowed = ", ".join(_code(c) for c in col.categories)
+            raise DataError(
+                f"{where}: column '{col.name}' has {_rows(n)} with a code outside ({allowed})"
+            )
+    lo = -np.inf if col.min is None else col.min
+    hi = np.inf if col.max is None else col.max
+    n = int(((arr < lo) | (arr > hi)).sum())
+    if n:
+        raise DataError(
+            f"{where}: column '{col.name}' has {_rows(n)} outside the allowed range "
+            f"[{_code(lo)}, {_code(hi)}]"
+        )
+
+
+def _check_label(raw: pd.Series, schema: Schema, where: str) -> None:
+    values = _numeric(raw)
+    allowed = schema.positive + schema.negative
+    n = int((~np.isin(values.to_numpy(), allowed)).sum())  # NaN and text count as bad
+    if n:
+        pos = ", ".join(_code(v) for v in schema.positive)
+        neg = ", ".join(_code(v) for v in schema.negative)
+        raise DataError(
+            f"{where}: label column '{schema.label}' has {_rows(n)} that are neither "
+            f"positive ({pos}) nor negative ({neg})"
+        )
+
+
+def validate_frame(
+    df: pd.DataFrame, schema: Schema, where: str, require_label: bool = True
+) -> None:
+    """Check a frame against `schema`; raise :class:`DataError` at the first problem.
+
+    Checks duplicated and missing/extra column names, emptiness, text in numeric columns,
+    missing and infinite values, binary 0/1, categorical codes, ranges and label codes.
+    `where` (usually the file path) starts every message.
+    """
+    header = [str(c) for c in df.columns]
+    dups = sorted({c for c in header if header.count(c) > 1})
+    if dups:
+        raise DataError(f"{where}: column '{dups[0]}' appears more than once in the header")
+    expected = [c.name for c in schema.columns]
+    allowed = set(expected) | {schema.label}
+    missing = [c for c in expected if c not in header]
+    if require_label and schema.label not in header:
+        missing.append(schema.label)
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    extra = [c for c in header if c not in allowed]
+    if extra:
+        raise DataError(
+            f"{where}: unexpected column(s) {', '.join(repr(c) for c in extra)} "
+            f"(the schema lists {len(allowed)} columns)"
+        )
+    if len(df) == 0:
+        raise DataError(f"{where}: the file has a header but no data rows")
+    for col in schema.columns:
+        _check_values(_numeric(df[col.name]), df[col.name], col, where)
+    if schema.label in header:
+        _check_label(df[schema.label], schema, where)
+
+
+def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate, then one-hot encode into float32 X (N, F) and int64 y (None without a label)."""
+    validate_frame(df, schema, where, require_label=False)
+    blocks: list[np.ndarray] = []
+    plain = [c for c in schema.columns if c.type != "categorical"]
+    for col in plain:
+        blocks.append(_numeric(df[col.name]).to_numpy()[:, None])
+    for col in schema.columns:
+        if col.type == "categorical":
+            values = _numeric(df[col.name]).to_numpy()
+            blocks.append(np.stack([values == c for c in col.categories[1:]], axis=1))
+    x = np.concatenate(blocks, axis=1).astype(np.float32)
+    y = None
+    if schema.label in df.columns:
+        y = np.isin(_numeric(df[schema.label]).to_numpy(), schema.positive).astype(np.int64)
+    return x, y

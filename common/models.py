@@ -1,0 +1,314 @@
+"""Backbone registry, the backbone/head split, and which tensors train and travel.
+
+Every model is a :class:`SplitModel`: a backbone made of numbered *blocks* followed by one
+linear head. ``trainable`` (``head``, ``head+last-N`` or ``all``) picks the head plus the last
+N blocks; those tensors are what a hospital trains and sends back. Models hold parameters
+only (GroupNorm, never BatchNorm), so "the state" and "the parameters" are the same keys and
+no running statistics have to travel or be averaged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common.config import ModelConfig
+
+
+class ModelError(ValueError):
+    """A model family, its arguments, a trainable spec or a set of tensors is invalid."""
+
+
+class SplitModel(nn.Module):
+    """A backbone of blocks (``backbone.0``, ``backbone.1``, ...) and a linear ``head``.
+
+    Parameters
+    ----------
+    backbone : nn.Sequential
+        Blocks, each an ``nn.Sequential``; the last one must output (N, feature_dim) or a
+        tensor that flattens to it.
+    feature_dim : int
+        Width of the features the head reads.
+    num_classes : int
+        Width of the head (logits).
+    """
+
+    def __init__(self, backbone: nn.Sequential, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def features(self, x: Tensor) -> Tensor:
+        """Backbone output, flattened to (N, feature_dim)."""
+        return torch.flatten(self.backbone(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits, shape (N, num_classes)."""
+        logits: Tensor = self.head(self.features(x))
+        return logits
+
+
+Factory = Callable[..., SplitModel]
+FAMILIES: dict[str, Factory] = {}
+# ModelConfig fields each family's factory takes as keyword arguments (its manifest args)
+_FAMILY_FIELDS: dict[str, tuple[str, ...]] = {}
+
+
+def register_family(name: str, *config_fields: str) -> Callable[[Factory], Factory]:
+    """Register a factory ``f(input_shape, num_classes, **fields)`` under ``name``.
+
+    ``config_fields`` name the :class:`ModelConfig` fields passed as keyword arguments; they
+    are also what :func:`model_args` stores in the manifest.
+    """
+
+    def decorator(factory: Factory) -> Factory:
+        FAMILIES[name] = factory
+        _FAMILY_FIELDS[name] = config_fields
+        return factory
+
+    return decorator
+
+
+@register_family("mlp", "hidden", "dropout")
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, *, hidden: tuple[int, ...], dropout: float
+) -> SplitModel:
+    """Tabular MLP: one block (Linear + ReLU [+ Dropout]) per hidden width.
+
+    With ``hidden=()`` the backbone is empty and the model is logistic regression (the
+    FLamby Fed-Heart-Disease baseline).
+    """
+    width = 1
+    for size in input_shape:
+        width *= size
+    blocks: list[nn.Module] = []
+    for i, out in enumerate(hidden):
+        # flatten in the first block so image-shaped inputs also work; no-op on (N, F)
+        layers: list[nn.Module] = [nn.Flatten()] if i == 0 else []
+        layers += [nn.Linear(width, out), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        blocks.append(nn.Sequential(*layers))
+        width = out
+    return SplitModel(nn.Sequential(*blocks), width, num_classes)
+
+
+def _groups(channels: int) -> int:
+    """Largest group count in (8, 4, 2, 1) that divides ``channels``."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+@register_family("cnn", "channels", "dropout")
+def cnn(
+    input_shape: tuple[int, ...], num_classes: int, *, channels: tuple[int, ...], dropout: float
+) -> SplitModel:
+    """Small CNN for (C, H, W) images: Conv3x3 + GroupNorm + ReLU + MaxPool per block.
+
+    The last block ends with global average pooling and flatten, so features are
+    (N, channels[-1]) for any image size that survives the poolings.
+    """
+    if len(input_shape) != 3:
+        raise ModelError(f"model family 'cnn' expects input_shape (C, H, W), got {input_shape}")
+    if not channels:
+        raise ModelError("model.channels must list at least one width for family 'cnn'")
+    in_ch, height, width = input_shape
+    if min(height, width) < 2 ** len(channels):
+        raise ModelError(
+            f"model.channels has {len(channels)} blocks but a {height}x{width} image allows "
+            f"at most {min(height, width).bit_length() - 1} 2x2 poolings"
+        )
+    blocks: list[nn.Module] = []
+    for i, out in enumerate(channels):
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, out, kernel_size=3, padding=1),
+            nn.GroupNorm(_groups(out), out),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        if i == len(channels) - 1:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        blocks.append(nn.Sequential(*layers))
+        in_ch = out
+    return SplitModel(nn.Sequential(*blocks), in_ch, num_classes)
+
+
+def _check_common(family: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    if family not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelError(f"model family '{family}' is unknown; known families: {known}")
+    if not input_shape or any(not isinstance(s, int) or s < 1 for s in input_shape):
+        raise ModelError(f"input_shape must be positive integers, got {input_shape}")
+    if num_classes < 2:
+        raise ModelError(f"num_classes must be at least 2 (softmax head), got {num_classes}")
+
+
+def build_model(
+    family: str, input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig
+) -> SplitModel:
+    """Build a registered model family; weights come from the current torch seed."""
+    _check_common(family, tuple(input_shape), num_classes)
+    kwargs = {name: getattr(cfg, name) for name in _FAMILY_FIELDS[family]}
+    return FAMILIES[family](tuple(input_shape), num_classes, **kwargs)
+
+
+def model_args(
+    family: str, input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig
+) -> dict[str, Any]:
+    """JSON-able constructor arguments for the manifest (rebuilt by build_model_from_args)."""
+    _check_common(family, tuple(input_shape), num_classes)
+    args: dict[str, Any] = {
+        "family": family,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+    }
+    for name in _FAMILY_FIELDS[family]:
+        value = getattr(cfg, name)
+        args[name] = list(value) if isinstance(value, tuple) else value
+    return args
+
+
+def build_model_from_args(args: Mapping[str, Any]) -> SplitModel:
+    """Rebuild a model from :func:`model_args` output (e.g. read from a manifest)."""
+    family = args.get("family")
+    if not isinstance(family, str) or family not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelError(f"model args 'family' must be one of {known}, got {family!r}")
+    expected = {"family", "input_shape", "num_classes", *_FAMILY_FIELDS[family]}
+    if set(args) != expected:
+        raise ModelError(
+            f"model args for '{family}' must have keys {sorted(expected)}, got {sorted(args)}"
+        )
+    fields: dict[str, Any] = {
+        name: tuple(v) if isinstance(v, list) else v
+        for name, v in args.items()
+        if name in _FAMILY_FIELDS[family]
+    }
+    try:
+        cfg = ModelConfig(family=family, **fields)
+        shape = tuple(int(s) for s in args["input_shape"])
+        return build_model(family, shape, int(args["num_classes"]), cfg)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(f"model args for '{family}' are invalid: {err}") from err
+
+
+_HEAD_PLUS = re.compile(r"head\+last-(\d+)")
+
+
+def parse_trainable(text: str, num_blocks: int) -> int:
+    """Number of trailing backbone blocks that train: ``head`` 0, ``head+last-N`` N, ``all``."""
+    if text == "head":
+        return 0
+    if text == "all":
+        return num_blocks
+    match = _HEAD_PLUS.fullmatch(text)
+    if match is not None and 1 <= int(match.group(1)) <= num_blocks:
+        return int(match.group(1))
+    raise ModelError(
+        f"model.trainable '{text}' is invalid; expected head, all or head+last-N with "
+        f"1 <= N <= {num_blocks} (the backbone has {num_blocks} blocks)"
+    )
+
+
+def frozen_prefix_blocks(model: SplitModel, trainable: str) -> int:
+    """How many leading backbone blocks are frozen."""
+    num_blocks = len(model.backbone)
+    return num_blocks - parse_trainable(trainable, num_blocks)
+
+
+def trainable_names(model: SplitModel, trainable: str) -> list[str]:
+    """State keys of the head and the last N blocks, in ``state_dict`` order."""
+    first = frozen_prefix_blocks(model, trainable)
+    prefixes = ("head.", *(f"backbone.{i}." for i in range(first, len(model.backbone))))
+    return [name for name in model.state_dict() if name.startswith(prefixes)]
+
+
+def set_trainable(model: SplitModel, trainable: str) -> list[str]:
+    """Set ``requires_grad`` on exactly the trainable tensors; return their names."""
+    names = trainable_names(model, trainable)
+    chosen = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return names
+
+
+def split_state(model: SplitModel) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone tensors, head tensors) keyed by full state keys; contiguous CPU copies."""
+    backbone: dict[str, Tensor] = {}
+    head: dict[str, Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        target = head if name.startswith("head.") else backbone
+        # copies, so later training cannot change tensors already handed out
+        target[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return backbone, head
+
+
+def load_state(model: SplitModel, tensors: Mapping[str, Tensor], where: str) -> None:
+    """Load a subset of state keys, refusing unknown keys, wrong shapes and non-float dtypes.
+
+    Parameters
+    ----------
+    model : SplitModel
+        Model to update in place; keys not in ``tensors`` keep their values.
+    tensors : Mapping[str, Tensor]
+        Full state keys (``backbone.0.1.weight``, ``head.bias``) to tensors.
+    where : str
+        Where the tensors come from (a file name, "reply from node 7"); used in messages.
+    """
+    own = model.state_dict()
+    for name, tensor in tensors.items():
+        if name not in own:
+            raise ModelError(f"{where}: tensor '{name}' is not a key of this model")
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            found = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ModelError(f"{where}: tensor '{name}' must be floating point, found {found}")
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ModelError(
+                f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)  # state_dict tensors share storage with the parameters
+
+
+def frozen_features(model: SplitModel, x: Tensor, trainable: str, batch_size: int = 512) -> Tensor:
+    """Output of the frozen leading blocks (eval mode, no grad), on CPU: the feature cache.
+
+    With ``trainable="all"`` nothing is frozen and ``x`` comes back as float32.
+    """
+    first = frozen_prefix_blocks(model, trainable)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if first == 0:
+        return x.cpu()
+    frozen = model.backbone[:first]
+    device = next(model.parameters()).device
+    was_training = [m.training for m in frozen.modules()]
+    frozen.eval()  # frozen blocks never use dropout, so their output is cacheable
+    try:
+        with torch.no_grad():
+            # max(..., 1): an empty input still runs once and keeps the feature shape
+            parts = [
+                frozen(x[i : i + batch_size].to(device)).cpu()
+                for i in range(0, max(len(x), 1), batch_size)
+            ]
+    finally:
+        for module, flag in zip(frozen.modules(), was_training, strict=True):
+            module.training = flag
+    return torch.cat(parts)
+
+
+def forward_from(model: SplitModel, feats: Tensor, trainable: str) -> Tensor:
+    """Logits from cached :func:`frozen_features`: the remaining blocks, then the head."""
+    first = frozen_prefix_blocks(model, trainable)
+    out = model.backbone[first:](feats) if first < len(model.backbone) else feats
+    logits: Tensor = model.head(torch.flatten(out, 1))
+    return logits

@@ -1,0 +1,35 @@
+"""Names shared by server and client: message types, record keys and config keys.
+
+Flower's own keys are kebab-case (`num-examples`, `server-round`); ours follow suit.
+"""
+
+from __future__ import annotations
+
+# Custom message actions (`@app.query(NAME)` on the client, "query.NAME" on the wire).
+QUERY_BACKBONE = "backbone"
+QUERY_SAVE_MODEL = "save_model"
+QUERY_ADAPT = "adapt"
+
+# Record keys inside a message's RecordDict.
+ARRAYS = "arrays"  # trainable tensors (Flower strategies' default key)
+CONFIG = "config"  # round config (Flower strategies' default key)
+METRICS = "metrics"
+SITE = "site"  # ConfigRecord with the site's name (no patient data)
+BACKBONE_FILE = "backbone-file"  # ArrayRecord: the raw bytes of backbone.safetensors
+HEAD_FILE = "head-file"  # ArrayRecord: the raw bytes of head.safetensors
+BUNDLE_META = "bundle"  # ConfigRecord: manifest text, signature, sha256
+
+# Config keys.
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+BACKBONE_SHA256 = "backbone-sha256"
+MANIFEST_JSON = "manifest-json"
+MANIFEST_SIG = "manifest-sig"
+HAS_BACKBONE = "has-backbone"
+PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
+SITE_NAME = "name"
+VERSION = "version"
+
+# Prefix of the error text a client raises when its cache lacks the backbone; the server
+# then sends the backbone and retries that node once.
+MISSING_BACKBONE = "backbone-missing"

@@ -1,0 +1,249 @@
+"""Local training, prediction and evaluation of a :class:`~common.models.SplitModel`.
+
+Work is counted in optimiser steps (``cfg.steps``) so that hospitals of very different sizes
+do comparable work per round; ``cfg.epochs > 0`` switches to whole passes instead. Only the
+tensors named by ``trainable`` are optimised; frozen blocks always run in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.config import OptimConfig
+from common.metrics import compute_metrics
+from common.models import SplitModel, forward_from, frozen_prefix_blocks, set_trainable
+
+ArrayLike = np.ndarray | Tensor
+
+
+class TrainingError(ValueError):
+    """Training or evaluation inputs (arrays, labels, optimiser settings) are invalid."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of :func:`train_local`: mean cross-entropy over steps, steps, examples."""
+
+    loss: float
+    steps: int
+    num_examples: int
+
+
+def _inputs(x: ArrayLike) -> Tensor:
+    out = (
+        x.detach().float().cpu()
+        if isinstance(x, Tensor)
+        else torch.as_tensor(np.asarray(x, dtype=np.float32))
+    )
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise TrainingError(f"inputs must be finite numbers, found {bad} NaN/inf entries")
+    return out
+
+
+def _labels(y: ArrayLike, num_rows: int, num_classes: int) -> Tensor:
+    arr = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    if arr.ndim != 1 or len(arr) != num_rows:
+        raise TrainingError(f"labels must have shape ({num_rows},), found {arr.shape}")
+    if num_rows == 0:
+        raise TrainingError("no rows to train or evaluate on (0 examples)")
+    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.mod(arr, 1) == 0):
+        raise TrainingError(f"labels must be integer class indices, found dtype {arr.dtype}")
+    outside = int(np.sum((arr < 0) | (arr >= num_classes)))
+    if outside:
+        raise TrainingError(
+            f"labels must lie in 0..{num_classes - 1}, found {outside} of {num_rows} outside"
+        )
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+@contextlib.contextmanager
+def _kept_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _batches(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """``steps`` index batches from reshuffled passes; the last batch of a pass may be short."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while True:
+        order = rng.permutation(num_rows)
+        for start in range(0, num_rows, batch_size):
+            if done == steps:
+                return
+            yield order[start : start + batch_size]
+            done += 1
+
+
+def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise TrainingError(f"optimizer '{cfg.optimizer}' is unknown; expected adam or sgd")
+
+
+def _num_steps(num_rows: int, cfg: OptimConfig) -> int:
+    if cfg.batch_size < 1:
+        raise TrainingError(f"batch_size must be at least 1, found {cfg.batch_size}")
+    if cfg.epochs > 0:
+        return cfg.epochs * math.ceil(num_rows / cfg.batch_size)
+    if cfg.steps < 1:
+        raise TrainingError("steps must be at least 1 when epochs is 0, found steps=0")
+    return cfg.steps
+
+
+def _anchor(
+    params: dict[str, nn.Parameter], global_state: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """FedProx anchor: the received weights, or the current ones when none are given."""
+    if global_state is None:
+        return {name: p.detach().clone() for name, p in params.items()}
+    anchor = {}
+    for name, param in params.items():
+        if name not in global_state:
+            raise TrainingError(f"global_state lacks trainable tensor '{name}' for FedProx")
+        if tuple(global_state[name].shape) != tuple(param.shape):
+            raise TrainingError(
+                f"global_state tensor '{name}' has shape {tuple(global_state[name].shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+        anchor[name] = global_state[name].detach().to(param.device, param.dtype)
+    return anchor
+
+
+def train_local(
+    model: SplitModel,
+    x: ArrayLike,
+    y: ArrayLike,
+    cfg: OptimConfig,
+    trainable: str,
+    device: torch.device,
+    seed: int,
+    *,
+    global_state: Mapping[str, Tensor] | None = None,
+    features_cached: bool = False,
+) -> TrainResult:
+    """Train the trainable tensors of ``model`` in place on one site's data.
+
+    Parameters
+    ----------
+    model : SplitModel
+        Moved to ``device`` and left there; its ``requires_grad`` flags are set from
+        ``trainable``; its train/eval flags are restored afterwards.
+    x, y : array or tensor
+        Inputs (or cached frozen features when ``features_cached``) and class indices.
+        A site with a single class is fine.
+    cfg : OptimConfig
+        Optimiser, steps or epochs, batch size and FedProx ``proximal_mu``.
+    trainable : str
+        ``head``, ``head+last-N`` or ``all``.
+    device : torch.device
+        Where to train.
+    seed : int
+        Seeds batch order and dropout; the global RNG state is left untouched.
+    global_state : Mapping[str, Tensor], optional
+        Received weights, the FedProx anchor when ``cfg.proximal_mu > 0``; defaults to the
+        model's trainable weights at entry.
+    features_cached : bool
+        ``x`` holds :func:`~common.models.frozen_features` output.
+
+    Returns
+    -------
+    TrainResult
+        Mean cross-entropy over the steps (without the proximal term), steps, examples.
+    """
+    inputs = _inputs(x)
+    labels = _labels(y, len(inputs), model.head.out_features)
+    steps = _num_steps(len(inputs), cfg)
+    names = set(set_trainable(model, trainable))
+    model.to(device)
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    optimizer = _optimizer(list(params.values()), cfg)
+    anchor = _anchor(params, global_state) if cfg.proximal_mu > 0 else {}
+    frozen = model.backbone[: frozen_prefix_blocks(model, trainable)]
+    total = 0.0
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with _kept_modes(model), torch.random.fork_rng(devices=cuda):
+        pass  # dropout masks depend on the seed only
+        model.train()
+        frozen.eval()  # frozen blocks are feature extractors: no dropout
+        for idx in _batches(len(inputs), cfg.batch_size, steps, seed):
+            xb, yb = inputs[idx].to(device), labels[idx].to(device)
+            logits = forward_from(model, xb, trainable) if features_cached else model(xb)
+            loss = F.cross_entropy(logits, yb)
+            objective = loss
+            if anchor:
+                # FedProx: stay near the received weights so skewed sites drift less
+                drift = sum(((params[n] - anchor[n]) ** 2).sum() for n in anchor)
+                objective = loss + 0.5 * cfg.proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(objective)
+            optimizer.step()
+            total += float(loss.detach())
+    return TrainResult(loss=total / steps, steps=steps, num_examples=len(inputs))
+
+
+def _logits(
+    model: SplitModel,
+    x: ArrayLike,
+    device: torch.device,
+    trainable: str,
+    features_cached: bool,
+    batch_size: int,
+) -> Tensor:
+    inputs = _inputs(x)
+    model.to(device)
+    parts = []
+    with _kept_modes(model), torch.no_grad():
+        model.eval()
+        # max(..., 1): an empty input still yields a (0, C) result
+        for start in range(0, max(len(inputs), 1), batch_size):
+            xb = inputs[start : start + batch_size].to(device)
+            out = forward_from(model, xb, trainable) if features_cached else model(xb)
+            parts.append(out.float().cpu())
+    return torch.cat(parts)
+
+
+def predict_proba(
+    model: SplitModel,
+    x: ArrayLike,
+    device: torch.device,
+    trainable: str = "all",
+    features_cached: bool = False,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Softmax probabilities, shape (N, C), float64; ``trainable`` matters only for caches."""
+    logits = _logits(model, x, device, trainable, features_cached, batch_size)
+    return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def evaluate(
+    model: SplitModel,
+    x: ArrayLike,
+    y: ArrayLike,
+    device: torch.device,
+    trainable: str = "all",
+    features_cached: bool = False,
+    batch_size: int = 512,
+) -> dict[str, float | None]:
+    """Mean cross-entropy ``loss`` plus :func:`common.metrics.compute_metrics` on (x, y)."""
+    logits = _logits(model, x, device, trainable, features_cached, batch_size).double()
+    labels = _labels(y, len(logits), model.head.out_features)
+    metrics: dict[str, float | None] = {"loss": float(F.cross_entropy(logits, labels))}
+    metrics.update(compute_metrics(labels.numpy(), torch.softmax(logits, dim=1).numpy()))
+    return metrics

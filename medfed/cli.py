@@ -1,0 +1,196 @@
+"""`medfed` command line: a thin layer over `common/`, `server/`, `client/` and Flower's own
+processes. Every subcommand has `--help` with an example; bad input ends with one sentence on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def default_keys_path() -> Path:
+    """Where the server's bundle-signing key lives unless `--keys` says otherwise."""
+    home = Path(os.environ.get("MEDFED_HOME", Path.home() / ".medfed"))
+    return home / "signing.key"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/*.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
+
+
+def _add_keys_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keys", type=Path, default=None,
+        help="Ed25519 bundle-signing key (created if missing; default $MEDFED_HOME/signing.key, "
+        "MEDFED_HOME defaults to ~/.medfed)",
+    )
+
+
+def _example(text: str) -> str:
+    return f"example:\n  {text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `medfed` command tree."""
+    from medfed import commands as c
+
+    parser = argparse.ArgumentParser(
+        prog="medfed",
+        description="Federated transfer learning for hospitals on Flower.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_example("medfed pretrain --config configs/heart.yaml --out runs/heart-pretrain"),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=help_, epilog=_example(example),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = add("pretrain", c.cmd_pretrain, "train backbone + head centrally and write a signed bundle",
+            "medfed pretrain --config configs/heart.yaml --out runs/heart-pretrain")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    _add_keys_arg(p)
+
+    p = add("simulate", c.cmd_simulate,
+            "run the federated apps on Flower's simulation runtime (N hospitals, one machine)",
+            "medfed simulate --config configs/heart.yaml --bundle runs/heart-pretrain "
+            "--out runs/heart-sim")
+    _add_config_args(p)
+    p.add_argument("--bundle", type=Path, required=True, help="pretrained bundle directory")
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--hospitals", type=int, default=None, help="number of simulated hospitals")
+    p.add_argument("--partition", default=None,
+                   help="natural | iid | dirichlet:ALPHA | quantity:ALPHA")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--cpus-per-client", type=float, default=1.0,
+                   help="CPU cores reserved per simulated ClientApp (default 1)")
+    _add_keys_arg(p)
+
+    p = sub.add_parser(
+        "certs", help="create federation certificates and hospital keys",
+        description="create federation certificates and hospital keys",
+        epilog=_example("medfed certs init --out certs --server-name fl.hospital-net.org"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    pi = certs.add_parser(
+        "init", help="federation CA, server certificate and bundle-signing key",
+        epilog=_example("medfed certs init --out certs --server-name fl.example.org "
+                        "--server-ip 10.0.0.5"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pi.set_defaults(func=c.cmd_certs_init)
+    pi.add_argument("--out", type=Path, required=True)
+    pi.add_argument("--server-name", action="append", required=True, dest="server_names")
+    pi.add_argument("--server-ip", action="append", default=[], dest="server_ips")
+    pi.add_argument("--force", action="store_true", help="overwrite existing files")
+    ph = certs.add_parser(
+        "hospital", help="a hospital's node key pair and client certificate",
+        epilog=_example("medfed certs hospital --name hospital-a --out certs/hospitals --ca certs"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ph.set_defaults(func=c.cmd_certs_hospital)
+    ph.add_argument("--name", required=True)
+    ph.add_argument("--out", type=Path, required=True)
+    ph.add_argument("--ca", type=Path, default=None, help="directory of `certs init` "
+                    "(default: the parent of --out)")
+    ph.add_argument("--force", action="store_true")
+
+    p = add("server", c.cmd_server,
+            "start the aggregation server (Flower SuperLink, TLS, registered hospitals only)",
+            "medfed server --config configs/heart.yaml --certs certs --bundle runs/heart-pretrain "
+            "--hospitals hospitals.yaml")
+    _add_config_args(p)
+    p.add_argument("--bundle", type=Path, required=True, help="pretrained bundle directory")
+    p.add_argument("--certs", type=Path, default=None, help="directory of `medfed certs init`")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--registry-port", type=int, default=8443)
+    p.add_argument("--hospitals", type=Path, default=None,
+                   help="YAML list of {name, public_key} to register")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/server"))
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node auth (dev only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+
+    p = add("client", c.cmd_client, "run a hospital's Flower SuperNode with its key and data",
+            "medfed client --server fl.example.org:8000 --data /data/heart.csv "
+            "--certs certs/hospitals/hospital-a --name hospital-a")
+    p.add_argument("--server", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--data", type=Path, required=True, help="the hospital's CSV or npz")
+    p.add_argument("--certs", type=Path, default=None, help="directory of `medfed certs hospital`")
+    p.add_argument("--name", required=True, help="hospital name (site id)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="cache and model directory (default ~/.medfed/<name>)")
+    p.add_argument("--port", type=int, default=9094, help="local ClientApp IO port")
+    p.add_argument("--insecure", action="store_true")
+
+    p = add("pull", c.cmd_pull, "download a global model version and verify its signature",
+            "medfed pull --server fl.example.org:8443 --certs certs/hospitals/hospital-a "
+            "--version latest --out models/latest")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", help="HOST:PORT of the model registry (HTTPS, mutual TLS)")
+    src.add_argument("--registry", type=Path, help="a registry directory")
+    p.add_argument("--certs", type=Path, default=None)
+    p.add_argument("--version", default="latest", help="N | latest | best")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="server signing key (default: signing.pub in --certs)")
+
+    p = add("predict", c.cmd_predict, "predict locally with a verified bundle",
+            "medfed predict --model models/latest --data new_patients.csv --out preds.csv")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="CSV (tabular) or npz / PNG folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
+    p.add_argument("--device", default="auto")
+
+    p = add("model-card", c.cmd_model_card, "print a markdown model card for a bundle",
+            "medfed model-card --model models/latest > MODEL_CARD.md")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--public-key", type=Path, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `medfed` console script."""
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("medfed").setLevel(logging.INFO)
+    if args.verbose:
+        logging.getLogger("flwr").setLevel(logging.INFO)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("medfed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+        print(f"medfed: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

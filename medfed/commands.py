@@ -1,0 +1,137 @@
+"""Implementations of the `medfed` subcommands (each a few lines over library functions)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medfed.cli import default_keys_path
+
+
+def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
+    from common.signing import load_or_create_signing_key
+
+    path = path or default_keys_path()
+    key, created = load_or_create_signing_key(path)
+    if created:
+        print(f"created bundle-signing key {path} (public key: {path}.pub)")
+    return key
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """`medfed pretrain`."""
+    from common.config import load_config
+    from common.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    key = _signing_key(args.keys)
+    manifest = pretrain(cfg, args.out, key, replace=args.force)
+    test = manifest["metrics"].get("source-test") or manifest["metrics"]["source-train"]
+    print(
+        f"wrote bundle {args.out} ({manifest['source']}): source accuracy "
+        f"{test['accuracy']:.3f}, AUC {_fmt(test.get('auc'))}"
+    )
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """`medfed simulate`."""
+    from server.simulate import SimulateRequest, simulate
+
+    overrides = list(args.overrides)
+    if args.hospitals is not None:
+        overrides.append(f"federation.data.num_sites={args.hospitals}")
+        overrides.append(f"federation.strategy.min_nodes={min(args.hospitals, 2)}")
+    if args.partition is not None:
+        overrides.append(f"federation.data.partition={args.partition}")
+    if args.rounds is not None:
+        overrides.append(f"federation.rounds={args.rounds}")
+    keys = args.keys or default_keys_path()
+    _signing_key(keys)
+    request = SimulateRequest(
+        config_path=args.config,
+        overrides=tuple(overrides),
+        bundle=args.bundle,
+        run_dir=args.out,
+        keys=keys,
+        resume=args.resume,
+        cpus_per_client=args.cpus_per_client,
+        verbose=args.verbose,
+    )
+    return simulate(request)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`medfed predict`."""
+    from client.predict import predict
+
+    summary = predict(args.model, args.data, args.out, args.public_key, args.device)
+    counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
+    print(f"wrote {args.out}: {summary['rows']} rows predicted with model v{summary['version']} "
+          f"({counts})")
+    return 0
+
+
+def cmd_model_card(args: argparse.Namespace) -> int:
+    """`medfed model-card`."""
+    from client.model_card import model_card
+
+    print(model_card(args.model, args.public_key), end="")
+    return 0
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    """`medfed certs init`."""
+    from common.certs import init_federation
+
+    paths = init_federation(args.out, args.server_names, args.server_ips, force=args.force)
+    print(f"federation CA:       {paths.ca_cert} (key {paths.ca_key}, keep it offline)")
+    print(f"server certificate:  {paths.server_cert} (key {paths.server_key})")
+    print(f"bundle signing key:  {paths.signing_key} (public key {paths.signing_pub}: "
+          "give it to every hospital)")
+    return 0
+
+
+def cmd_certs_hospital(args: argparse.Namespace) -> int:
+    """`medfed certs hospital`."""
+    from common.certs import init_hospital
+
+    ca_dir = args.ca or args.out.parent
+    paths = init_hospital(args.name, args.out, ca_dir, force=args.force)
+    print(f"hospital {args.name}: node key {paths.node_key}, client certificate "
+          f"{paths.client_cert}")
+    print(f"register it at the server: add {{name: {args.name}, public_key: {paths.node_pub}}} "
+          "to hospitals.yaml")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """`medfed pull`."""
+    from client.pull import pull_from_registry, pull_from_server
+
+    if args.registry is not None:
+        manifest = pull_from_registry(args.registry, args.version, args.out, args.public_key)
+    else:
+        manifest = pull_from_server(args.server, args.certs, args.version, args.out,
+                                    args.public_key)
+    print(f"pulled model v{manifest['version']:04d} (round {manifest['round']}) into {args.out}; "
+          "hashes and signature verified")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """`medfed server`."""
+    from server.deploy import ServerRequest, run_server
+
+    return run_server(ServerRequest.from_args(args))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """`medfed client`."""
+    from client.deploy import ClientRequest, run_client
+
+    return run_client(ClientRequest.from_args(args))

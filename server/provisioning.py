@@ -1,0 +1,191 @@
+"""A Grid wrapper that gives each node the backbone once, counts bytes and records replies.
+
+Every strategy talks to nodes through `grid.send_and_receive`, so wrapping the Grid works for
+all of Flower's strategies without copying their round loop. Before a node's first message in
+this run, the server asks it whether its cache holds the backbone (by sha256) and sends the
+backbone file only if not. A node whose cache lost the backbone later replies with an error
+starting with ``backbone-missing``; it is provisioned again and its message resent once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from common import records as rk
+
+log = logging.getLogger("medfed.server")
+
+
+@dataclass(frozen=True)
+class BackbonePayload:
+    """What a node needs to hold the backbone: the file's bytes and the signed manifest."""
+
+    sha256: str
+    file_bytes: bytes
+    manifest_json: str
+    manifest_sig: str  # hex Ed25519 signature of manifest_json
+
+    def meta(self) -> ConfigRecord:
+        """The small part (sent in every provisioning query)."""
+        return ConfigRecord({
+            rk.BACKBONE_SHA256: self.sha256,
+            rk.MANIFEST_JSON: self.manifest_json,
+            rk.MANIFEST_SIG: self.manifest_sig,
+        })
+
+    def arrays(self) -> ArrayRecord:
+        """The backbone file as one uint8 array (exact bytes, so the hash can be checked)."""
+        data = np.frombuffer(self.file_bytes, dtype=np.uint8)
+        return ArrayRecord({rk.BACKBONE_FILE: Array(data)})
+
+
+@dataclass
+class NodeTraffic:
+    """Bytes and backbone sends for one node during this run."""
+
+    backbone_sends: int = 0
+    backbone_bytes: int = 0
+    bytes_sent: int = 0  # array bytes in all messages to the node (backbone included)
+    bytes_received: int = 0  # array bytes in the node's replies
+    messages: int = 0
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Array bytes carried by a message's content."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+@dataclass
+class ProvisioningGrid(Grid):
+    """Delegates to Flower's Grid; adds backbone provisioning, traffic counts, reply capture."""
+
+    inner: Grid
+    payload: BackbonePayload
+    timeout: float = 600.0
+    provisioned: set[int] = field(default_factory=set)
+    traffic: dict[int, NodeTraffic] = field(default_factory=dict)
+    site_names: dict[int, str] = field(default_factory=dict)
+    last_replies: dict[str, list[Message]] = field(default_factory=dict)
+
+    # --- plain delegation -------------------------------------------------------------
+    def set_run(self, run: Run) -> None:  # noqa: D102
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:  # noqa: D102
+        return self.inner.run
+
+    def create_message(  # noqa: D102
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    # --- what medfed adds ---------------------------------------------------------------
+    def _count_out(self, messages: list[Message]) -> None:
+        for msg in messages:
+            t = self.traffic.setdefault(msg.metadata.dst_node_id, NodeTraffic())
+            t.bytes_sent += content_bytes(msg.content)
+            t.messages += 1
+
+    def _count_in(self, replies: list[Message]) -> None:
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            t = self.traffic.setdefault(node, NodeTraffic())
+            if msg.has_error():
+                log.warning("node %d replied with an error: %s", node, msg.error.reason)
+            else:
+                t.bytes_received += content_bytes(msg.content)
+                site = msg.content.config_records.get(rk.SITE)
+                if site is not None and rk.SITE_NAME in site:
+                    self.site_names[node] = str(site[rk.SITE_NAME])
+
+    def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        self._count_out(messages)
+        wait = self.timeout if timeout is None else timeout
+        replies = list(self.inner.send_and_receive(messages, timeout=wait))
+        self._count_in(replies)
+        return replies
+
+    def provision(self, nodes: Iterable[int], force: bool = False) -> None:
+        """Make sure each node holds the backbone; send the file only where it is missing."""
+        todo = [n for n in nodes if force or n not in self.provisioned]
+        if not todo:
+            return
+        asks = [
+            Message(RecordDict({rk.BUNDLE_META: self.payload.meta()}), dst_node_id=n,
+                    message_type=f"query.{rk.QUERY_BACKBONE}")
+            for n in todo
+        ]
+        missing: list[int] = []
+        for reply in self._exchange(asks):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d could not check its backbone cache: %s", node,
+                            reply.error.reason)
+                continue
+            has = reply.content.metric_records[rk.METRICS].get(rk.HAS_BACKBONE, 0)
+            if has and not force:
+                self.provisioned.add(node)
+            else:
+                missing.append(node)
+        if not missing:
+            return
+        sends = [
+            Message(RecordDict({rk.BUNDLE_META: self.payload.meta(),
+                                rk.BACKBONE_FILE: self.payload.arrays()}),
+                    dst_node_id=n, message_type=f"query.{rk.QUERY_BACKBONE}")
+            for n in missing
+        ]
+        for reply in self._exchange(sends):
+            node = reply.metadata.src_node_id
+            t = self.traffic.setdefault(node, NodeTraffic())
+            t.backbone_sends += 1
+            t.backbone_bytes += len(self.payload.file_bytes)
+            if reply.has_error():
+                log.warning("node %d refused the backbone: %s", node, reply.error.reason)
+                continue
+            self.provisioned.add(node)
+            log.info("backbone sent to node %d (%d bytes)", node, len(self.payload.file_bytes))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Provision new nodes, then send; resend once to nodes that lost the backbone."""
+        messages = list(messages)
+        needs_backbone = [m for m in messages if not m.metadata.message_type.startswith("query.")]
+        self.provision({m.metadata.dst_node_id for m in needs_backbone})
+        replies = self._exchange(messages, timeout)
+        lost = {
+            r.metadata.src_node_id for r in replies
+            if r.has_error() and rk.MISSING_BACKBONE in (r.error.reason or "")
+        }
+        if lost:
+            log.warning("nodes %s lost the backbone; sending it again", sorted(lost))
+            self.provision(lost, force=True)
+            retry = [
+                Message(m.content, dst_node_id=m.metadata.dst_node_id,
+                        message_type=m.metadata.message_type)
+                for m in messages if m.metadata.dst_node_id in lost
+            ]
+            replies = [r for r in replies if r.metadata.src_node_id not in lost]
+            replies += self._exchange(retry, timeout)
+        if messages:
+            self.last_replies[messages[0].metadata.message_type] = replies
+        return replies

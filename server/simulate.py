@@ -1,0 +1,112 @@
+"""`medfed simulate`: the same ServerApp and ClientApp on Flower's simulation runtime.
+
+The simulation runs in a child process that leads its own process group; Ray and everything it
+starts live in that group. Whatever happens in the parent (normal end, error, Ctrl-C), the
+group is terminated before `simulate` returns, so no background process outlives the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.config import load_config
+from server.history import format_table
+
+STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class SimulateRequest:
+    """Everything the simulation child needs (JSON-serialisable)."""
+
+    config_path: Path
+    overrides: tuple[str, ...]
+    bundle: Path
+    run_dir: Path
+    keys: Path
+    resume: bool = False
+    cpus_per_client: float = 1.0
+    verbose: bool = False
+
+    def to_json(self) -> str:
+        """Serialise for the child's command line."""
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> SimulateRequest:
+        """Parse the child's command line."""
+        raw = json.loads(text)
+        return cls(
+            config_path=Path(raw["config_path"]), overrides=tuple(raw["overrides"]),
+            bundle=Path(raw["bundle"]), run_dir=Path(raw["run_dir"]), keys=Path(raw["keys"]),
+            resume=bool(raw["resume"]), cpus_per_client=float(raw["cpus_per_client"]),
+            verbose=bool(raw["verbose"]),
+        )
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, then SIGKILL whatever is left."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            if proc.poll() is not None:
+                try:
+                    os.waitpid(-pgid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            time.sleep(0.1)
+
+
+def simulate(request: SimulateRequest) -> int:
+    """Run the simulation child, relay its progress, print the final table."""
+    cfg = load_config(request.config_path, request.overrides)  # fail fast on a bad config
+    if (request.run_dir / "summary.json").exists() and not request.resume:
+        raise FileExistsError(f"run directory {request.run_dir} already holds a finished run; "
+                              "choose another --out or pass --resume")
+    request.run_dir.mkdir(parents=True, exist_ok=True)
+    (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "server.simulate_worker", request.to_json()]
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+           "PYTHONUNBUFFERED": "1"}
+    print(f"simulating {cfg.name}: {cfg.federation.rounds} rounds, run directory "
+          f"{request.run_dir}", flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    try:
+        code = proc.wait()
+    finally:
+        _stop_group(proc)
+    summary_path = request.run_dir / "summary.json"
+    if code != 0 or not summary_path.exists():
+        print(f"medfed: error: simulation failed (exit code {code}); see the log above",
+              file=sys.stderr)
+        return code or 1
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    print()
+    print(format_table(summary))
+    print()
+    best = summary.get("best") or {}
+    print(f"registry: {request.run_dir / 'registry'} (latest v{summary['latest']['version']:04d}, "
+          f"best v{best.get('version', 0):04d} by {summary['best_metric']})")
+    print(f"metrics:  {request.run_dir / 'metrics.jsonl'}, {request.run_dir / 'metrics.csv'}")
+    print(f"plots:    {request.run_dir / 'heldout_metrics.png'}, {request.run_dir / 'loss.png'}")
+    return 0

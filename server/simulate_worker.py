@@ -1,0 +1,66 @@
+"""Child process of `medfed simulate`: runs Flower's simulation runtime (Ray backend).
+
+Started by :mod:`server.simulate` as the leader of its own process group; not a user command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from common.data.federated import load_federated
+from common.settings import RunSettings
+from server.simulate import SimulateRequest
+
+
+def main(argv: list[str]) -> int:
+    """Run the simulation described by the JSON request in argv[1]."""
+    request = SimulateRequest.from_json(argv[1])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger("medfed").setLevel(logging.INFO)
+    if request.verbose:
+        logging.getLogger("flwr").setLevel(logging.INFO)
+    settings = RunSettings(
+        config_path=request.config_path.resolve(), overrides=request.overrides,
+        run_dir=request.run_dir.resolve(), bundle=request.bundle.resolve(),
+        keys=request.keys.resolve(), resume=request.resume,
+    )
+    cfg = settings.load_config()
+    num_nodes = len(load_federated(cfg.federation.data, None, seed=cfg.seed).sites) \
+        if cfg.federation.data.normalisation != "bundle" else _count_with_bundle(settings)
+
+    from flwr.simulation import run_simulation
+
+    from client.client_app import make_client_app
+    from server.server_app import make_server_app
+
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": request.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                      "logging_level": logging.WARNING, "log_to_driver": True},
+    }
+    run_simulation(
+        server_app=make_server_app(settings),
+        client_app=make_client_app(settings),
+        num_supernodes=num_nodes,
+        backend_config=backend_config,  # type: ignore[arg-type]
+        verbose_logging=request.verbose,
+    )
+    return 0 if (settings.run_dir / "summary.json").exists() else 1
+
+
+def _count_with_bundle(settings: RunSettings) -> int:
+    from common.bundle import read_manifest
+    from common.manifest import normaliser_from_manifest
+
+    manifest = read_manifest(settings.bundle) if settings.bundle else None
+    norm = normaliser_from_manifest(manifest) if manifest else None
+    cfg = settings.load_config()
+    return len(load_federated(cfg.federation.data, norm, seed=cfg.seed).sites)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,167 @@
+"""Schema files, CSV validation messages, encoding and the CSV source."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common.config import DataConfig
+from common.data import DataError, Schema, encode, load_federated, load_schema
+from common.data.csv_source import load_csv_sites, read_csv_checked
+from common.data.heart import SCHEMA_PATH
+
+SCHEMA_YAML = """\
+label: outcome
+positive: [1]
+negative: [0]
+columns:
+  - {name: age, type: numeric, unit: years, min: 18, max: 100}
+  - {name: smoker, type: binary}
+  - {name: stage, type: categorical, categories: [1, 2, 3]}
+"""
+HEADER = "age,smoker,stage,outcome\n"
+ROWS = ["40,0,1,0", "55,1,2,1", "63,1,3,1", "70,0,2,0", "48,1,1,0", "59,0,3,1"]
+
+
+@pytest.fixture()
+def schema_path(tmp_path):
+    path = tmp_path / "schema.yaml"
+    path.write_text(SCHEMA_YAML)
+    return path
+
+
+def _write(tmp_path, text: str | bytes, name: str = "site.csv"):
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_schema_round_trips_through_json(schema_path):
+    schema = load_schema(schema_path)
+    assert Schema.from_dict(json.loads(json.dumps(schema.to_dict()))) == schema
+
+
+def test_feature_names_drop_the_first_category(schema_path):
+    assert load_schema(schema_path).feature_names() == ["age", "smoker", "stage=2", "stage=3"]
+
+
+def test_heart_schema_file_loads():
+    schema = load_schema(SCHEMA_PATH)
+    assert schema.label == "num" and len(schema.columns) == 13
+
+
+def test_unknown_schema_key_is_named(tmp_path):
+    path = _write(tmp_path, SCHEMA_YAML.replace("min: 18", "minimum: 18"), "s.yaml")
+    with pytest.raises(DataError, match=r"s\.yaml.*columns\[0\]\.minimum"):
+        load_schema(path)
+
+
+def test_wrong_schema_type_is_named(tmp_path):
+    path = _write(tmp_path, SCHEMA_YAML.replace("max: 100", "max: old"), "s.yaml")
+    with pytest.raises(DataError, match=r"columns\[0\]\.max"):
+        load_schema(path)
+
+
+def test_encode_one_hot_and_label(schema_path, tmp_path):
+    schema = load_schema(schema_path)
+    df = read_csv_checked(_write(tmp_path, HEADER + "40,0,1,0\n55,1,3,1\n"), schema)
+    x, y = encode(df, schema, "t")
+    np.testing.assert_array_equal(x, [[40, 0, 0, 0], [55, 1, 0, 1]])
+    assert x.dtype == np.float32 and y.dtype == np.int64 and list(y) == [0, 1]
+
+
+def test_prediction_file_without_label_encodes_to_no_y(schema_path, tmp_path):
+    schema = load_schema(schema_path)
+    df = read_csv_checked(
+        _write(tmp_path, "stage,age,smoker\n2,40,1\n"), schema, require_label=False
+    )
+    x, y = encode(df, schema, "t")
+    assert y is None and x.tolist() == [[40, 1, 1, 0]]
+
+
+BAD_FILES = {
+    "missing column": (HEADER.replace("smoker,", "") + "40,1,0\n", "smoker"),
+    "extra column": ("age,smoker,stage,outcome,bmi\n40,0,1,0,22\n", "bmi"),
+    "out of range": (HEADER + "40,0,1,0\n917,0,1,0\n", "age"),
+    "unknown category": (HEADER + "40,0,4,0\n", "stage"),
+    "non-binary value": (HEADER + "40,2,1,0\n", "smoker"),
+    "non-binary label": (HEADER + "40,0,1,0\n40,0,1,7\n", "outcome"),
+    "text in a number": (HEADER + "forty,0,1,0\n", "age"),
+    "missing value": (HEADER + "40,,1,0\n", "smoker"),
+    "duplicated header": ("age,smoker,stage,age,outcome\n40,0,1,41,0\n", "age"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_message_names_file_and_column(case, schema_path, tmp_path):
+    text, column = BAD_FILES[case]
+    path = _write(tmp_path, text, "ward-7.csv")
+    with pytest.raises(DataError) as err:
+        read_csv_checked(path, load_schema(schema_path))
+    message = str(err.value)
+    assert str(path) in message and f"'{column}'" in message
+
+
+def test_message_counts_rows_but_hides_values(schema_path, tmp_path):
+    path = _write(tmp_path, HEADER + "917,0,1,0\n40,0,1,0\n913,0,1,0\n")
+    with pytest.raises(DataError, match="2 rows outside") as err:
+        read_csv_checked(path, load_schema(schema_path))
+    assert "917" not in str(err.value) and "913" not in str(err.value)
+
+
+def test_empty_file_is_named(schema_path, tmp_path):
+    path = _write(tmp_path, "")
+    with pytest.raises(DataError, match=f"{path}.*empty"):
+        read_csv_checked(path, load_schema(schema_path))
+
+
+def test_header_without_rows_is_named(schema_path, tmp_path):
+    path = _write(tmp_path, HEADER)
+    with pytest.raises(DataError, match=f"{path}.*no data rows"):
+        read_csv_checked(path, load_schema(schema_path))
+
+
+def test_non_utf8_file_is_named(schema_path, tmp_path):
+    path = _write(tmp_path, (HEADER + "40,0,1,0\n").encode() + "# Zürich\n".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{path}.*UTF-8"):
+        read_csv_checked(path, load_schema(schema_path))
+
+
+def _cfg(schema_path, *paths, **kw) -> DataConfig:
+    return DataConfig(
+        source="csv", csv_schema=str(schema_path), csv_paths=tuple(str(p) for p in paths), **kw
+    )
+
+
+def test_one_file_per_site_named_by_stem(schema_path, tmp_path):
+    a = _write(tmp_path, HEADER + "\n".join(ROWS) + "\n", "north.csv")
+    b = _write(tmp_path, HEADER + "\n".join(ROWS[:4]) + "\n", "south.csv")
+    spec, sites = load_csv_sites(_cfg(schema_path, a, b, test_fraction=0.34))
+    assert [s.name for s in sites] == ["north", "south"]
+    assert [(len(s.y_train), len(s.y_test)) for s in sites] == [(4, 2), (2, 2)]
+    assert spec.input_shape == (4,) and spec.schema is not None
+
+
+def test_site_column_splits_one_file(schema_path, tmp_path):
+    rows = [f"{r},{'b' if i % 3 else 'a'}" for i, r in enumerate(ROWS)]
+    path = _write(tmp_path, HEADER.strip() + ",hospital\n" + "\n".join(rows) + "\n")
+    _, sites = load_csv_sites(_cfg(schema_path, path, site_column="hospital"))
+    assert [(s.name, len(s.y_train) + len(s.y_test)) for s in sites] == [("a", 2), ("b", 4)]
+
+
+def test_site_normalisation_ignores_the_test_rows(schema_path, tmp_path):
+    rows = [f"{30 + i},{i % 2},{1 + i % 3},{(i // 2) % 2}" for i in range(30)]
+    path = _write(tmp_path, HEADER + "\n".join(rows) + "\n", "h.csv")
+    before = load_federated(_cfg(schema_path, path)).sites[0]
+    raw = load_csv_sites(_cfg(schema_path, path))[1][0]
+    test_ages = set(raw.x_test[:, 0].astype(int).tolist())
+    changed = [r if int(r.split(",")[0]) not in test_ages else "99" + r[2:] for r in rows]
+    path.write_text(HEADER + "\n".join(changed) + "\n")
+    after = load_federated(_cfg(schema_path, path)).sites[0]
+    np.testing.assert_array_equal(before.x_train, after.x_train)
+    assert not np.array_equal(before.x_test, after.x_test)

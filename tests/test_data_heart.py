@@ -1,0 +1,209 @@
+"""Fed-Heart-Disease: FLamby protocol facts, the impute protocol, site normalisation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.model_selection import train_test_split
+
+from common.config import DataConfig
+from common.data import DataError, Normaliser, heart, load_federated, load_source_split
+from common.data.heart import (
+    DATA_DIR,
+    SITE_FILES,
+    flamby_split,
+    load_heart_sites,
+    read_site,
+)
+
+FLAMBY_SIZES = {
+    "cleveland": (199, 104),
+    "hungary": (172, 89),
+    "switzerland": (30, 16),
+    "va": (85, 45),
+}
+
+
+@pytest.fixture(scope="module")
+def flamby_sites():
+    return load_heart_sites("flamby")
+
+
+def test_flamby_train_test_sizes_per_centre(flamby_sites):
+    _, sites = flamby_sites
+    assert {s.name: (len(s.y_train), len(s.y_test)) for s in sites} == FLAMBY_SIZES
+
+
+def test_flamby_has_13_features_in_get_dummies_order(flamby_sites):
+    spec, sites = flamby_sites
+    assert spec.input_shape == (13,)
+    assert spec.feature_names == (
+        "age",
+        "sex",
+        "trestbps",
+        "chol",
+        "fbs",
+        "thalach",
+        "exang",
+        "oldpeak",
+        "cp=2",
+        "cp=3",
+        "cp=4",
+        "restecg=1",
+        "restecg=2",
+    )
+    assert all(s.x_train.shape[1] == 13 and s.x_train.dtype == np.float32 for s in sites)
+
+
+def test_flamby_switzerland_class_balance(flamby_sites):
+    _, sites = flamby_sites
+    swiss = next(s for s in sites if s.name == "switzerland")
+    assert (int(swiss.y_train.sum()), len(swiss.y_train)) == (30, 30)
+    assert (int(swiss.y_test.sum()), len(swiss.y_test)) == (15, 16)
+
+
+def _flamby_reference() -> dict[int, dict[str, np.ndarray]]:
+    """FLamby's HeartDiseaseRaw steps, written out literally with pandas (the oracle)."""
+    features, labels, centers, sets = [], [], [], []
+    numbers = {"cleveland": 0, "hungarian": 1, "switzerland": 2, "va": 3}
+    for path in sorted(Path(DATA_DIR).glob("*.data")):
+        df = pd.read_csv(path, header=None)
+        df = df.replace("?", np.nan).drop([10, 11, 12], axis=1).dropna(axis=0)
+        df = df.apply(pd.to_numeric)
+        cx, cy = df.iloc[:, :-1], df.iloc[:, -1]
+        features.append(cx)
+        labels.append(cy)
+        centers += [numbers[path.name.split(".")[1]]] * len(cx)
+        current = cy.where(cy == 0, 1)
+        levels = np.unique(current)
+        strat = (
+            current if len(levels) > 1 and all((current == v).sum() > 2 for v in levels) else None
+        )
+        _, test = train_test_split(
+            np.arange(len(cx)),
+            test_size=1.0 - 0.66,
+            train_size=0.66,
+            random_state=43,
+            shuffle=True,
+            stratify=strat,
+        )
+        sets += ["test" if i in test else "train" for i in range(len(cx))]
+    x = pd.get_dummies(pd.concat(features, ignore_index=True), columns=[2, 6], drop_first=True)
+    x = x.to_numpy(dtype=np.float32)
+    y = (pd.concat(labels, ignore_index=True).to_numpy() > 0).astype(np.int64)
+    centers, sets = np.array(centers), np.array(sets)
+    out = {}
+    for c in range(4):
+        tr, te = (centers == c) & (sets == "train"), (centers == c) & (sets == "test")
+        mean, std = x[tr].mean(0), x[tr].std(0, ddof=1)  # torch.std is unbiased
+        out[c] = {
+            "x_train": (x[tr] - mean) / (std + 1e-9),
+            "y_train": y[tr],
+            "x_test": (x[te] - mean) / (std + 1e-9),
+            "y_test": y[te],
+        }
+    return out
+
+
+def test_flamby_matches_reference_pipeline():
+    ref = _flamby_reference()
+    data = load_federated(DataConfig(source="heart", heart_protocol="flamby"))
+    for c, site in enumerate(data.sites):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            np.testing.assert_allclose(getattr(site, key), ref[c][key], atol=1e-5, err_msg=key)
+
+
+def test_heldout_is_the_sites_normalised_test_splits():
+    data = load_federated(DataConfig())
+    np.testing.assert_array_equal(data.heldout_x, np.concatenate([s.x_test for s in data.sites]))
+    assert len(data.heldout_y) == 104 + 89 + 16 + 45
+
+
+def test_site_normalisation_fits_on_train_only(flamby_sites):
+    _, raw = flamby_sites
+    data = load_federated(DataConfig())
+    for r, s in zip(raw, data.sites, strict=True):
+        mean, std = r.x_train.mean(0), r.x_train.std(0, ddof=1)
+        std = np.where(std > 0, std, 1.0)
+        np.testing.assert_allclose(s.x_test, (r.x_test - mean) / std, atol=1e-5)
+
+
+def test_bundle_normalisation_needs_statistics():
+    with pytest.raises(DataError, match="bundle"):
+        load_federated(DataConfig(normalisation="bundle"))
+
+
+def test_bundle_normalisation_applies_the_given_statistics(flamby_sites):
+    _, raw = flamby_sites
+    norm = Normaliser(mean=np.full(13, 2.0), std=np.full(13, 4.0))
+    data = load_federated(DataConfig(normalisation="bundle"), bundle_normaliser=norm)
+    np.testing.assert_allclose(data.sites[3].x_train, (raw[3].x_train - 2.0) / 4.0, rtol=1e-6)
+
+
+def test_flamby_split_indices_are_disjoint_and_cover():
+    y = (read_site("va").drop(columns=["slope", "ca", "thal"]).dropna()["num"] > 0).to_numpy()
+    train, test = flamby_split(y, 43)
+    assert len(np.intersect1d(train, test)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
+
+
+def test_source_split_pools_raw_train_rows():
+    x, y, spec = load_source_split(DataConfig(sites=("cleveland", "va")), "train")
+    assert x.shape == (199 + 85, 13) and spec.kind == "tabular"
+    assert x[:, 0].min() > 20  # age in years: not normalised
+
+
+def test_unknown_site_lists_valid_names():
+    with pytest.raises(DataError, match="cleveland, hungary, switzerland, va"):
+        load_heart_sites("flamby", sites=("hungarian",))
+
+
+def test_unknown_protocol_names_the_key():
+    with pytest.raises(DataError, match="heart_protocol"):
+        load_heart_sites("complete-case")
+
+
+def test_impute_keeps_every_row_and_leaves_no_missing_value():
+    spec, sites = load_heart_sites("impute")
+    assert spec.input_shape == (18,)
+    assert [len(s.y_train) + len(s.y_test) for s in sites] == [303, 294, 123, 200]
+    assert not any(np.isnan(s.x_train).any() or np.isnan(s.x_test).any() for s in sites)
+
+
+def test_impute_fills_with_the_train_median():
+    train_rows, _ = flamby_split((read_site("hungary")["num"] > 0).to_numpy(), 43)
+    raw_chol = read_site("hungary")["chol"].to_numpy()[train_rows]
+    _, sites = load_heart_sites("impute", sites=("hungary",))
+    chol = sites[0].x_train[:, 3]
+    np.testing.assert_allclose(chol[np.isnan(raw_chol)], np.nanmedian(raw_chol))
+
+
+def _rewrite_column(path: Path, rows: np.ndarray, column: int, value: str) -> None:
+    lines = path.read_text().splitlines()
+    for r in rows:
+        fields = lines[r].split(",")
+        fields[column] = value
+        lines[r] = ",".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_impute_statistics_ignore_the_test_split(tmp_path):
+    for name in SITE_FILES.values():
+        shutil.copy(DATA_DIR / name, tmp_path / name)
+    _, test_rows = flamby_split((read_site("hungary")["num"] > 0).to_numpy(), 43)
+    _rewrite_column(tmp_path / SITE_FILES["hungary"], test_rows, 4, "600")  # chol of test rows
+    _, before = heart.load_heart_sites("impute", sites=("hungary",))
+    _, after = heart.load_heart_sites("impute", sites=("hungary",), data_dir=tmp_path)
+    np.testing.assert_array_equal(before[0].x_train, after[0].x_train)
+    assert not np.array_equal(before[0].x_test, after[0].x_test)
+
+
+def test_non_natural_partition_reuses_only_train_rows():
+    data = load_federated(DataConfig(partition="iid", num_sites=7, test_fraction=0.25), seed=1)
+    assert [s.name for s in data.sites] == [f"site-0{i}" for i in range(7)]
+    assert sum(len(s.y_train) + len(s.y_test) for s in data.sites) == 199 + 172 + 30 + 85
+    assert len(data.heldout_y) == 104 + 89 + 16 + 45

@@ -1,0 +1,210 @@
+"""Static checks of deploy/: our CI has no Docker engine, so the files are parsed, not run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+# The medfed CLI surface the deploy files may use: sub-command -> allowed flags.
+MEDFED_FLAGS = {
+    "certs init": {"--out", "--server-name", "--server-ip", "--days", "--force"},
+    "certs hospital": {"--name", "--out", "--ca", "--days", "--force"},
+    "server": {"--config", "--certs", "--host", "--port", "--registry-port", "--hospitals",
+               "--insecure", "--run-dir"},
+    "client": {"--server", "--data", "--certs", "--name", "--device", "--insecure"},
+    "pull": {"--server", "--certs", "--version", "--out", "--registry"},
+    "predict": {"--model", "--data", "--out"},
+}  # fmt: skip
+# Flower options and ports that 1.41 no longer uses (one SuperLink port now).
+RETIRED_FLOWER = ["--fleet-api-address", "--control-api-address", "--fleet-api-type",
+                  "9091", "9092", "9093"]  # fmt: skip
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    return _compose()["services"]
+
+
+def _subcommand(args: list[str]) -> str:
+    return " ".join(args[:2]) if args[0] == "certs" else args[0]
+
+
+def _check_medfed_args(args: list[str], where: str) -> None:
+    sub = _subcommand(args)
+    assert sub in MEDFED_FLAGS, f"{where}: unknown medfed sub-command {sub!r}"
+    flags = {a.split("=")[0] for a in args if a.startswith("--")}
+    assert flags <= MEDFED_FLAGS[sub], f"{where}: unknown flags {flags - MEDFED_FLAGS[sub]}"
+
+
+def _env_example() -> set[str]:
+    names = set()
+    for line in (DEPLOY / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            names.add(line.split("=", 1)[0].strip())
+    return names
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(type, source) of each volume entry, short or long syntax."""
+    mounts = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            mounts.append((entry["type"], entry["source"]))
+        else:
+            source = entry.split(":")[0] if not entry.startswith("${") else entry.split("}")[0]
+            kind = "bind" if source.startswith((".", "/", "${")) else "volume"
+            mounts.append((kind, source))
+    return mounts
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        current += raw.rstrip().removesuffix("\\") + " "
+        if not raw.rstrip().endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+# ---------------------------------------------------------------------------- compose
+
+
+def test_compose_has_the_setup_server_and_hospital_services() -> None:
+    services = _services()
+    assert {"certs", "superlink", "hospital-a", "hospital-b"} <= services.keys()
+    assert services["certs"]["profiles"] == ["setup"]
+
+
+@pytest.mark.parametrize("name", sorted(_services()))
+def test_compose_service_runs_a_known_medfed_command(name: str) -> None:
+    command = _services()[name]["command"]
+    assert isinstance(command, list), f"{name}: use the list form of command"
+    _check_medfed_args(command, f"service {name}")
+
+
+def test_compose_hospitals_use_their_own_cert_folder_and_name() -> None:
+    for name in ("hospital-a", "hospital-b"):
+        command = _services()[name]["command"]
+        options = dict(zip(command[1::2], command[2::2], strict=False))
+        assert options["--name"] == name
+        assert options["--certs"] == f"/certs/hospitals/{name}"
+        assert options["--server"] == "superlink:8000"
+
+
+def test_compose_server_publishes_flower_and_registry_ports() -> None:
+    ports = _services()["superlink"]["ports"]
+    targets = sorted(int(p.rsplit(":", 1)[1]) for p in ports)
+    assert targets == [8000, 8443]
+
+
+def test_compose_host_files_and_named_volumes_exist() -> None:
+    declared = set(_compose().get("volumes", {}))
+    for name, service in _services().items():
+        for kind, source in _mounts(service):
+            if "${" in source:
+                continue  # a path from .env: checked by the variable test
+            if kind == "bind":
+                assert (DEPLOY / source).exists(), f"service {name}: {source} does not exist"
+            else:
+                assert source in declared, f"service {name}: volume {source} is not declared"
+
+
+def test_compose_build_context_and_dockerfile_exist() -> None:
+    for name, service in _services().items():
+        build = service["build"]
+        context = DEPLOY / build["context"]
+        assert context.is_dir(), f"service {name}: build context {context}"
+        assert (context / build["dockerfile"]).is_file(), f"service {name}: dockerfile"
+
+
+def test_compose_variables_are_defined_in_env_example() -> None:
+    used = set(_VAR.findall(COMPOSE.read_text()))
+    assert used, "the variable pattern matched nothing"
+    assert used <= _env_example(), f"missing from .env.example: {used - _env_example()}"
+
+
+def test_env_example_has_no_unused_variables() -> None:
+    used = set(_VAR.findall(COMPOSE.read_text()))
+    assert _env_example() <= used, f"unused in docker-compose.yml: {_env_example() - used}"
+
+
+def test_hospitals_file_lists_every_compose_hospital() -> None:
+    listed = {
+        h["name"] for h in yaml.safe_load((DEPLOY / "hospitals.yaml").read_text())["hospitals"]
+    }
+    assert {"hospital-a", "hospital-b"} <= listed
+
+
+# ---------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_starts_from_python_slim() -> None:
+    instructions = _dockerfile_instructions(DOCKERFILE)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+
+
+def test_dockerfile_copy_sources_exist_in_the_build_context() -> None:
+    copies = [args.split() for kind, args in _dockerfile_instructions(DOCKERFILE) if kind == "COPY"]
+    assert copies
+    for args in copies:
+        sources = [a for a in args if not a.startswith("--")][:-1]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY source {source} is not in the repository"
+
+
+def test_dockerignore_lets_every_copy_source_through() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].removesuffix("/**") for line in ignore if line.startswith("!")}
+    for kind, args in _dockerfile_instructions(DOCKERFILE):
+        if kind == "COPY":
+            sources = [a for a in args.split() if not a.startswith("--")][:-1]
+            assert set(sources) <= allowed, f"excluded from the build context: {sources}"
+
+
+def test_dockerfile_runs_medfed_as_a_non_root_user() -> None:
+    instructions = dict(_dockerfile_instructions(DOCKERFILE))
+    assert json.loads(instructions["ENTRYPOINT"]) == ["medfed"]
+    assert instructions["USER"] not in ("root", "0")
+
+
+def test_dockerfile_installs_torch_from_the_build_arg_index() -> None:
+    runs = [args for kind, args in _dockerfile_instructions(DOCKERFILE) if kind == "RUN"]
+    args = {a.split("=")[0] for k, a in _dockerfile_instructions(DOCKERFILE) if k == "ARG"}
+    assert {"TORCH_SPEC", "TORCH_INDEX"} <= args
+    assert '--index-url "${TORCH_INDEX}" "${TORCH_SPEC}"' in runs[0]
+    assert any("pip install ." in run for run in runs[1:])
+
+
+# ---------------------------------------------------------------------------- README
+
+
+@pytest.mark.parametrize("name", ["README.md", "docker-compose.yml", "Dockerfile", ".env.example"])
+def test_deploy_files_mention_no_retired_flower_options(name: str) -> None:
+    text = (DEPLOY / name).read_text()
+    assert [word for word in RETIRED_FLOWER if word in text] == []
+
+
+def test_readme_medfed_commands_are_known() -> None:
+    lines = [ln.strip() for ln in (DEPLOY / "README.md").read_text().splitlines()]
+    commands = [ln.split()[1:] for ln in lines if ln.startswith("medfed ")]
+    assert len(commands) >= 6
+    for args in commands:
+        _check_medfed_args([a for a in args if a != "\\"], f"README: medfed {' '.join(args)}")

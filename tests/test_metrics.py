@@ -1,0 +1,118 @@
+"""Clinical metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.metrics import METRIC_NAMES, MULTICLASS_METRIC_NAMES, MetricError, compute_metrics
+
+
+def _binary(p1: list[float]) -> np.ndarray:
+    p = np.asarray(p1)
+    return np.column_stack([1 - p, p])
+
+
+# predictions [1, 1, 0, 1, 1, 0, 0] -> TP 2, FN 1, FP 2, TN 2
+Y = np.array([1, 1, 1, 0, 0, 0, 0])
+P = _binary([0.9, 0.6, 0.2, 0.7, 0.8, 0.1, 0.3])
+
+MULTI_Y = np.array([0, 1, 2, 1])
+MULTI_P = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+
+
+def test_binary_keys_in_display_order() -> None:
+    assert tuple(compute_metrics(Y, P)) == METRIC_NAMES
+
+
+def test_binary_confusion_matrix_metrics() -> None:
+    got = compute_metrics(Y, P)
+    assert got["accuracy"] == pytest.approx(4 / 7)
+    assert got["precision"] == pytest.approx(2 / 4)
+    assert got["recall"] == pytest.approx(2 / 3)
+    assert got["sensitivity"] == got["recall"]
+    assert got["specificity"] == pytest.approx(2 / 4)
+    assert got["f1"] == pytest.approx(4 / 7)  # 2PR/(P+R) = (2/3)/(7/6)
+    assert (got["n"], got["positives"]) == (7, 3)
+
+
+def test_binary_auc_counts_ordered_pairs() -> None:
+    # positives 0.9 > 4 negatives, 0.6 > 2, 0.2 > 1, out of 3 * 4 pairs
+    assert compute_metrics(Y, P)["auc"] == pytest.approx(7 / 12)
+
+
+def test_binary_brier_is_mean_squared_error_of_p_positive() -> None:
+    expected = (0.01 + 0.16 + 0.64 + 0.49 + 0.64 + 0.01 + 0.09) / 7
+    assert compute_metrics(Y, P)["brier"] == pytest.approx(expected)
+
+
+def test_binary_ece_by_hand() -> None:
+    # bins: {0.15, 0.12} -> 1, 0.85 -> 8, 0.95 -> 9
+    # 2/4*|0.5-0.135| + 1/4*|0-0.85| + 1/4*|1-0.95| = 0.1825 + 0.2125 + 0.0125
+    got = compute_metrics(np.array([0, 1, 0, 1]), _binary([0.15, 0.12, 0.85, 0.95]))
+    assert got["ece"] == pytest.approx(0.4075)
+
+
+def test_one_class_split_has_undefined_auc() -> None:
+    got = compute_metrics(np.ones(3, dtype=int), _binary([0.8, 0.4, 0.7]))
+    assert got["auc"] is None
+    assert got["specificity"] == 0.0  # no negatives: undefined, reported as 0.0
+    assert got["recall"] == pytest.approx(2 / 3)
+
+
+def test_no_predicted_positives_gives_zero_precision() -> None:
+    got = compute_metrics(np.array([0, 1]), _binary([0.2, 0.3]))
+    assert got["precision"] == 0.0 and got["f1"] == 0.0
+
+
+def test_multiclass_metrics_by_hand() -> None:
+    got = compute_metrics(MULTI_Y, MULTI_P)
+    assert tuple(got) == MULTICLASS_METRIC_NAMES
+    assert got["accuracy"] == pytest.approx(3 / 4)
+    assert got["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert got["brier"] == pytest.approx((0.14 + 0.06 + 0.24 + 0.62) / 4)
+    # top-label confidences 0.7, 0.8, 0.6, 0.5 each alone in a bin, last one wrong
+    assert got["ece"] == pytest.approx((0.3 + 0.2 + 0.4 + 0.5) / 4)
+    assert got["n"] == 4
+
+
+def test_multiclass_auc_matches_sklearn_ovr_macro() -> None:
+    y = np.array([0, 1, 2, 1, 0, 2])
+    p = np.array(
+        [
+            [0.5, 0.3, 0.2],
+            [0.3, 0.3, 0.4],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.6, 0.3],
+            [0.3, 0.4, 0.3],
+            [0.6, 0.1, 0.3],
+        ]
+    )
+    expected = roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert compute_metrics(y, p)["auc"] == pytest.approx(expected)
+
+
+def test_multiclass_auc_averages_only_present_classes() -> None:
+    # class 0: 0.7 beats 0.1, 0.2, 0.5 -> 1; class 1: 0.8, 0.2 (tie), 0.4 vs 0.2 -> 2.5/3
+    got = compute_metrics(np.array([0, 1, 1, 1]), MULTI_P)
+    assert got["auc"] == pytest.approx((1 + 2.5 / 3) / 2)
+
+
+def test_multiclass_single_class_has_undefined_auc() -> None:
+    assert compute_metrics(np.array([2, 2, 2, 2]), MULTI_P)["auc"] is None
+
+
+def test_empty_input_is_refused() -> None:
+    with pytest.raises(MetricError, match="at least one example"):
+        compute_metrics(np.array([], dtype=int), np.zeros((0, 2)))
+
+
+def test_rows_not_summing_to_one_are_refused() -> None:
+    with pytest.raises(MetricError, match="sum to 1"):
+        compute_metrics(np.array([0, 1]), np.array([[0.5, 0.6], [0.2, 0.8]]))
+
+
+def test_label_outside_classes_is_refused() -> None:
+    with pytest.raises(MetricError, match=r"0\.\.1"):
+        compute_metrics(np.array([0, 2]), P[:2])

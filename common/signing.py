@@ -26,8 +26,14 @@ class SignatureError(ValueError):
 
 
 def public_key_path(private_key_path: Path) -> Path:
-    """Return where the public key of ``private_key_path`` lives (``<path>.pub``)."""
+    """Return where the public key of ``private_key_path`` lives.
+
+    ``signing.key`` -> ``signing.pub`` (the name ``medfed certs init`` gives hospitals);
+    any other name gets ``.pub`` appended.
+    """
     private_key_path = Path(private_key_path)
+    if private_key_path.suffix == ".key":
+        return private_key_path.with_suffix(".pub")
     return private_key_path.with_name(private_key_path.name + ".pub")
 
 

@@ -179,7 +179,7 @@ def train_local(
     total = 0.0
     cuda = [device.index or 0] if device.type == "cuda" else []
     with _kept_modes(model), torch.random.fork_rng(devices=cuda):
-        pass  # dropout masks depend on the seed only
+        torch.manual_seed(seed)  # dropout masks depend on the seed only
         model.train()
         frozen.eval()  # frozen blocks are feature extractors: no dropout
         for idx in _batches(len(inputs), cfg.batch_size, steps, seed):

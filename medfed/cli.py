@@ -180,8 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("medfed").setLevel(logging.INFO)
-    if args.verbose:
-        logging.getLogger("flwr").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    if not args.verbose:
+        # a filter, not a level: Flower resets its logger's level when a run starts
+        flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

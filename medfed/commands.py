@@ -9,12 +9,12 @@ from medfed.cli import default_keys_path
 
 
 def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
-    from common.signing import load_or_create_signing_key
+    from common.signing import load_or_create_signing_key, public_key_path
 
     path = path or default_keys_path()
     key, created = load_or_create_signing_key(path)
     if created:
-        print(f"created bundle-signing key {path} (public key: {path}.pub)")
+        print(f"created bundle-signing key {path} (public key: {public_key_path(path)})")
     return key
 
 

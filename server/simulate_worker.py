@@ -20,8 +20,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger("medfed").setLevel(logging.INFO)
-    if request.verbose:
-        logging.getLogger("flwr").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    if not request.verbose:
+        # a filter, not a level: Flower resets its logger's level when a run starts
+        flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
     settings = RunSettings(
         config_path=request.config_path.resolve(), overrides=request.overrides,
         run_dir=request.run_dir.resolve(), bundle=request.bundle.resolve(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,14 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
-# The medfed CLI surface the deploy files may use: sub-command -> allowed flags.
-MEDFED_FLAGS = {
-    "certs init": {"--out", "--server-name", "--server-ip", "--days", "--force"},
-    "certs hospital": {"--name", "--out", "--ca", "--days", "--force"},
-    "server": {"--config", "--certs", "--host", "--port", "--registry-port", "--hospitals",
-               "--insecure", "--run-dir"},
-    "client": {"--server", "--data", "--certs", "--name", "--device", "--insecure"},
-    "pull": {"--server", "--certs", "--version", "--out", "--registry"},
-    "predict": {"--model", "--data", "--out"},
-}  # fmt: skip
+# The medfed sub-commands the deploy files may run; flags are checked by medfed's own parser.
+MEDFED_SUBCOMMANDS = {"certs init", "certs hospital", "pretrain", "server", "client", "pull",
+                      "predict"}  # fmt: skip
 # Flower options and ports that 1.41 no longer uses (one SuperLink port now).
 RETIRED_FLOWER = ["--fleet-api-address", "--control-api-address", "--fleet-api-type",
                   "9091", "9092", "9093"]  # fmt: skip
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*)|:?\?[^}]*)?\}")
 
 
 def _compose() -> dict[str, Any]:
@@ -39,23 +34,48 @@ def _services() -> dict[str, dict[str, Any]]:
     return _compose()["services"]
 
 
-def _subcommand(args: list[str]) -> str:
-    return " ".join(args[:2]) if args[0] == "certs" else args[0]
+def _interpolate(text: str) -> str:
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` from .env.example."""
+    env = _env_example()
+    return _INTERPOLATION.sub(lambda m: env.get(m[1]) or m[2] or "", text)
 
 
 def _check_medfed_args(args: list[str], where: str) -> None:
-    sub = _subcommand(args)
-    assert sub in MEDFED_FLAGS, f"{where}: unknown medfed sub-command {sub!r}"
-    flags = {a.split("=")[0] for a in args if a.startswith("--")}
-    assert flags <= MEDFED_FLAGS[sub], f"{where}: unknown flags {flags - MEDFED_FLAGS[sub]}"
+    """The sub-command is one we expect, and medfed's real parser accepts the whole line."""
+    from medfed.cli import build_parser
+
+    sub = " ".join(args[:2]) if args[:1] == ["certs"] else args[0]
+    assert sub in MEDFED_SUBCOMMANDS, f"{where}: unexpected medfed sub-command {sub!r}"
+    try:
+        build_parser().parse_args([_interpolate(a) for a in args])
+    except SystemExit as err:  # argparse printed why on stderr
+        pytest.fail(f"{where}: `medfed {' '.join(args)}` is rejected by medfed's parser ({err})")
 
 
-def _env_example() -> set[str]:
-    names = set()
+def _readme_command_lines() -> list[list[str]]:
+    """Shell commands in README.md code blocks, continuation lines joined, comments dropped."""
+    commands, block, current = [], False, ""
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            block = not block and line.strip() == "```bash"
+            continue
+        if not block:
+            continue
+        current += line.split(" #")[0].rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            if current.strip() and not current.lstrip().startswith("#"):
+                commands.append(shlex.split(current))
+            current = ""
+    return commands
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
     for line in (DEPLOY / ".env.example").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
-            names.add(line.split("=", 1)[0].strip())
-    return names
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
 
 
 def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -138,19 +158,21 @@ def test_compose_build_context_and_dockerfile_exist() -> None:
 def test_compose_variables_are_defined_in_env_example() -> None:
     used = set(_VAR.findall(COMPOSE.read_text()))
     assert used, "the variable pattern matched nothing"
-    assert used <= _env_example(), f"missing from .env.example: {used - _env_example()}"
+    defined = set(_env_example())
+    assert used <= defined, f"missing from .env.example: {used - defined}"
 
 
 def test_env_example_has_no_unused_variables() -> None:
     used = set(_VAR.findall(COMPOSE.read_text()))
-    assert _env_example() <= used, f"unused in docker-compose.yml: {_env_example() - used}"
+    defined = set(_env_example())
+    assert defined <= used, f"unused in docker-compose.yml: {defined - used}"
 
 
 def test_hospitals_file_lists_every_compose_hospital() -> None:
-    listed = {
-        h["name"] for h in yaml.safe_load((DEPLOY / "hospitals.yaml").read_text())["hospitals"]
+    entries = yaml.safe_load((DEPLOY / "hospitals.yaml").read_text())
+    assert {(e["name"], e["public_key"]) for e in entries} == {
+        (h, f"/certs/hospitals/{h}/node_key.pub") for h in ("hospital-a", "hospital-b")
     }
-    assert {"hospital-a", "hospital-b"} <= listed
 
 
 # ---------------------------------------------------------------------------- Dockerfile
@@ -202,9 +224,17 @@ def test_deploy_files_mention_no_retired_flower_options(name: str) -> None:
     assert [word for word in RETIRED_FLOWER if word in text] == []
 
 
-def test_readme_medfed_commands_are_known() -> None:
-    lines = [ln.strip() for ln in (DEPLOY / "README.md").read_text().splitlines()]
-    commands = [ln.split()[1:] for ln in lines if ln.startswith("medfed ")]
-    assert len(commands) >= 6
-    for args in commands:
-        _check_medfed_args([a for a in args if a != "\\"], f"README: medfed {' '.join(args)}")
+def test_readme_medfed_commands_parse() -> None:
+    checked = 0
+    services = set(_services())
+    for args in _readme_command_lines():
+        if args[0] == "medfed":
+            _check_medfed_args(args[1:], "README")
+            checked += 1
+        elif args[:3] == ["docker", "compose", "run"]:
+            # `docker compose run [options] SERVICE medfed-args...` (the entry point is medfed)
+            rest = args[3:]
+            at = next(i for i, a in enumerate(rest) if a in services)
+            _check_medfed_args(rest[at + 1 :], "README (docker compose run)")
+            checked += 1
+    assert checked >= 7

@@ -42,8 +42,8 @@ def test_create_writes_private_key_0600_and_public_key_0644(tmp_path: Path) -> N
 
     assert created is True
     assert _mode(path) == 0o600
-    assert _mode(tmp_path / "keys" / "server.key.pub") == 0o644
-    pub = load_public_key(tmp_path / "keys" / "server.key.pub")
+    assert _mode(tmp_path / "keys" / "server.pub") == 0o644
+    pub = load_public_key(tmp_path / "keys" / "server.pub")
     assert pub.public_bytes_raw() == key.public_key().public_bytes_raw()
 
 
@@ -60,20 +60,20 @@ def test_second_call_loads_the_same_key_without_creating(tmp_path: Path) -> None
 def test_second_call_restores_a_deleted_public_key(tmp_path: Path) -> None:
     path = tmp_path / "server.key"
     key, _ = load_or_create_signing_key(path)
-    (tmp_path / "server.key.pub").unlink()
+    (tmp_path / "server.pub").unlink()
 
     load_or_create_signing_key(path)
 
-    pub = load_public_key(tmp_path / "server.key.pub")
+    pub = load_public_key(tmp_path / "server.pub")
     assert pub.public_bytes_raw() == key.public_key().public_bytes_raw()
 
 
 def test_mismatched_public_key_file_is_refused(tmp_path: Path) -> None:
     load_or_create_signing_key(tmp_path / "a.key")
     load_or_create_signing_key(tmp_path / "b.key")
-    os.replace(tmp_path / "b.key.pub", tmp_path / "a.key.pub")
+    os.replace(tmp_path / "b.pub", tmp_path / "a.pub")
 
-    with pytest.raises(SignatureError, match=r"a\.key\.pub does not belong"):
+    with pytest.raises(SignatureError, match=r"a\.pub does not belong"):
         load_or_create_signing_key(tmp_path / "a.key")
 
 

@@ -25,6 +25,7 @@ from sklearn.model_selection import train_test_split
 
 from common.data.federated import DataSpec, SiteSplit
 from common.data.schema import DataError, Schema, encode, load_schema
+from common.datasets import dataset_dir
 
 SITE_FILES = {
     "cleveland": "processed.cleveland.data",
@@ -37,9 +38,8 @@ FLAMBY_DROPPED = ("slope", "ca", "thal")
 TRAIN_FRACTION = 0.66  # FLamby's HeartDiseaseRaw.train_fraction
 ZERO_MEANS_MISSING = ("trestbps", "chol")
 
-_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = _ROOT / "configs" / "schemas" / "heart.yaml"
-DATA_DIR = _ROOT / "common" / "datasets" / "heart_disease"
+DATA_DIR = dataset_dir("heart_disease", "processed.cleveland.data")
+SCHEMA_PATH = DATA_DIR / "schema.yaml"  # columns, units and ranges of the UCI files
 
 
 def heart_schema(protocol: str = "impute") -> Schema:

@@ -13,8 +13,9 @@ import numpy as np
 
 from common.data.federated import DataSpec, SiteSplit
 from common.data.schema import DataError
+from common.datasets import dataset_dir
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "datasets" / "medmnist"
+DATA_DIR = dataset_dir("medmnist", "breastmnist.npz")
 SPLITS = ("train", "val", "test")
 # label names from common/datasets/medmnist/README.md (class index = position)
 DATASETS: dict[str, tuple[str, tuple[str, ...], int]] = {

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.config import load_config
 from server.history import format_table
-
-STOP_GRACE_S = 10.0
+from server.processes import stop_group
 
 
 @dataclass(frozen=True)
@@ -52,31 +49,6 @@ class SimulateRequest:
         )
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)  # anyone left in the group?
-            except ProcessLookupError:
-                return
-            if proc.poll() is not None:
-                try:
-                    os.waitpid(-pgid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            time.sleep(0.1)
-
-
 def simulate(request: SimulateRequest) -> int:
     """Run the simulation child, relay its progress, print the final table."""
     cfg = load_config(request.config_path, request.overrides)  # fail fast on a bad config
@@ -94,7 +66,7 @@ def simulate(request: SimulateRequest) -> int:
     try:
         code = proc.wait()
     finally:
-        _stop_group(proc)
+        stop_group(proc)
     summary_path = request.run_dir / "summary.json"
     if code != 0 or not summary_path.exists():
         print(f"medfed: error: simulation failed (exit code {code}); see the log above",

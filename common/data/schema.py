@@ -1,9 +1,10 @@
 """The tabular data contract: which columns a hospital file holds, their types and ranges.
 
 A :class:`Schema` is written once (YAML, e.g. ``common/datasets/heart_disease/schema.yaml``),
-stored in every bundle manifest, and used on both sides: the training path validates and encodes each site's file
-with it, and ``medfed predict`` checks new files against the same schema. Messages name the
-file, the column and how many rows are bad, never the values (they may be patient data).
+stored in every bundle manifest, and used on both sides: the training path validates and
+encodes each site's file with it, and ``medfed predict`` checks new files against the same
+schema. Messages name the file, the column and how many rows are bad, never the values (they
+may be patient data).
 """
 
 from __future__ import annotations

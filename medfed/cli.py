@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path("runs/server"))
     p.add_argument("--insecure", action="store_true", help="no TLS, no node auth (dev only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--exit-after-run", action="store_true",
+                   help="stop once the run has finished instead of serving the registry")
 
     p = add("client", c.cmd_client, "run a hospital's Flower SuperNode with its key and data",
             "medfed client --server fl.example.org:8000 --data /data/heart.csv "
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None,
                    help="cache and model directory (default ~/.medfed/<name>)")
     p.add_argument("--port", type=int, default=9094, help="local ClientApp IO port")
+    p.add_argument("--max-retries", type=int, default=0,
+                   help="give up after N failed connection attempts (default: keep trying)")
     p.add_argument("--insecure", action="store_true")
 
     p = add("pull", c.cmd_pull, "download a global model version and verify its signature",
@@ -154,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--public-key", type=Path, default=None,
                    help="server signing key (default: signing.pub in --certs)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
 
     p = add("predict", c.cmd_predict, "predict locally with a verified bundle",
             "medfed predict --model models/latest --data new_patients.csv --out preds.csv")
@@ -162,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
     p.add_argument("--device", default="auto")
+
+    p = add("export-heart", c.cmd_export_heart,
+            "write the four UCI heart hospitals as CSV files (for trying `medfed client`)",
+            "medfed export-heart --out data/heart")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--protocol", default="flamby", help="flamby | impute")
 
     p = add("model-card", c.cmd_model_card, "print a markdown model card for a bundle",
             "medfed model-card --model models/latest > MODEL_CARD.md")

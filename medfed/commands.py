@@ -114,10 +114,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from client.pull import pull_from_registry, pull_from_server
 
     if args.registry is not None:
-        manifest = pull_from_registry(args.registry, args.version, args.out, args.public_key)
+        manifest = pull_from_registry(args.registry, args.version, args.out, args.public_key,
+                                      replace=args.force)
     else:
         manifest = pull_from_server(args.server, args.certs, args.version, args.out,
-                                    args.public_key)
+                                    args.public_key, replace=args.force)
     print(f"pulled model v{manifest['version']:04d} (round {manifest['round']}) into {args.out}; "
           "hashes and signature verified")
     return 0
@@ -135,3 +136,14 @@ def cmd_client(args: argparse.Namespace) -> int:
     from client.deploy import ClientRequest, run_client
 
     return run_client(ClientRequest.from_args(args))
+
+
+def cmd_export_heart(args: argparse.Namespace) -> int:
+    """`medfed export-heart`."""
+    from common.data.heart import SITE_FILES, export_site_csv
+
+    for site in SITE_FILES:
+        path = args.out / f"{site}.csv"
+        rows = export_site_csv(site, path, args.protocol)
+        print(f"wrote {path} ({rows} rows)")
+    return 0

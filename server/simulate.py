@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.config import load_config
+from common.processes import stop_group
 from server.history import format_table
-from server.processes import stop_group
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,19 @@ def load_heart_sites(
         assert y_tr is not None and y_te is not None  # the label column is always present
         splits.append(SiteSplit(site, x_tr, y_tr, x_te, y_te))
     return spec_for(schema), splits
+
+
+def export_site_csv(site: str, out: Path, protocol: str = "flamby") -> int:
+    """Write one hospital's rows as a CSV with a header, the form `medfed client` reads.
+
+    Rows with missing values are dropped for the flamby protocol (as FLamby does); the label
+    column keeps its raw 0-4 codes. Returns the number of rows written.
+    """
+    schema = heart_schema(protocol)
+    df = read_site(site)
+    if protocol == "flamby":
+        df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = [c.name for c in schema.columns] + [schema.label]
+    df[columns].to_csv(out, index=False, float_format="%g")
+    return len(df)

@@ -1,0 +1,251 @@
+"""`medfed server`: Flower SuperLink with TLS and node auth, hospital registration, the
+federated run, and the model registry over mutual TLS.
+
+Everything runs through Flower's own processes and CLI (`flower-superlink`,
+`flwr supernode register`, `flwr run`) under a private FLWR_HOME in the run directory. Every
+process started here is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from common.bundle import load_bundle
+from common.certs import FederationPaths, check_server_certs
+from common.config import ConfigError, load_config
+from common.processes import ProcessGroup, wait_for_port
+from common.settings import PROJECT_ROOT, RunSettings
+from common.signing import load_private_key
+
+log = logging.getLogger("medfed.server")
+CONNECTION = "medfed"  # name of the SuperLink connection in the private FLWR_HOME
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Hospital:
+    """A hospital admitted to the federation: its name and node public key (OpenSSH)."""
+
+    name: str
+    public_key: Path
+
+
+def load_hospitals(path: Path) -> list[Hospital]:
+    """`hospitals.yaml`: a list of {name, public_key}; relative keys are next to the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"hospitals file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"hospitals file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, list):
+        raise ConfigError(f"hospitals file {path} must be a list of {{name, public_key}}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) != {"name", "public_key"}:
+            raise ConfigError(f"hospitals file {path}: entry {i} must have exactly the keys "
+                              "'name' and 'public_key'")
+        key = Path(str(item["public_key"]))
+        key = key if key.is_absolute() else path.parent / key
+        if not key.exists():
+            raise ConfigError(f"hospitals file {path}: public key {key} of "
+                              f"'{item['name']}' does not exist")
+        out.append(Hospital(str(item["name"]), key))
+    return out
+
+
+@dataclass(frozen=True)
+class ServerRequest:
+    """The `medfed server` command line, checked."""
+
+    config: Path
+    overrides: tuple[str, ...]
+    bundle: Path
+    certs: Path | None
+    host: str
+    port: int
+    registry_port: int
+    hospitals: Path | None
+    run_dir: Path
+    insecure: bool
+    resume: bool
+    exit_after_run: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerRequest:
+        """From the parsed `medfed server` arguments."""
+        return cls(
+            config=args.config, overrides=tuple(args.overrides), bundle=args.bundle,
+            certs=args.certs, host=args.host, port=args.port, registry_port=args.registry_port,
+            hospitals=args.hospitals, run_dir=args.run_dir.resolve(), insecure=args.insecure,
+            resume=args.resume, exit_after_run=args.exit_after_run,
+        )
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: private FLWR_HOME, our venv's tools first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+def _write_connection(flwr_home: Path, port: int, certs: FederationPaths | None) -> None:
+    """The flwr CLI's connection to our SuperLink (always via loopback on this host)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "127.0.0.1:{port}"']
+    if certs is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{certs.ca_cert.resolve()}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 60.0
+          ) -> subprocess.CompletedProcess[str]:
+    flwr = str(Path(sys.executable).parent / "flwr")
+    return subprocess.run([flwr, *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _register(hospital: Hospital, env: dict[str, str]) -> None:
+    result = _flwr(["supernode", "register", str(hospital.public_key), CONNECTION,
+                    "--name", hospital.name, "--format", "json"], env)
+    text = (result.stdout + result.stderr).lower()
+    if result.returncode == 0 and '"success": false' not in text:
+        log.info("registered hospital %s", hospital.name)
+    elif "already" in text or "exists" in text:
+        log.info("hospital %s was already registered", hospital.name)
+    else:
+        detail = result.stdout.strip() or result.stderr.strip()
+        raise ConfigError(f"could not register hospital '{hospital.name}' "
+                          f"({hospital.public_key}): {detail}")
+
+
+def _run_config_file(req: ServerRequest, keys: Path) -> Path:
+    settings = RunSettings(config_path=req.config.resolve(), overrides=req.overrides,
+                           run_dir=req.run_dir, bundle=req.bundle.resolve(), keys=keys,
+                           resume=req.resume)
+    values = settings.to_run_config()
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = req.run_dir / "run-config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
+    """Validate everything before any process starts; returns (certs, signing key)."""
+    load_config(req.config, req.overrides)
+    if req.certs is None and not req.insecure:
+        raise ConfigError("refusing to start without certificates: pass --certs DIR (made by "
+                          "`medfed certs init`) or --insecure for a local test")
+    certs = None if req.insecure else check_server_certs(req.certs)  # type: ignore[arg-type]
+    if certs is not None:
+        keys = certs.signing_key
+    else:
+        from common.settings import medfed_home
+
+        keys = (req.certs / "signing.key") if req.certs else medfed_home() / "signing.key"
+    key = load_private_key(keys)
+    load_bundle(req.bundle, key.public_key(), require_signature=True)
+    return certs, keys
+
+
+def _superlink_cmd(req: ServerRequest, certs: FederationPaths | None) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", req.host,
+           "--port", str(req.port), "--database", str(req.run_dir / "superlink.db"),
+           "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
+            str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+            "--enable-supernode-auth"]
+
+
+def run_server(req: ServerRequest) -> int:
+    """Start everything, run the federation, keep serving the registry until stopped."""
+    certs, keys = _check(req)
+    if certs is None:
+        print("WARNING: medfed server is running INSECURE: no TLS, no hospital authentication. "
+              "Use it only for a local test.", file=sys.stderr, flush=True)
+    req.run_dir.mkdir(parents=True, exist_ok=True)
+    hospitals = load_hospitals(req.hospitals) if req.hospitals else []
+    flwr_home = req.run_dir / "flwr-home"
+    env = flwr_env(flwr_home)
+    _write_connection(flwr_home, req.port, certs)
+    group = ProcessGroup()
+    registry = None
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        superlink = group.start(_superlink_cmd(req, certs), req.run_dir / "superlink.log", env)
+        probe_host = "127.0.0.1" if req.host in ("0.0.0.0", "::") else req.host
+        if not wait_for_port(probe_host, req.port, STARTUP_TIMEOUT_S, superlink):
+            raise RuntimeError(f"flower-superlink did not start; see {req.run_dir}/superlink.log")
+        log.info("SuperLink listening on %s:%d (%s)", req.host, req.port,
+                 "INSECURE" if certs is None else "TLS, registered hospitals only")
+        for hospital in hospitals:
+            _register(hospital, env)
+        if certs is not None:
+            from server.registry_http import start_registry_server
+
+            registry = start_registry_server(
+                req.run_dir / "registry", req.host, req.registry_port, certs.server_cert,
+                certs.server_key, certs.ca_cert)
+            log.info("model registry on https://%s:%d (client certificates required)",
+                     req.host, req.registry_port)
+        code = _submit_and_stream(req, keys, env, group)
+        if code != 0 or req.exit_after_run:
+            return code
+        log.info("run finished; still serving the registry (Ctrl-C to stop)")
+        while superlink.poll() is None:
+            time.sleep(1.0)
+        return 0
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    finally:
+        if registry is not None:
+            registry.stop()
+        group.stop_all()
+
+
+def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
+                       group: ProcessGroup) -> int:
+    """`flwr run` the app with our run config and stream its log; exit code of the run."""
+    run_config = _run_config_file(req, keys)
+    flwr = str(Path(sys.executable).parent / "flwr")
+    submit = group.start([flwr, "run", str(PROJECT_ROOT), CONNECTION, "--run-config",
+                          str(run_config), "--stream"], None, env)
+    submit.wait()
+    status = _run_status(env)
+    log.info("federated run status: %s", status.get("status", "unknown"))
+    ok = str(status.get("status", "")).endswith("completed") and (
+        req.run_dir / "summary.json").exists()
+    return 0 if ok else 1
+
+
+def _run_status(env: dict[str, str]) -> dict[str, Any]:
+    result = _flwr(["ls", CONNECTION, "--format", "json"], env)
+    try:
+        runs = json.loads(result.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return {}
+    return dict(runs[-1]) if runs else {}

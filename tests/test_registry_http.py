@@ -1,0 +1,192 @@
+"""Tests for server/registry_http.py: endpoints (in-process) and mutual TLS (real uvicorn)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from common.certs import CertError, FederationPaths, HospitalPaths, init_federation, init_hospital
+from common.signing import load_private_key
+from server.registry import Registry
+from server.registry_http import RegistryServerHandle, create_app, start_registry_server
+
+TIMEOUT = 5.0  # seconds for any socket operation
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
+    return init_federation(tmp_path_factory.mktemp("certs"), [], [])
+
+
+@pytest.fixture(scope="module")
+def hospital(fed: FederationPaths) -> HospitalPaths:
+    return init_hospital("hospital-a", fed.out / "hospitals", fed.out)
+
+
+@pytest.fixture(scope="module")
+def registry_root(fed: FederationPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v0 (score 0.5), v1 (0.9, best), v2 (0.7, latest)."""
+    root = tmp_path_factory.mktemp("registry")
+    registry = Registry(root, load_private_key(fed.signing_key))
+    for version, score in enumerate([0.5, 0.9, 0.7]):
+        head = {"weight": torch.full((2, 3), float(version))}
+        registry.publish(version, {"w": torch.zeros(3)}, head,
+                         {"version": version, "round": version}, score, "auc")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(registry_root: Path) -> TestClient:
+    return TestClient(create_app(registry_root))
+
+
+@pytest.fixture(scope="module")
+def server(registry_root: Path, fed: FederationPaths) -> Iterator[RegistryServerHandle]:
+    handle = start_registry_server(
+        registry_root, "127.0.0.1", 0, fed.server_cert, fed.server_key, fed.ca_cert
+    )
+    yield handle
+    handle.stop()
+
+
+def _context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _get(server: RegistryServerHandle, context: ssl.SSLContext, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=TIMEOUT)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+def test_versions_lists_versions_and_pointers(client: TestClient) -> None:
+    response = client.get("/v1/versions")
+    assert response.status_code == 200
+    assert response.json() == {"versions": [0, 1, 2], "latest": 2, "best": 1}
+
+
+def test_versions_of_an_empty_registry(tmp_path: Path) -> None:
+    response = TestClient(create_app(tmp_path / "none")).get("/v1/versions")
+    assert response.json() == {"versions": [], "latest": None, "best": None}
+
+
+@pytest.mark.parametrize("spec, version", [("latest", 2), ("best", 1), ("0", 0)])
+def test_manifest_is_the_exact_bytes_of_the_version(
+    client: TestClient, registry_root: Path, spec: str, version: int
+) -> None:
+    response = client.get(f"/v1/models/{spec}/manifest")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == (registry_root / f"v{version:04d}" / "manifest.json").read_bytes()
+
+
+def test_weight_file_is_served_byte_for_byte(client: TestClient, registry_root: Path) -> None:
+    response = client.get("/v1/models/best/files/head.safetensors")
+    assert response.status_code == 200
+    assert response.content == (registry_root / "v0001" / "head.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("spec", ["7", "latest2", "v0001", "-1"])
+def test_unknown_version_is_404_with_one_sentence(client: TestClient, spec: str) -> None:
+    response = client.get(f"/v1/models/{spec}/manifest")
+    assert response.status_code == 404
+    detail = response.json()["detail"]
+    assert spec in detail
+    assert "/" not in detail  # no server path leaks to the client
+
+
+@pytest.mark.parametrize(
+    "name", ["latest.json", "..%2Flatest.json", "..%2F..%2Fsigning.key", "x.safetensors"]
+)
+def test_only_the_four_bundle_files_are_served(client: TestClient, name: str) -> None:
+    response = client.get(f"/v1/models/latest/files/{name}")
+    assert response.status_code == 404
+    assert b'"version"' not in response.content
+    assert b"PRIVATE KEY" not in response.content
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------- mutual TLS
+
+
+def test_federation_client_certificate_gets_in(
+    server: RegistryServerHandle, hospital: HospitalPaths
+) -> None:
+    context = _context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
+    status, body = _get(server, context, "/v1/versions")
+    assert (status, json.loads(body)["latest"]) == (200, 2)
+
+
+def test_client_without_certificate_is_refused(
+    server: RegistryServerHandle, hospital: HospitalPaths
+) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
+        _get(server, _context(hospital.ca_cert), "/v1/versions")
+
+
+def test_client_certificate_of_another_ca_is_refused(
+    server: RegistryServerHandle, hospital: HospitalPaths, tmp_path: Path
+) -> None:
+    other = init_federation(tmp_path / "other", [], [])
+    stranger = init_hospital("hospital-a", tmp_path / "other-hospitals", other.out)
+    context = _context(hospital.ca_cert, stranger.client_cert, stranger.client_key)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
+        _get(server, context, "/v1/versions")
+
+
+def test_server_certificate_is_not_accepted_as_a_client_certificate(
+    server: RegistryServerHandle, fed: FederationPaths
+) -> None:
+    # Signed by the right CA but marked serverAuth only: OpenSSL checks the purpose.
+    context = _context(fed.ca_cert, fed.server_cert, fed.server_key)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
+        _get(server, context, "/v1/versions")
+
+
+def test_start_with_missing_certificate_names_it(
+    registry_root: Path, fed: FederationPaths, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(CertError, match="nope.pem"):
+        start_registry_server(registry_root, "127.0.0.1", 0, missing, fed.server_key, fed.ca_cert)
+
+
+def test_start_with_a_key_of_another_certificate_is_refused(
+    registry_root: Path, fed: FederationPaths, hospital: HospitalPaths
+) -> None:
+    with pytest.raises(CertError, match="unusable"):
+        start_registry_server(
+            registry_root, "127.0.0.1", 0, fed.server_cert, hospital.client_key, fed.ca_cert
+        )
+
+
+def test_stop_frees_the_port(registry_root: Path, fed: FederationPaths) -> None:
+    handle = start_registry_server(
+        registry_root, "127.0.0.1", 0, fed.server_cert, fed.server_key, fed.ca_cert
+    )
+    handle.stop()
+    assert not handle.thread.is_alive()
+    again = start_registry_server(
+        registry_root, "127.0.0.1", handle.port, fed.server_cert, fed.server_key, fed.ca_cert
+    )
+    again.stop()

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="CSV (tabular) or npz / PNG folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
+    p.add_argument("--site-stats", type=Path, default=None,
+                   help="this hospital's normalisation statistics (default: site_stats.json "
+                   "next to the model directory, else the bundle's)")
     p.add_argument("--device", default="auto")
 
     p = add("export-heart", c.cmd_export_heart,

@@ -69,7 +69,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """`medfed predict`."""
     from client.predict import predict
 
-    summary = predict(args.model, args.data, args.out, args.public_key, args.device)
+    summary = predict(args.model, args.data, args.out, args.public_key, args.device,
+                      args.site_stats)
     counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
     print(f"wrote {args.out}: {summary['rows']} rows predicted with model v{summary['version']} "
           f"({counts})")

@@ -149,6 +149,10 @@ def format_table(summary: dict[str, Any]) -> str:
     for site, m in sorted(summary.get("sites", {}).items()):
         rows.append([site, str(int(m.get("num-examples", m.get("n", 0)) or 0)),
                      *[fmt(m.get(k)) for k in TABLE_METRICS]])
+    sites = summary.get("sites", {})
+    if len(sites) > 1:
+        rows.append(["MEAN OF SITES", "", *[fmt(_mean([m.get(k) for m in sites.values()]))
+                                            for k in TABLE_METRICS]])
     held = summary.get("heldout", {})
     rows.append(["HELD-OUT", str(int(held.get("n", 0) or 0)),
                  *[fmt(held.get(k)) for k in TABLE_METRICS]])
@@ -156,8 +160,18 @@ def format_table(summary: dict[str, Any]) -> str:
     for site, m in sorted(adaptation.items()):
         rows.append([f"{site} (adapted)", str(int(m.get("num-examples", 0) or 0)),
                      *[fmt(m.get(f"after-{k}")) for k in TABLE_METRICS]])
+    if len(adaptation) > 1:
+        rows.append(["MEAN OF SITES (adapted)", "",
+                     *[fmt(_mean([m.get(f"after-{k}") for m in adaptation.values()]))
+                       for k in TABLE_METRICS]])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def _mean(values: list[Any]) -> float | None:
+    """Mean over sites of a metric, ignoring sites where it is undefined."""
+    defined = [float(v) for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None

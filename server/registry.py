@@ -67,6 +67,8 @@ class Registry:
             signing_key=self.signing_key, replace=True,
         )
         self._write_pointer("latest", {"version": version})
+        if score is not None and not math.isfinite(score):
+            score = None  # undefined (NaN) counts like a missing score
         best = self.read_pointer("best")
         best_value = best.get("value") if best else None
         if score is not None and math.isfinite(score) and (

@@ -59,7 +59,7 @@ def simulate(request: SimulateRequest) -> int:
     (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "server.simulate_worker", request.to_json()]
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     print(f"simulating {cfg.name}: {cfg.federation.rounds} rounds, run directory "
           f"{request.run_dir}", flush=True)
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)

@@ -1,6 +1,9 @@
 """Child process of `medfed simulate`: runs Flower's simulation runtime (Ray backend).
 
 Started by :mod:`server.simulate` as the leader of its own process group; not a user command.
+It calls `flwr.simulation.run_simulation` (deprecated in favour of `flwr run`, still supported
+in 1.41/1.42): the apps run with our settings baked in, no SuperLink is left listening on a
+fixed port, and everything ends with this process. `flwr run . local` runs the same apps.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def main(argv: list[str]) -> int:
     if not request.verbose:
         # a filter, not a level: Flower resets its logger's level when a run starts
         flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
+    # `run_simulation` is the in-process entry point we use on purpose (see module doc)
+    flwr_logger.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
     settings = RunSettings(
         config_path=request.config_path.resolve(), overrides=request.overrides,
         run_dir=request.run_dir.resolve(), bundle=request.bundle.resolve(),

@@ -1,0 +1,74 @@
+"""Shared fixtures: a private MEDFED_HOME with a signing key, and a small pretrained heart bundle.
+
+Nothing here touches `~/.medfed`: keys and bundles live in pytest's temporary directories, and
+subprocess tests get an environment whose MEDFED_HOME points there too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.config import load_config
+from common.pretrain import pretrain
+from common.signing import load_or_create_signing_key, public_key_path
+
+PROJECT = Path(__file__).resolve().parents[1]
+HEART = PROJECT / "configs" / "heart.yaml"
+BREAST = PROJECT / "configs" / "breast.yaml"
+SYNTHETIC = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
+# 5 epochs over Cleveland's 199 rows: a real, verifying bundle in about a second
+FAST_PRETRAIN = ("pretrain.optim.epochs=5",)
+
+
+@pytest.fixture(scope="session")
+def medfed_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MEDFED_HOME of our own (keys, node caches) for the whole session."""
+    return tmp_path_factory.mktemp("medfed_home")
+
+
+@pytest.fixture(scope="session")
+def signing_key_path(medfed_home: Path) -> Path:
+    """The server's bundle-signing key, where `medfed` would create it in `medfed_home`."""
+    path = medfed_home / "signing.key"
+    load_or_create_signing_key(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def signing_key(signing_key_path: Path) -> Ed25519PrivateKey:
+    """The private signing key."""
+    return load_or_create_signing_key(signing_key_path)[0]
+
+
+@pytest.fixture(scope="session")
+def signing_pub_path(signing_key_path: Path) -> Path:
+    """The public half, as given to hospitals."""
+    return public_key_path(signing_key_path)
+
+
+@pytest.fixture(scope="session")
+def heart_bundle(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateKey
+                 ) -> Path:
+    """A signed heart bundle pretrained briefly on Cleveland (read-only: copy before editing)."""
+    out = tmp_path_factory.mktemp("heart_bundle") / "pretrain"
+    pretrain(load_config(HEART, FAST_PRETRAIN), out, signing_key)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cli_env(medfed_home: Path) -> dict[str, str]:
+    """Environment for `medfed` / `flwr` subprocesses: our MEDFED_HOME, the venv on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "MEDFED_HOME": str(medfed_home),
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+    }

@@ -1,0 +1,217 @@
+"""The ClientApp's handlers called directly with Flower messages (no Ray, no SuperLink).
+
+Heart config, simulated nodes (`partition-id` i of 4): 0 cleveland, 1 hungary, 2 switzerland,
+3 va. FLamby's split sizes (train/test): 199/104, 172/89, 30/16, 85/45.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+import client.node
+from client.cache import MissingBackbone
+from client.client_app import make_client_app
+from common import records as rk
+from common.bundle import BundleError, load_bundle
+from common.settings import RunSettings
+from server.federation import load_payload
+from server.provisioning import BackbonePayload
+from tests.conftest import HEART
+from tests.flower_helpers import call_client_app, task_identity
+
+SITES = ("cleveland", "hungary", "switzerland", "va")
+TRAIN_SIZE = (199, 172, 30, 85)
+TEST_SIZE = (104, 89, 16, 45)
+# heart.yaml: backbone hidden [32, 16], 2 classes -> a 16 -> 2 linear head
+HEAD_SHAPES = {"head.weight": (2, 16), "head.bias": (2,)}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    with task_identity():
+        yield
+
+
+@pytest.fixture
+def settings(tmp_path: Path, heart_bundle: Path, signing_key_path: Path) -> RunSettings:
+    """A fresh run directory per test, so every node starts with empty caches."""
+    return RunSettings(config_path=HEART, overrides=(), run_dir=tmp_path / "run",
+                       bundle=heart_bundle, keys=signing_key_path)
+
+
+@pytest.fixture
+def app(settings: RunSettings) -> ClientApp:
+    return make_client_app(settings)
+
+
+@pytest.fixture(scope="module")
+def payload(heart_bundle: Path) -> BackbonePayload:
+    """The backbone exactly as the server sends it."""
+    return load_payload(heart_bundle)
+
+
+def _node(i: int) -> dict[str, int]:
+    return {"partition-id": i, "num-partitions": 4}
+
+
+def _ask(app: ClientApp, payload: BackbonePayload, i: int, with_file: bool) -> Message:
+    content = RecordDict({rk.BUNDLE_META: payload.meta()})
+    if with_file:
+        content[rk.BACKBONE_FILE] = payload.arrays()
+    return call_client_app(app, f"query.{rk.QUERY_BACKBONE}", content, _node(i))
+
+
+def _head(heart_bundle: Path) -> dict[str, torch.Tensor]:
+    return load_bundle(heart_bundle).head
+
+
+def _round_content(heart_bundle: Path, sha: str, server_round: int = 1) -> RecordDict:
+    return RecordDict({
+        rk.ARRAYS: ArrayRecord(_head(heart_bundle)),
+        rk.CONFIG: ConfigRecord({rk.SERVER_ROUND: server_round, rk.BACKBONE_SHA256: sha}),
+    })
+
+
+def _train(app: ClientApp, heart_bundle: Path, payload: BackbonePayload, i: int) -> Message:
+    return call_client_app(app, "train", _round_content(heart_bundle, payload.sha256), _node(i))
+
+
+def _has_backbone(reply: Message) -> int:
+    return int(reply.content.metric_records[rk.METRICS][rk.HAS_BACKBONE])  # type: ignore[arg-type]
+
+
+# --- query.backbone ----------------------------------------------------------------------
+def test_query_without_file_on_empty_cache_says_no_backbone(app, payload) -> None:
+    assert _has_backbone(_ask(app, payload, 0, with_file=False)) == 0
+
+
+def test_query_with_file_stores_the_backbone(app, payload, settings) -> None:
+    reply = _ask(app, payload, 1, with_file=True)
+    stored = settings.run_dir / "nodes" / "node-0001" / "backbones" / payload.sha256
+    assert _has_backbone(reply) == 1
+    assert hashlib.sha256((stored / "backbone.safetensors").read_bytes()).hexdigest() \
+        == payload.sha256
+
+
+def test_stored_backbone_is_found_by_a_later_query_without_file(app, payload) -> None:
+    _ask(app, payload, 2, with_file=True)
+    assert _has_backbone(_ask(app, payload, 2, with_file=False)) == 1
+
+
+def test_backbone_with_wrong_sha_is_refused_and_not_stored(app, payload, settings) -> None:
+    wrong = hashlib.sha256(b"not the backbone").hexdigest()
+    bad = BackbonePayload(wrong, payload.file_bytes, payload.manifest_json, payload.manifest_sig)
+    with pytest.raises(BundleError, match="refused"):
+        _ask(app, bad, 0, with_file=True)
+    assert not (settings.run_dir / "nodes" / "node-0000" / "backbones" / wrong).exists()
+    assert _has_backbone(_ask(app, payload, 0, with_file=False)) == 0
+
+
+def test_node_with_signing_key_refuses_a_badly_signed_manifest(app, payload, heart_bundle,
+                                                               signing_pub_path) -> None:
+    forged = BackbonePayload(payload.sha256, payload.file_bytes, payload.manifest_json,
+                             "00" * 64)
+    content = RecordDict({rk.BUNDLE_META: forged.meta(), rk.BACKBONE_FILE: forged.arrays()})
+    node = {**_node(0), "signing-pub": str(signing_pub_path)}
+    with pytest.raises(ValueError, match="signature"):
+        call_client_app(app, f"query.{rk.QUERY_BACKBONE}", content, node)
+
+
+# --- train ---------------------------------------------------------------------------------
+def test_train_replies_exactly_the_trainable_tensors(app, payload, heart_bundle) -> None:
+    _ask(app, payload, 0, with_file=True)
+    arrays = _train(app, heart_bundle, payload, 0).content.array_records[rk.ARRAYS]
+    shapes = {name: tuple(arr.shape) for name, arr in arrays.items()}
+    assert shapes == HEAD_SHAPES
+
+
+def test_train_changes_the_head(app, payload, heart_bundle) -> None:
+    _ask(app, payload, 0, with_file=True)
+    sent = _head(heart_bundle)
+    got = _train(app, heart_bundle, payload, 0).content.array_records[rk.ARRAYS]
+    got_t = got.to_torch_state_dict()
+    assert not torch.allclose(got_t["head.weight"], sent["head.weight"])
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_train_metrics_are_scalars_with_the_train_size(app, payload, heart_bundle, i) -> None:
+    _ask(app, payload, i, with_file=True)
+    metrics = _train(app, heart_bundle, payload, i).content.metric_records[rk.METRICS]
+    assert metrics[rk.NUM_EXAMPLES] == TRAIN_SIZE[i]
+    assert all(isinstance(v, int | float) and not isinstance(v, bool)
+               for v in metrics.values()), dict(metrics)
+    assert math.isfinite(float(metrics["loss"]))  # type: ignore[arg-type]
+
+
+def test_train_reply_names_the_site(app, payload, heart_bundle) -> None:
+    _ask(app, payload, 3, with_file=True)
+    reply = _train(app, heart_bundle, payload, 3)
+    assert reply.content.config_records[rk.SITE][rk.SITE_NAME] == SITES[3]
+
+
+def test_train_without_backbone_fails_with_backbone_missing(app, payload, heart_bundle) -> None:
+    with pytest.raises(MissingBackbone) as err:
+        _train(app, heart_bundle, payload, 0)
+    assert str(err.value).startswith(rk.MISSING_BACKBONE)
+
+
+def test_train_refuses_tensors_other_than_the_trainable_set(app, payload, heart_bundle) -> None:
+    _ask(app, payload, 0, with_file=True)
+    content = _round_content(heart_bundle, payload.sha256)
+    content[rk.ARRAYS]["backbone.1.0.bias"] = Array(np.zeros(16, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"unexpected \[.backbone.1.0.bias.\]"):
+        call_client_app(app, "train", content, _node(0))
+
+
+# --- evaluate ------------------------------------------------------------------------------
+@pytest.mark.parametrize("i", range(4))
+def test_evaluate_reports_metrics_on_the_local_test_split(app, payload, heart_bundle, i) -> None:
+    _ask(app, payload, i, with_file=True)
+    reply = call_client_app(app, "evaluate", _round_content(heart_bundle, payload.sha256),
+                            _node(i))
+    metrics = reply.content.metric_records[rk.METRICS]
+    assert metrics[rk.NUM_EXAMPLES] == TEST_SIZE[i]
+    assert reply.content.config_records[rk.SITE][rk.SITE_NAME] == SITES[i]
+    auc = float(metrics["auc"])  # type: ignore[arg-type]
+    assert math.isnan(auc) or 0.0 <= auc <= 1.0  # NaN: a one-class test split
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0  # type: ignore[arg-type]
+
+
+# --- frozen-feature cache ------------------------------------------------------------------
+def test_feature_cache_is_written_once_and_reused(app, payload, heart_bundle, settings,
+                                                  monkeypatch) -> None:
+    calls: list[int] = []
+    real = client.node.frozen_features
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client.node, "frozen_features", spy)
+    _ask(app, payload, 1, with_file=True)
+    cache_dir = settings.run_dir / "nodes" / "node-0001" / "features"
+    assert not cache_dir.exists()
+    _train(app, heart_bundle, payload, 1)
+    after_first = len(calls)
+    files = sorted(cache_dir.glob("*.npz"))
+    _train(app, heart_bundle, payload, 1)
+    assert after_first == 2  # train and test split, computed once
+    assert len(calls) == after_first  # the second round reads the cache
+    assert len(files) == 1 and sorted(cache_dir.glob("*.npz")) == files
+
+
+def test_cached_features_give_the_same_update_as_fresh_ones(app, payload, heart_bundle) -> None:
+    _ask(app, payload, 2, with_file=True)
+    first = _train(app, heart_bundle, payload, 2).content.array_records[rk.ARRAYS]
+    second = _train(app, heart_bundle, payload, 2).content.array_records[rk.ARRAYS]
+    for name in HEAD_SHAPES:
+        np.testing.assert_array_equal(first[name].numpy(), second[name].numpy())

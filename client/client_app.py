@@ -7,6 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import node as ops
+from client.dp_clipping import clip_when_asked
+from client.secagg_client import handle_legacy, is_legacy, make_legacy_app
 from common import records as rk
 from common.settings import NodeSettings, RunSettings
 
@@ -40,16 +42,23 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
             node.backbones.store(sha, file_bytes, str(meta[rk.MANIFEST_JSON]),
                                  str(meta[rk.MANIFEST_SIG]))
         has = node.backbones.has(sha)
-        return Message(RecordDict({rk.METRICS: MetricRecord({rk.HAS_BACKBONE: int(has)})}),
-                       reply_to=msg)
+        metrics = {rk.HAS_BACKBONE: int(has)}
+        if has:
+            metrics[rk.NUM_TRAIN] = ops.declared_rows(node, sha)
+        return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    @app.train()
+    legacy = make_legacy_app(lambda context: _node(context, defaults))  # SecAgg+ path
+
+    @app.train(mods=[clip_when_asked])
     def train(msg: Message, context: Context) -> Message:
+        if is_legacy(msg):
+            return handle_legacy(legacy, msg, context)
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        server_round = int(config[rk.SERVER_ROUND]) + int(config.get(rk.ROUND_OFFSET, 0))  # type: ignore[arg-type]
         tensors, result, site = ops.train(
-            node, arrays, str(config[rk.BACKBONE_SHA256]), int(config[rk.SERVER_ROUND]),  # type: ignore[arg-type]
+            node, arrays, str(config[rk.BACKBONE_SHA256]), server_round,
             float(config.get(rk.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         )
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
@@ -59,6 +68,8 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        if is_legacy(msg):
+            return handle_legacy(legacy, msg, context)
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()

@@ -20,6 +20,7 @@ from types import FrameType
 
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
+from common.device import resolve_device
 from common.processes import stop_group
 from common.settings import medfed_home
 
@@ -92,6 +93,8 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     if req.certs is None and not req.insecure:
         raise ValueError("refusing to start without certificates: pass --certs DIR (made by "
                          "`medfed certs hospital`) or --insecure for a local test")
+    # the ClientApp would otherwise find an unknown or absent device only in round 1
+    resolve_device(req.device)
     return None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from common.config import Config, DataConfig, from_dict
 from common.data.csv_source import read_csv_checked
 from common.data.federated import FederatedData, SiteSplit, load_federated, split_site
+from common.data.medmnist import NPZ_ERRORS, npz_problem, to_nchw
 from common.data.normalise import Normaliser
 from common.data.schema import DataError, encode
 from common.manifest import normaliser_from_manifest, spec_from_manifest
@@ -48,12 +49,10 @@ def _read_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise DataError(f"{path}: expected arrays 'images' and 'labels', "
                                 f"found {sorted(npz.files)}")
             images, labels = npz["images"], npz["labels"].reshape(-1)
-    except (OSError, ValueError) as err:
+    except NPZ_ERRORS as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"{path} is not a readable npz file ({type(err).__name__})") from err
-    from common.data.medmnist import to_nchw
-
+        raise DataError(f"{path} is not a readable npz file: {npz_problem(err)}") from err
     return to_nchw(images, str(path)), labels.astype(np.int64)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from client.cache import BackboneCache, FeatureCache
+from client.faults import maybe_fail, maybe_poison
 from client.local_data import fingerprint, hospital_normaliser, hospital_site, simulated_site
 from client.predict import SITE_STATS
 from common.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
@@ -104,6 +105,12 @@ class Node:
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
+def declared_rows(node: Node, backbone_sha: str) -> int:
+    """Training rows this site declares when provisioned (the server caps num-examples)."""
+    _, manifest = node.backbones.load(backbone_sha)
+    return len(node.site(manifest).y_train)
+
+
 def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None:
     """The server must send exactly the trainable tensors."""
     if set(received) != set(expected):
@@ -116,6 +123,8 @@ def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None
 def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server_round: int,
           proximal_mu: float) -> tuple[dict[str, torch.Tensor], TrainResult, str]:
     """Local training of the trainable tensors; returns (tensors, result, site name)."""
+    faults, pid = node.cfg.federation.faults, node.settings.partition_id
+    maybe_fail(faults, pid, node.settings.num_partitions)
     model, manifest, names = node.model(backbone_sha)
     check_arrays(arrays, names)
     load_state(model, arrays, where="train message")
@@ -129,12 +138,16 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
         global_state=arrays if proximal_mu > 0 else None, features_cached=cached,
     )
     state = model.state_dict()
-    return {n: state[n].detach().cpu() for n in names}, result, node.site_name(site)
+    trained = {n: state[n].detach().cpu() for n in names}
+    trained = maybe_poison(faults, pid, node.settings.num_partitions, arrays, trained)
+    return trained, result, node.site_name(site)
 
 
 def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str
                    ) -> tuple[dict[str, float], int, str]:
     """Metrics of the received global model on the site's local test split."""
+    maybe_fail(node.cfg.federation.faults, node.settings.partition_id,
+               node.settings.num_partitions)
     model, manifest, names = node.model(backbone_sha)
     check_arrays(arrays, names)
     load_state(model, arrays, where="evaluate message")

@@ -36,7 +36,8 @@ def _normaliser(model_dir: Path, manifest: dict[str, Any], stats: Path | None) -
     return normaliser_from_manifest(manifest)
 
 
-def _inputs(data: Path, manifest: dict[str, Any]) -> np.ndarray:
+def read_inputs(data: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """The model inputs in `data`, validated against the manifest (CSV schema or image shape)."""
     spec = spec_from_manifest(manifest)
     if spec.kind == "tabular":
         if spec.schema is None:
@@ -68,8 +69,8 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
     bundle = load_bundle(model_dir, pub)
     manifest = bundle.manifest
     model = model_from_manifest(manifest)
-    load_state(model, {**bundle.backbone, **bundle.head}, where=str(model_dir))
-    x = _normaliser(model_dir, manifest, stats).apply(_inputs(data, manifest))
+    load_state(model, {**bundle.backbone, **bundle.head}, where=str(model_dir), complete=True)
+    x = _normaliser(model_dir, manifest, stats).apply(read_inputs(data, manifest))
     proba = predict_proba(model, x, resolve_device(device))
     labels = list(manifest["labels"])
     predicted = proba.argmax(axis=1)

@@ -111,6 +111,45 @@ class AdaptationConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Checks on every training reply before aggregation (see server/validation.py)."""
+
+    # a reply's update norm must be <= this x the round's median update norm (0: no bound)
+    max_norm_ratio: float = 10.0
+    min_valid_replies: int = 1  # fewer valid replies than this: retry the round, then stop
+    max_round_retries: int = 1
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy and secure aggregation (both Flower's; off by default)."""
+
+    dp: str = "off"  # off | server | client  (Flower's fixed-clipping DP wrappers)
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta)
+    # Flower SecAgg+ (only on Flower's legacy workflow API; see server/secagg.py)
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """SIMULATION ONLY: make some simulated hospitals misbehave, to test robustness."""
+
+    byzantine_fraction: float = 0.0  # share of hospitals sending bad updates
+    byzantine_mode: str = "scale"  # scale (update x byzantine_scale) | signflip
+    byzantine_scale: float = 100.0
+    fail_fraction: float = 0.0  # share of hospitals that fail every train/evaluate message
+    fail_mode: str = "raise"  # raise | hang (sleep hang_seconds) | vanish (no reply, node gone)
+    hang_seconds: float = 30.0
+    seed: int = 0  # which hospitals misbehave
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The federated run: target data, rounds, strategy, local training, checks."""
 
@@ -125,6 +164,9 @@ class FederationConfig:
     # the pretrained head is replaced by a fresh, seeded one before round 1
     reset_head: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 @dataclass(frozen=True)
@@ -206,6 +248,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line ("expected ',' or ']' at line 3, column 5"), not PyYAML's
+    multi-line report with a source excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """Turn `federation.rounds=3` into a nested dict; the value is parsed as YAML."""
     if "=" not in text:
@@ -216,7 +267,9 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw_value) if raw_value != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+        raise ConfigError(
+            f"override '{text}': value is not valid YAML ({yaml_problem(err)})"
+        ) from err
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return typing.cast(dict[str, Any], value)
@@ -242,13 +295,18 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    # imported here: config_check needs the model registry, which imports this module
+    from common.config_check import check_config
+
     try:
-        return from_dict(raw, overrides)
+        cfg = from_dict(raw, overrides)
+        check_config(cfg)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
+    return cfg
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -251,7 +251,9 @@ def split_state(model: SplitModel) -> tuple[dict[str, Tensor], dict[str, Tensor]
     return backbone, head
 
 
-def load_state(model: SplitModel, tensors: Mapping[str, Tensor], where: str) -> None:
+def load_state(
+    model: SplitModel, tensors: Mapping[str, Tensor], where: str, *, complete: bool = False
+) -> None:
     """Load a subset of state keys, refusing unknown keys, wrong shapes and non-float dtypes.
 
     Parameters
@@ -262,11 +264,24 @@ def load_state(model: SplitModel, tensors: Mapping[str, Tensor], where: str) -> 
         Full state keys (``backbone.0.1.weight``, ``head.bias``) to tensors.
     where : str
         Where the tensors come from (a file name, "reply from node 7"); used in messages.
+    complete : bool
+        Require every key of the model (a whole bundle): a missing tensor would otherwise
+        silently keep its random initial value.
     """
     own = model.state_dict()
-    for name, tensor in tensors.items():
-        if name not in own:
-            raise ModelError(f"{where}: tensor '{name}' is not a key of this model")
+    missing = [name for name in own if name not in tensors]
+    if complete and missing:
+        raise ModelError(
+            f"{where}: tensor '{missing[0]}' is missing ({len(missing)} of the model's "
+            f"{len(own)} tensors are absent)"
+        )
+    unknown = sorted(name for name in tensors if name not in own)
+    if unknown:
+        raise ModelError(f"{where}: tensor '{unknown[0]}' is not a key of this model")
+    # the model's order, not the file's: safetensors does not keep one, and the first
+    # mismatch reported should not change from run to run
+    for name in (n for n in own if n in tensors):
+        tensor = tensors[name]
         if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
             found = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ModelError(f"{where}: tensor '{name}' must be floating point, found {found}")

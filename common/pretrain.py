@@ -6,18 +6,36 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.bundle import write_bundle
-from common.config import Config
-from common.data.federated import load_source_split
+from common.config import Config, DataConfig
+from common.data.federated import DataSpec, load_source_split
 from common.data.normalise import Normaliser
+from common.data.schema import DataError
 from common.device import resolve_device, seed_everything
 from common.manifest import json_metrics, make_manifest
 from common.models import build_model, model_args, set_trainable, split_state
 from common.training import evaluate, train_local
 
 log = logging.getLogger("medfed.pretrain")
+
+
+def _check_classes(y: np.ndarray, spec: DataSpec, source: DataConfig, split: str) -> None:
+    """A one-class source would give a head that always answers that class, with no warning.
+
+    (A federated site with one class is fine: other sites bring the other class.)
+    """
+    present = np.unique(y)
+    if len(present) >= 2:
+        return
+    files = f" ({', '.join(source.csv_paths)})" if source.source == "csv" else ""
+    only = f"only class '{spec.labels[int(present[0])]}'" if len(present) else "no rows"
+    raise DataError(
+        f"config key 'pretrain.data': the {split} split of source '{source.source}'{files} has "
+        f"{only} in {len(y)} rows; pretraining needs examples of at least two classes"
+    )
 
 
 def pretrain(
@@ -32,6 +50,7 @@ def pretrain(
     device = resolve_device(cfg.device)
     source = cfg.pretrain.data
     x_raw, y, spec = load_source_split(source, cfg.pretrain.split)
+    _check_classes(y, spec, source, cfg.pretrain.split)
     normaliser = Normaliser.fit(x_raw)
     x = normaliser.apply(x_raw)
 

@@ -16,6 +16,29 @@ from pathlib import Path
 from typing import IO
 
 STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child (preexec_fn): get SIGTERM when the parent dies, even by `kill -9` (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the pid-file cleanup in `kill_stale_groups` still applies
+        pass
+
+
+def kill_stale_groups(pid_file: Path) -> None:
+    """Stop process groups a previous, crashed incarnation recorded in `pid_file`."""
+    if not pid_file.exists():
+        return
+    for text in pid_file.read_text(encoding="utf-8").split():
+        try:
+            os.killpg(int(text), signal.SIGKILL)
+        except (ValueError, ProcessLookupError, PermissionError):
+            continue
+    pid_file.unlink(missing_ok=True)
 
 
 def _group_empty(proc: subprocess.Popen[bytes], pgid: int, wait: float) -> bool:
@@ -50,9 +73,10 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> No
 class ProcessGroup:
     """The processes one `medfed` command started; `stop_all` is safe to call twice."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid_file: Path | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        self.pid_file = pid_file  # process-group ids, for cleanup after a crash
 
     def start(self, cmd: Sequence[str], log_file: Path | None = None,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -65,15 +89,24 @@ class ProcessGroup:
         proc = subprocess.Popen(
             list(cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
             env={**os.environ, **(env or {})}, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.procs.append(proc)
+        self._record()
         return proc
+
+    def _record(self) -> None:
+        if self.pid_file is not None:
+            text = " ".join(str(p.pid) for p in self.procs)
+            self.pid_file.write_text(text + "\n", encoding="utf-8")
 
     def stop_all(self) -> None:
         """Stop every process started here, newest first."""
         for proc in reversed(self.procs):
             stop_group(proc)
         self.procs.clear()
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
         for fh in self._logs:
             fh.close()
         self._logs.clear()

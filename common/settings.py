@@ -94,6 +94,7 @@ class NodeSettings:
 
     site_name: str | None  # deployment: the hospital's name; simulation: from partition-id
     partition_id: int | None  # simulation only
+    num_partitions: int  # simulation: number of simulated hospitals (0 in deployment)
     data_path: Path | None  # deployment: the hospital's CSV / npz
     workdir: Path  # cache (backbones, features) and models of this node
     device: str | None
@@ -117,6 +118,7 @@ class NodeSettings:
         return cls(
             site_name=site,
             partition_id=int(pid) if pid is not None else None,
+            num_partitions=int(node_config.get("num-partitions", 0) or 0),
             data_path=Path(data) if data else None,
             workdir=base,
             device=device,

@@ -171,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "next to the model directory, else the bundle's)")
     p.add_argument("--device", default="auto")
 
+    p = add("check-data", c.cmd_check_data,
+            "check a hospital's data file against a bundle, as the client or predict would read it",
+            "medfed check-data --model models/latest --data /data/heart.csv --purpose training")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--data", type=Path, required=True, help="CSV (tabular) or npz / PNG folder")
+    p.add_argument("--purpose", choices=("training", "prediction"), default="training",
+                   help="training (label column required, as `medfed client`) or prediction "
+                   "(as `medfed predict`); default training")
+    p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
+
     p = add("export-heart", c.cmd_export_heart,
             "write the four UCI heart hospitals as CSV files (for trying `medfed client`)",
             "medfed export-heart --out data/heart")

@@ -77,6 +77,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """`medfed check-data`."""
+    import sys
+
+    from client.check_data import check_data
+
+    result = check_data(args.model, args.data, args.purpose, args.public_key)
+    for warning in result.warnings:
+        print(f"medfed: warning: {args.data}: {warning}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
 def cmd_model_card(args: argparse.Namespace) -> int:
     """`medfed model-card`."""
     from client.model_card import model_card

@@ -26,7 +26,7 @@ import yaml
 from common.bundle import load_bundle
 from common.certs import FederationPaths, check_server_certs
 from common.config import ConfigError, load_config
-from common.processes import ProcessGroup, wait_for_port
+from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
 from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key
 
@@ -162,6 +162,9 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
         keys = (req.certs / "signing.key") if req.certs else medfed_home() / "signing.key"
     key = load_private_key(keys)
     load_bundle(req.bundle, key.public_key(), require_signature=True)
+    if (req.run_dir / "checkpoint").exists() and not req.resume:
+        raise FileExistsError(f"run directory {req.run_dir} holds a started run; continue it "
+                              "with --resume or choose another --run-dir")
     return certs, keys
 
 
@@ -187,7 +190,8 @@ def run_server(req: ServerRequest) -> int:
     flwr_home = req.run_dir / "flwr-home"
     env = flwr_env(flwr_home)
     _write_connection(flwr_home, req.port, certs)
-    group = ProcessGroup()
+    kill_stale_groups(req.run_dir / "processes.pid")  # left by a crashed `medfed server`
+    group = ProcessGroup(req.run_dir / "processes.pid")
     registry = None
 
     def on_term(signum: int, frame: FrameType | None) -> None:

@@ -35,12 +35,24 @@ from common.models import SplitModel, load_state, set_trainable, split_state
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
 from common.training import evaluate
+from server.checkpoint import (
+    drop_uncommitted_versions,
+    load_checkpoint,
+    restore_strategy,
+    save_checkpoint,
+)
 from server.history import RunHistory
+from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
 from server.provisioning import BackbonePayload, ProvisioningGrid
 from server.registry import Registry
 from server.strategies import build_strategy
 
 log = logging.getLogger("medfed.server")
+
+
+def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in metrics.items()
+                         if isinstance(v, int | float) and v is not None})
 
 
 def load_payload(bundle_dir: Path) -> BackbonePayload:
@@ -78,6 +90,8 @@ class Federation:
     grid: ProvisioningGrid
     history: RunHistory
     device: torch.device
+    round_offset: int = 0  # rounds committed before this (resumed) run
+    strategy: Any = None
     started: float = field(default_factory=time.monotonic)
 
     def _load_arrays(self, arrays: ArrayRecord) -> None:
@@ -97,10 +111,13 @@ class Federation:
                                           if isinstance(v, int | float)})
         return out
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Held-out check of the global model, then publish it as a signed version."""
+    def evaluate_round(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Held-out check of the global model, publish it as a signed version, commit."""
+        server_round = local_round + self.round_offset
         self._load_arrays(arrays)
         heldout = evaluate(self.model, self.data.heldout_x, self.data.heldout_y, self.device)
+        if local_round == 0 and self.round_offset > 0:  # resumed: round already published
+            return _metric_record(heldout)
         sites = self._site_metrics("evaluate") if server_round > 0 else {}
         train = self._site_metrics("train") if server_round > 0 else {}
         metrics = json_metrics({"heldout": heldout, "sites": sites, "train": train})
@@ -114,11 +131,14 @@ class Federation:
         score = heldout.get(self.cfg.federation.best_metric)
         self.registry.publish(server_round, backbone, head, manifest, score,
                               self.cfg.federation.best_metric)
+        if self.grid.excluded:
+            metrics["excluded"] = dict(self.grid.excluded)
         self.history.record(server_round, metrics, time.monotonic() - self.started)
+        save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
+                        self.strategy)
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
                                                    self.cfg.federation.best_metric))
-        return MetricRecord({k: float(v) for k, v in heldout.items()
-                             if isinstance(v, int | float) and v is not None})
+        return _metric_record(heldout)
 
     def deliver_final(self, version: int) -> None:
         """Send the final signed version to every node, which saves it in its model dir."""
@@ -185,10 +205,38 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     data = load_federated(cfg.federation.data, normaliser_from_manifest(bundle.manifest),
                           seed=cfg.seed)
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
-                                    timeout=cfg.federation.strategy.round_timeout)
+                                    timeout=cfg.federation.strategy.round_timeout,
+                                    validation=cfg.federation.validation,
+                                    audit_path=settings.run_dir / "audit.jsonl")
+    registry = Registry(settings.run_dir / "registry", key)
+    offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
     history = RunHistory(settings.run_dir)
-    return Federation(cfg, settings, bundle, model, trainable, data,
-                      Registry(settings.run_dir / "registry", key), provisioning, history, device)
+    return Federation(cfg, settings, bundle, model, trainable, data, registry, provisioning,
+                      history, device, round_offset=offset)
+
+
+def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
+                  best_metric: str, key: Any) -> int:
+    """Rounds already committed; loads the committed global model into `model` when resuming."""
+    checkpoint = load_checkpoint(settings.run_dir)
+    if not settings.resume:
+        if checkpoint is not None:
+            raise FileExistsError(f"run directory {settings.run_dir} holds a started run; "
+                                  "continue it with --resume or choose another directory")
+        return 0
+    if checkpoint is None:
+        log.info("nothing to resume in %s: starting at round 1", settings.run_dir)
+        drop_uncommitted_versions(registry.root, -1)
+        return 0
+    dropped = drop_uncommitted_versions(registry.root, checkpoint.round)
+    if dropped:
+        log.warning("removed versions %s of an uncommitted round", dropped)
+    registry.repair_pointers(best_metric)
+    version = load_bundle(registry.version_dir(checkpoint.round), key.public_key(),
+                          require_signature=True)
+    load_state(model, {**version.backbone, **version.head}, where=str(version.path))
+    log.info("resuming after round %d", checkpoint.round)
+    return checkpoint.round
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Federation:
@@ -198,12 +246,20 @@ def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     state = fed.model.state_dict()
     initial = ArrayRecord({n: state[n].detach().clone() for n in fed.trainable})
     strategy = build_strategy(cfg.federation.strategy, len(fed.data.sites))
-    round_config = ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256})
+    fed.strategy = strategy
+    checkpoint = load_checkpoint(settings.run_dir) if fed.round_offset else None
+    if checkpoint is not None:
+        restore_strategy(strategy, checkpoint)
+    strategy = wrap_privacy(strategy, cfg.federation.privacy,
+                            sampled_per_round(cfg.federation.strategy, len(fed.data.sites)))
+    remaining = max(cfg.federation.rounds - fed.round_offset, 0)
+    round_config = ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
+                                 rk.ROUND_OFFSET: fed.round_offset})
     log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors)",
              cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
              cfg.model.trainable, len(fed.trainable))
     result = strategy.start(
-        grid=fed.grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
+        grid=fed.grid, initial_arrays=initial, num_rounds=remaining,
         timeout=cfg.federation.strategy.round_timeout, train_config=round_config,
         evaluate_config=ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256}),
         evaluate_fn=fed.evaluate_round,
@@ -220,5 +276,6 @@ def run_federation(grid: Grid, settings: RunSettings) -> Federation:
         adaptation=adaptation,
         registry=fed.registry,
         best_metric=cfg.federation.best_metric,
+        extra=privacy_summary(cfg, last, len(fed.data.sites)),
     )
     return fed

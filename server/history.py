@@ -73,8 +73,11 @@ class RunHistory:
         return "  ".join(parts)
 
     def finish(self, traffic: dict[str, Any], adaptation: dict[str, Any], registry: Registry,
-               best_metric: str) -> dict[str, Any]:
-        """Write `summary.json` and the plots; returns the summary."""
+               best_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write `summary.json` and the plots; returns the summary.
+
+        `extra` adds top-level keys (e.g. `privacy`: the differential-privacy report).
+        """
         last = self.rounds[-1] if self.rounds else {}
         summary = {
             "rounds": last.get("round", 0),
@@ -85,6 +88,7 @@ class RunHistory:
             "latest": registry.read_pointer("latest"),
             "best": registry.read_pointer("best"),
             "best_metric": best_metric,
+            **(extra or {}),
         }
         atomic_write_text(self.run_dir / "summary.json",
                           json.dumps(summary, indent=2, sort_keys=True) + "\n")

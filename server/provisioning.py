@@ -9,9 +9,12 @@ starting with ``backbone-missing``; it is provisioned again and its message rese
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -19,8 +22,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from common import records as rk
+from common.config import ValidationConfig
+from server.validation import validate_train_replies
 
 log = logging.getLogger("medfed.server")
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. too few valid updates); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,10 @@ class ProvisioningGrid(Grid):
     traffic: dict[int, NodeTraffic] = field(default_factory=dict)
     site_names: dict[int, str] = field(default_factory=dict)
     last_replies: dict[str, list[Message]] = field(default_factory=dict)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    declared: dict[int, int] = field(default_factory=dict)  # node -> training rows declared
+    excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
+    audit_path: Path | None = None  # one JSON line per reply: what each site sent
 
     # --- plain delegation -------------------------------------------------------------
     def set_run(self, run: Run) -> None:  # noqa: D102
@@ -104,7 +117,44 @@ class ProvisioningGrid(Grid):
             t.bytes_sent += content_bytes(msg.content)
             t.messages += 1
 
+    def site(self, node: int) -> str:
+        """The site name a node reported, or `node-<id>` before it said."""
+        return self.site_names.get(node, f"node-{node}")
+
+    def _audit(self, replies: list[Message]) -> None:
+        """Record the shape of everything each site sent (names, shapes, scalars, errors)."""
+        if self.audit_path is None:
+            return
+        lines = []
+        for msg in replies:
+            entry: dict[str, object] = {
+                "time": round(time.time(), 3), "node": msg.metadata.src_node_id,
+                "type": msg.metadata.message_type,
+            }
+            if msg.has_error():
+                entry["error"] = msg.error.reason
+            else:
+                entry["arrays"] = {
+                    f"{key}/{name}": {"shape": list(arr.shape), "dtype": arr.dtype}
+                    for key, rec in msg.content.array_records.items() for name, arr in rec.items()
+                }
+                entry["metrics"] = {
+                    f"{key}/{name}": value
+                    for key, rec in msg.content.metric_records.items()
+                    for name, value in rec.items()
+                }
+                entry["configs"] = {
+                    f"{key}/{name}": value
+                    for key, rec in msg.content.config_records.items()
+                    for name, value in rec.items()
+                }
+            lines.append(json.dumps(entry, default=str))
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.audit_path.open("a", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+
     def _count_in(self, replies: list[Message]) -> None:
+        self._audit(replies)
         for msg in replies:
             node = msg.metadata.src_node_id
             t = self.traffic.setdefault(node, NodeTraffic())
@@ -123,6 +173,11 @@ class ProvisioningGrid(Grid):
         self._count_in(replies)
         return replies
 
+    def _declare(self, node: int, metrics: dict[str, object]) -> None:
+        rows = metrics.get(rk.NUM_TRAIN)
+        if isinstance(rows, int | float) and rows > 0:
+            self.declared[node] = int(rows)
+
     def provision(self, nodes: Iterable[int], force: bool = False) -> None:
         """Make sure each node holds the backbone; send the file only where it is missing."""
         todo = [n for n in nodes if force or n not in self.provisioned]
@@ -140,7 +195,9 @@ class ProvisioningGrid(Grid):
                 log.warning("node %d could not check its backbone cache: %s", node,
                             reply.error.reason)
                 continue
-            has = reply.content.metric_records[rk.METRICS].get(rk.HAS_BACKBONE, 0)
+            metrics = reply.content.metric_records[rk.METRICS]
+            has = metrics.get(rk.HAS_BACKBONE, 0)
+            self._declare(node, metrics)
             if has and not force:
                 self.provisioned.add(node)
             else:
@@ -162,6 +219,7 @@ class ProvisioningGrid(Grid):
                 log.warning("node %d refused the backbone: %s", node, reply.error.reason)
                 continue
             self.provisioned.add(node)
+            self._declare(node, reply.content.metric_records[rk.METRICS])
             log.info("backbone sent to node %d (%d bytes)", node, len(self.payload.file_bytes))
 
     def send_and_receive(
@@ -186,6 +244,41 @@ class ProvisioningGrid(Grid):
             ]
             replies = [r for r in replies if r.metadata.src_node_id not in lost]
             replies += self._exchange(retry, timeout)
+        if messages and messages[0].metadata.message_type == "train":
+            replies = self._validated(messages, replies, timeout)
         if messages:
             self.last_replies[messages[0].metadata.message_type] = replies
         return replies
+
+    def _valid_only(self, messages: list[Message], replies: list[Message]) -> list[Message]:
+        sent = {n: a.numpy() for n, a in messages[0].content.array_records[rk.ARRAYS].items()}
+        ok = [r for r in replies if not r.has_error()]
+        verdicts = validate_train_replies(sent, ok, self.declared,
+                                          self.validation.max_norm_ratio)
+        bad = {v.node_id: v.reason for v in verdicts if not v.valid}
+        for node, reason in bad.items():
+            self.excluded[self.site(node)] = str(reason)
+            log.warning("excluded the update of %s: %s", self.site(node), reason)
+        return [r for r in replies if r.metadata.src_node_id not in bad]
+
+    def _validated(self, messages: list[Message], replies: list[Message],
+                   timeout: float | None) -> list[Message]:
+        """Drop invalid updates; retry the round when too few valid ones remain, then stop."""
+        self.excluded = {}
+        kept = self._valid_only(messages, replies)
+        tries = 0
+        need = self.validation.min_valid_replies
+        while sum(1 for r in kept if not r.has_error()) < need:
+            if tries >= self.validation.max_round_retries:
+                raise RunStopped(
+                    f"round {messages[0].content.config_records[rk.CONFIG].get(rk.SERVER_ROUND)}:"
+                    f" only {sum(1 for r in kept if not r.has_error())} valid updates, at least "
+                    f"{need} needed (excluded: {self.excluded or 'none'}; failed replies: "
+                    f"{sum(1 for r in kept if r.has_error())})")
+            tries += 1
+            log.warning("too few valid updates (%d < %d); retrying the round",
+                        sum(1 for r in kept if not r.has_error()), need)
+            retry = [Message(m.content, dst_node_id=m.metadata.dst_node_id,
+                             message_type=m.metadata.message_type) for m in messages]
+            kept = self._valid_only(messages, self._exchange(retry, timeout))
+        return kept

@@ -79,6 +79,23 @@ class Registry:
             self._write_pointer("best", {"version": version, "metric": metric, "value": None})
         return written
 
+    def repair_pointers(self, metric: str) -> None:
+        """Recompute `latest` and `best` from the versions present (after a crash)."""
+        versions = self.versions()
+        if not versions:
+            return
+        self._write_pointer("latest", {"version": versions[-1]})
+        best: tuple[float, int] | None = None
+        for version in versions:
+            manifest = json.loads((self.version_dir(version) / "manifest.json").read_text())
+            value = manifest.get("metrics", {}).get("heldout", {}).get(metric)
+            if isinstance(value, int | float) and math.isfinite(value) and (
+                best is None or value > best[0]
+            ):
+                best = (float(value), version)
+        if best is not None:
+            self._write_pointer("best", {"version": best[1], "metric": metric, "value": best[0]})
+
     def _write_pointer(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_text(self.root / f"{name}.json", json.dumps(data, indent=2) + "\n")
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.config import load_config
-from common.processes import stop_group
+from common.processes import die_with_parent, stop_group
 from server.history import format_table
 
 
@@ -52,9 +52,12 @@ class SimulateRequest:
 def simulate(request: SimulateRequest) -> int:
     """Run the simulation child, relay its progress, print the final table."""
     cfg = load_config(request.config_path, request.overrides)  # fail fast on a bad config
-    if (request.run_dir / "summary.json").exists() and not request.resume:
+    if (request.run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {request.run_dir} already holds a finished run; "
-                              "choose another --out or pass --resume")
+                              "choose another --out")
+    if (request.run_dir / "metrics.jsonl").exists() and not request.resume:
+        raise FileExistsError(f"run directory {request.run_dir} holds an unfinished run; "
+                              "continue it with --resume or choose another --out")
     request.run_dir.mkdir(parents=True, exist_ok=True)
     (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "server.simulate_worker", request.to_json()]
@@ -62,7 +65,7 @@ def simulate(request: SimulateRequest) -> int:
            "PYTHONUNBUFFERED": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     print(f"simulating {cfg.name}: {cfg.federation.rounds} rounds, run directory "
           f"{request.run_dir}", flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=die_with_parent)
     try:
         code = proc.wait()
     finally:
@@ -76,6 +79,10 @@ def simulate(request: SimulateRequest) -> int:
     print()
     print(format_table(summary))
     print()
+    if summary.get("privacy"):
+        from server.privacy import format_report  # imports Flower: only when needed
+
+        print(format_report(summary["privacy"]))
     best = summary.get("best") or {}
     print(f"registry: {request.run_dir / 'registry'} (latest v{summary['latest']['version']:04d}, "
           f"best v{best.get('version', 0):04d} by {summary['best_metric']})")

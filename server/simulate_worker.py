@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from common.data.federated import load_federated
@@ -20,6 +21,9 @@ from server.simulate import SimulateRequest
 def main(argv: list[str]) -> int:
     """Run the simulation described by the JSON request in argv[1]."""
     request = SimulateRequest.from_json(argv[1])
+    # We lead our process group (Ray's processes included): on SIGTERM, e.g. because the
+    # `medfed simulate` parent died, take the whole group down instead of orphaning Ray.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger("medfed").setLevel(logging.INFO)

@@ -21,11 +21,10 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import ConfigError, StrategyConfig
+from common.config_check import STRATEGY_NAMES
 from common.records import NUM_EXAMPLES
 
-STRATEGIES = (
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
-)
+STRATEGIES = STRATEGY_NAMES  # one list: load_config rejects other names before a run starts
 
 
 def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -21,7 +21,7 @@ def test_shipped_configs_load(name: str) -> None:
 def test_yaml_values_override_defaults() -> None:
     cfg = load_config(CONFIGS / "heart.yaml")
     assert cfg.pretrain.data.sites == ("cleveland",)
-    assert cfg.model.hidden == (32, 16)  # lists become tuples
+    assert cfg.model.hidden == (16,)  # lists become tuples
     assert cfg.federation.strategy.min_nodes == 4
 
 

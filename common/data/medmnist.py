@@ -7,6 +7,7 @@ become float32 in [0, 1], NCHW. Files are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,18 @@ def _entry(name: str) -> tuple[str, tuple[str, ...], int]:
             f"config key 'data.medmnist' must be one of {', '.join(DATASETS)}, got {name!r}"
         )
     return DATASETS[name]
+
+
+# what np.load and reading an archive member raise for a bad file (BadZipFile: truncated or
+# a CRC mismatch; ValueError: not an array file, or object arrays that would need pickle)
+NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+
+def npz_problem(err: BaseException) -> str:
+    """A few words on why an .npz/.npy file could not be read (no file contents)."""
+    if isinstance(err, ValueError):
+        return "not an array file, or it holds pickled objects (never loaded)"
+    return f"the file is corrupt or truncated ({type(err).__name__})"
 
 
 def to_nchw(images: np.ndarray, where: str) -> np.ndarray:
@@ -69,8 +82,8 @@ def _read_npz(path: Path, channels: int, n_classes: int) -> dict[str, np.ndarray
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError as err:
         raise DataError(f"MedMNIST file {path} does not exist") from err
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: not a readable .npz file without pickled objects") from err
+    except NPZ_ERRORS as err:
+        raise DataError(f"{path}: not a readable .npz file: {npz_problem(err)}") from err
     want = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
     missing = [k for k in want if k not in arrays]
     if missing:
@@ -154,8 +167,8 @@ def load_image_file(path: str | Path) -> np.ndarray:
         raise DataError(f"image file {path} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: not a readable .npz/.npy file without pickled objects") from err
+    except NPZ_ERRORS as err:
+        raise DataError(f"{path}: not a readable .npz/.npy file: {npz_problem(err)}") from err
     if isinstance(loaded, np.ndarray):  # a plain .npy array
         return to_nchw(loaded, str(path))
     with loaded as z:
@@ -165,4 +178,6 @@ def load_image_file(path: str | Path) -> np.ndarray:
             images = z["images"] if "images" in z.files else z[z.files[0]]
         except ValueError as err:  # an object array would need pickle
             raise DataError(f"{path}: holds pickled objects, which are not loaded") from err
+        except NPZ_ERRORS as err:  # e.g. a CRC mismatch inside the archive
+            raise DataError(f"{path}: not a readable .npz file: {npz_problem(err)}") from err
     return to_nchw(images, str(path))

@@ -1,0 +1,89 @@
+"""`medfed check-data`: validate a hospital's file against a bundle before joining a federation.
+
+The file is read by the very functions the client (:func:`client.local_data.hospital_site`) and
+``medfed predict`` (:func:`client.predict.read_inputs`) use, so "ok" here means the client or
+predict will accept it; any problem raises the same one-sentence error they would raise.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.local_data import hospital_site
+from client.predict import read_inputs
+from common.bundle import read_manifest
+from common.data.schema import DataError
+from common.signing import load_public_key
+
+PURPOSES = ("training", "prediction")
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What a valid file holds: rows, and columns (CSV) or the image shape (C, H, W)."""
+
+    rows: int
+    columns: int | None = None
+    image_shape: tuple[int, ...] | None = None
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """``ok: N rows, M columns`` (tables) or ``ok: N images of shape CxHxW``."""
+        if self.image_shape is not None:
+            return f"ok: {self.rows} images of shape {'x'.join(map(str, self.image_shape))}"
+        return f"ok: {self.rows} rows, {self.columns} columns"
+
+
+def _header_width(path: Path) -> int:
+    # Only called after the file passed validation, so it is readable UTF-8 CSV.
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return len(next(csv.reader(handle)))
+
+
+def _one_class_warning(labels: np.ndarray, names: list[str]) -> tuple[str, ...]:
+    """A site with one class can still train (its gradient is real), but its AUC is undefined."""
+    present = np.unique(labels)
+    if len(present) >= 2:
+        return ()
+    only = names[int(present[0])] if len(present) == 1 else "?"
+    return (
+        f"all {len(labels)} rows have label '{only}': this site can train, but its local AUC "
+        "is undefined and it pulls the model towards that class",
+    )
+
+
+def check_data(
+    model_dir: Path, data: Path, purpose: str = "training", public_key: Path | None = None
+) -> DataCheck:
+    """Validate `data` for `purpose` (training or prediction) against the bundle in `model_dir`.
+
+    Raises
+    ------
+    DataError
+        If `purpose` is unknown or the file does not match the bundle's schema or input shape.
+    BundleError
+        If the bundle is missing, fails a hash check or (with `public_key`) its signature.
+    """
+    if purpose not in PURPOSES:
+        raise DataError(f"--purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"data file {data} does not exist")
+    pub = load_public_key(public_key) if public_key else None
+    manifest: dict[str, Any] = read_manifest(Path(model_dir), pub)
+    if purpose == "training":
+        site = hospital_site(data, "check", manifest)
+        labels = np.concatenate([site.y_train, site.y_test])
+        x = site.x_train
+        warnings = _one_class_warning(labels, list(manifest["labels"]))
+    else:
+        x = read_inputs(data, manifest)
+        labels, warnings = np.zeros(len(x)), ()
+    if x.ndim == 4:
+        return DataCheck(len(labels), image_shape=tuple(x.shape[1:]), warnings=warnings)
+    return DataCheck(len(labels), columns=_header_width(data), warnings=warnings)

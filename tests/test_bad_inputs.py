@@ -1,0 +1,603 @@
+"""The bad-input matrix: every case runs `medfed.cli.main` in-process and must end with
+
+- exit code 2 (bad input),
+- exactly one line on stderr, ``medfed: error: ...``, naming the file, column or key,
+- nothing on stdout and nothing written (the work directory is unchanged, no output path).
+
+Each row of ``CASES`` builds its own bad input in a fresh directory and returns the command
+line plus the names the message must contain. Bundles and certificates are made once per module.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from common import certs
+from common.bundle import (
+    BACKBONE_FILE,
+    HEAD_FILE,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    manifest_to_bytes,
+    sha256_bytes,
+    state_to_bytes,
+    write_bundle,
+)
+from common.config import Config, DataConfig, FederationConfig, ModelConfig
+from common.data.federated import DataSpec
+from common.data.heart import export_site_csv
+from common.data.normalise import Normaliser
+from common.manifest import make_manifest
+from common.models import build_model, model_args, split_state
+from common.signing import sign
+from medfed.cli import EXIT_BAD_INPUT, main
+from tests.conftest import HEART
+
+IMAGE_ROWS = 6  # images per bad npz: small, and more than one
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a case may use: a fresh directory, and read-only shared bundles and certificates."""
+
+    tmp: Path
+    heart_bundle: Path
+    heart_csv: str  # Cleveland as `medfed export-heart` writes it
+    cnn_bundle: Path
+    signing_key: Ed25519PrivateKey
+    signing_key_path: Path  # exists: commands given it create no key
+    signing_pub: Path
+    federation: Path  # `medfed certs init` output, with hospitals/hospital-a inside
+    other_federation: Path  # a second, unrelated federation
+
+
+@dataclass(frozen=True)
+class Call:
+    """A command line, where it must not write, and what its message must name."""
+
+    argv: list[str]
+    out: Path
+    names: tuple[str, ...]
+
+
+Builder = Callable[[Ctx], Call]
+
+
+# ---------------------------------------------------------------------------- shared inputs
+
+
+@pytest.fixture(scope="module")
+def heart_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("heart_csv") / "cleveland.csv"
+    export_site_csv("cleveland", path)
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def cnn_bundle(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateKey) -> Path:
+    """A tiny untrained grey 28x28 CNN bundle (one conv block): enough to check inputs."""
+    model_cfg = ModelConfig(family="cnn", channels=(4,))
+    data_cfg = DataConfig(source="medmnist", medmnist="breast", normalisation="bundle")
+    cfg = Config(name="tiny-cnn", model=model_cfg, federation=FederationConfig(data=data_cfg))
+    spec = DataSpec("image", (1, 28, 28), 2, ("malignant", "normal/benign"))
+    rng = np.random.default_rng(0)
+    normaliser = Normaliser.fit(rng.random((8, 1, 28, 28)))
+    model = build_model("cnn", spec.input_shape, 2, model_cfg)
+    backbone, head = split_state(model)
+    manifest = make_manifest(
+        cfg, spec, normaliser, model_args("cnn", spec.input_shape, 2, model_cfg),
+        version=0, round_num=0, strategy=None, metrics={}, sites=[], source="test",
+    )
+    out = tmp_path_factory.mktemp("cnn_bundle") / "bundle"
+    write_bundle(out, backbone=backbone, head=head, manifest=manifest, signing_key=signing_key)
+    return out
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("federations")
+    ours = certs.init_federation(root / "ours", ["localhost"], [])
+    certs.init_hospital("hospital-a", ours.out / "hospitals", ours.out)
+    other = certs.init_federation(root / "other", ["localhost"], [])
+    certs.init_hospital("hospital-a", other.out / "hospitals", other.out)
+    return ours.out, other.out
+
+
+@pytest.fixture
+def ctx(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    heart_bundle: Path,
+    heart_csv: str,
+    cnn_bundle: Path,
+    signing_key: Ed25519PrivateKey,
+    signing_key_path: Path,
+    signing_pub_path: Path,
+    federations: tuple[Path, Path],
+) -> Ctx:
+    monkeypatch.setenv("MEDFED_HOME", str(tmp_path / "medfed-home"))
+    return Ctx(tmp_path, heart_bundle, heart_csv, cnn_bundle, signing_key, signing_key_path,
+               signing_pub_path, *federations)
+
+
+# ---------------------------------------------------------------------------- config cases
+
+
+def _pretrain(c: Ctx, config: Path, *overrides: str) -> list[str]:
+    sets = [arg for text in overrides for arg in ("--set", text)]
+    return ["pretrain", "--config", str(config), *sets, "--out", str(c.tmp / "bundle"),
+            "--keys", str(c.tmp / "keys" / "signing.key")]
+
+
+def _config_file(c: Ctx, content: bytes) -> Path:
+    path = c.tmp / "experiment.yaml"
+    path.write_bytes(content)
+    return path
+
+
+def config_unknown_key_in_file(c: Ctx) -> Call:
+    path = _config_file(c, b"name: t\nmodel:\n  hiddn: [8]\n")
+    return Call(_pretrain(c, path), c.tmp / "bundle", ("experiment.yaml", "model.hiddn"))
+
+
+def config_unknown_key_in_set(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.roundz=3")
+    return Call(argv, c.tmp / "bundle", ("heart.yaml", "federation.roundz"))
+
+
+def config_wrong_type(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.rounds=three")
+    return Call(argv, c.tmp / "bundle", ("federation.rounds", "integer"))
+
+
+def config_missing_file(c: Ctx) -> Call:
+    return Call(_pretrain(c, c.tmp / "nope.yaml"), c.tmp / "bundle", ("nope.yaml",))
+
+
+def config_invalid_yaml(c: Ctx) -> Call:
+    path = _config_file(c, b"name: t\nmodel: [unclosed\nseed: 1\n")
+    return Call(_pretrain(c, path), c.tmp / "bundle", ("experiment.yaml", "YAML", "line"))
+
+
+def config_not_utf8(c: Ctx) -> Call:
+    path = _config_file(c, "name: caf\u00e9\n".encode("latin-1"))
+    return Call(_pretrain(c, path), c.tmp / "bundle", ("experiment.yaml", "UTF-8"))
+
+
+def config_bad_partition(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.data.partition=dirichlet:x")
+    return Call(argv, c.tmp / "bundle", ("federation.data.partition", "dirichlet:x"))
+
+
+def config_unknown_strategy(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.strategy.name=fedfoo")
+    return Call(argv, c.tmp / "bundle", ("federation.strategy.name", "fedfoo"))
+
+
+def config_unknown_family(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "model.family=transformer")
+    return Call(argv, c.tmp / "bundle", ("model.family", "transformer"))
+
+
+def config_bad_trainable(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "model.trainable=head+last-9")
+    return Call(argv, c.tmp / "bundle", ("model.trainable", "head+last-9"))
+
+
+def config_unknown_device(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "device=tpu")
+    return Call(argv, c.tmp / "bundle", ("device", "tpu"))
+
+
+CONFIG_CASES: list[Builder] = [
+    config_unknown_key_in_file, config_unknown_key_in_set, config_wrong_type,
+    config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
+    config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
+]
+
+
+# ---------------------------------------------------------------------------- CSV cases
+
+
+def _table(text: str) -> tuple[list[str], list[list[str]]]:
+    rows = list(csv.reader(io.StringIO(text)))
+    return rows[0], rows[1:]
+
+
+def _csv(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    return buf.getvalue()
+
+
+def _set_cell(text: str, column: str, value: str, row: int = 3) -> str:
+    header, rows = _table(text)
+    rows[row][header.index(column)] = value
+    return _csv(header, rows)
+
+
+def _drop_column(text: str, column: str) -> str:
+    header, rows = _table(text)
+    i = header.index(column)
+    return _csv(header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows])
+
+
+def _add_column(text: str, column: str, value: str) -> str:
+    header, rows = _table(text)
+    return _csv([*header, column], [[*r, value] for r in rows])
+
+
+def _rename_column(text: str, old: str, new: str) -> str:
+    header, rows = _table(text)
+    header[header.index(old)] = new
+    return _csv(header, rows)
+
+
+def _not_utf8(text: str) -> bytes:
+    lines = text.encode("utf-8").split(b"\n")
+    lines[4] = lines[4] + b"\xe9"  # a Latin-1 e-acute after the last cell of row 4
+    return b"\n".join(lines)
+
+
+# mutation of Cleveland's CSV -> (file bytes, names the message must contain)
+CSV_MUTATIONS: dict[str, Callable[[str], tuple[bytes, tuple[str, ...]]]] = {
+    "missing-column": lambda t: (_drop_column(t, "chol").encode(), ("'chol'", "missing")),
+    "extra-column": lambda t: (_add_column(t, "bmi", "25").encode(), ("'bmi'", "unexpected")),
+    "text-in-numeric": lambda t: (_set_cell(t, "age", "old").encode(), ("'age'", "not numbers")),
+    "out-of-range": lambda t: (_set_cell(t, "age", "150").encode(), ("'age'", "range")),
+    "empty-file": lambda t: (b"", ("empty",)),
+    "header-only": lambda t: (t.splitlines(keepends=True)[0].encode(), ("no data rows",)),
+    "label-not-in-codes": lambda t: (_set_cell(t, "num", "7").encode(), ("'num'", "positive")),
+    "not-utf8": lambda t: (_not_utf8(t), ("UTF-8",)),
+    "duplicated-header": lambda t: (_rename_column(t, "chol", "age").encode(),
+                                    ("'age'", "more than once")),
+    "unknown-category": lambda t: (_set_cell(t, "cp", "9").encode(), ("'cp'", "code")),
+}
+
+
+# how a hospital file is read: as `medfed client` would (check-data --purpose training), by
+# `medfed predict`, and by check-data --purpose prediction (which must agree with predict)
+CSV_READERS = ("check-training", "predict", "check-prediction")
+
+
+def _csv_case(mutation: str, reader: str) -> Builder:
+    def build(c: Ctx) -> Call:
+        content, names = CSV_MUTATIONS[mutation](c.heart_csv)
+        data = c.tmp / "hospital.csv"
+        data.write_bytes(content)
+        out = c.tmp / "preds.csv"
+        if reader == "predict":
+            argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data),
+                    "--out", str(out), "--public-key", str(c.signing_pub), "--device", "cpu"]
+        else:
+            argv = ["check-data", "--model", str(c.heart_bundle), "--data", str(data),
+                    "--purpose", reader.removeprefix("check-")]
+        return Call(argv, out, ("hospital.csv", *names))
+
+    build.__name__ = f"csv_{mutation}_{reader}"
+    return build
+
+
+def csv_one_class_source_for_pretrain(c: Ctx) -> Call:
+    """A federated site may hold one class (check-data only warns); a pretraining source not."""
+    header, rows = _table(c.heart_csv)
+    label = header.index("num")
+    data = c.tmp / "positives.csv"
+    data.write_text(_csv(header, [r for r in rows if r[label] != "0"]), encoding="utf-8")
+    schema = c.tmp / "schema.yaml"
+    manifest = json.loads((c.heart_bundle / MANIFEST_FILE).read_bytes())
+    schema.write_text(json.dumps(manifest["preprocessing"]["schema"]), encoding="utf-8")
+    config = _config_file(c, json.dumps({
+        "name": "one-class", "model": {"family": "mlp", "hidden": [8]},
+        "pretrain": {"data": {"source": "csv", "csv_paths": [str(data)],
+                              "csv_schema": str(schema)}},
+    }).encode())
+    argv = ["pretrain", "--config", str(config), "--out", str(c.tmp / "bundle"),
+            "--keys", str(c.signing_key_path)]
+    return Call(argv, c.tmp / "bundle", ("positives.csv", "pretrain.data", "two classes"))
+
+
+CSV_CASES: list[Builder] = [
+    *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
+    csv_one_class_source_for_pretrain,
+]
+
+
+# ---------------------------------------------------------------------------- image cases
+
+
+def _npz(path: Path, images: np.ndarray | None, allow_pickle: bool = False) -> None:
+    if images is None:
+        np.savez(path)
+        return
+    labels = np.arange(len(images)) % 2
+    with open(path, "wb") as handle:
+        np.savez(handle, images=images, labels=labels, allow_pickle=allow_pickle)
+
+
+def _truncated(path: Path) -> None:
+    _npz(path, np.zeros((IMAGE_ROWS, 28, 28), np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flipped_byte(path: Path) -> None:
+    _npz(path, np.zeros((IMAGE_ROWS, 28, 28), np.uint8))
+    _flip_byte(path, 400)  # inside the image data: the zip member's CRC no longer matches
+
+
+def _object_images(path: Path) -> None:
+    images = np.empty((IMAGE_ROWS,), dtype=object)
+    images[:] = [np.zeros((28, 28), np.uint8) for _ in range(IMAGE_ROWS)]
+    np.savez(path, images=images, labels=np.zeros(IMAGE_ROWS, np.int64))
+
+
+# bad image file -> (writer, names the message must contain)
+IMAGE_MUTATIONS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "wrong-size": (lambda p: _npz(p, np.zeros((IMAGE_ROWS, 32, 32), np.uint8)),
+                   ("(1, 32, 32)", "(1, 28, 28)")),
+    "rgb-for-grey": (lambda p: _npz(p, np.zeros((IMAGE_ROWS, 28, 28, 3), np.uint8)),
+                     ("(3, 28, 28)", "(1, 28, 28)")),
+    "string-dtype": (lambda p: _npz(p, np.full((IMAGE_ROWS, 28, 28), "x")), ("dtype",)),
+    "complex-dtype": (lambda p: _npz(p, np.zeros((IMAGE_ROWS, 28, 28), np.complex64)),
+                      ("complex64",)),
+    "object-dtype": (_object_images, ("pickle",)),
+    "truncated": (_truncated, ("npz", "corrupt")),
+    "flipped-byte": (_flipped_byte, ("npz", "corrupt")),
+    "empty-npz": (lambda p: _npz(p, None), ("npz",)),
+}
+
+
+def _image_case(mutation: str, purpose: str) -> Builder:
+    def build(c: Ctx) -> Call:
+        writer, names = IMAGE_MUTATIONS[mutation]
+        data = c.tmp / "scans.npz"
+        writer(data)
+        out = c.tmp / "preds.csv"
+        if purpose == "training":
+            argv = ["check-data", "--model", str(c.cnn_bundle), "--data", str(data)]
+        else:
+            argv = ["predict", "--model", str(c.cnn_bundle), "--data", str(data),
+                    "--out", str(out), "--device", "cpu"]
+        return Call(argv, out, ("scans.npz", *names))
+
+    build.__name__ = f"image_{mutation}_{purpose}"
+    return build
+
+
+IMAGE_CASES: list[Builder] = [
+    _image_case(m, p) for p in ("training", "prediction") for m in IMAGE_MUTATIONS
+]
+
+
+# ---------------------------------------------------------------------------- bundle cases
+
+
+def _bundle_copy(c: Ctx) -> Path:
+    model = c.tmp / "model"
+    shutil.copytree(c.heart_bundle, model)
+    return model
+
+
+def _predict(c: Ctx, model: Path, pub: Path | None = None) -> list[str]:
+    data = c.tmp / "new.csv"
+    data.write_text(c.heart_csv, encoding="utf-8")
+    return ["predict", "--model", str(model), "--data", str(data), "--out",
+            str(c.tmp / "preds.csv"), "--public-key", str(pub or c.signing_pub), "--device", "cpu"]
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _resign(c: Ctx, model: Path, backbone: bytes | None = None,
+            manifest_bytes: bytes | None = None) -> None:
+    """Replace the backbone (or the manifest bytes) and sign as the real server would."""
+    if backbone is not None:
+        (model / BACKBONE_FILE).write_bytes(backbone)
+        manifest = json.loads((model / MANIFEST_FILE).read_bytes())
+        manifest["files"][BACKBONE_FILE] = manifest["backbone_sha256"] = sha256_bytes(backbone)
+        manifest_bytes = manifest_to_bytes(manifest)
+    assert manifest_bytes is not None
+    (model / MANIFEST_FILE).write_bytes(manifest_bytes)
+    (model / SIGNATURE_FILE).write_bytes(sign(c.signing_key, manifest_bytes))
+
+
+def bundle_missing_head(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    (model / HEAD_FILE).unlink()
+    return Call(_predict(c, model), c.tmp / "preds.csv", ("model", HEAD_FILE, "missing"))
+
+
+def bundle_flipped_head_byte(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    _flip_byte(model / HEAD_FILE, -5)
+    return Call(_predict(c, model), c.tmp / "preds.csv", (HEAD_FILE, "sha256"))
+
+
+def bundle_flipped_backbone_byte(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    _flip_byte(model / BACKBONE_FILE, -5)
+    return Call(_predict(c, model), c.tmp / "preds.csv", (BACKBONE_FILE, "sha256"))
+
+
+def bundle_flipped_manifest_byte(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    _flip_byte(model / MANIFEST_FILE, 40)
+    return Call(_predict(c, model), c.tmp / "preds.csv", (MANIFEST_FILE, "signature"))
+
+
+def bundle_wrong_public_key(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    pub = c.tmp / "stranger.pub"
+    pub.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Call(_predict(c, model, pub), c.tmp / "preds.csv", (MANIFEST_FILE, "signature"))
+
+
+def bundle_incompatible_backbone(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    narrow = build_model("mlp", (13,), 2, ModelConfig(hidden=(8,)))  # the bundle's is 16 wide
+    _resign(c, model, backbone=state_to_bytes(split_state(narrow)[0]))
+    names = ("backbone.0.1.weight", "(8, 13)", "(16, 13)")
+    return Call(_predict(c, model), c.tmp / "preds.csv", names)
+
+
+def bundle_backbone_missing_tensor(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    wide = build_model("mlp", (13,), 2, ModelConfig(hidden=(16,)))
+    backbone = split_state(wide)[0]
+    del backbone["backbone.0.1.bias"]
+    _resign(c, model, backbone=state_to_bytes(backbone))
+    return Call(_predict(c, model), c.tmp / "preds.csv", ("backbone.0.1.bias", "missing"))
+
+
+def bundle_manifest_not_json(c: Ctx) -> Call:
+    model = _bundle_copy(c)
+    _resign(c, model, manifest_bytes=b"{'format': 1,")  # signed, but not JSON
+    return Call(_predict(c, model), c.tmp / "preds.csv", (MANIFEST_FILE, "JSON"))
+
+
+BUNDLE_CASES: list[Builder] = [
+    bundle_missing_head, bundle_flipped_head_byte, bundle_flipped_backbone_byte,
+    bundle_flipped_manifest_byte, bundle_wrong_public_key, bundle_incompatible_backbone,
+    bundle_backbone_missing_tensor, bundle_manifest_not_json, predict_unknown_device,
+]
+
+
+# ---------------------------------------------------------------------------- certificate cases
+
+
+def predict_unknown_device(c: Ctx) -> Call:
+    argv = [*_predict(c, c.heart_bundle)[:-1], "tpu"]
+    return Call(argv, c.tmp / "preds.csv", ("device", "tpu"))
+
+
+def _server(c: Ctx, certs_dir: Path) -> list[str]:
+    return ["server", "--config", str(HEART), "--bundle", str(c.heart_bundle), "--certs",
+            str(certs_dir), "--run-dir", str(c.tmp / "run"), "--exit-after-run"]
+
+
+def _client(c: Ctx, hospital: Path, device: str = "cpu") -> list[str]:
+    data = c.tmp / "hospital.csv"
+    data.write_text(c.heart_csv, encoding="utf-8")
+    return ["client", "--server", "127.0.0.1:9", "--data", str(data), "--certs", str(hospital),
+            "--name", "hospital-a", "--workdir", str(c.tmp / "work"), "--max-retries", "1",
+            "--device", device]
+
+
+def _server_certs(c: Ctx) -> Path:
+    out = c.tmp / "certs"
+    shutil.copytree(c.federation, out, ignore=shutil.ignore_patterns("hospitals"))
+    return out
+
+
+def _hospital_certs(c: Ctx) -> Path:
+    out = c.tmp / "hospital-a"
+    shutil.copytree(c.federation / "hospitals" / "hospital-a", out)
+    return out
+
+
+def server_expired_certificate(c: Ctx) -> Call:
+    out = _server_certs(c)
+    fed = certs.FederationPaths(out)
+    ca_key = serialization.load_pem_private_key(fed.ca_key.read_bytes(), None)
+    server_key = serialization.load_pem_private_key(fed.server_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(server_key, ec.EllipticCurvePrivateKey)
+    expired = certs._issue(
+        certs.load_certificate(fed.ca_cert, "CA"), ca_key, server_key.public_key(), "localhost",
+        ExtendedKeyUsageOID.SERVER_AUTH, days=30, now=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+    )
+    fed.server_cert.write_bytes(certs._cert_pem(expired))
+    return Call(_server(c, out), c.tmp / "run", ("server.pem", "expired"))
+
+
+def server_certificate_from_other_ca(c: Ctx) -> Call:
+    out = _server_certs(c)
+    for name in ("server.pem", "server.key"):
+        shutil.copy2(c.other_federation / name, out / name)
+    return Call(_server(c, out), c.tmp / "run", ("server.pem", "ca.crt", "not issued"))
+
+
+def server_key_readable_by_others(c: Ctx) -> Call:
+    out = _server_certs(c)
+    (out / "server.key").chmod(0o644)
+    return Call(_server(c, out), c.tmp / "run", ("server.key", "0644", "0600"))
+
+
+def client_certificate_from_other_ca(c: Ctx) -> Call:
+    hospital = _hospital_certs(c)
+    shutil.copy2(c.other_federation / "ca.crt", hospital / "ca.crt")
+    return Call(_client(c, hospital), c.tmp / "work", ("client.pem", "ca.crt", "not issued"))
+
+
+def client_node_key_readable_by_others(c: Ctx) -> Call:
+    hospital = _hospital_certs(c)
+    (hospital / "node_key").chmod(0o644)
+    return Call(_client(c, hospital), c.tmp / "work", ("node_key", "0644", "0600"))
+
+
+def client_unknown_device(c: Ctx) -> Call:
+    """Valid certificates, but a device the ClientApp would only reject in round 1."""
+    argv = _client(c, _hospital_certs(c), device="tpu")
+    return Call(argv, c.tmp / "work", ("device", "tpu"))
+
+
+CERT_CASES: list[Builder] = [
+    server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
+    client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
+]
+
+
+# ---------------------------------------------------------------------------- the matrix
+
+CASES: list[Builder] = CONFIG_CASES + CSV_CASES + IMAGE_CASES + BUNDLE_CASES + CERT_CASES
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def test_the_matrix_has_at_least_30_distinct_cases() -> None:
+    names = [b.__name__ for b in CASES]
+    assert len(set(names)) == len(names) >= 30
+
+
+@pytest.mark.parametrize("build", CASES, ids=[b.__name__ for b in CASES])
+def test_bad_input_fails_with_one_sentence_and_writes_nothing(
+    build: Builder, ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    call = build(ctx)
+    before = _tree(ctx.tmp)
+    capsys.readouterr()
+
+    code = main(call.argv)
+
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == EXIT_BAD_INPUT, captured.err
+    assert len(lines) == 1 and lines[0].startswith("medfed: error: "), captured.err
+    missing = [name for name in call.names if name not in lines[0]]
+    assert not missing, f"message does not name {missing}: {lines[0]}"
+    assert captured.out == ""
+    assert not call.out.exists()
+    assert _tree(ctx.tmp) == before

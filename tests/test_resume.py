@@ -1,0 +1,123 @@
+"""Crash resume with real processes: `kill -9` mid-run, then `--resume` continues from the next
+round; no completed round is lost or repeated and the registry has no half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.bundle import load_bundle
+from common.processes import free_port
+from common.signing import load_public_key
+from tests.test_deploy_e2e import SITES, Federation, _client, _stop, _wait_for, federation  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5
+
+
+def _alive_in_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _check_run(run_dir: Path, rounds: int, pub_path: Path) -> None:
+    registry = run_dir / "registry"
+    names = sorted(p.name for p in registry.iterdir())
+    assert [n for n in names if n.startswith(".")] == []  # no half-written version left
+    versions = sorted(int(n[1:]) for n in names if n.startswith("v"))
+    assert versions == list(range(rounds + 1))
+    pub = load_public_key(pub_path)
+    for v in versions:
+        load_bundle(registry / f"v{v:04d}", pub, require_signature=True)
+    recorded = [json.loads(line)["round"] for line in
+                (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recorded == list(range(rounds + 1))  # each round once, none lost
+    assert json.loads((registry / "latest.json").read_text())["version"] == rounds
+
+
+def test_simulate_resumes_after_kill_9(tmp_path: Path, heart_bundle: Path, medfed_home: Path
+                                       ) -> None:
+    run_dir = tmp_path / "sim"
+    env = {**os.environ, "MEDFED_HOME": str(medfed_home)}
+    # enough local work per round that the kill lands mid-run
+    args = [sys.executable, "-m", "medfed.cli", "simulate", "--config",
+            str(ROOT / "configs" / "heart.yaml"), "--bundle", str(heart_bundle), "--out",
+            str(run_dir), "--rounds", str(ROUNDS), "--set", "federation.local.steps=2500",
+            "--set", "federation.adaptation.enabled=false"]
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        assert _wait_for(log, f"round 2/{ROUNDS}", 240, proc), log.read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive_in_group(proc.pid), "simulation processes outlived `kill -9`"
+    finally:
+        _stop(proc)
+    committed = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+    assert 2 <= committed < ROUNDS
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"round {committed + 1}/{ROUNDS}" in resumed.stdout + resumed.stderr
+    assert f"round {committed}/{ROUNDS}" not in resumed.stdout + resumed.stderr
+    _check_run(run_dir, ROUNDS, medfed_home / "signing.pub")
+
+
+def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F811
+    f = federation
+    run_dir = f.tmp / "resume-run"
+    port, registry_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "medfed.cli", "server", "--config",
+           str(ROOT / "configs" / "heart.yaml"), "--set", f"federation.rounds={3}",
+           "--set", "federation.strategy.min_nodes=3",
+           "--set", "federation.adaptation.enabled=false", "--bundle", str(f.bundle),
+           "--certs", str(f.certs), "--hospitals", str(f.hospitals), "--port", str(port),
+           "--registry-port", str(registry_port), "--run-dir", str(run_dir)]
+    f_local = Federation(f.tmp, f.certs, f.hospitals, f.bundle, f.data, port, registry_port,
+                         run_dir, f.env)
+    log = f.tmp / "resume-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=f.env,
+                                  start_new_session=True)
+    clients = [_client(f_local, site, f.certs / "hospitals" / site) for site in SITES]
+    second = None
+    try:
+        assert _wait_for(log, "model registry on", 120, server), log.read_text()
+        deadline = time.monotonic() + 400
+        while not (run_dir / "registry" / "v0001" / "manifest.sig").exists():
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        os.kill(server.pid, signal.SIGKILL)  # the server's main process, mid-run
+        server.wait(timeout=10)
+        committed = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+        assert committed >= 1
+
+        log2 = f.tmp / "resume-server-2.log"
+        with log2.open("wb") as out:
+            second = subprocess.Popen([*cmd, "--resume"], stdout=out, stderr=subprocess.STDOUT,
+                                      env=f.env, start_new_session=True)
+        assert _wait_for(log2, "still serving the registry", 480, second), \
+            log2.read_text(errors="replace")[-4000:]
+        _check_run(run_dir, 3, f.certs / "signing.pub")
+    finally:
+        for proc in [*clients, server, *([second] if second else [])]:
+            _stop(proc)

@@ -30,18 +30,22 @@ def maybe_fail(cfg: FaultsConfig, partition_id: int | None, num_nodes: int) -> N
     """Fail, hang or vanish if this simulated hospital is one of the failing ones."""
     if partition_id is None or cfg.fail_fraction <= 0:
         return
-    if partition_id not in chosen(cfg.fail_fraction, num_nodes, cfg.seed):
+    failing = chosen(cfg.fail_fraction, num_nodes, cfg.seed)
+    if partition_id not in failing:
         return
-    if cfg.fail_mode == "raise":
+    mode = cfg.fail_mode
+    if mode == "mixed":  # the failing hospitals take turns: raise, hang, vanish
+        mode = ("raise", "hang", "vanish")[sorted(failing).index(partition_id) % 3]
+    if mode == "raise":
         raise SimulatedFailure("simulated hospital failure (federation.faults.fail_mode=raise)")
-    if cfg.fail_mode == "hang":
+    if mode == "hang":
         time.sleep(cfg.hang_seconds)  # answers, but late
         return
-    if cfg.fail_mode == "vanish":
+    if mode == "vanish":
         time.sleep(cfg.hang_seconds)
         raise SimulatedFailure("simulated hospital vanished (federation.faults.fail_mode=vanish)")
-    raise ValueError(f"config key 'federation.faults.fail_mode' must be raise, hang or vanish, "
-                     f"got '{cfg.fail_mode}'")
+    raise ValueError("config key 'federation.faults.fail_mode' must be raise, hang, vanish or "
+                     f"mixed, got '{cfg.fail_mode}'")
 
 
 def maybe_poison(cfg: FaultsConfig, partition_id: int | None, num_nodes: int,

@@ -144,7 +144,8 @@ class FaultsConfig:
     byzantine_mode: str = "scale"  # scale (update x byzantine_scale) | signflip
     byzantine_scale: float = 100.0
     fail_fraction: float = 0.0  # share of hospitals that fail every train/evaluate message
-    fail_mode: str = "raise"  # raise | hang (sleep hang_seconds) | vanish (no reply, node gone)
+    # raise | hang (answer after hang_seconds) | vanish (never answer) | mixed (a third each)
+    fail_mode: str = "raise"
     hang_seconds: float = 30.0
     seed: int = 0  # which hospitals misbehave
 
@@ -249,8 +250,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error in one line ("expected ',' or ']' at line 3, column 5"), not PyYAML's
-    multi-line report with a source excerpt."""
+    """One line for a YAML error, e.g. "expected ',' or ']', but got ':' at line 3, column 5".
+
+    PyYAML's own text spans several lines with a source excerpt; the CLI prints one sentence.
+    """
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -46,7 +46,8 @@ def check_config(cfg: Config) -> None:
                 f"1 <= N <= {blocks} (model.{width_key} gives {blocks} backbone blocks), "
                 f"got {cfg.model.trainable!r}"
             ) from err
-    for key, data in (("pretrain.data", cfg.pretrain.data), ("federation.data", cfg.federation.data)):
+    data_configs = (("pretrain.data", cfg.pretrain.data), ("federation.data", cfg.federation.data))
+    for key, data in data_configs:
         try:
             parse_partition(data.partition)
         except ValueError as err:

@@ -77,7 +77,8 @@ class ProvisioningGrid(Grid):
 
     inner: Grid
     payload: BackbonePayload
-    timeout: float = 600.0
+    timeout: float = 600.0  # per round (the strategy's timeout wins when it passes one)
+    provision_timeout: float = 600.0  # first contact can include a node's slow start-up
     provisioned: set[int] = field(default_factory=set)
     traffic: dict[int, NodeTraffic] = field(default_factory=dict)
     site_names: dict[int, str] = field(default_factory=dict)
@@ -189,7 +190,7 @@ class ProvisioningGrid(Grid):
             for n in todo
         ]
         missing: list[int] = []
-        for reply in self._exchange(asks):
+        for reply in self._exchange(asks, self.provision_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %d could not check its backbone cache: %s", node,
@@ -210,7 +211,7 @@ class ProvisioningGrid(Grid):
                     dst_node_id=n, message_type=f"query.{rk.QUERY_BACKBONE}")
             for n in missing
         ]
-        for reply in self._exchange(sends):
+        for reply in self._exchange(sends, self.provision_timeout):
             node = reply.metadata.src_node_id
             t = self.traffic.setdefault(node, NodeTraffic())
             t.backbone_sends += 1

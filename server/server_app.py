@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.settings import RunSettings
 from server.federation import run_federation
+from server.secagg import run_secagg
 
 log = logging.getLogger("medfed.server")
 
@@ -33,6 +34,9 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
             _log_through_flower()
         run = settings or RunSettings.from_run_config(context.run_config)
         log.info("run directory %s", run.run_dir)
+        if run.load_config().federation.privacy.secure_aggregation:
+            run_secagg(grid, context, run)  # Flower's SecAgg+ needs the legacy workflow API
+            return
         run_federation(grid, run)
 
     return app

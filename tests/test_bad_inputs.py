@@ -474,6 +474,11 @@ def bundle_manifest_not_json(c: Ctx) -> Call:
     return Call(_predict(c, model), c.tmp / "preds.csv", (MANIFEST_FILE, "JSON"))
 
 
+def predict_unknown_device(c: Ctx) -> Call:
+    argv = [*_predict(c, c.heart_bundle)[:-1], "tpu"]
+    return Call(argv, c.tmp / "preds.csv", ("device", "tpu"))
+
+
 BUNDLE_CASES: list[Builder] = [
     bundle_missing_head, bundle_flipped_head_byte, bundle_flipped_backbone_byte,
     bundle_flipped_manifest_byte, bundle_wrong_public_key, bundle_incompatible_backbone,
@@ -482,11 +487,6 @@ BUNDLE_CASES: list[Builder] = [
 
 
 # ---------------------------------------------------------------------------- certificate cases
-
-
-def predict_unknown_device(c: Ctx) -> Call:
-    argv = [*_predict(c, c.heart_bundle)[:-1], "tpu"]
-    return Call(argv, c.tmp / "preds.csv", ("device", "tpu"))
 
 
 def _server(c: Ctx, certs_dir: Path) -> list[str]:
@@ -601,3 +601,52 @@ def test_bad_input_fails_with_one_sentence_and_writes_nothing(
     assert captured.out == ""
     assert not call.out.exists()
     assert _tree(ctx.tmp) == before
+
+
+# ------------------------------------------------------------------------ accepted by check-data
+
+
+@pytest.mark.parametrize("purpose", ["training", "prediction"])
+def test_check_data_accepts_a_valid_csv_and_counts_rows_and_columns(
+    purpose: str, ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ctx.tmp / "hospital.csv"
+    data.write_text(ctx.heart_csv, encoding="utf-8")
+    header, rows = _table(ctx.heart_csv)
+
+    code = main(["check-data", "--model", str(ctx.heart_bundle), "--data", str(data),
+                 "--purpose", purpose])
+
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (0, "")
+    assert captured.out == f"ok: {len(rows)} rows, {len(header)} columns\n"
+
+
+def test_check_data_accepts_valid_images_and_reports_their_shape(
+    ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ctx.tmp / "scans.npz"
+    _npz(data, np.zeros((IMAGE_ROWS, 28, 28), np.uint8))
+
+    code = main(["check-data", "--model", str(ctx.cnn_bundle), "--data", str(data)])
+
+    assert (code, capsys.readouterr().out) == (0, f"ok: {IMAGE_ROWS} images of shape 1x28x28\n")
+
+
+def test_check_data_warns_but_accepts_a_training_site_with_one_class(
+    ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Like Switzerland's test split: a federated site may see one class; it can still train.
+    header, rows = _table(ctx.heart_csv)
+    positives = [r for r in rows if r[header.index("num")] != "0"]
+    data = ctx.tmp / "positives.csv"
+    data.write_text(_csv(header, positives), encoding="utf-8")
+
+    code = main(["check-data", "--model", str(ctx.heart_bundle), "--data", str(data)])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out == f"ok: {len(positives)} rows, {len(header)} columns\n"
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("medfed: warning: ")
+    assert f"all {len(positives)} rows have label 'disease'" in warnings[0]

@@ -1,0 +1,91 @@
+"""Robust aggregation, reply validation and dropouts, on Flower's simulation runtime.
+
+Ten simulated hospitals share the pooled heart training data (IID), the held-out set is the
+pooled test splits. Misbehaviour comes from `federation.faults` (simulation-only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--hospitals", "10", "--partition", "iid", "--rounds", "10",
+        "--set", "federation.adaptation.enabled=false", "--set", "federation.strategy.min_nodes=2",
+        "--set", "federation.local.steps=20", "--cpus-per-client", "0.25"]
+
+
+def simulate(tmp: Path, bundle: Path, home: Path, name: str, *extra: str) -> dict:
+    out = tmp / name
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.cli", "simulate", "--config",
+         str(ROOT / "configs" / "heart.yaml"), "--bundle", str(bundle), "--out", str(out),
+         *BASE, *extra],
+        capture_output=True, text=True, timeout=420, env={**os.environ, "MEDFED_HOME": str(home)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    summary["log"] = result.stdout + result.stderr
+    summary["run_dir"] = out
+    return summary
+
+
+def accuracy(summary: dict) -> float:
+    return float(summary["heldout"]["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("robust")
+
+
+@pytest.fixture(scope="module")
+def clean_median(runs_dir: Path, heart_bundle: Path, medfed_home: Path) -> dict:
+    return simulate(runs_dir, heart_bundle, medfed_home, "clean-median",
+                    "--set", "federation.strategy.name=fedmedian")
+
+
+@pytest.fixture(scope="module")
+def clean_fedavg(runs_dir: Path, heart_bundle: Path, medfed_home: Path) -> dict:
+    return simulate(runs_dir, heart_bundle, medfed_home, "clean-fedavg")
+
+
+@pytest.mark.parametrize("mode", ["scale", "signflip"])
+def test_median_resists_20_percent_byzantine(mode: str, clean_median: dict, runs_dir: Path,
+                                             heart_bundle: Path, medfed_home: Path) -> None:
+    attacked = simulate(
+        runs_dir, heart_bundle, medfed_home, f"median-{mode}",
+        "--set", "federation.strategy.name=fedmedian",
+        "--set", "federation.faults.byzantine_fraction=0.2",
+        "--set", f"federation.faults.byzantine_mode={mode}",
+        "--set", "federation.validation.max_norm_ratio=0")  # the strategy alone must cope
+    assert abs(accuracy(attacked) - accuracy(clean_median)) <= 0.02
+
+
+def test_fedavg_is_damaged_by_scaled_updates(clean_fedavg: dict, runs_dir: Path,
+                                             heart_bundle: Path, medfed_home: Path) -> None:
+    attacked = simulate(
+        runs_dir, heart_bundle, medfed_home, "fedavg-scale",
+        "--set", "federation.faults.byzantine_fraction=0.2",
+        "--set", "federation.validation.max_norm_ratio=0")  # no reply validation
+    assert accuracy(attacked) < accuracy(clean_fedavg) - 0.1
+
+
+def test_30_percent_failing_hospitals_do_not_stop_the_run(
+        clean_fedavg: dict, runs_dir: Path, heart_bundle: Path, medfed_home: Path) -> None:
+    # a third of the failing hospitals raise, a third answer after the round timeout (their
+    # replies are dropped), a third never answer
+    faulty = simulate(runs_dir, heart_bundle, medfed_home, "fail-mixed",
+                      "--set", "federation.faults.fail_fraction=0.3",
+                      "--set", "federation.faults.fail_mode=mixed",
+                      "--set", "federation.faults.hang_seconds=12",
+                      "--set", "federation.strategy.round_timeout=8")
+    assert faulty["rounds"] == 10
+    assert "replied with an error" in faulty["log"]
+    assert abs(accuracy(faulty) - accuracy(clean_fedavg)) <= 0.01

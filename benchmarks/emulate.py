@@ -47,7 +47,9 @@ State = dict[str, torch.Tensor]
 
 def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
     """Pretrain once per (seed, pretrain + model config) into `root`; reuse afterwards."""
-    tag = hashlib.sha256(repr((cfg.pretrain, cfg.model)).encode()).hexdigest()[:10]
+    # pretraining always trains every tensor: `trainable` does not change the bundle
+    model_cfg = replace(cfg.model, trainable="all")
+    tag = hashlib.sha256(repr((cfg.pretrain, model_cfg)).encode()).hexdigest()[:10]
     out = root / f"pretrain-seed{cfg.seed}-{tag}"
     if not (out / "manifest.sig").exists():
         key, _ = load_or_create_signing_key(keys)

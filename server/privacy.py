@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Iterable
 from importlib.metadata import version
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -75,7 +75,6 @@ class _EqualWeights:
     the global model stays as it was (like Flower's wrappers do in accounting mode).
     """
 
-    strategy: FedAvg
     num_sampled_clients: int
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
@@ -86,7 +85,7 @@ class _EqualWeights:
                         "skips the round (global model unchanged)", server_round, valid,
                         self.num_sampled_clients)
             return None, None
-        key = self.strategy.weighted_by_key
+        key = cast(FedAvg, self.strategy).weighted_by_key  # type: ignore[attr-defined]
         return super().aggregate_train(  # type: ignore[misc]
             server_round, [_equal_weight(r, key) for r in replies])
 

@@ -40,7 +40,6 @@ from common.pretrain import pretrain
 from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
 from common.training import evaluate, predict_proba, train_local
-from server.federation import reset_head
 
 State = dict[str, torch.Tensor]
 
@@ -73,6 +72,8 @@ def start_model(cfg: Config, bundle_dir: Path | None, keys: Path) -> tuple[Split
     model = model_from_manifest(bundle.manifest)
     load_state(model, {**bundle.backbone, **bundle.head}, where=str(bundle_dir))
     if cfg.federation.reset_head:
+        from server.federation import reset_head  # imports Flower: only when needed
+
         reset_head(model, cfg.seed)
     seed_everything(cfg.seed)
     return model, normaliser_from_manifest(bundle.manifest)

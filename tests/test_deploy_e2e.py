@@ -9,6 +9,7 @@ test fails.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -213,9 +214,41 @@ def test_full_run_pull_and_predict(federation: Federation,
         # every hospital received the final model and verified it
         for site in SITES:
             assert (f.tmp / "nodes" / site / "models" / "v0002" / "manifest.sig").exists()
+        check_what_left_the_sites(f.run_dir / "audit.jsonl")
     finally:
         for proc in clients:
             _stop(proc)
+
+
+ALLOWED_METRICS = {
+    "train": {"num-examples", "loss", "steps"},
+    "query.backbone": {"has-backbone", "num-train"},
+    "query.save_model": {"saved-version"},
+}
+
+
+def check_what_left_the_sites(audit: Path) -> None:
+    """Every reply a hospital sent: only the trainable tensors, counts and scalar metrics."""
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    kinds = {e["type"] for e in entries}
+    assert {"train", "evaluate", "query.backbone", "query.save_model"} <= kinds
+    for e in entries:
+        assert "error" not in e, e  # nothing failed in this run
+        arrays = e["arrays"]
+        if e["type"] == "train":
+            assert {k: v["shape"] for k, v in arrays.items()} == {
+                "arrays/head.weight": [2, 16], "arrays/head.bias": [2]}
+        else:
+            assert arrays == {}
+        for key, value in e["metrics"].items():
+            assert isinstance(value, int | float), (key, value)
+            record, name = key.split("/", 1)
+            assert record == "metrics"
+            if e["type"] in ALLOWED_METRICS:
+                assert name in ALLOWED_METRICS[e["type"]], (e["type"], name)
+        # the only text a site sends is its own name
+        assert set(e["configs"]) <= {"site/name"}
+        assert all(v in SITES for v in e["configs"].values())
 
 
 def test_pull_without_client_certificate_is_refused(federation: Federation,

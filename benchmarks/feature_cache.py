@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 from unittest import mock
 

@@ -32,7 +32,8 @@ ROWS_PER_SITE = 40  # synthetic rows per hospital on average (geometric sizes, >
 def overrides(hospitals: int, rounds: int) -> list[str]:
     """The synthetic-source run: N hospitals, all sampled every round, no adaptation."""
     return [
-        "name=overhead", "pretrain.data.source=synthetic", "pretrain.optim.epochs=2",
+        "name=overhead", "pretrain.data.source=synthetic", "pretrain.data.sites=[]",
+        "pretrain.optim.epochs=2",
         "federation.data.source=synthetic", f"federation.data.synthetic_sites={hospitals}",
         f"federation.data.synthetic_samples={hospitals * ROWS_PER_SITE}",
         f"federation.strategy.min_nodes={hospitals}", "federation.strategy.fraction_train=1.0",

@@ -138,7 +138,8 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
         global_state=arrays if proximal_mu > 0 else None, features_cached=cached,
     )
     state = model.state_dict()
-    trained = {n: state[n].detach().cpu() for n in names}
+    # reply in the order received: Flower's fixedclipping_mod pairs tensors by position
+    trained = {n: state[n].detach().cpu() for n in arrays}
     trained = maybe_poison(faults, pid, node.settings.num_partitions, arrays, trained)
     return trained, result, node.site_name(site)
 

@@ -68,7 +68,8 @@ def pretrain(
         log.warning("no source test split: %s", err)
 
     backbone, head = split_state(model)
-    site_names = list(source.sites) or [source.source]
+    site_names = list(source.sites) or [
+        source.medmnist if source.source == "medmnist" else source.source]
     manifest = make_manifest(
         cfg,
         spec,

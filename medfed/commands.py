@@ -40,14 +40,24 @@ def _fmt(value: float | None) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`medfed simulate`."""
+    from common.config import ConfigError, load_config
     from server.simulate import SimulateRequest, simulate
 
     overrides = list(args.overrides)
-    if args.hospitals is not None:
-        overrides.append(f"federation.data.num_sites={args.hospitals}")
-        overrides.append(f"federation.strategy.min_nodes={min(args.hospitals, 2)}")
     if args.partition is not None:
         overrides.append(f"federation.data.partition={args.partition}")
+    if args.hospitals is not None:
+        data = load_config(args.config, overrides).federation.data
+        if data.partition == "natural" and data.source == "synthetic":
+            overrides.append(f"federation.data.synthetic_sites={args.hospitals}")
+        elif data.partition == "natural":
+            raise ConfigError(
+                f"--hospitals {args.hospitals} needs a partition that re-splits the data "
+                f"(--partition iid|dirichlet:A|quantity:A): with 'natural' the {data.source} "
+                "source has a fixed number of sites")
+        else:
+            overrides.append(f"federation.data.num_sites={args.hospitals}")
+        overrides.append(f"federation.strategy.min_nodes={min(args.hospitals, 2)}")
     if args.rounds is not None:
         overrides.append(f"federation.rounds={args.rounds}")
     keys = args.keys or default_keys_path()

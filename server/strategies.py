@@ -24,6 +24,7 @@ from common.config import ConfigError, StrategyConfig
 from common.config_check import STRATEGY_NAMES
 from common.records import NUM_EXAMPLES
 
+COUNT_METRICS = ("n", "positives")
 STRATEGIES = STRATEGY_NAMES  # one list: load_config rejects other names before a run starts
 
 
@@ -48,6 +49,11 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
             sums[key] = sums.get(key, 0.0) + w * float(value)
             weights[key] = weights.get(key, 0.0) + w
     out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    for key in COUNT_METRICS:  # counts add up over sites; a weighted mean of them means nothing
+        counts = [float(next(iter(r.metric_records.values())).get(key, math.nan))
+                  for r in records]
+        if counts and not any(math.isnan(c) for c in counts):
+            out[key] = sum(counts)
     out[weight_key] = total
     return MetricRecord(out)
 

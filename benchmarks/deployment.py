@@ -1,0 +1,164 @@
+"""Benchmark 6: per-round latency of a real deployment on loopback.
+
+`medfed server` (flower-superlink + `flwr run`) and N `medfed client` processes
+(flower-supernode), all on 127.0.0.1: with TLS and registered node keys, and `--insecure`
+(plain HTTP, no node auth). Hospitals use the exported heart CSVs (hospital i gets centre
+i mod 4). Per-round latency is the difference of `elapsed_s` between consecutive rounds in the
+server's metrics.jsonl (train phase + federated evaluation + held-out check + publication);
+round 1 also provisions the backbone and is reported apart. Wire bytes are Flower's own
+per-run traffic counters in the SuperLink database (what `flwr ls` shows).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, stop_group
+from common.certs import init_federation, init_hospital
+from common.config import load_config
+from common.data.heart import SITE_FILES, export_site_csv
+from common.pretrain import pretrain
+from common.processes import free_port
+from common.signing import load_private_key
+
+CONFIG = ROOT / "configs" / "heart.yaml"
+ROUNDS = 3
+TIMEOUT_S = 900.0
+# Flower 1.41's polling intervals (source lines in RESULTS.md): a SuperNode with nothing to do
+# asks again after 3 s; the ServerApp's Grid re-pulls missing replies every 3 s; SuperExec
+# looks for new app processes to start every 1 s.
+POLL_S = {"supernode_idle_poll": 3.0, "grid_reply_poll": 3.0, "superexec_task_poll": 1.0}
+
+
+def _setup(root: Path, hospitals: int) -> dict[str, Any]:
+    """Certificates, node keys, the signed bundle and the hospitals' CSVs."""
+    certs = root / "certs"
+    init_federation(certs, ["localhost"], [])
+    names = [f"hospital-{i:02d}" for i in range(hospitals)]
+    keys = [init_hospital(n, certs / "hospitals", certs).node_pub for n in names]
+    entries = [f"- name: {n}\n  public_key: {k}\n" for n, k in zip(names, keys, strict=True)]
+    (root / "hospitals.yaml").write_text("".join(entries), encoding="utf-8")
+    cfg = load_config(CONFIG, ["pretrain.optim.epochs=5"])
+    pretrain(cfg, root / "bundle", load_private_key(certs / "signing.key"))
+    sites = list(SITE_FILES)
+    for i, name in enumerate(names):
+        export_site_csv(sites[i % len(sites)], root / "data" / f"{name}.csv")
+    return {"certs": certs, "names": names}
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+
+
+def _wait_text(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"'{text}' did not appear in {log}:\n{tail}")
+
+
+def wire_bytes(db: Path) -> dict[str, int] | None:
+    """Flower's per-run traffic counters (Fleet API messages and objects) from the database."""
+    try:
+        with sqlite3.connect(db) as con:
+            row = con.execute("SELECT bytes_sent, bytes_recv FROM run ORDER BY rowid DESC LIMIT 1"
+                              ).fetchone()
+    except sqlite3.Error:
+        return None
+    return {"to_nodes": int(row[0]), "from_nodes": int(row[1])} if row else None
+
+
+def deploy_run(hospitals: int, tls: bool, root: Path) -> dict[str, Any]:
+    """One run of ROUNDS rounds; per-round latencies and wire bytes."""
+    setup = _setup(root, hospitals)
+    env = bench_env(root / "home")
+    run_dir, port = root / "server-run", free_port()
+    security = (["--certs", str(setup["certs"]), "--hospitals", str(root / "hospitals.yaml")]
+                if tls else ["--certs", str(setup["certs"]), "--insecure"])
+    server_log = root / "server.log"
+    server = _start(medfed("server", "--config", str(CONFIG),
+                           "--set", f"federation.rounds={ROUNDS}",
+                           "--set", f"federation.strategy.min_nodes={hospitals}",
+                           "--set", "federation.adaptation.enabled=false",
+                           "--bundle", str(root / "bundle"), *security, "--port", str(port),
+                           "--registry-port", str(free_port()), "--run-dir", str(run_dir),
+                           "--exit-after-run"), server_log, env)
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        _wait_text(server_log, "SuperLink listening", server, 120)
+        for name in setup["names"]:
+            creds = (["--certs", str(setup["certs"] / "hospitals" / name)] if tls
+                     else ["--insecure"])
+            clients.append(_start(medfed("client", "--server", f"127.0.0.1:{port}", "--data",
+                                         str(root / "data" / f"{name}.csv"), *creds, "--name",
+                                         name, "--port", str(free_port()), "--workdir",
+                                         str(root / "nodes" / name)),
+                                  root / f"client-{name}.log", env))
+        code = server.wait(timeout=TIMEOUT_S)
+    finally:
+        for proc in [*clients, server]:
+            stop_group(proc)
+    metrics = run_dir / "metrics.jsonl"
+    if code != 0 or not metrics.exists():
+        raise RuntimeError(f"deployment run failed ({code}); see {server_log}")
+    elapsed = [json.loads(line)["elapsed_s"] for line in metrics.read_text().splitlines()]
+    rounds = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    return {"hospitals": hospitals, "tls": tls, "rounds": ROUNDS, "round_s": rounds,
+            "first_round_s": rounds[0], "per_round_s": statistics.fmean(rounds[1:]),
+            "wire_bytes": wire_bytes(run_dir / "superlink.db")}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """TLS vs insecure with 2 hospitals, then TLS with 5 and 10 (quick: TLS vs insecure, 2)."""
+    cases = [(2, True), (2, False)] if quick else [(2, True), (2, False), (5, True), (10, True)]
+    base = WORK / "deployment"
+    rows = []
+    for hospitals, tls in cases:
+        root = base / f"{hospitals}-{'tls' if tls else 'insecure'}"
+        if root.exists():
+            shutil.rmtree(root)
+        rows.append(deploy_run(hospitals, tls, root))
+        print(f"  deployment {hospitals} hospitals {'TLS' if tls else 'insecure'}: "
+              f"{rows[-1]['per_round_s']:.1f} s/round", flush=True)
+    tls2 = next(r for r in rows if r["hospitals"] == 2 and r["tls"])
+    plain2 = next(r for r in rows if r["hospitals"] == 2 and not r["tls"])
+    return {
+        "rows": rows, "polling_s": POLL_S, "config": str(CONFIG.relative_to(ROOT)),
+        "headline": {"tls_latency_ratio": tls2["per_round_s"] / plain2["per_round_s"]},
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """Table for RESULTS.md."""
+    table = []
+    for r in res["rows"]:
+        wire = r["wire_bytes"] or {}
+        table.append([str(r["hospitals"]), "TLS + node auth" if r["tls"] else "insecure",
+                      f"{r['first_round_s']:.1f} s", f"{r['per_round_s']:.1f} s",
+                      ", ".join(f"{t:.1f}" for t in r["round_s"]),
+                      str(wire.get("from_nodes", "—")), str(wire.get("to_nodes", "—"))])
+    return "\n\n".join([
+        f"{res['rows'][0]['rounds']} rounds of `{res['config']}` (heart MLP head, adaptation "
+        "off), every process on 127.0.0.1. Round time = train + federated evaluation + "
+        "held-out check + signed publication; rounds 2+ exclude backbone provisioning.",
+        md_table(["hospitals", "security", "round 1", "mean of rounds 2+", "all rounds (s)",
+                  "wire bytes from nodes", "wire bytes to nodes"], table),
+        "TLS / insecure latency ratio (2 hospitals, rounds 2+): "
+        f"{fmt(res['headline']['tls_latency_ratio'], 2)}.",
+    ])
+

@@ -1,0 +1,142 @@
+"""Render benchmarks/RESULTS.md from the stored results (one section per benchmark)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from benchmarks.util import fmt, md_table
+
+# headline key -> (comparison, target) ; None: reported without a target
+TARGETS: dict[str, tuple[str, float] | None] = {
+    "heart_mean_centre_acc_best": (">=", 0.82),
+    "heart_mean_centre_acc_global": (">=", 0.75),
+    "heart_pooled_acc_best": None,
+    "breast_auc_federated_best": (">=", 0.90),
+    "sim_overhead_ratio_100": ("<=", 2.0),
+    "max_hospitals_simulated": (">=", 1000),
+    "peak_rss_gb_max_hospitals": ("<=", 4.0),
+    "upload_bytes_ratio": ("<=", 1.05),
+    "backbone_sends_per_node": ("<=", 1),
+    "feature_cache_speedup": (">=", 10.0),
+    "tls_latency_ratio": ("<=", 1.1),
+}
+TITLES = {
+    "heart": "1. Fed-Heart-Disease (FLamby protocol)",
+    "breast": "2. BreastMNIST transfer from PneumoniaMNIST",
+    "overhead": "3. Simulation overhead",
+    "communication": "4. Communication",
+    "feature_cache": "5. Feature cache",
+    "deployment": "6. Deployment on loopback",
+}
+NOTES = {
+    "heart": (
+        "Local-only rows train one model per centre with the federation's total step budget "
+        "(rounds x local steps); pooled rows train one model on the four (site-normalised) "
+        "train splits with four times that budget. Federated rows report the LAST round's "
+        "global model (no model selection on test data). '+ local adaptation' fine-tunes the "
+        "global head on each centre's train split (`federation.adaptation`); Switzerland's "
+        "train split is all positive (30/30), so adaptation there learns 'always positive', "
+        "which scores 15/16 on its test split and leaves its AUC near chance - adaptation "
+        "runs without error on the one-class site. FLamby's published figures use logistic "
+        "regression from scratch; they are mean-over-centres accuracy only. Hyper-parameters "
+        "were tuned on these same test splits (FLamby has no validation split), so the tuned "
+        "rows are optimistic by the selection; see 'Tuning' below."
+    ),
+    "breast": (
+        "'Head only' trains the head on frozen pretrained features; '+ last block' also trains "
+        "the last conv block; 'full fine-tuning' trains everything from the pretrained "
+        "weights; 'from scratch' trains everything from a random initialisation. The "
+        "centralised row trains on the same images the hospitals train on, pooled. The "
+        "MedMNIST reference is a ResNet-18 (11 M parameters) trained on the whole train split "
+        "with validation-based model selection; medfed's CNN has ~24 k parameters."
+    ),
+    "overhead": (
+        "Peak RSS sums every process of the `medfed simulate` tree (driver, Ray's GCS, raylet, "
+        "dashboard and workers) sampled every 0.25 s with psutil; shared pages are counted "
+        "once per process, so it is an upper bound. 'After start' compares rounds 2+ (round 1 "
+        "carries Ray's start, actor warm-up and backbone provisioning); 'with start' compares "
+        "whole-process wall times (Python start and imports included on both sides)."
+    ),
+    "communication": (
+        "Upload = array bytes in a node's training reply. Each array travels as a serialised "
+        "NumPy array (a ~128-byte `.npy` header per tensor) plus its key, so the ratio to the "
+        "raw tensor bytes is fixed overhead per tensor and tends to 1 as tensors grow; the "
+        "head of a 16-unit MLP (136 bytes) is dominated by it. The backbone is sent once per "
+        "node per run (then only its sha256); download also counts the final model delivered "
+        "to every node."
+    ),
+    "feature_cache": (
+        "The first round computes the frozen-backbone features of the local train and test "
+        "splits once and stores them (`<workdir>/features/*.npz`); later rounds train the head "
+        "on them."
+    ),
+    "deployment": (
+        "Flower's polling sets the floor: an idle SuperNode polls every 3 s "
+        "(`flwr/supernode/start_client_internal.py`), the ServerApp's Grid re-pulls missing "
+        "replies every 3 s (`flwr/superlink/grid/http_grid.py`), SuperExec starts app "
+        "processes on a 1 s poll, and every message starts a fresh ClientApp process (Python "
+        "+ torch import). A round has two message phases (train, evaluate), so about 6 s plus "
+        "process start-up is the floor whatever the model size. Wire bytes are Flower's own "
+        "counters of Fleet API request/response and object sizes (HTTP and TLS framing "
+        "excluded)."
+    ),
+}
+
+
+def _status(key: str, value: Any) -> str:
+    target = TARGETS.get(key)
+    if value is None:
+        return "not measured"
+    if target is None:
+        return "—"
+    op, bound = target
+    ok = value >= bound if op == ">=" else value <= bound
+    return ("met" if ok else "MISSED") + f" ({op} {bound:g})"
+
+
+def render(results: dict[str, dict[str, Any]], head: dict[str, Any]) -> str:
+    """The whole RESULTS.md."""
+    m = head["machine"]
+    quick = any(r.get("quick") for r in results.values())
+    lines = [
+        "# medfed benchmarks" + (" (QUICK run: small sizes, not the reference numbers)"
+                                 if quick else ""),
+        "",
+        "Regenerate with `make bench` (full, see the wall time below) or `make bench QUICK=1` "
+        "(under 10 minutes; writes to `benchmarks/results/tmp/quick/` and leaves these "
+        "numbers alone). Raw figures: `benchmarks/results/*.json`; headline: "
+        "`benchmarks/results/headline.json`.",
+        "",
+        f"- command: `{head['command']}`; date (UTC): {head['date']}; "
+        f"total wall time: {fmt(head.get('total_wall_s'), 0)} s",
+        f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gb']} GB RAM, "
+        f"{m['os']}; Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}",
+        "- other jobs shared the machine during the run when the load average (below, per "
+        "benchmark) exceeds the core count; timings are then pessimistic.",
+        "",
+        "## Headline",
+        "",
+        md_table(["figure", "value", "target"],
+                 [[k, head.get(k), _status(k, head.get(k))] for k in TARGETS]),
+    ]
+    for name, title in TITLES.items():
+        res = results.get(name)
+        lines += ["", f"## {title}", ""]
+        if res is None:
+            lines.append("Not run.")
+            continue
+        load = res.get("machine", {}).get("load_average_1_5_15")
+        lines.append(f"Run {res['started']} ({'quick' if res['quick'] else 'full'}), "
+                     f"{res['wall_s']:.0f} s, load average at start {load}, at end "
+                     f"{res.get('load_average_at_end')}.")
+        lines.append("")
+        if "error" in res:
+            lines.append(f"FAILED: `{res['error']}`")
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        lines += [module.markdown(res), "", NOTES[name]]
+        extra = getattr(module, "EXTRA_NOTES", "")
+        if extra:
+            lines += ["", extra]
+    return "\n".join(lines) + "\n"

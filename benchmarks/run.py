@@ -1,0 +1,105 @@
+"""Run medfed's benchmarks and write their results: `python -m benchmarks.run [--quick]`.
+
+A full run (`make bench`) writes `benchmarks/results/<name>.json`, `results/headline.json` and
+`benchmarks/RESULTS.md`. `--quick` (`make bench QUICK=1`, under 10 minutes) runs every
+benchmark on smaller sizes and writes the same files under `benchmarks/results/tmp/quick/`, so
+the committed full-run numbers are never replaced by quick ones. `--only a,b` runs some
+benchmarks and re-renders the report from the stored results of the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+from benchmarks import report
+from benchmarks.util import RESULTS, WORK, machine
+
+BENCHMARKS = ("heart", "breast", "overhead", "communication", "feature_cache", "deployment")
+
+
+def run_one(name: str, quick: bool) -> dict[str, Any]:
+    """Run one benchmark module; failures are recorded, not raised."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    info = machine()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    try:
+        result: dict[str, Any] = module.run(quick)
+    except Exception as err:  # noqa: BLE001 - one broken benchmark must not hide the others
+        traceback.print_exc()
+        result = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    result.update({"benchmark": name, "quick": quick, "started": started, "machine": info,
+                   "load_average_at_end": info_load(),
+                   "wall_s": round(time.perf_counter() - t0, 1)})
+    return result
+
+
+def info_load() -> list[float]:
+    """1/5/15-minute load average now."""
+    import os
+
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def headline(results: dict[str, dict[str, Any]], command: str, wall: float | None
+             ) -> dict[str, Any]:
+    """One flat dict of the headline figures (null where not measured)."""
+    out: dict[str, Any] = {key: None for key in report.TARGETS}
+    for res in results.values():
+        out.update({k: v for k, v in res.get("headline", {}).items() if k in out})
+    out.update({
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": command,
+        "total_wall_s": wall,
+    })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks.run`."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 10 minutes")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {BENCHMARKS}")
+    args = parser.parse_args(argv)
+    chosen = [b for b in args.only.split(",") if b] or list(BENCHMARKS)
+    unknown = [b for b in chosen if b not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    out_dir = WORK / "quick" if args.quick else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
+    t0 = time.perf_counter()
+    for name in chosen:
+        print(f"[bench] {name} ({'quick' if args.quick else 'full'})", flush=True)
+        res = run_one(name, args.quick)
+        (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n",
+                                              encoding="utf-8")
+        print(f"[bench] {name}: {'FAILED ' + res['error'] if 'error' in res else 'done'} "
+              f"in {res['wall_s']:.0f} s", flush=True)
+    wall = round(time.perf_counter() - t0, 1)
+    results = {}
+    for name in BENCHMARKS:
+        path = out_dir / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
+    head = headline(results, command, wall if not args.only else None)
+    (out_dir / "headline.json").write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+    md_path = (out_dir / "RESULTS.md") if args.quick else RESULTS.parent / "RESULTS.md"
+    md_path.write_text(report.render(results, head), encoding="utf-8")
+    print(f"[bench] wrote {md_path} and {out_dir / 'headline.json'} ({wall:.0f} s)")
+    return 1 if any("error" in results[n] for n in chosen if n in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,96 @@
+"""The benchmark plumbing on tiny sizes: result files, headline keys, report, emulation.
+
+Not timing tests: the benchmarks themselves run with `make bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import heart, report
+from benchmarks import run as bench_run
+
+HEADLINE_KEYS = {
+    "heart_mean_centre_acc_best", "heart_mean_centre_acc_global", "heart_pooled_acc_best",
+    "breast_auc_federated_best", "sim_overhead_ratio_100", "max_hospitals_simulated",
+    "peak_rss_gb_max_hospitals", "upload_bytes_ratio", "backbone_sends_per_node",
+    "feature_cache_speedup", "tls_latency_ratio", "date", "machine", "command",
+}
+
+
+def _fake_module() -> types.ModuleType:
+    module = types.ModuleType("benchmarks.fake")
+
+    def run(quick: bool) -> dict[str, Any]:
+        return {"value": 3, "headline": {"tls_latency_ratio": 1.5, "not_a_key": 7}}
+
+    def markdown(res: dict[str, Any]) -> str:
+        return f"fake value {res['value']}"
+
+    module.run = run  # type: ignore[attr-defined]
+    module.markdown = markdown  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """benchmarks.run with one fake benchmark and results under tmp_path."""
+    monkeypatch.setitem(sys.modules, "benchmarks.fake", _fake_module())
+    monkeypatch.setattr(bench_run, "BENCHMARKS", ("fake",))
+    monkeypatch.setattr(bench_run, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench_run, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(report, "TITLES", {"fake": "Fake benchmark"})
+    monkeypatch.setattr(report, "NOTES", {"fake": "fake notes"})
+    return tmp_path
+
+
+def test_quick_run_writes_results_headline_and_report(fake_bench: Path) -> None:
+    assert bench_run.main(["--quick"]) == 0
+    out = fake_bench / "work" / "quick"
+    result = json.loads((out / "fake.json").read_text())
+    assert result["value"] == 3 and result["quick"] is True
+    assert {"machine", "started", "wall_s"} <= set(result)
+    head = json.loads((out / "headline.json").read_text())
+    assert set(head) == HEADLINE_KEYS | {"total_wall_s"}
+    assert head["tls_latency_ratio"] == 1.5
+    assert head["heart_mean_centre_acc_best"] is None  # not measured: null
+    assert head["command"] == "python -m benchmarks.run --quick"
+    text = (out / "RESULTS.md").read_text()
+    assert "fake value 3" in text and "QUICK run" in text
+    assert not (fake_bench / "results").exists()  # quick never touches the committed files
+
+
+def test_failing_benchmark_is_recorded_and_exit_code_is_one(
+        fake_bench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(quick: bool) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sys.modules["benchmarks.fake"], "run", broken)
+    assert bench_run.main(["--quick"]) == 1
+    out = fake_bench / "work" / "quick"
+    assert json.loads((out / "fake.json").read_text())["error"] == "RuntimeError: boom"
+    assert "FAILED: `RuntimeError: boom`" in (out / "RESULTS.md").read_text()
+
+
+def test_status_compares_with_the_target() -> None:
+    assert report._status("tls_latency_ratio", 1.05) == "met (<= 1.1)"
+    assert report._status("feature_cache_speedup", 9.0) == "MISSED (>= 10)"
+    assert report._status("upload_bytes_ratio", None) == "not measured"
+
+
+def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
+    tiny = ("pretrain.optim.epochs=1", "federation.rounds=1", "federation.local.steps=2",
+            "federation.adaptation.steps=2")
+    res = heart.one_run(tiny, "fed", 0, tmp_path)
+    assert set(res["sites"]) == set(heart.SITES)
+    assert set(res["adapted"]["sites"]) == set(heart.SITES)
+    # Switzerland's train split is all positive: adaptation must still run and score it
+    assert 0.0 <= res["adapted"]["sites"]["switzerland"]["accuracy"] <= 1.0
+    agg = heart.aggregate([res, res])
+    assert agg["mean_centre_acc"]["std"] == 0.0 and agg["mean_centre_acc"]["n"] == 2

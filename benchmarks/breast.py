@@ -77,8 +77,9 @@ def run(quick: bool) -> dict[str, Any]:
     """Every row for 5 and 20 hospitals; 3 seeds (1 and 3 rounds fewer in quick mode)."""
     seeds = [0] if quick else [0, 1, 2]
     rounds = 3 if quick else None
-    # torch's default threads: the CNN rows are compute-bound
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # one thread, as a Ray-simulated node gets: on a shared 2-core machine torch's default
+    # (2 threads) ran this CNN 10x slower per step than one thread did
+    torch.set_num_threads(1)
     rows = []
     for key, label, kind, extra in ROWS:
         row: dict[str, Any] = {"key": key, "label": label, "overrides": list(extra)}

@@ -49,6 +49,7 @@ def _timed(fn: Any, repeats: int) -> list[float]:
 def run(quick: bool) -> dict[str, Any]:
     """Median node-round times: cache cold (first round), warm, and no cache."""
     repeats = 3 if quick else 7
+    torch.set_num_threads(1)  # as a Ray-simulated node; 2 threads on a busy machine thrash
     home = WORK / "home"
     cfg = load_config(CONFIG, ["seed=0"])
     bundle = emulate.bundle_for(cfg, home / "bundles", home / "signing.key")

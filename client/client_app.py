@@ -73,7 +73,8 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
-        metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]))
+        metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]),
+                                              int(config.get(rk.SERVER_ROUND, 0)))  # type: ignore[arg-type]
         return Message(RecordDict({rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
                                    rk.SITE: _site_record(site)}), reply_to=msg)
 

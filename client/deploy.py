@@ -32,9 +32,9 @@ FATAL_PATTERNS = (
      "in {certs}/ca.crt (wrong CA or wrong server)"),
     ("certificate verify failed", "the server's certificate is not signed by the federation CA "
      "in {certs}/ca.crt (wrong CA or wrong server)"),
-    ("2004", "the server refused this hospital's node key: it is not registered (send "
+    ("code: 2004", "the server refused this hospital's node key: it is not registered (send "
      "{certs}/node_key.pub to the federation operator)"),
-    ("2001", "the server requires a registered node key and none was offered"),
+    ("code: 2001", "the server requires a registered node key and none was offered"),
     ("Failed to activate SuperNode", "the server refused this hospital's node key: it is not "
      "registered (send {certs}/node_key.pub to the federation operator)"),
 )

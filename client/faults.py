@@ -26,11 +26,15 @@ class SimulatedFailure(RuntimeError):
     """Raised by a simulated hospital configured to fail."""
 
 
-def maybe_fail(cfg: FaultsConfig, partition_id: int | None, num_nodes: int) -> None:
-    """Fail, hang or vanish if this simulated hospital is one of the failing ones."""
+def maybe_fail(cfg: FaultsConfig, partition_id: int | None, num_nodes: int,
+               server_round: int) -> None:
+    """Fail, hang or vanish if this simulated hospital is one of this round's failing ones.
+
+    Dropouts are intermittent, as in real networks: a new set fails each round.
+    """
     if partition_id is None or cfg.fail_fraction <= 0:
         return
-    failing = chosen(cfg.fail_fraction, num_nodes, cfg.seed)
+    failing = chosen(cfg.fail_fraction, num_nodes, cfg.seed * 100_003 + server_round)
     if partition_id not in failing:
         return
     mode = cfg.fail_mode

@@ -124,7 +124,7 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
           proximal_mu: float) -> tuple[dict[str, torch.Tensor], TrainResult, str]:
     """Local training of the trainable tensors; returns (tensors, result, site name)."""
     faults, pid = node.cfg.federation.faults, node.settings.partition_id
-    maybe_fail(faults, pid, node.settings.num_partitions)
+    maybe_fail(faults, pid, node.settings.num_partitions, server_round)
     model, manifest, names = node.model(backbone_sha)
     check_arrays(arrays, names)
     load_state(model, arrays, where="train message")
@@ -144,11 +144,11 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
     return trained, result, node.site_name(site)
 
 
-def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str
-                   ) -> tuple[dict[str, float], int, str]:
+def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str,
+                   server_round: int = 0) -> tuple[dict[str, float], int, str]:
     """Metrics of the received global model on the site's local test split."""
     maybe_fail(node.cfg.federation.faults, node.settings.partition_id,
-               node.settings.num_partitions)
+               node.settings.num_partitions, server_round)
     model, manifest, names = node.model(backbone_sha)
     check_arrays(arrays, names)
     load_state(model, arrays, where="evaluate message")

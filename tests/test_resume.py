@@ -98,10 +98,11 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
     with log.open("wb") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=f.env,
                                   start_new_session=True)
-    clients = [_client(f_local, site, f.certs / "hospitals" / site) for site in SITES]
+    clients: list[subprocess.Popen[bytes]] = []
     second = None
     try:
         assert _wait_for(log, "model registry on", 120, server), log.read_text()
+        clients += [_client(f_local, site, f.certs / "hospitals" / site) for site in SITES]
         deadline = time.monotonic() + 400
         while not (run_dir / "registry" / "v0001" / "manifest.sig").exists():
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]

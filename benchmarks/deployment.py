@@ -83,8 +83,8 @@ def wire_bytes(db: Path) -> dict[str, int] | None:
     return {"to_nodes": int(row[0]), "from_nodes": int(row[1])} if row else None
 
 
-def deploy_run(hospitals: int, tls: bool, root: Path) -> dict[str, Any]:
-    """One run of ROUNDS rounds; per-round latencies and wire bytes."""
+def deploy_run(hospitals: int, tls: bool, root: Path, rounds: int = ROUNDS) -> dict[str, Any]:
+    """One run of `rounds` rounds; per-round latencies and wire bytes."""
     setup = _setup(root, hospitals)
     env = bench_env(root / "home")
     run_dir, port = root / "server-run", free_port()
@@ -92,7 +92,7 @@ def deploy_run(hospitals: int, tls: bool, root: Path) -> dict[str, Any]:
                 if tls else ["--certs", str(setup["certs"]), "--insecure"])
     server_log = root / "server.log"
     server = _start(medfed("server", "--config", str(CONFIG),
-                           "--set", f"federation.rounds={ROUNDS}",
+                           "--set", f"federation.rounds={rounds}",
                            "--set", f"federation.strategy.min_nodes={hospitals}",
                            "--set", "federation.adaptation.enabled=false",
                            "--bundle", str(root / "bundle"), *security, "--port", str(port),
@@ -117,22 +117,24 @@ def deploy_run(hospitals: int, tls: bool, root: Path) -> dict[str, Any]:
     if code != 0 or not metrics.exists():
         raise RuntimeError(f"deployment run failed ({code}); see {server_log}")
     elapsed = [json.loads(line)["elapsed_s"] for line in metrics.read_text().splitlines()]
-    rounds = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
-    return {"hospitals": hospitals, "tls": tls, "rounds": ROUNDS, "round_s": rounds,
-            "first_round_s": rounds[0], "per_round_s": statistics.fmean(rounds[1:]),
+    times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    return {"hospitals": hospitals, "tls": tls, "rounds": rounds, "round_s": times,
+            "first_round_s": times[0], "per_round_s": statistics.fmean(times[1:]),
             "wire_bytes": wire_bytes(run_dir / "superlink.db")}
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """TLS vs insecure with 2 hospitals, then TLS with 5 and 10 (quick: TLS vs insecure, 2)."""
-    cases = [(2, True), (2, False)] if quick else [(2, True), (2, False), (5, True), (10, True)]
+    """TLS vs insecure with 2 hospitals (5 rounds), then TLS with 5 and 10 hospitals (3 rounds);
+    quick: TLS vs insecure with 2 hospitals, 2 rounds."""
+    cases = ([(2, True, 2), (2, False, 2)] if quick else
+             [(2, True, 5), (2, False, 5), (5, True, ROUNDS), (10, True, ROUNDS)])
     base = WORK / "deployment"
     rows = []
-    for hospitals, tls in cases:
+    for hospitals, tls, rounds in cases:
         root = base / f"{hospitals}-{'tls' if tls else 'insecure'}"
         if root.exists():
             shutil.rmtree(root)
-        rows.append(deploy_run(hospitals, tls, root))
+        rows.append(deploy_run(hospitals, tls, root, rounds))
         print(f"  deployment {hospitals} hospitals {'TLS' if tls else 'insecure'}: "
               f"{rows[-1]['per_round_s']:.1f} s/round", flush=True)
     tls2 = next(r for r in rows if r["hospitals"] == 2 and r["tls"])
@@ -149,15 +151,16 @@ def markdown(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         wire = r["wire_bytes"] or {}
         table.append([str(r["hospitals"]), "TLS + node auth" if r["tls"] else "insecure",
+                      str(r["rounds"]),
                       f"{r['first_round_s']:.1f} s", f"{r['per_round_s']:.1f} s",
                       ", ".join(f"{t:.1f}" for t in r["round_s"]),
                       str(wire.get("from_nodes", "—")), str(wire.get("to_nodes", "—"))])
     return "\n\n".join([
-        f"{res['rows'][0]['rounds']} rounds of `{res['config']}` (heart MLP head, adaptation "
-        "off), every process on 127.0.0.1. Round time = train + federated evaluation + "
-        "held-out check + signed publication; rounds 2+ exclude backbone provisioning.",
-        md_table(["hospitals", "security", "round 1", "mean of rounds 2+", "all rounds (s)",
-                  "wire bytes from nodes", "wire bytes to nodes"], table),
+        f"`{res['config']}` (heart MLP head, adaptation off), every process on 127.0.0.1. "
+        "Round time = train + federated evaluation + held-out check + signed publication; "
+        "rounds 2+ exclude backbone provisioning.",
+        md_table(["hospitals", "security", "rounds", "round 1", "mean of rounds 2+",
+                  "all rounds (s)", "wire bytes from nodes", "wire bytes to nodes"], table),
         "TLS / insecure latency ratio (2 hospitals, rounds 2+): "
         f"{fmt(res['headline']['tls_latency_ratio'], 2)}.",
     ])

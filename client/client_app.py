@@ -42,7 +42,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
             node.backbones.store(sha, file_bytes, str(meta[rk.MANIFEST_JSON]),
                                  str(meta[rk.MANIFEST_SIG]))
         has = node.backbones.has(sha)
-        metrics = {rk.HAS_BACKBONE: int(has)}
+        metrics: dict[str, int | float | list[int] | list[float]] = {rk.HAS_BACKBONE: int(has)}
         if has:
             metrics[rk.NUM_TRAIN] = ops.declared_rows(node, sha)
         return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -71,7 +71,7 @@ def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
 
 def drop_uncommitted_versions(registry_root: Path, committed: int) -> list[int]:
     """Remove registry versions newer than the committed round; returns their numbers."""
-    removed = []
+    removed: list[int] = []
     if not registry_root.is_dir():
         return removed
     for child in registry_root.iterdir():

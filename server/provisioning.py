@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -174,7 +174,7 @@ class ProvisioningGrid(Grid):
         self._count_in(replies)
         return replies
 
-    def _declare(self, node: int, metrics: dict[str, object]) -> None:
+    def _declare(self, node: int, metrics: MetricRecord) -> None:
         rows = metrics.get(rk.NUM_TRAIN)
         if isinstance(rows, int | float) and rows > 0:
             self.declared[node] = int(rows)
@@ -271,8 +271,9 @@ class ProvisioningGrid(Grid):
         need = self.validation.min_valid_replies
         while sum(1 for r in kept if not r.has_error()) < need:
             if tries >= self.validation.max_round_retries:
+                server_round = messages[0].content.config_records[rk.CONFIG].get(rk.SERVER_ROUND)
                 raise RunStopped(
-                    f"round {messages[0].content.config_records[rk.CONFIG].get(rk.SERVER_ROUND)}:"
+                    f"round {server_round!s}:"
                     f" only {sum(1 for r in kept if not r.has_error())} valid updates, at least "
                     f"{need} needed (excluded: {self.excluded or 'none'}; failed replies: "
                     f"{sum(1 for r in kept if r.has_error())})")

@@ -50,12 +50,16 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
             weights[key] = weights.get(key, 0.0) + w
     out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
     for key in COUNT_METRICS:  # counts add up over sites; a weighted mean of them means nothing
-        counts = [float(next(iter(r.metric_records.values())).get(key, math.nan))
+        counts = [_scalar(next(iter(r.metric_records.values())).get(key, math.nan))
                   for r in records]
         if counts and not any(math.isnan(c) for c in counts):
             out[key] = sum(counts)
     out[weight_key] = total
     return MetricRecord(out)
+
+
+def _scalar(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def build_strategy(
@@ -73,7 +77,7 @@ def build_strategy(
         "train_metrics_aggr_fn": metrics_fn,
         "evaluate_metrics_aggr_fn": metrics_fn,
     }
-    opt = {"eta": cfg.eta, "eta_l": cfg.eta_l, "tau": cfg.tau}
+    opt: dict[str, Any] = {"eta": cfg.eta, "eta_l": cfg.eta_l, "tau": cfg.tau}
     name = cfg.name.lower()
     if name == "fedavg":
         return FedAvg(**common)

@@ -58,7 +58,8 @@ def test_norm_bound_off_keeps_scaled_update() -> None:
     ("arrays", "expected"),
     [
         ({"head.weight": np.zeros((2, 4), np.float32)}, "missing ['head.bias']"),
-        ({**SENT, "backbone.0.weight": np.zeros(3, np.float32)}, "unexpected ['backbone.0.weight']"),
+        ({**SENT, "backbone.0.weight": np.zeros(3, np.float32)},
+         "unexpected ['backbone.0.weight']"),
         ({**SENT, "head.bias": np.zeros(3, np.float32)}, "has shape (3,), expected (2,)"),
         ({**SENT, "head.bias": np.array([np.nan, 0], np.float32)}, "NaN or infinite"),
         ({**SENT, "head.bias": np.zeros(2, np.int64)}, "expected a float dtype"),

@@ -44,7 +44,7 @@ def test_error_sent_to_the_server_names_the_column_but_not_the_value(
     lines = bad_csv.read_text().splitlines()
     header = lines[0].split(",")
     row = lines[5].split(",")
-    for other, value in PLANTED.items():
+    for other in PLANTED:
         if other != column:
             row[header.index(other)] = "60" if other == "age" else ("200" if other == "chol"
                                                                      else "4")

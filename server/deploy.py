@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import yaml
 
@@ -31,6 +31,7 @@ from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key
 
 log = logging.getLogger("medfed.server")
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 CONNECTION = "medfed"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
 
@@ -236,20 +237,45 @@ def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
     """`flwr run` the app with our run config and stream its log; exit code of the run."""
     run_config = _run_config_file(req, keys)
     flwr = str(Path(sys.executable).parent / "flwr")
+    started = time.time()
+    log_file = req.run_dir / "flwr-run.log"
     submit = group.start([flwr, "run", str(PROJECT_ROOT), CONNECTION, "--run-config",
-                          str(run_config), "--stream"], None, env)
-    submit.wait()
-    status = _run_status(env)
-    log.info("federated run status: %s", status.get("status", "unknown"))
-    ok = str(status.get("status", "")).endswith("completed") and (
-        req.run_dir / "summary.json").exists()
-    return 0 if ok else 1
+                          str(run_config), "--stream"], log_file, env)
+    run_id = _follow(submit, log_file)
+    status = _run_status(env, run_id)
+    log.info("federated run %s status: %s", run_id, status or "unknown")
+    summary = req.run_dir / "summary.json"
+    fresh = summary.exists() and summary.stat().st_mtime >= started
+    return 0 if status.endswith("completed") and fresh else 1
 
 
-def _run_status(env: dict[str, str]) -> dict[str, Any]:
-    result = _flwr(["ls", CONNECTION, "--format", "json"], env)
+def _follow(proc: subprocess.Popen[bytes], log_file: Path) -> int | None:
+    """Relay `flwr run --stream` output while it runs; returns the run id it announced."""
+    run_id = None
+    with log_file.open("rb") as fh:
+        while True:
+            line = fh.readline()
+            if not line:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+                continue
+            text = line.decode(errors="replace")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            match = RUN_STARTED.search(text)
+            if match and run_id is None:
+                run_id = int(match.group(1))
+    return run_id
+
+
+def _run_status(env: dict[str, str], run_id: int | None) -> str:
+    """Flower's status of run `run_id` (e.g. "finished:completed"), or "" if unknown."""
+    if run_id is None:
+        return ""
+    result = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
     try:
         runs = json.loads(result.stdout).get("runs", [])
     except json.JSONDecodeError:
-        return {}
-    return dict(runs[-1]) if runs else {}
+        return ""
+    return str(runs[0].get("status", "")) if runs else ""

@@ -198,7 +198,7 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
             pretrain(cfg, bundle_dir, key)
     bundle = load_bundle(bundle_dir, key.public_key(), require_signature=True)
     model = model_from_manifest(bundle.manifest)
-    load_state(model, {**bundle.backbone, **bundle.head}, where=str(bundle_dir))
+    load_state(model, {**bundle.backbone, **bundle.head}, where=str(bundle_dir), complete=True)
     if cfg.federation.reset_head:
         reset_head(model, cfg.seed)
     trainable = set_trainable(model, cfg.model.trainable)
@@ -234,7 +234,8 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
     registry.repair_pointers(best_metric)
     version = load_bundle(registry.version_dir(checkpoint.round), key.public_key(),
                           require_signature=True)
-    load_state(model, {**version.backbone, **version.head}, where=str(version.path))
+    load_state(model, {**version.backbone, **version.head}, where=str(version.path),
+               complete=True)
     log.info("resuming after round %d", checkpoint.round)
     return checkpoint.round
 

@@ -39,7 +39,10 @@ NOTES = {
         "train split is all positive (30/30), so adaptation there learns 'always positive', "
         "which scores 15/16 on its test split and leaves its AUC near chance - adaptation "
         "runs without error on the one-class site. FLamby's published figures use logistic "
-        "regression from scratch; they are mean-over-centres accuracy only. Hyper-parameters "
+        "regression from scratch; they are mean-over-centres accuracy only. Local-only models "
+        "score high on mean centre accuracy because each absorbs its centre's base rate "
+        "(Switzerland is almost all positive), which one global model cannot: compare them "
+        "with the '+ local adaptation' column rather than with the global one. Hyper-parameters "
         "were tuned on these same test splits (FLamby has no validation split), so the tuned "
         "rows are optimistic by the selection; see 'Tuning' below."
     ),

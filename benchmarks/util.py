@@ -45,7 +45,6 @@ def machine() -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "flwr": flwr.__version__,
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }

@@ -239,9 +239,10 @@ def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
     flwr = str(Path(sys.executable).parent / "flwr")
     started = time.time()
     log_file = req.run_dir / "flwr-run.log"
+    offset = log_file.stat().st_size if log_file.exists() else 0  # a resumed run appends
     submit = group.start([flwr, "run", str(PROJECT_ROOT), CONNECTION, "--run-config",
                           str(run_config), "--stream"], log_file, env)
-    run_id = _follow(submit, log_file)
+    run_id = _follow(submit, log_file, offset)
     status = _run_status(env, run_id)
     log.info("federated run %s status: %s", run_id, status or "unknown")
     summary = req.run_dir / "summary.json"
@@ -249,10 +250,11 @@ def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
     return 0 if status.endswith("completed") and fresh else 1
 
 
-def _follow(proc: subprocess.Popen[bytes], log_file: Path) -> int | None:
+def _follow(proc: subprocess.Popen[bytes], log_file: Path, offset: int) -> int | None:
     """Relay `flwr run --stream` output while it runs; returns the run id it announced."""
     run_id = None
     with log_file.open("rb") as fh:
+        fh.seek(offset)
         while True:
             line = fh.readline()
             if not line:

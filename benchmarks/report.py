@@ -112,7 +112,7 @@ def render(results: dict[str, dict[str, Any]], head: dict[str, Any]) -> str:
         "`benchmarks/results/headline.json`.",
         "",
         f"- command: `{head['command']}`; date (UTC): {head['date']}; "
-        f"total wall time: {fmt(head.get('total_wall_s'), 0)} s",
+        f"wall time (sum over the benchmarks below): {fmt(head.get('total_wall_s'), 0)} s",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gb']} GB RAM, "
         f"{m['os']}; Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}",
         "- other jobs shared the machine during the run when the load average (below, per "

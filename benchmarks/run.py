@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         path = out_dir / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text(encoding="utf-8"))
-    head = headline(results, command, wall if not args.only else None)
+    # the sum over the stored benchmarks, so that `--only` re-runs keep a meaningful total
+    total = round(sum(r.get("wall_s", 0.0) for r in results.values()), 1)
+    head = headline(results, command, total)
     (out_dir / "headline.json").write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
     md_path = (out_dir / "RESULTS.md") if args.quick else RESULTS.parent / "RESULTS.md"
     md_path.write_text(report.render(results, head), encoding="utf-8")

@@ -144,14 +144,28 @@ def run(quick: bool) -> dict[str, Any]:
         print(f"  deployment {hospitals} hospitals {'TLS' if tls else 'insecure'}: "
               f"{rows[-1]['per_round_s']:.1f} s/round", flush=True)
 
-    def pooled(tls: bool) -> float:  # rounds 2+ of every 2-hospital run in this mode
-        return statistics.fmean([t for r in rows if r["hospitals"] == 2 and r["tls"] == tls
-                                 for t in r["round_s"][1:]])
+    return {"rows": rows, "polling_s": POLL_S, "config": str(CONFIG.relative_to(ROOT)),
+            **tls_ratio(rows)}
 
+
+def tls_ratio(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """TLS vs insecure from the alternated 2-hospital runs.
+
+    Each mode's figure is its fastest run (mean of rounds 2+): other jobs on a shared machine
+    only ever add time, so the least disturbed run is the best estimate of each mode's cost.
+    The pooled means of all rounds are kept beside it.
+    """
+    def runs(tls: bool) -> list[dict[str, Any]]:
+        return [r for r in rows if r["hospitals"] == 2 and r["tls"] == tls]
+
+    def pooled(tls: bool) -> float:
+        return statistics.fmean([t for r in runs(tls) for t in r["round_s"][1:]])
+
+    best = {tls: min(r["per_round_s"] for r in runs(tls)) for tls in (True, False)}
     return {
-        "rows": rows, "polling_s": POLL_S, "config": str(CONFIG.relative_to(ROOT)),
-        "tls_per_round_s": pooled(True), "insecure_per_round_s": pooled(False),
-        "headline": {"tls_latency_ratio": pooled(True) / pooled(False)},
+        "tls_per_round_s": best[True], "insecure_per_round_s": best[False],
+        "tls_pooled_mean_s": pooled(True), "insecure_pooled_mean_s": pooled(False),
+        "headline": {"tls_latency_ratio": best[True] / best[False]},
     }
 
 
@@ -171,8 +185,11 @@ def markdown(res: dict[str, Any]) -> str:
         "rounds 2+ exclude backbone provisioning.",
         md_table(["hospitals", "security", "rounds", "round 1", "mean of rounds 2+",
                   "all rounds (s)", "wire bytes from nodes", "wire bytes to nodes"], table),
-        "TLS / insecure latency ratio (2 hospitals, runs alternated, rounds 2+ pooled): "
+        "TLS / insecure latency ratio (2 hospitals, runs alternated TLS, insecure, TLS, "
+        "insecure; each mode's fastest run, rounds 2+): "
         f"{res['tls_per_round_s']:.1f} s / {res['insecure_per_round_s']:.1f} s = "
-        f"{fmt(res['headline']['tls_latency_ratio'], 2)}.",
+        f"{fmt(res['headline']['tls_latency_ratio'], 2)} (means over all their rounds 2+: "
+        f"{res['tls_pooled_mean_s']:.1f} s / {res['insecure_pooled_mean_s']:.1f} s; other jobs "
+        "only add time, so the fastest run is the least disturbed one).",
     ])
 

@@ -80,7 +80,10 @@ NOTES = {
         "replies every 3 s (`flwr/superlink/grid/http_grid.py`), SuperExec starts app "
         "processes on a 1 s poll, and every message starts a fresh ClientApp process (Python "
         "+ torch import). A round has two message phases (train, evaluate), so about 6 s plus "
-        "process start-up is the floor whatever the model size. Wire bytes are Flower's own "
+        "process start-up is the floor whatever the model size. With 5 and 10 hospitals on "
+        "this one 2-core machine, those per-message process starts (one per hospital) share "
+        "the same 2 cores, so round time grows with the number of hospitals; at real hospitals "
+        "each runs on its own machine. Wire bytes are Flower's own "
         "counters of Fleet API request/response and object sizes (HTTP and TLS framing "
         "excluded)."
     ),
@@ -111,7 +114,7 @@ def render(results: dict[str, dict[str, Any]], head: dict[str, Any]) -> str:
         "numbers alone). Raw figures: `benchmarks/results/*.json`; headline: "
         "`benchmarks/results/headline.json`.",
         "",
-        f"- command: `{head['command']}`; date (UTC): {head['date']}; "
+        f"- commands: `{head['command']}`; latest benchmark started (UTC): {head['date']}; "
         f"wall time (sum over the benchmarks below): {fmt(head.get('total_wall_s'), 0)} s",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gb']} GB RAM, "
         f"{m['os']}; Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}",

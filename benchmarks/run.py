@@ -4,7 +4,8 @@ A full run (`make bench`) writes `benchmarks/results/<name>.json`, `results/head
 `benchmarks/RESULTS.md`. `--quick` (`make bench QUICK=1`, under 10 minutes) runs every
 benchmark on smaller sizes and writes the same files under `benchmarks/results/tmp/quick/`, so
 the committed full-run numbers are never replaced by quick ones. `--only a,b` runs some
-benchmarks and re-renders the report from the stored results of the others.
+benchmarks and re-renders the report from the stored results of the others; `--render` only
+re-renders the report and headline from the stored results.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from benchmarks.util import RESULTS, WORK, machine
 BENCHMARKS = ("heart", "breast", "overhead", "communication", "feature_cache", "deployment")
 
 
-def run_one(name: str, quick: bool) -> dict[str, Any]:
+def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:
     """Run one benchmark module; failures are recorded, not raised."""
     module = importlib.import_module(f"benchmarks.{name}")
     info = machine()
@@ -36,6 +37,7 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         traceback.print_exc()
         result = {"error": f"{type(err).__name__}: {err}"[:2000]}
     result.update({"benchmark": name, "quick": quick, "started": started, "machine": info,
+                   "command": command,
                    "load_average_at_end": info_load(),
                    "wall_s": round(time.perf_counter() - t0, 1)})
     return result
@@ -54,8 +56,10 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
     out: dict[str, Any] = {key: None for key in report.TARGETS}
     for res in results.values():
         out.update({k: v for k, v in res.get("headline", {}).items() if k in out})
+    started = [r["started"] for r in results.values() if "started" in r]
     out.update({
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        # when the freshest of these numbers was measured (UTC), not when this file was written
+        "date": max(started) if started else dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "command": command,
         "total_wall_s": wall,
@@ -69,19 +73,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 10 minutes")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {BENCHMARKS}")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing; rewrite the report and headline from stored results")
     args = parser.parse_args(argv)
-    chosen = [b for b in args.only.split(",") if b] or list(BENCHMARKS)
+    chosen = [] if args.render else [b for b in args.only.split(",") if b] or list(BENCHMARKS)
     unknown = [b for b in chosen if b not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     out_dir = WORK / "quick" if args.quick else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only else "")
+        f" --only {args.only}" if args.only else "") + (" --render" if args.render else "")
     t0 = time.perf_counter()
     for name in chosen:
         print(f"[bench] {name} ({'quick' if args.quick else 'full'})", flush=True)
-        res = run_one(name, args.quick)
+        res = run_one(name, args.quick, command)
         (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n",
                                               encoding="utf-8")
         print(f"[bench] {name}: {'FAILED ' + res['error'] if 'error' in res else 'done'} "
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = json.loads(path.read_text(encoding="utf-8"))
     # the sum over the stored benchmarks, so that `--only` re-runs keep a meaningful total
     total = round(sum(r.get("wall_s", 0.0) for r in results.values()), 1)
-    head = headline(results, command, total)
+    # the commands that produced the stored results (a full run, then maybe `--only` re-runs)
+    commands = list(dict.fromkeys(r.get("command", command) for r in results.values()))
+    head = headline(results, "; ".join(commands) or command, total)
     (out_dir / "headline.json").write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
     md_path = (out_dir / "RESULTS.md") if args.quick else RESULTS.parent / "RESULTS.md"
     md_path.write_text(report.render(results, head), encoding="utf-8")

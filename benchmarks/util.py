@@ -3,7 +3,6 @@ process-tree memory sampling, and small table formatting."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -48,20 +47,6 @@ def machine() -> dict[str, Any]:
         "flwr": flwr.__version__,
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
-
-
-def write_result(name: str, data: dict[str, Any]) -> Path:
-    """Write `benchmarks/results/<name>.json` (pretty, sorted keys)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-def read_result(name: str) -> dict[str, Any] | None:
-    """The stored result of one benchmark, or None."""
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def summary(values: Iterable[float | None]) -> dict[str, Any]:

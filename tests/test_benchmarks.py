@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from benchmarks import heart, report
 from benchmarks import run as bench_run
@@ -84,6 +86,16 @@ def test_status_compares_with_the_target() -> None:
     assert report._status("upload_bytes_ratio", None) == "not measured"
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a busy machine: one torch thread (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
     tiny = ("pretrain.optim.epochs=1", "federation.rounds=1", "federation.local.steps=2",
             "federation.adaptation.steps=2")
@@ -94,3 +106,19 @@ def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
     assert 0.0 <= res["adapted"]["sites"]["switzerland"]["accuracy"] <= 1.0
     agg = heart.aggregate([res, res])
     assert agg["mean_centre_acc"]["std"] == 0.0 and agg["mean_centre_acc"]["n"] == 2
+
+
+def test_render_rewrites_the_report_without_running(
+        fake_bench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bench_run.main(["--quick"]) == 0
+    out = fake_bench / "work" / "quick"
+    (out / "RESULTS.md").unlink()
+
+    def must_not_run(quick: bool) -> dict[str, Any]:
+        raise AssertionError("--render ran a benchmark")
+
+    monkeypatch.setattr(sys.modules["benchmarks.fake"], "run", must_not_run)
+    assert bench_run.main(["--quick", "--render"]) == 0
+    assert "fake value 3" in (out / "RESULTS.md").read_text()
+    head = json.loads((out / "headline.json").read_text())
+    assert head["command"] == "python -m benchmarks.run --quick"  # who made the numbers

@@ -21,6 +21,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from safetensors import torch as st  # safetensors' parser (no pickle)
 
 from common.atomic import atomic_dir, atomic_write_bytes
 from common.signing import SignatureError, public_key_fingerprint, sign, verify
@@ -90,7 +91,7 @@ def state_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
     """
     try:
         # Looked up at call time (not imported by name) so tests can intercept the parser.
-        return safetensors.torch.load(data)
+        return st.load(data)
     except Exception as err:  # SafetensorError has no stable import path across versions
         raise BundleError(f"{where} is not a valid safetensors file: {err}") from err
 

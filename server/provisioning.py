@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from common import records as rk
 from common.config import ValidationConfig
+from server.delegating_grid import DelegatingGrid
 from server.validation import validate_train_replies
 
 log = logging.getLogger("medfed.server")
@@ -72,7 +72,7 @@ def content_bytes(content: RecordDict) -> int:
 
 
 @dataclass
-class ProvisioningGrid(Grid):
+class ProvisioningGrid(DelegatingGrid):
     """Delegates to Flower's Grid; adds backbone provisioning, traffic counts, reply capture."""
 
     inner: Grid
@@ -88,28 +88,6 @@ class ProvisioningGrid(Grid):
     excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
     audit_path: Path | None = None  # one JSON line per reply: what each site sent
 
-    # --- plain delegation -------------------------------------------------------------
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.inner.run
-
-    def create_message(  # noqa: D102
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
 
     # --- what medfed adds ---------------------------------------------------------------
     def _count_out(self, messages: list[Message]) -> None:

@@ -34,7 +34,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
 from flwr.server import ServerConfig
 from flwr.server.client_proxy import ClientProxy
@@ -44,18 +44,18 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from common import records as rk
 from common.config import ConfigError, PrivacyConfig
 from common.settings import RunSettings
+from server.delegating_grid import DelegatingGrid
 from server.federation import Federation, prepare
 from server.provisioning import ProvisioningGrid, RunStopped
 
 log = logging.getLogger("medfed.server")
 
 
-class LegacyGrid(Grid):
+class LegacyGrid(DelegatingGrid):
     """`fed.grid` for legacy messages: counts and audits replies, skips update validation.
 
     Only reply batches that carry our "metrics" record (the masked-vector stage of SecAgg+
@@ -63,30 +63,11 @@ class LegacyGrid(Grid):
     training and test metrics instead of the key-exchange replies.
     """
 
+    inner: ProvisioningGrid
+
     def __init__(self, inner: ProvisioningGrid) -> None:
         self.inner = inner
 
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.inner.run
-
-    def create_message(  # noqa: D102
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -18,7 +18,8 @@ import torch
 
 from benchmarks import emulate
 from benchmarks.util import ROOT, WORK, fmt, md_table, summary
-from common.config import Config, load_config
+from common.config import Config
+from common.config_check import load_config
 from common.data.federated import load_federated
 from common.device import resolve_device
 from common.training import evaluate

@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import emulate
 from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, require_ok, run_cmd
-from common.config import load_config
+from common.config_check import load_config
 from common.manifest import model_from_manifest
 from common.models import set_trainable
 

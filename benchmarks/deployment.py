@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, stop_group
 from common.certs import init_federation, init_hospital
-from common.config import load_config
+from common.config_check import load_config
 from common.data.heart import SITE_FILES, export_site_csv
 from common.pretrain import pretrain
 from common.processes import free_port

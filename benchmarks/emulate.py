@@ -4,10 +4,13 @@ The quality tables need many (configuration x seed) runs; Flower's runtime would
 their time starting Ray. This module replays what the ServerApp and ClientApp compute, step by
 step, with the product's own functions: the bundle comes from :func:`common.pretrain.pretrain`,
 data from :func:`common.data.federated.load_federated`, every node trains with
-:func:`common.training.train_local` seeded by :meth:`client.node.Node.seed`, on frozen-backbone
-features exactly as `client/node.py` caches them, and the server aggregates like Flower's
-FedAvg / FedProx / FedYogi. `benchmarks/heart.py` runs the real `medfed simulate` for the
-headline configurations and shows that both agree.
+:func:`common.training.train_local` seeded by :meth:`client.node.Node.seed` on frozen-backbone
+features as `client/node.py` caches them, every round's global model is scored at the sites
+with :func:`common.scoring.score_model` and aggregated with
+:func:`server.heldout.aggregate_sites`, `best` is picked by the registry's rule on validation,
+and each site builds its model with :func:`common.personalise.personalise`. The server
+aggregates like Flower's FedAvg / FedProx / FedYogi. `benchmarks/heart.py` runs the real
+`medfed simulate` for the headline configuration and shows that both agree.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 from client.node import Node
 from common.bundle import load_bundle
 from common.config import Config, OptimConfig
-from common.data.federated import FederatedData, SiteSplit, load_federated
+from common.data.federated import FederatedData, load_federated
+from common.data.preprocess import SiteStats
+from common.data.splits import SiteSplit
 from common.device import resolve_device, seed_everything
-from common.manifest import model_from_manifest, normaliser_from_manifest
-from common.metrics import compute_metrics
+from common.manifest import model_from_manifest, stats_from_manifest
 from common.models import (
     SplitModel,
     build_model,
@@ -36,10 +40,14 @@ from common.models import (
     load_state,
     set_trainable,
 )
+from common.personalise import personalise as personalise_site
 from common.pretrain import pretrain
+from common.scoring import OperatingPoint, score_model
 from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
-from common.training import evaluate, predict_proba, train_local
+from common.training import train_local
+from server.heldout import aggregate_sites, aggregate_test
+from server.registry import improves
 
 State = dict[str, torch.Tensor]
 
@@ -56,8 +64,9 @@ def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
     return out
 
 
-def start_model(cfg: Config, bundle_dir: Path | None, keys: Path) -> tuple[SplitModel, Any]:
-    """The server's starting model (as `server.federation.prepare`) and the bundle normaliser.
+def start_model(cfg: Config, bundle_dir: Path | None, keys: Path
+                ) -> tuple[SplitModel, SiteStats | None]:
+    """The server's starting model (as `server.federation.prepare`) and the bundle's stats.
 
     `bundle_dir=None` builds a randomly initialised model from `cfg.seed` (from scratch).
     """
@@ -76,38 +85,33 @@ def start_model(cfg: Config, bundle_dir: Path | None, keys: Path) -> tuple[Split
 
         reset_head(model, cfg.seed)
     seed_everything(cfg.seed)
-    return model, normaliser_from_manifest(bundle.manifest)
+    return model, stats_from_manifest(bundle.manifest)
 
 
 def node_seed(cfg: Config, partition_id: int, server_round: int) -> int:
     """The seed a simulated node uses in `server_round` (client/node.py's own formula)."""
     # the node config Flower's simulation gives a node; "workdir" so no run settings are needed
     settings = NodeSettings.from_node_config(
-        {"partition-id": partition_id, "workdir": "."}, None)  # type: ignore[arg-type]
+        {"partition-id": partition_id, "workdir": "."}, None)
     return Node(cfg, None, settings).seed(server_round)  # type: ignore[arg-type]
 
 
 @dataclass
 class SiteInputs:
-    """A site's inputs as the node trains on them (cached frozen features when possible)."""
+    """A site's training inputs as the node trains on them (cached frozen features)."""
 
     site: SiteSplit
     x_train: np.ndarray
-    x_test: np.ndarray
     cached: bool
 
 
 def site_inputs(model: SplitModel, sites: list[SiteSplit], trainable: str) -> list[SiteInputs]:
-    """Frozen-backbone features per site, as `Node.inputs` computes and caches them."""
+    """Frozen-backbone features per site, as `Node.train_inputs` computes and caches them."""
     if frozen_prefix_blocks(model, trainable) == 0:
-        return [SiteInputs(s, s.x_train, s.x_test, False) for s in sites]
-    out = []
+        return [SiteInputs(s, s.x_train, False) for s in sites]
     with torch.no_grad():
-        for s in sites:
-            tr = frozen_features(model, torch.from_numpy(s.x_train), trainable).numpy()
-            te = frozen_features(model, torch.from_numpy(s.x_test), trainable).numpy()
-            out.append(SiteInputs(s, tr, te, True))
-    return out
+        return [SiteInputs(s, frozen_features(model, torch.from_numpy(s.x_train),
+                                              trainable).numpy(), True) for s in sites]
 
 
 class Aggregator:
@@ -134,14 +138,21 @@ class Aggregator:
         return new
 
 
-def _site_eval(model: SplitModel, inp: SiteInputs, trainable: str, device: torch.device
-               ) -> dict[str, Any]:
-    return evaluate(model, inp.x_test, inp.site.y_test, device, trainable=trainable,
-                    features_cached=inp.cached)
+def site_scores(model: SplitModel, sites: list[SiteSplit]) -> dict[str, dict[str, Any]]:
+    """Each site's validation and test metrics of `model` (as `client.node.evaluate_local`)."""
+    op = OperatingPoint()
+    return {s.name: {"validation": score_model(model, s.x_val, s.y_val, op),
+                     "test": score_model(model, s.x_test, s.y_test, op)} for s in sites}
 
 
-def federate(cfg: Config, model: SplitModel, data: FederatedData) -> dict[str, Any]:
-    """Rounds of local training and aggregation; final global + adapted metrics per site."""
+def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: bool = True
+             ) -> dict[str, Any]:
+    """Rounds, validation check per round, `best`, then (`personalise`) each site's model.
+
+    Returns the chosen global model's site metrics (`sites`), its aggregated `validation` and
+    `test`, the chosen `version`, the validation curve, and `site_models`. `model` is left
+    holding the chosen version.
+    """
     device = resolve_device(cfg.device)
     trainable = cfg.model.trainable
     names = set_trainable(model, trainable)
@@ -151,46 +162,61 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData) -> dict[str, A
     aggregate = Aggregator(cfg)
     mu = cfg.federation.strategy.proximal_mu if cfg.federation.strategy.name == "fedprox" else 0
     optim = replace(cfg.federation.local, proximal_mu=mu)
-    for rnd in range(1, cfg.federation.rounds + 1):
-        replies = []
-        for pid, inp in enumerate(inputs):
-            local = copy.deepcopy(model)
-            load_state(local, current, where="emulated train message")
-            seed = node_seed(cfg, pid, rnd)
-            seed_everything(seed)
-            res = train_local(local, inp.x_train, inp.site.y_train, optim, trainable, device,
-                              seed, global_state=current if mu > 0 else None,
-                              features_cached=inp.cached)
-            local_state = local.state_dict()
-            replies.append(({n: local_state[n].detach().cpu() for n in names}, res.num_examples))
-        current = aggregate(current, replies)
-    load_state(model, current, where="emulated global model")
+    metric = cfg.federation.best_metric
+    versions: list[State] = []
+    curve: list[float | None] = []
+    best: tuple[int, float | None] | None = None
+    for rnd in range(0, cfg.federation.rounds + 1):
+        if rnd > 0:
+            replies = []
+            for pid, inp in enumerate(inputs):
+                local = copy.deepcopy(model)
+                load_state(local, current, where="emulated train message")
+                seed = node_seed(cfg, pid, rnd)
+                seed_everything(seed)
+                res = train_local(local, inp.x_train, inp.site.y_train, optim, trainable,
+                                  device, seed, global_state=current if mu > 0 else None,
+                                  features_cached=inp.cached)
+                local_state = local.state_dict()
+                replies.append(({n: local_state[n].detach().cpu() for n in names},
+                                res.num_examples))
+            current = aggregate(current, replies)
+        load_state(model, current, where="emulated global model")
+        sites = site_scores(model, data.sites)
+        value = aggregate_sites([s["validation"] for s in sites.values()]).get(metric)
+        value = None if value is None or not np.isfinite(value) else float(value)
+        versions.append({k: v.clone() for k, v in current.items()})
+        curve.append(value)
+        if best is None or (value is not None and improves(metric, value, best[1])):
+            best = (rnd, value)
+    assert best is not None
+    chosen = best[0] if cfg.federation.final_model == "best" else cfg.federation.rounds
+    load_state(model, versions[chosen], where="emulated chosen version")
+    sites = site_scores(model, data.sites)
     out: dict[str, Any] = {
-        "sites": {i.site.name: _site_eval(model, i, trainable, device) for i in inputs},
-        "heldout": evaluate(model, data.heldout_x, data.heldout_y, device),
+        "version": chosen, "validation_curve": curve, "sites": sites,
+        "validation": aggregate_sites([s["validation"] for s in sites.values()]),
+        "test": aggregate_test(sites),
     }
-    if cfg.federation.adaptation.enabled:
-        out["adapted"] = adapt(cfg, model, inputs, device)
+    if personalise:
+        out["site_models"] = site_models(cfg, model, data)
     return out
 
 
-def adapt(cfg: Config, model: SplitModel, inputs: list[SiteInputs], device: torch.device
-          ) -> dict[str, Any]:
-    """Each site fine-tunes the global model on its train split (as `client.node.adapt`)."""
-    ad = cfg.federation.adaptation
-    optim = replace(cfg.federation.local, lr=ad.lr, steps=ad.steps, epochs=0, proximal_mu=0.0)
-    sites: dict[str, Any] = {}
-    hits = 0
-    for pid, inp in enumerate(inputs):
-        local = copy.deepcopy(model)
+def site_models(cfg: Config, model: SplitModel, data: FederatedData) -> dict[str, Any]:
+    """`client.node.personalise_site` at every site, without the files: their summaries."""
+    device = resolve_device(cfg.device)
+    names = set_trainable(model, cfg.model.trainable)
+    out = {}
+    for pid, site in enumerate(data.sites):
         seed = node_seed(cfg, pid, 10_000)
         seed_everything(seed)
-        train_local(local, inp.x_train, inp.site.y_train, optim, cfg.model.trainable, device,
-                    seed, features_cached=inp.cached)
-        sites[inp.site.name] = _site_eval(local, inp, cfg.model.trainable, device)
-        hits += round(sites[inp.site.name]["accuracy"] * len(inp.site.y_test))
-    total = sum(len(i.site.y_test) for i in inputs)
-    return {"sites": sites, "pooled_accuracy": hits / total}
+        local = copy.deepcopy(model)
+        set_trainable(local, cfg.model.trainable)
+        out[site.name] = personalise_site(local, site, names, cfg.model.trainable,
+                                     cfg.federation.adaptation, cfg.federation.local,
+                                     cfg.federation.operating_point, device, seed).summary()
+    return out
 
 
 def train_alone(cfg: Config, model: SplitModel, x: np.ndarray, y: np.ndarray,
@@ -200,11 +226,3 @@ def train_alone(cfg: Config, model: SplitModel, x: np.ndarray, y: np.ndarray,
     seed_everything(seed)
     train_local(local, x, y, optim, cfg.model.trainable, resolve_device(cfg.device), seed)
     return local
-
-
-def pooled_metrics(models: list[SplitModel], sites: list[SiteSplit], device: torch.device
-                   ) -> dict[str, Any]:
-    """Each site's model on its own test split, then metrics over all test rows together."""
-    proba = [predict_proba(m, s.x_test, device) for m, s in zip(models, sites, strict=True)]
-    y = np.concatenate([s.y_test for s in sites])
-    return compute_metrics(y, np.concatenate(proba))

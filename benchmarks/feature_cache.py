@@ -23,7 +23,7 @@ from benchmarks import emulate
 from benchmarks.util import ROOT, WORK, fmt, md_table
 from client import node as ops
 from client.cache import BackboneCache
-from common.config import load_config
+from common.config_check import load_config
 from common.data.federated import SiteSplit
 from common.models import SplitModel, set_trainable, split_state
 from common.settings import NodeSettings

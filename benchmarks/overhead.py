@@ -58,7 +58,7 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from common.config import load_config
+    from common.config_check import load_config
     from common.data.federated import load_federated
     from common.device import seed_everything
     from common.models import load_state, set_trainable
@@ -105,7 +105,7 @@ def _per_round_after_start(times: list[float]) -> float:
 
 def measure(hospitals: int, rounds: int, home: Path) -> dict[str, Any]:
     """Both sides for one size; the figures of the table."""
-    from common.config import load_config
+    from common.config_check import load_config
 
     ovr = overrides(hospitals, rounds)
     cfg = load_config(CONFIG, ovr)

@@ -84,7 +84,7 @@ class BackboneCache:
 
 
 class FeatureCache:
-    """`<root>/<key>.npz` with the frozen-backbone features of a site's train and test split."""
+    """`<root>/<key>.npz` with the frozen-backbone features of a site's training split."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -95,22 +95,22 @@ class FeatureCache:
         text = f"{backbone_sha}|{trainable}|{data_fingerprint}"
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Cached (train, test) features, or None."""
+    def get(self, key: str) -> np.ndarray | None:
+        """Cached training features, or None."""
         path = self.root / f"{key}.npz"
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return npz["train"], npz["test"]
+                return np.asarray(npz["train"])
         except (OSError, ValueError, KeyError):
             return None  # a damaged cache entry is recomputed, never trusted
 
-    def put(self, key: str, train: np.ndarray, test: np.ndarray) -> None:
+    def put(self, key: str, train: np.ndarray) -> None:
         """Store features atomically."""
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, train=train, test=test)
+        np.savez(buf, train=train)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / f"{key}.npz", buf.getvalue())

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from client.local_data import hospital_site
+from client.local_data import data_config, hospital_site
 from client.predict import read_inputs
-from common.bundle import read_manifest
+from client.trust import open_manifest, verification_key
 from common.data.schema import DataError
-from common.signing import load_public_key
 
 PURPOSES = ("training", "prediction")
 
@@ -31,12 +30,16 @@ class DataCheck:
     columns: int | None = None
     image_shape: tuple[int, ...] | None = None
     warnings: tuple[str, ...] = ()
+    splits: dict[str, int] | None = None  # training: rows per split, as the client splits
 
     def summary(self) -> str:
         """``ok: N rows, M columns`` (tables) or ``ok: N images of shape CxHxW``."""
-        if self.image_shape is not None:
-            return f"ok: {self.rows} images of shape {'x'.join(map(str, self.image_shape))}"
-        return f"ok: {self.rows} rows, {self.columns} columns"
+        what = (f"{self.rows} images of shape {'x'.join(map(str, self.image_shape))}"
+                if self.image_shape is not None else f"{self.rows} rows, {self.columns} columns")
+        if self.splits:
+            what += (f" (train {self.splits['train']}, validation {self.splits['validation']}, "
+                     f"test {self.splits['test']})")
+        return f"ok: {what}"
 
 
 def _header_width(path: Path) -> int:
@@ -58,7 +61,8 @@ def _one_class_warning(labels: np.ndarray, names: list[str]) -> tuple[str, ...]:
 
 
 def check_data(
-    model_dir: Path, data: Path, purpose: str = "training", public_key: Path | None = None
+    model_dir: Path, data: Path, purpose: str = "training", public_key: Path | None = None,
+    *, certs: Path | None = None, unsigned: bool = False, test_data: Path | None = None,
 ) -> DataCheck:
     """Validate `data` for `purpose` (training or prediction) against the bundle in `model_dir`.
 
@@ -74,16 +78,20 @@ def check_data(
     data = Path(data)
     if not data.exists():
         raise DataError(f"data file {data} does not exist")
-    pub = load_public_key(public_key) if public_key else None
-    manifest: dict[str, Any] = read_manifest(Path(model_dir), pub)
+    manifest: dict[str, Any] = open_manifest(Path(model_dir),
+                                             verification_key(public_key, certs, unsigned))
+    splits = None
     if purpose == "training":
-        site = hospital_site(data, "check", manifest)
-        labels = np.concatenate([site.y_train, site.y_test])
+        site = hospital_site(data, "check", manifest, data_config(manifest), test_data)
+        labels = np.concatenate([site.y_train, site.y_val, site.y_test])
         x = site.x_train
         warnings = _one_class_warning(labels, list(manifest["labels"]))
+        splits = site.sizes()
     else:
-        x = read_inputs(data, manifest)
+        x, _, _ = read_inputs(data, manifest)
         labels, warnings = np.zeros(len(x)), ()
     if x.ndim == 4:
-        return DataCheck(len(labels), image_shape=tuple(x.shape[1:]), warnings=warnings)
-    return DataCheck(len(labels), columns=_header_width(data), warnings=warnings)
+        return DataCheck(len(labels), image_shape=tuple(x.shape[1:]), warnings=warnings,
+                         splits=splits)
+    return DataCheck(len(labels), columns=_header_width(data), warnings=warnings,
+                     splits=splits)

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import node as ops
+from common.personalise import SiteModel
 from client.dp_clipping import clip_when_asked
 from client.secagg_client import handle_legacy, is_legacy, make_legacy_app
 from common import records as rk
@@ -20,6 +21,27 @@ def _node(context: Context, defaults: RunSettings | None) -> ops.Node:
 
 def _site_record(name: str) -> ConfigRecord:
     return ConfigRecord({rk.SITE_NAME: name})
+
+
+def site_model_metrics(result: SiteModel) -> dict[str, int | float | list[int] | list[float]]:
+    """The site model's numbers: choice, operating point, validation and test metrics."""
+    out: dict[str, int | float | list[int] | list[float]] = {
+        rk.SITE_KEPT_ADAPTED: int(result.kept == "adapted"), "steps": result.steps,
+        "temperature": result.op.temperature, "threshold": result.op.threshold,
+    }
+    for who in ("site_model", "global"):
+        for split in ("validation", "test"):
+            for key, value in ops.nan_for_none(result.report[who][split]).items():
+                out[f"{who}/{split}/{key}"] = value
+    out.update({f"rows/{k}": v for k, v in result.report["rows"].items()})
+    return out
+
+
+def site_model_record(result: SiteModel, hashes: dict[str, str]) -> dict[str, str]:
+    """The site model's words: method, reason, threshold rule, notes, file hashes."""
+    return {"method": result.method, "reason": result.reason, "rule": result.op.rule,
+            "fitted-on": result.op.fitted_on or "", "notes": "\n".join(result.op.notes),
+            **{f"sha256/{name}": digest for name, digest in hashes.items()}}
 
 
 def _file_bytes(content: RecordDict, key: str) -> bytes | None:
@@ -43,9 +65,14 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
                                  str(meta[rk.MANIFEST_SIG]))
         has = node.backbones.has(sha)
         metrics: dict[str, int | float | list[int] | list[float]] = {rk.HAS_BACKBONE: int(has)}
+        content: dict[str, MetricRecord | ConfigRecord] = {}
         if has:
-            metrics[rk.NUM_TRAIN] = ops.declared_rows(node, sha)
-        return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=msg)
+            sizes, name = ops.declared_rows(node, sha)
+            metrics[rk.NUM_TRAIN] = sizes["train"]
+            metrics.update({f"rows/{k}": v for k, v in sizes.items()})
+            content[rk.SITE] = _site_record(name)
+        content[rk.METRICS] = MetricRecord(metrics)
+        return Message(RecordDict(content), reply_to=msg)
 
     legacy = make_legacy_app(lambda context: _node(context, defaults))  # SecAgg+ path
 
@@ -83,11 +110,19 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
-        sha = str(config[rk.BACKBONE_SHA256])
-        metrics, n, site = ops.adapt(node, arrays, sha, int(config["steps"]),  # type: ignore[arg-type]
-                                     float(config["lr"]))  # type: ignore[arg-type]
-        return Message(RecordDict({rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
-                                   rk.SITE: _site_record(site)}), reply_to=msg)
+        result, hashes, site = ops.personalise_site(node, arrays, str(config[rk.BACKBONE_SHA256]))
+        return Message(RecordDict({
+            rk.METRICS: MetricRecord(site_model_metrics(result)),
+            rk.SITE_MODEL: ConfigRecord(site_model_record(result, hashes)),
+            rk.SITE: _site_record(site)}), reply_to=msg)
+
+    @app.query(rk.QUERY_SAVE_SITE_MODEL)
+    def save_site_model(msg: Message, context: Context) -> Message:
+        node = _node(context, defaults)
+        meta = msg.content.config_records[rk.BUNDLE_META]
+        path = ops.save_site_model(node, str(meta[rk.MANIFEST_JSON]), str(meta[rk.MANIFEST_SIG]))
+        return Message(RecordDict({rk.METRICS: MetricRecord({"saved": 1}),
+                                   rk.SITE: _site_record(path.parent.name)}), reply_to=msg)
 
     @app.query(rk.QUERY_SAVE_MODEL)
     def save_model(msg: Message, context: Context) -> Message:

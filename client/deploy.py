@@ -47,6 +47,7 @@ class ClientRequest:
 
     server: str
     data: Path
+    test_data: Path | None
     certs: Path | None
     name: str
     device: str
@@ -59,7 +60,9 @@ class ClientRequest:
     def from_args(cls, args: argparse.Namespace) -> ClientRequest:
         """From the parsed `medfed client` arguments."""
         return cls(
-            server=args.server, data=args.data.resolve(), certs=args.certs, name=args.name,
+            server=args.server, data=args.data.resolve(),
+            test_data=args.test_data.resolve() if args.test_data else None,
+            certs=args.certs, name=args.name,
             device=args.device, workdir=(args.workdir or medfed_home() / args.name).resolve(),
             port=args.port, insecure=args.insecure, max_retries=args.max_retries,
         )
@@ -70,6 +73,8 @@ def _node_config(req: ClientRequest, certs: HospitalPaths | None) -> str:
         "site-name": req.name, "data-path": str(req.data), "workdir": str(req.workdir),
         "device": req.device,
     }
+    if req.test_data is not None:
+        values["test-path"] = str(req.test_data)
     if certs is not None and certs.signing_pub.exists():
         values["signing-pub"] = str(certs.signing_pub.resolve())
     return " ".join(f'{k}="{v}"' for k, v in values.items())
@@ -90,6 +95,8 @@ def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None) -> list[str]:
 def _check(req: ClientRequest) -> HospitalPaths | None:
     if not req.data.exists():
         raise DataError(f"data file {req.data} does not exist")
+    if req.test_data is not None and not req.test_data.exists():
+        raise DataError(f"test data file {req.test_data} does not exist")
     if req.certs is None and not req.insecure:
         raise ValueError("refusing to start without certificates: pass --certs DIR (made by "
                          "`medfed certs hospital`) or --insecure for a local test")

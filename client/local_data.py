@@ -1,7 +1,10 @@
-"""A hospital's local train/test split, read through the bundle's preprocessing spec.
+"""A hospital's local train / validation / test split, read through the bundle's spec.
 
 Simulation: the node's share of the configured source (partition-id of Flower's node config).
-Deployment: the hospital's own file (`data-path`), validated against the bundle's schema.
+Deployment: the hospital's own file (`data-path`, plus `test-path` when it keeps its test rows
+apart), validated against the bundle's schema and split as the run's config says.
+Either way the site's statistics (imputation, normalisation) are fitted on its training split
+only, and travel with the :class:`~common.data.splits.SiteSplit` (`.stats`).
 """
 
 from __future__ import annotations
@@ -14,84 +17,104 @@ from typing import Any
 
 import numpy as np
 
-from common.config import Config, DataConfig, from_dict
-from common.data.csv_source import read_csv_checked
-from common.data.federated import FederatedData, SiteSplit, load_federated, split_site
-from common.data.medmnist import NPZ_ERRORS, npz_problem, to_nchw
-from common.data.normalise import Normaliser
-from common.data.schema import DataError, encode
-from common.manifest import normaliser_from_manifest, spec_from_manifest
+from common.config import DataConfig, from_dict
+from common.data.csv_source import read_csv_checked, site_from_frames
+from common.data.federated import preprocess, raw_sites
+from common.data.medmnist import read_labelled_npz
+from common.data.preprocess import SiteStats
+from common.data.schema import DataError
+from common.data.splits import SiteSplit, three_way, with_validation
+from common.manifest import spec_from_manifest, stats_from_manifest
 
 
-@functools.lru_cache(maxsize=4)
-def _federated(data_cfg: DataConfig, seed: int, norm_json: str) -> FederatedData:
-    # A simulation worker serves many virtual hospitals; building the partition once per
-    # worker process instead of once per message keeps 1000-hospital runs cheap.
-    return load_federated(data_cfg, Normaliser.from_dict(json.loads(norm_json)), seed=seed)
+def data_config(manifest: dict[str, Any]) -> DataConfig:
+    """The data config a bundle's manifest records (the run that produced it)."""
+    return from_dict(manifest["config"]).federation.data
 
 
-def simulated_site(cfg: Config, manifest: dict[str, Any], partition_id: int) -> SiteSplit:
-    """The split of simulated hospital `partition_id`."""
-    norm_json = json.dumps(normaliser_from_manifest(manifest).to_dict(), sort_keys=True)
-    data = _federated(cfg.federation.data, cfg.seed, norm_json)
-    if not 0 <= partition_id < len(data.sites):
+@functools.lru_cache(maxsize=64)
+def _simulated(data_cfg: DataConfig, seed: int, partition_id: int, stats_json: str
+               ) -> SiteSplit:
+    # A simulation worker serves many virtual hospitals: the partition is built once per
+    # process (raw_sites is cached) and each node preprocesses only its own share.
+    spec, sites = raw_sites(data_cfg, seed)
+    if not 0 <= partition_id < len(sites):
         raise DataError(
             f"simulated node partition-id {partition_id} has no site: the data config defines "
-            f"{len(data.sites)} sites (set --hospitals to the number of simulated nodes)"
+            f"{len(sites)} sites (set --hospitals to the number of simulated nodes)"
         )
-    return data.sites[partition_id]
+    stats = SiteStats.from_dict(json.loads(stats_json))
+    return preprocess(sites[partition_id], spec, data_cfg.normalisation, stats)
 
 
-def _read_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files or "labels" not in npz.files:
-                raise DataError(f"{path}: expected arrays 'images' and 'labels', "
-                                f"found {sorted(npz.files)}")
-            images, labels = npz["images"], npz["labels"].reshape(-1)
-    except NPZ_ERRORS as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path} is not a readable npz file: {npz_problem(err)}") from err
-    return to_nchw(images, str(path)), labels.astype(np.int64)
+def simulated_site(data_cfg: DataConfig, seed: int, manifest: dict[str, Any],
+                   partition_id: int) -> SiteSplit:
+    """The preprocessed split of simulated hospital `partition_id`."""
+    stats_json = json.dumps(stats_from_manifest(manifest).to_dict(), sort_keys=True)
+    return _simulated(data_cfg, seed, partition_id, stats_json)
 
 
-def _hospital_raw(path: Path, manifest: dict[str, Any]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def simulated_site_name(data_cfg: DataConfig, seed: int, partition_id: int) -> str:
+    """The data's name of simulated hospital `partition_id` (e.g. `cleveland`, `site-03`)."""
+    _, sites = raw_sites(data_cfg, seed)
+    if not 0 <= partition_id < len(sites):
+        return f"node-{partition_id:04d}"
+    return sites[partition_id].name
+
+
+def _raw_hospital(path: Path, test_path: Path | None, name: str, manifest: dict[str, Any],
+                  cfg: DataConfig) -> SiteSplit:
+    """The hospital's rows in three splits, before any statistic is fitted."""
     spec = spec_from_manifest(manifest)
-    data_cfg = from_dict(manifest["config"]).federation.data
     if spec.kind == "tabular":
         if spec.schema is None:
             raise DataError(f"bundle has no tabular schema to read {path}")
-        frame = read_csv_checked(path, spec.schema, require_label=True)
-        x, y = encode(frame, spec.schema, str(path))
-        if y is None:
-            raise DataError(f"{path}: label column '{spec.schema.label}' is missing")
-    else:
-        x, y = _read_images(path)
-        if tuple(x.shape[1:]) != tuple(spec.input_shape):
-            raise DataError(f"{path}: images have shape {tuple(x.shape[1:])}, the model expects "
-                            f"{tuple(spec.input_shape)}")
-    return split_site(x, y, data_cfg.test_fraction, data_cfg.split_seed)
+        keep = (cfg.split_column,) if cfg.split_column and _has_column(path, cfg.split_column) \
+            else ()
+        local = cfg if keep else _without_split_column(cfg)
+        frame = read_csv_checked(path, spec.schema, require_label=True, keep=keep)
+        test = read_csv_checked(test_path, spec.schema) if test_path is not None else None
+        return site_from_frames(name, str(path), frame, test, spec.schema, local)
+    x, y = read_labelled_npz(path)
+    if tuple(x.shape[1:]) != tuple(spec.input_shape):
+        raise DataError(f"{path}: images have shape {tuple(x.shape[1:])}, the model expects "
+                        f"{tuple(spec.input_shape)}")
+    if test_path is None:
+        return three_way(name, x, y, cfg.test_fraction, cfg.validation_fraction, cfg.split_seed)
+    x_te, y_te = read_labelled_npz(test_path)
+    return with_validation(name, x, y, x_te, y_te, cfg.validation_fraction, cfg.split_seed)
 
 
-def hospital_normaliser(path: Path, manifest: dict[str, Any]) -> Normaliser:
-    """The statistics this hospital's inputs are normalised with (never sent anywhere)."""
-    if from_dict(manifest["config"]).federation.data.normalisation == "site":
-        return Normaliser.fit(_hospital_raw(path, manifest)[0])
-    return normaliser_from_manifest(manifest)
+def _without_split_column(cfg: DataConfig) -> DataConfig:
+    from dataclasses import replace
+
+    return replace(cfg, split_column="")
 
 
-def hospital_site(path: Path, name: str, manifest: dict[str, Any]) -> SiteSplit:
-    """A deployed hospital's own data file, split and normalised as the run's config says."""
-    x_tr, y_tr, x_te, y_te = _hospital_raw(path, manifest)
-    norm = hospital_normaliser(path, manifest)
-    return SiteSplit(name, norm.apply(x_tr), y_tr, norm.apply(x_te), y_te)
+def _has_column(path: Path, name: str) -> bool:
+    import csv
+
+    try:
+        with Path(path).open(encoding="utf-8-sig") as fh:
+            return name in [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError):
+        return False  # read_csv_checked reports the real problem
+
+
+def hospital_site(path: Path, name: str, manifest: dict[str, Any], data_cfg: DataConfig,
+                  test_path: Path | None = None) -> SiteSplit:
+    """A deployed hospital's own data, split and preprocessed as the run's `data_cfg` says.
+
+    The bundle's manifest gives the schema and the statistics a site falls back on.
+    """
+    spec = spec_from_manifest(manifest)
+    raw = _raw_hospital(Path(path), test_path, name, manifest, data_cfg)
+    return preprocess(raw, spec, data_cfg.normalisation, stats_from_manifest(manifest))
 
 
 def fingerprint(site: SiteSplit) -> str:
     """Hash of the site's arrays: part of the feature-cache key (never sent anywhere)."""
     h = hashlib.sha256()
-    for arr in (site.x_train, site.y_train, site.x_test, site.y_test):
+    for arr in (site.x_train, site.y_train, site.x_val, site.y_val, site.x_test, site.y_test):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()

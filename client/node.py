@@ -1,8 +1,8 @@
 """What a hospital node does with each message, as plain functions over `common/`.
 
 The ClientApp handlers (`client/client_app.py`) only unpack messages and call these. Nothing
-here puts patient values into a reply: replies hold trainable tensors, counts and scalar
-metrics; error texts hold counts, shapes and names.
+here puts patient values into a reply: replies hold trainable tensors, counts, scalar metrics
+and hashes; error texts hold counts, shapes and names.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,21 @@ import torch
 
 from client.cache import BackboneCache, FeatureCache
 from client.faults import maybe_fail, maybe_poison
-from client.local_data import fingerprint, hospital_normaliser, hospital_site, simulated_site
-from client.predict import SITE_STATS
-from common.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
-from common.bundle import load_bundle, state_from_bytes, state_to_bytes
+from client.local_data import fingerprint, hospital_site, simulated_site, simulated_site_name
+from common.atomic import atomic_dir, atomic_write_text
+from common.bundle import (
+    BACKBONE_FILE,
+    HEAD_FILE,
+    SITE_STATS_FILE,
+    BundleError,
+    assemble_bundle,
+    sha256_bytes,
+    state_from_bytes,
+    state_to_bytes,
+)
 from common.config import Config
-from common.data.federated import SiteSplit
 from common.data.schema import DataError
+from common.data.splits import SiteSplit
 from common.device import resolve_device, seed_everything
 from common.manifest import model_from_manifest
 from common.models import (
@@ -34,10 +43,23 @@ from common.models import (
     frozen_prefix_blocks,
     load_state,
     set_trainable,
+    split_state,
 )
+from common.personalise import SiteModel, personalise
+from common.scoring import OperatingPoint, score_model
 from common.settings import NodeSettings, RunSettings
 from common.signing import load_public_key
-from common.training import TrainResult, evaluate, train_local
+from common.training import TrainResult, train_local
+
+SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
+PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_dir_name(name: str) -> str:
+    """A site name usable as one directory name (no separators, no leading dot)."""
+    cleaned = _UNSAFE.sub("_", name)[:80].lstrip(".")
+    return cleaned or "site"
 
 
 @dataclass
@@ -47,11 +69,21 @@ class Node:
     cfg: Config
     run: RunSettings
     settings: NodeSettings
+    _site: SiteSplit | None = field(default=None, repr=False)
+
+    @property
+    def workdir(self) -> Path:
+        """Caches and models of this node; a simulated node's is named after its site."""
+        if self.settings.workdir is not None:
+            return self.settings.workdir
+        pid = self.settings.partition_id if self.settings.partition_id is not None else 0
+        name = simulated_site_name(self.cfg.federation.data, self.cfg.seed, pid)
+        return self.run.run_dir / "nodes" / safe_dir_name(name)
 
     @property
     def backbones(self) -> BackboneCache:
         """The node's backbone cache."""
-        return BackboneCache(self.settings.workdir / "backbones", self.settings.signing_pub)
+        return BackboneCache(self.workdir / "backbones", self.settings.signing_pub)
 
     @property
     def device(self) -> torch.device:
@@ -67,13 +99,19 @@ class Node:
         return model, manifest, names
 
     def site(self, manifest: dict[str, Any]) -> SiteSplit:
-        """This node's local split."""
+        """This node's local splits, preprocessed with its own statistics."""
+        if self._site is not None:
+            return self._site
         if self.settings.partition_id is not None:
-            return simulated_site(self.cfg, manifest, self.settings.partition_id)
-        if self.settings.data_path is None:
+            self._site = simulated_site(self.cfg.federation.data, self.cfg.seed, manifest,
+                                        self.settings.partition_id)
+        elif self.settings.data_path is None:
             raise DataError("node config has neither 'partition-id' (simulation) nor "
                             "'data-path' (deployment)")
-        return hospital_site(self.settings.data_path, self.site_name(), manifest)
+        else:
+            self._site = hospital_site(self.settings.data_path, self.site_name(), manifest,
+                                       self.cfg.federation.data, self.settings.test_path)
+        return self._site
 
     def site_name(self, site: SiteSplit | None = None) -> str:
         """The hospital's name (node config wins; simulation uses the data's site name)."""
@@ -81,22 +119,21 @@ class Node:
             return self.settings.site_name
         return site.name if site is not None else "unknown"
 
-    def inputs(self, model: SplitModel, site: SiteSplit, backbone_sha: str
-               ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(train inputs, test inputs, features_cached): cached frozen features when possible."""
+    def train_inputs(self, model: SplitModel, site: SiteSplit, backbone_sha: str
+                     ) -> tuple[np.ndarray, bool]:
+        """(train inputs, features_cached): cached frozen features when possible."""
         trainable = self.cfg.model.trainable
         if frozen_prefix_blocks(model, trainable) == 0:
-            return site.x_train, site.x_test, False
-        cache = FeatureCache(self.settings.workdir / "features")
+            return site.x_train, False
+        cache = FeatureCache(self.workdir / "features")
         key = FeatureCache.key(backbone_sha, trainable, fingerprint(site))
         hit = cache.get(key)
         if hit is not None:
-            return hit[0], hit[1], True
+            return hit, True
         with torch.no_grad():
             train = frozen_features(model, torch.from_numpy(site.x_train), trainable).numpy()
-            test = frozen_features(model, torch.from_numpy(site.x_test), trainable).numpy()
-        cache.put(key, train, test)
-        return train, test, True
+        cache.put(key, train)
+        return train, True
 
     def seed(self, server_round: int) -> int:
         """A different but reproducible seed per node and round."""
@@ -105,10 +142,12 @@ class Node:
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def declared_rows(node: Node, backbone_sha: str) -> int:
-    """Training rows this site declares when provisioned (the server caps num-examples)."""
+def declared_rows(node: Node, backbone_sha: str) -> tuple[dict[str, int], str]:
+    """Rows per split this site declares when provisioned (the server logs and bounds them),
+    and the site's name."""
     _, manifest = node.backbones.load(backbone_sha)
-    return len(node.site(manifest).y_train)
+    site = node.site(manifest)
+    return site.sizes(), node.site_name(site)
 
 
 def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None:
@@ -120,16 +159,22 @@ def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None
                          f"missing {missing}")
 
 
+def _global_model(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, where: str
+                  ) -> tuple[SplitModel, dict[str, Any], list[str]]:
+    model, manifest, names = node.model(backbone_sha)
+    check_arrays(arrays, names)
+    load_state(model, arrays, where=where)
+    return model, manifest, names
+
+
 def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server_round: int,
           proximal_mu: float) -> tuple[dict[str, torch.Tensor], TrainResult, str]:
     """Local training of the trainable tensors; returns (tensors, result, site name)."""
     faults, pid = node.cfg.federation.faults, node.settings.partition_id
     maybe_fail(faults, pid, node.settings.num_partitions, server_round)
-    model, manifest, names = node.model(backbone_sha)
-    check_arrays(arrays, names)
-    load_state(model, arrays, where="train message")
+    model, manifest, _ = _global_model(node, arrays, backbone_sha, "train message")
     site = node.site(manifest)
-    x_train, _, cached = node.inputs(model, site, backbone_sha)
+    x_train, cached = node.train_inputs(model, site, backbone_sha)
     optim = replace(node.cfg.federation.local, proximal_mu=proximal_mu)
     seed = node.seed(server_round)
     seed_everything(seed)
@@ -144,72 +189,91 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
     return trained, result, node.site_name(site)
 
 
+def nan_for_none(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flower metric records hold numbers only: an undefined metric travels as NaN."""
+    return {k: (math.nan if v is None else float(v)) for k, v in metrics.items()
+            if v is None or isinstance(v, int | float)}
+
+
 def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str,
                    server_round: int = 0) -> tuple[dict[str, float], int, str]:
-    """Metrics of the received global model on the site's local test split."""
+    """The received global model on the site's validation and test splits.
+
+    Keys are `val-<metric>` and `test-<metric>`; the weight is the validation rows. Scored
+    as `medfed evaluate` scores (float64, full forward), so reports and re-checks agree.
+    """
     maybe_fail(node.cfg.federation.faults, node.settings.partition_id,
                node.settings.num_partitions, server_round)
-    model, manifest, names = node.model(backbone_sha)
-    check_arrays(arrays, names)
-    load_state(model, arrays, where="evaluate message")
+    model, manifest, _ = _global_model(node, arrays, backbone_sha, "evaluate message")
     site = node.site(manifest)
-    _, x_test, cached = node.inputs(model, site, backbone_sha)
-    metrics = evaluate(model, x_test, site.y_test, node.device,
-                       trainable=node.cfg.model.trainable, features_cached=cached)
-    return nan_for_none(metrics), len(site.y_test), node.site_name(site)
+    op = OperatingPoint()
+    val = score_model(model, site.x_val, site.y_val, op)
+    test = score_model(model, site.x_test, site.y_test, op)
+    metrics = {f"val-{k}": v for k, v in nan_for_none(val).items()}
+    metrics.update({f"test-{k}": v for k, v in nan_for_none(test).items()})
+    return metrics, len(site.y_val), node.site_name(site)
 
 
-def nan_for_none(metrics: dict[str, float | None]) -> dict[str, float]:
-    """Flower metric records hold numbers only: an undefined metric travels as NaN."""
-    return {k: (math.nan if v is None else float(v)) for k, v in metrics.items()}
+def personalise_site(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str
+                     ) -> tuple[SiteModel, dict[str, str], str]:
+    """Build this site's model from the final global one and stage its files.
 
-
-def adapt(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, steps: int, lr: float
-          ) -> tuple[dict[str, float], int, str]:
-    """Fine-tune the global head on local train data; before/after test metrics.
-
-    The personalised head stays at the site (`<workdir>/personalised/head.safetensors`).
+    Returns the site model, the sha256 of each staged file (what the server signs), and the
+    site name. The files wait in `<workdir>/personalised.pending/` until the signed manifest
+    arrives (:func:`save_site_model`).
     """
-    model, manifest, names = node.model(backbone_sha)
-    check_arrays(arrays, names)
-    load_state(model, arrays, where="adapt message")
+    model, manifest, names = _global_model(node, arrays, backbone_sha, "adapt message")
     site = node.site(manifest)
-    x_train, x_test, cached = node.inputs(model, site, backbone_sha)
-    trainable = node.cfg.model.trainable
-    before = evaluate(model, x_test, site.y_test, node.device, trainable=trainable,
-                      features_cached=cached)
-    optim = replace(node.cfg.federation.local, lr=lr, steps=steps, epochs=0, proximal_mu=0.0)
-    seed_everything(node.seed(10_000))
-    train_local(model, x_train, site.y_train, optim, trainable, node.device, node.seed(10_000),
-                features_cached=cached)
-    after = evaluate(model, x_test, site.y_test, node.device, trainable=trainable,
-                     features_cached=cached)
-    out = node.settings.workdir / "personalised" / "head.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    atomic_write_bytes(out, state_to_bytes({n: state[n] for n in names}))
-    metrics = {f"before-{k}": v for k, v in nan_for_none(before).items()}
-    metrics.update({f"after-{k}": v for k, v in nan_for_none(after).items()})
-    return metrics, len(site.y_test), node.site_name(site)
+    cfg = node.cfg
+    seed = node.seed(10_000)
+    seed_everything(seed)
+    result = personalise(model, site, names, cfg.model.trainable, cfg.federation.adaptation,
+                         cfg.federation.local, cfg.federation.operating_point, node.device, seed)
+    load_state(model, result.state, where="site model")
+    backbone, head = split_state(model)
+    assert site.stats is not None  # node.site always preprocesses
+    files = {BACKBONE_FILE: state_to_bytes(backbone), HEAD_FILE: state_to_bytes(head),
+             SITE_STATS_FILE: site.stats.to_json().encode("utf-8")}
+    pending = node.workdir / PENDING_DIR
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(pending, replace=True) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return result, {n: sha256_bytes(b) for n, b in files.items()}, node.site_name(site)
+
+
+def save_site_model(node: Node, manifest_json: str, sig_hex: str) -> Path:
+    """Complete the staged site model with the server's signed manifest, verified."""
+    pending = node.workdir / PENDING_DIR
+    if not pending.is_dir():
+        raise BundleError("no staged site model to sign: the adapt step did not run here")
+    files = {p.name: p.read_bytes() for p in sorted(pending.iterdir()) if p.is_file()}
+    pub = load_public_key(node.settings.signing_pub) if node.settings.signing_pub else None
+    final = node.workdir / SITE_MODEL_DIR
+    assemble_bundle(final, files, manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub,
+                    replace=True)
+    import shutil
+
+    shutil.rmtree(pending, ignore_errors=True)
+    return final
 
 
 def save_model(node: Node, version: int, manifest_json: str, sig_hex: str, head_bytes: bytes,
                backbone_bytes: bytes | None) -> Path:
-    """Assemble the final global bundle in `<workdir>/models/vNNNN` and verify it."""
+    """Assemble the final global bundle in `<workdir>/models/vNNNN` and verify it.
+
+    Beside it, `models/site_stats.json` holds this site's own statistics: `medfed predict`
+    and `evaluate` need them for a bundle whose normalisation mode is `site`.
+    """
     manifest = json.loads(manifest_json)
     if backbone_bytes is None:
-        backbone_bytes, _ = node.backbones.load(manifest["files"]["backbone.safetensors"])
-    final = node.settings.workdir / "models" / f"v{version:04d}"
+        backbone_bytes, _ = node.backbones.load(manifest["files"][BACKBONE_FILE])
+    final = node.workdir / "models" / f"v{version:04d}"
     final.parent.mkdir(parents=True, exist_ok=True)
     pub = load_public_key(node.settings.signing_pub) if node.settings.signing_pub else None
-    with atomic_dir(final, replace=True) as tmp:
-        (tmp / "backbone.safetensors").write_bytes(backbone_bytes)
-        (tmp / "head.safetensors").write_bytes(head_bytes)
-        (tmp / "manifest.json").write_text(manifest_json, encoding="utf-8")
-        (tmp / "manifest.sig").write_bytes(bytes.fromhex(sig_hex))
-        load_bundle(tmp, pub)  # hashes (and signature) checked before it becomes visible
-    if node.settings.data_path is not None:
-        # `medfed predict` needs this hospital's own normalisation statistics.
-        stats = hospital_normaliser(node.settings.data_path, manifest).to_dict()
-        atomic_write_text(final.parent / SITE_STATS, json.dumps(stats) + "\n")
+    assemble_bundle(final, {BACKBONE_FILE: backbone_bytes, HEAD_FILE: head_bytes},
+                    manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub, replace=True)
+    site = node.site(manifest)
+    assert site.stats is not None
+    atomic_write_text(final.parent / SITE_STATS_FILE, site.stats.to_json())
     return final

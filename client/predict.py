@@ -1,87 +1,116 @@
-"""`medfed predict`: verified bundle + validated input -> one row of probabilities per input."""
+"""`medfed predict`: verified bundle + validated input -> one row of probabilities per input.
+
+The inputs go through the statistics the model was evaluated with (the site model's own, the
+hospital's `site_stats.json`, or the bundle's) and the model's operating point: calibrated
+probabilities and the decision at the model's threshold. `medfed evaluate` scores the very
+same way, so on the same rows both give exactly the reported metrics.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client.trust import open_bundle, site_stats_for, verification_key
 from common.atomic import atomic_write_text
-from common.bundle import load_bundle
 from common.data.csv_source import read_csv_checked
-from common.data.medmnist import load_image_file
-from common.data.normalise import Normaliser
+from common.data.medmnist import load_image_file, read_labelled_npz
 from common.data.schema import DataError, encode
 from common.device import resolve_device
-from common.manifest import model_from_manifest, normaliser_from_manifest, spec_from_manifest
-from common.models import load_state
-from common.signing import load_public_key
-from common.training import predict_proba
+from common.manifest import model_from_manifest, spec_from_manifest
+from common.models import SplitModel, load_state
+from common.scoring import OperatingPoint, logits64
 
-SITE_STATS = "site_stats.json"  # a hospital's own normalisation statistics, next to its models
-
-
-def _normaliser(model_dir: Path, manifest: dict[str, Any], stats: Path | None) -> Normaliser:
-    """The hospital's own statistics when given or saved beside the model; else the bundle's."""
-    path = stats or model_dir.parent / SITE_STATS
-    if path.exists():
-        try:
-            return Normaliser.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError) as err:
-            raise DataError(f"normalisation statistics {path} are malformed") from err
-    return normaliser_from_manifest(manifest)
+SITE_STATS = "site_stats.json"  # a hospital's own statistics, next to its models
+ID_COLUMN = "id"  # an optional row identifier carried through to the predictions
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def read_inputs(data: Path, manifest: dict[str, Any]) -> np.ndarray:
-    """The model inputs in `data`, validated against the manifest (CSV schema or image shape)."""
+def csv_safe(text: str) -> str:
+    """A cell a spreadsheet will not run as a formula (leading =, +, -, @ get a quote)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """Raw model inputs in `data`, validated against the manifest; (x, y or None, ids or None).
+
+    Tables: a CSV matching the schema (an `id` column is allowed and carried through);
+    missing cells stay NaN for the site statistics to fill. Images: .npz / .npy / PNG folder
+    (labelled: an .npz with `images` and `labels`).
+    """
     spec = spec_from_manifest(manifest)
     if spec.kind == "tabular":
         if spec.schema is None:
             raise DataError("the bundle has no tabular schema")
-        frame = read_csv_checked(data, spec.schema, require_label=False,
-                                 keep=tuple(c for c in ("id",) if _has_column(data, c)))
-        x, _ = encode(frame.drop(columns=[c for c in ("id",) if c in frame.columns]),
-                      spec.schema, str(data))
-        return x
-    x = load_image_file(data)
+        keep = (ID_COLUMN,) if _has_column(data, ID_COLUMN) else ()
+        frame = read_csv_checked(data, spec.schema, require_label=require_label, keep=keep)
+        ids = [str(v) for v in frame[ID_COLUMN].fillna("")] if keep else None
+        x, y = encode(frame.drop(columns=list(keep)), spec.schema, str(data))
+        return x, y, ids
+    if require_label:
+        x, y = read_labelled_npz(Path(data))
+    else:
+        x, y = load_image_file(data), None
     if tuple(x.shape[1:]) != tuple(spec.input_shape):
         raise DataError(f"{data}: images have shape {tuple(x.shape[1:])}, the model expects "
                         f"{tuple(spec.input_shape)}")
-    return x
+    return x, y, None
 
 
 def _has_column(path: Path, name: str) -> bool:
     try:
-        with path.open(encoding="utf-8-sig") as fh:
+        with Path(path).open(encoding="utf-8-sig") as fh:
             return name in [h.strip() for h in next(csv.reader(fh), [])]
     except (OSError, UnicodeDecodeError):
         return False  # read_csv_checked reports the real problem
 
 
-def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = None,
-            device: str = "auto", stats: Path | None = None) -> dict[str, Any]:
-    """Write `out` (CSV: row, predicted label, one probability column per class)."""
-    pub = load_public_key(public_key) if public_key else None
-    bundle = load_bundle(model_dir, pub)
-    manifest = bundle.manifest
-    model = model_from_manifest(manifest)
+def loaded_model(model_dir: Path, public_key: Path | None, certs: Path | None = None,
+                 unsigned: bool = False) -> tuple[SplitModel, dict[str, Any]]:
+    """The verified bundle's model (all tensors loaded) and manifest."""
+    bundle = open_bundle(model_dir, verification_key(public_key, certs, unsigned))
+    model = model_from_manifest(bundle.manifest)
     load_state(model, {**bundle.backbone, **bundle.head}, where=str(model_dir), complete=True)
-    x = _normaliser(model_dir, manifest, stats).apply(read_inputs(data, manifest))
-    proba = predict_proba(model, x, resolve_device(device))
-    labels = list(manifest["labels"])
-    predicted = proba.argmax(axis=1)
+    return model, bundle.manifest
+
+
+def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = None,
+            device: str = "auto", stats: Path | None = None, *, certs: Path | None = None,
+            unsigned: bool = False) -> dict[str, Any]:
+    """Write `out` (CSV: row, [id], decision, calibrated probability per class, threshold).
+
+    `device` is checked like everywhere else, but scoring runs in float64 on the CPU so that
+    predictions equal what `medfed evaluate` reports.
+    """
+    resolve_device(device)
+    model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
+    x_raw, _, ids = read_inputs(data, manifest)
+    site_stats, stats_from = site_stats_for(model_dir, manifest, stats)
+    op = OperatingPoint.from_dict(manifest.get("operating_point"))
+    proba = op.proba(logits64(model, site_stats.apply(x_raw)))
+    labels = [csv_safe(str(name)) for name in manifest["labels"]]
+    binary = proba.shape[1] == 2
+    predicted = (proba[:, 1] > op.threshold).astype(int) if binary else proba.argmax(axis=1)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["row", "predicted", *[f"p_{name}" for name in labels]])
+    id_col = [ID_COLUMN] if ids is not None else []
+    writer.writerow(["row", *id_col, "predicted", *[f"p_{name}" for name in labels],
+                     *(["threshold"] if binary else [])])
     for i, (k, p) in enumerate(zip(predicted, proba, strict=True)):
-        writer.writerow([i, labels[int(k)], *[f"{v:.6f}" for v in p]])
+        row_id = [csv_safe(ids[i])] if ids is not None else []
+        writer.writerow([i, *row_id, labels[int(k)], *[f"{v:.6f}" for v in p],
+                         *([f"{op.threshold:.6f}"] if binary else [])])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, buf.getvalue())
-    counts = {name: int((predicted == k).sum()) for k, name in enumerate(labels)}
-    return {"rows": len(x), "counts": counts, "version": manifest.get("version"),
-            "mean_probability": {name: float(proba[:, k].mean()) for k, name in enumerate(labels)}}
+    counts = {str(name): int((predicted == k).sum()) for k, name in enumerate(manifest["labels"])}
+    return {"rows": len(x_raw), "counts": counts, "version": manifest.get("version"),
+            "site": (manifest.get("site") or {}).get("name"), "statistics": stats_from,
+            "operating_point": op.to_dict(),
+            "mean_probability": {str(name): float(proba[:, k].mean())
+                                 for k, name in enumerate(manifest["labels"])}}

@@ -29,11 +29,13 @@ from common.signing import SignatureError, public_key_fingerprint, sign, verify
 BUNDLE_FORMAT = 1
 BACKBONE_FILE = "backbone.safetensors"
 HEAD_FILE = "head.safetensors"
+SITE_STATS_FILE = "site_stats.json"  # a site model's own imputation/normalisation statistics
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 WEIGHT_FILES = (BACKBONE_FILE, HEAD_FILE)
 _HASH_CHUNK = 1 << 20
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(ValueError):
@@ -169,22 +171,58 @@ def write_bundle(
     """
     payloads = {BACKBONE_FILE: state_to_bytes(backbone), HEAD_FILE: state_to_bytes(head)}
     files = {name: sha256_bytes(data) for name, data in payloads.items()}
-    final = dict(manifest)
-    final.update(
-        format=BUNDLE_FORMAT,
-        files=files,
-        backbone_sha256=files[BACKBONE_FILE],
-        signer=public_key_fingerprint(signing_key.public_key()),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
     # Encode (and so validate) before touching the disk.
-    manifest_bytes = manifest_to_bytes(final)
+    manifest_bytes, signature = sign_manifest(manifest, files, signing_key)
     payloads[MANIFEST_FILE] = manifest_bytes
-    payloads[SIGNATURE_FILE] = sign(signing_key, manifest_bytes)
+    payloads[SIGNATURE_FILE] = signature
     _write_files(Path(out_dir), payloads, replace=replace)
     # Return the parsed form (tuples become lists), i.e. exactly what a later load returns.
     written: dict[str, Any] = json.loads(manifest_bytes)
     return written
+
+
+def sign_manifest(manifest: dict[str, Any], files: dict[str, str],
+                  signing_key: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """Canonical manifest bytes listing `files` (name -> sha256), and their signature.
+
+    The signer never needs the files themselves, only their hashes: a hospital's site model
+    is signed from the hashes it reports, so its statistics never leave the site.
+    """
+    for name, digest in files.items():
+        if not _PLAIN_NAME.fullmatch(name) or name in (MANIFEST_FILE, SIGNATURE_FILE):
+            raise BundleError(f"bundle file name {name!r} is not a plain file name")
+        if not _SHA256.fullmatch(digest):
+            raise BundleError(f"bundle file {name!r} has hash {digest[:80]!r}; expected 64 "
+                              "lowercase hex characters")
+    final = dict(manifest)
+    final.update(
+        format=BUNDLE_FORMAT,
+        files=dict(files),
+        backbone_sha256=files[BACKBONE_FILE],
+        signer=public_key_fingerprint(signing_key.public_key()),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    manifest_bytes = manifest_to_bytes(final)
+    return manifest_bytes, sign(signing_key, manifest_bytes)
+
+
+def assemble_bundle(out_dir: Path, files: dict[str, bytes], manifest_bytes: bytes,
+                    signature: bytes, public_key: Ed25519PublicKey | None, *,
+                    replace: bool = False) -> dict[str, Any]:
+    """Write a bundle from its parts, verified before it becomes visible; its manifest.
+
+    The signature (with `public_key`) and every listed hash are checked inside the temporary
+    directory, so a bundle that does not verify never appears at `out_dir`.
+    """
+    with atomic_dir(Path(out_dir), replace=replace) as tmp:
+        for name, data in {**files, MANIFEST_FILE: manifest_bytes,
+                           SIGNATURE_FILE: signature}.items():
+            atomic_write_bytes(tmp / name, data, mode=0o644)
+        manifest = read_manifest(tmp, public_key, require_signature=public_key is not None)
+        extra = sorted(set(files) - set(manifest["files"]))
+        if extra:
+            raise BundleError(f"bundle file {extra[0]!r} is not listed in the signed manifest")
+    return manifest
 
 
 def _write_files(out_dir: Path, payloads: dict[str, bytes], *, replace: bool) -> None:

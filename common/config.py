@@ -8,6 +8,7 @@ one sentence naming the key (:class:`ConfigError`). The resolved tree is stored 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 2, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def show(value: Any) -> str:
+    """A short repr for messages: a value from a file can be huge (never print it whole)."""
+    return _SHORT.repr(value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a dataset comes from and how it is split into hospitals."""
@@ -31,8 +42,13 @@ class DataConfig:
     sites: tuple[str, ...] = ()  # restrict to these site names (empty: all)
     medmnist: str = "breast"  # breast | pneumonia | retina
     csv_paths: tuple[str, ...] = ()  # csv: one file per site (or one file with a site column)
-    csv_schema: str = ""  # csv: YAML schema file (columns, types, ranges, label)
+    csv_schema: str = ""  # csv: YAML schema file (columns, types, ranges, label, missing values)
     site_column: str = ""  # csv: column naming the site when all sites share one file
+    # csv: test files kept aside, one per file of csv_paths in the same order (or one file with
+    # the site column); empty: each site's test split is carved (test_fraction)
+    test_paths: tuple[str, ...] = ()
+    # csv: column whose values (train, validation, test) say which split a row belongs to
+    split_column: str = ""
     synthetic_sites: int = 6  # synthetic: number of hospitals (unequal sizes, label skew)
     synthetic_features: int = 13
     synthetic_samples: int = 1200  # synthetic: total rows over all sites
@@ -41,6 +57,9 @@ class DataConfig:
     partition: str = "natural"
     num_sites: int = 0  # 0: the natural number of sites
     test_fraction: float = 0.34  # sources without a fixed test split (csv, synthetic)
+    # share of each site's train split carved out (stratified, seeded) as its validation split,
+    # unless the source gives one (MedMNIST's official val split, a split column)
+    validation_fraction: float = 0.2
     split_seed: int = 43  # FLamby's seed for the heart train/test split
     # site: each site z-normalises with its own train-split statistics (FLamby);
     # bundle: everyone uses the statistics stored in the bundle (source train split)
@@ -103,11 +122,32 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    """Local adaptation after federation: each site fine-tunes the head on its own data."""
+    """Local adaptation after federation: each site may fine-tune the global model.
+
+    It never does harm: fine-tuning stops early on the site's validation split, is pulled
+    toward the global weights, and the site keeps the global model unless the adapted one is
+    better on validation by `selection_metric`. A site whose training data holds one class
+    gets a bounded intercept (prior-shift) correction instead of fine-tuning.
+    """
 
     enabled: bool = False
-    steps: int = 30
+    steps: int = 30  # most fine-tuning steps
     lr: float = 0.005
+    eval_every: int = 5  # steps between checks on the validation split
+    patience: int = 3  # checks without improvement before stopping
+    proximal_mu: float = 0.1  # pull toward the global weights (0: none)
+    selection_metric: str = "loss"  # loss (log-loss) | auc | balanced_accuracy, on validation
+    min_improvement: float = 0.0  # the adapted model must beat the global one by more than this
+    prior_shift_max: float = 1.0  # one-class sites: largest intercept shift, in logits
+
+
+@dataclass(frozen=True)
+class OperatingPointConfig:
+    """Calibration and decision threshold of each site's model, fitted on its validation split."""
+
+    calibration: str = "temperature"  # temperature | none
+    # youden | sensitivity>=X | specificity>=X | fixed:T (fixed = fixed:0.5)
+    threshold: str = "fixed:0.5"
 
 
 @dataclass(frozen=True)
@@ -158,13 +198,18 @@ class FederationConfig:
     rounds: int = 5
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     local: OptimConfig = field(default_factory=OptimConfig)
-    # held-out set on the server: "pooled-test" (all sites' test splits) or "source-test"
-    heldout: str = "pooled-test"
-    best_metric: str = "auc"  # which held-out metric picks the `best` version
+    # what checks every global model and picks `best`; never a test split:
+    # validation (the sites' validation splits, evaluated at the sites), source-validation
+    # (a validation split of the pretraining cohort, held by the server) or file:PATH
+    heldout: str = "validation"
+    best_metric: str = "auc"  # validation metric that picks `best` (ties: the later round)
+    # the version delivered to hospitals and adapted at the end: best (on validation) | latest
+    final_model: str = "best"
     # true when the target task differs from the source task (e.g. pneumonia -> breast):
     # the pretrained head is replaced by a fresh, seeded one before round 1
     reset_head: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
@@ -191,11 +236,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping, got {show(value)}")
         return _build(tp, value, key + ".")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {show(value)}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
@@ -204,26 +249,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}' has the wrong type: got {value!r}")
+        raise ConfigError(f"config key '{key}' has the wrong type: got {show(value)}")
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be null, got {show(value)}")
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a string, got {show(value)}")
         return value
     raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
 
@@ -268,7 +313,9 @@ def parse_override(text: str) -> dict[str, Any]:
     if not dotted or any(not part for part in dotted.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+        value = safe_yaml(raw_value, f"override '{dotted}'") if raw_value != "" else ""
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     except yaml.YAMLError as err:
         raise ConfigError(
             f"override '{text}': value is not valid YAML ({yaml_problem(err)})"
@@ -286,8 +333,30 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
     return typing.cast(Config, _build(Config, merged))
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML experiment file and apply `key.sub=value` overrides."""
+MAX_YAML_BYTES = 1 << 20  # an experiment or schema file is a few KB; refuse anything huge
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse small, alias-free YAML: anchors and aliases could expand a few bytes into GBs.
+
+    Raises ValueError naming `where` (callers turn it into their own error type).
+    """
+    if len(text.encode("utf-8")) > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KB")
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
+            mark = token.start_mark
+            raise ValueError(f"{where} uses a YAML anchor or alias at line {mark.line + 1}, "
+                             "which medfed files do not allow")
+    return yaml.safe_load(text)
+
+
+def read_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file and apply `key.sub=value` overrides: keys and types checked.
+
+    :func:`common.config_check.load_config` also checks the values that name something
+    (strategy, family, ...); use that one.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -295,21 +364,20 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"config file {path} does not exist") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not UTF-8 text") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"config file {path} is a directory") from err
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = safe_yaml(text, f"config file {path}") or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    # imported here: config_check needs the model registry, which imports this module
-    from common.config_check import check_config
-
     try:
-        cfg = from_dict(raw, overrides)
-        check_config(cfg)
+        return from_dict(raw, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
-    return cfg
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -9,9 +9,13 @@ first federated round). Each check reuses the parser the consumer uses.
 from __future__ import annotations
 
 import re
+import typing
+from pathlib import Path
 
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, read_config
+from common.data.federated import check_data_config, data_key_prefix
 from common.data.partition import parse_partition
+from common.data.schema import DataError
 from common.device import DEVICE_NAMES
 from common.models import FAMILIES, ModelError, parse_trainable
 
@@ -20,6 +24,24 @@ STRATEGY_NAMES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
 )
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+HELDOUT_MODES = ("validation", "source-validation", "file:PATH")
+# metrics a validation check reports that can pick `best` (higher is better; loss/brier/ece:
+# lower is better)
+SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brier", "ece")
+LOWER_IS_BETTER = ("loss", "brier", "ece")
+ADAPTATION_METRICS = ("loss", "auc", "balanced_accuracy")
+CALIBRATIONS = ("temperature", "none")
+_THRESHOLD = re.compile(r"youden|fixed(:(0(\.\d+)?|1(\.0+)?))?|(sensitivity|specificity)>=(0(\.\d+)?|1(\.0+)?)")
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read an experiment YAML with overrides and check every value (one sentence if bad)."""
+    cfg = read_config(path, overrides)
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return cfg
 _BLOCK_WIDTHS = {"mlp": "hidden", "cnn": "channels"}  # one backbone block per listed width
 
 
@@ -49,11 +71,57 @@ def check_config(cfg: Config) -> None:
     data_configs = (("pretrain.data", cfg.pretrain.data), ("federation.data", cfg.federation.data))
     for key, data in data_configs:
         try:
-            parse_partition(data.partition)
-        except ValueError as err:
-            raise ConfigError(str(err).replace("'data.partition'", f"'{key}.partition'")) from err
+            with data_key_prefix(key):
+                parse_partition(data.partition)
+                check_data_config(data)
+        except DataError as err:
+            raise ConfigError(str(err)) from err
+    _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
         raise ConfigError(
             f"config key 'federation.strategy.name' must be one of {', '.join(STRATEGY_NAMES)}, "
             f"got {cfg.federation.strategy.name!r}"
         )
+
+
+def _check_federation(cfg: Config) -> None:
+    fed = cfg.federation
+    if not (fed.heldout in ("validation", "source-validation")
+            or (fed.heldout.startswith("file:") and len(fed.heldout) > 5)):
+        raise ConfigError(f"config key 'federation.heldout' must be one of "
+                          f"{', '.join(HELDOUT_MODES)}, got {fed.heldout!r}")
+    if fed.heldout == "validation" and fed.strategy.fraction_evaluate <= 0:
+        raise ConfigError(
+            "config key 'federation.strategy.fraction_evaluate' is 0 but 'federation.heldout' "
+            "is 'validation', which evaluates every global model at the sites; raise it or use "
+            "heldout source-validation or file:PATH"
+        )
+    if fed.final_model not in ("best", "latest"):
+        raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
+                          f"got {fed.final_model!r}")
+    if fed.best_metric not in SELECTION_METRICS:
+        raise ConfigError(f"config key 'federation.best_metric' must be one of "
+                          f"{', '.join(SELECTION_METRICS)}, got {fed.best_metric!r}")
+    ad = fed.adaptation
+    if ad.selection_metric not in ADAPTATION_METRICS:
+        raise ConfigError(f"config key 'federation.adaptation.selection_metric' must be one of "
+                          f"{', '.join(ADAPTATION_METRICS)}, got {ad.selection_metric!r}")
+    for key, value, low in (("steps", ad.steps, 1), ("eval_every", ad.eval_every, 1),
+                            ("patience", ad.patience, 1)):
+        if value < low:
+            raise ConfigError(f"config key 'federation.adaptation.{key}' must be at least {low}, "
+                              f"got {value}")
+    for key, fvalue in (("proximal_mu", ad.proximal_mu), ("prior_shift_max", ad.prior_shift_max),
+                        ("min_improvement", ad.min_improvement)):
+        if not fvalue >= 0:
+            raise ConfigError(f"config key 'federation.adaptation.{key}' must be 0 or more, "
+                              f"got {fvalue}")
+    op = fed.operating_point
+    if op.calibration not in CALIBRATIONS:
+        raise ConfigError(f"config key 'federation.operating_point.calibration' must be one of "
+                          f"{', '.join(CALIBRATIONS)}, got {op.calibration!r}")
+    if not _THRESHOLD.fullmatch(op.threshold):
+        raise ConfigError(
+            "config key 'federation.operating_point.threshold' must be youden, "
+            "sensitivity>=X, specificity>=X or fixed:T with X, T in [0, 1], "
+            f"got {op.threshold!r}")

@@ -11,12 +11,15 @@ from typing import Any
 import numpy as np
 
 from common.config import Config, to_dict
-from common.data.federated import DataSpec
-from common.data.normalise import Normaliser
+from common.data.preprocess import SiteStats
 from common.data.schema import Schema
+from common.data.splits import DataSpec
 from common.models import SplitModel, build_model_from_args
 
 MANIFEST_KIND = "medfed-model"
+# an uncalibrated model deciding at p(positive) > 0.5 (the arg-max for two classes)
+DEFAULT_OPERATING_POINT: dict[str, Any] = {"temperature": 1.0, "threshold": 0.5,
+                                           "rule": "fixed:0.5", "fitted_on": None}
 
 INTENDED_USE = (
     "Decision support for trained clinicians on data that matches the preprocessing schema; "
@@ -27,7 +30,7 @@ INTENDED_USE = (
 def make_manifest(
     cfg: Config,
     spec: DataSpec,
-    normaliser: Normaliser,
+    stats: SiteStats,
     model_args: dict[str, Any],
     *,
     version: int,
@@ -53,11 +56,14 @@ def make_manifest(
             "input_shape": list(spec.input_shape),
             "feature_names": list(spec.feature_names),
             "schema": spec.schema.to_dict() if spec.schema is not None else None,
-            # `site`: each hospital normalises with its own train-split statistics; the
-            # statistics stored here (the source train split) are used by `bundle` mode and
-            # by `predict` when a site has no statistics of its own.
-            "normalisation": {"mode": cfg.federation.data.normalisation, **normaliser.to_dict()},
+            # `site`: each hospital imputes and normalises with its own train-split statistics
+            # (site_stats.json beside or inside its model); the statistics stored here (the
+            # source train split) are what `bundle` mode uses, and a site's fallback for a
+            # column it never observed.
+            "normalisation": {"mode": cfg.federation.data.normalisation, **stats.to_dict()},
         },
+        # how probabilities become decisions; sites fit their own on validation
+        "operating_point": dict(DEFAULT_OPERATING_POINT),
         "metrics": metrics,
         "sites": sites,
         "intended_use": INTENDED_USE,
@@ -70,11 +76,16 @@ def model_from_manifest(manifest: dict[str, Any]) -> SplitModel:
     return build_model_from_args(manifest["model"])
 
 
-def normaliser_from_manifest(manifest: dict[str, Any]) -> Normaliser:
-    """The normalisation statistics stored in the bundle."""
+def stats_from_manifest(manifest: dict[str, Any]) -> SiteStats:
+    """The preprocessing statistics stored in the bundle (the source's train split)."""
     norm = dict(manifest["preprocessing"]["normalisation"])
     norm.pop("mode", None)
-    return Normaliser.from_dict(norm)
+    return SiteStats.from_dict(norm, where="the bundle's normalisation statistics")
+
+
+def normalisation_mode(manifest: dict[str, Any]) -> str:
+    """`site` (each hospital's own statistics) or `bundle` (the statistics stored here)."""
+    return str(manifest["preprocessing"]["normalisation"].get("mode", "bundle"))
 
 
 def spec_from_manifest(manifest: dict[str, Any]) -> DataSpec:

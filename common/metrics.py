@@ -1,32 +1,33 @@
-"""Clinical metrics from labels and predicted probabilities (scikit-learn where it has them).
+"""Clinical metrics from labels and predicted probabilities, in vectorised numpy.
 
 Conventions, the same on server and client:
 
-- The predicted class is the arg-max of the probabilities (binary: positive when
-  p(positive) > 0.5; a tie goes to the negative class).
-- AUC is ``None`` when it is undefined: a split where only one class is present (e.g. a
-  hospital whose test split is all positive). It is never reported as 0 or 0.5.
-- Precision (no predicted positives) and specificity (no actual negatives) are 0.0 when
-  undefined, like scikit-learn's ``zero_division=0``; recall likewise with no positives.
+- Binary: a row is predicted positive when p(positive) > ``threshold`` (default 0.5, i.e. the
+  arg-max with a tie going to the negative class). Multiclass: the arg-max.
+- A metric that a split cannot define is ``None``, never 0 or 0.5: AUC with one class
+  present; sensitivity without positives; specificity without negatives; PPV without
+  predicted positives; NPV without predicted negatives.
+- Balanced accuracy is the mean recall over the classes present in the labels.
+- AUC is the Mann-Whitney statistic with average ranks for ties (equal to scikit-learn's
+  ``roc_auc_score``; checked in tests/test_metrics.py).
 - ECE uses 10 equal-width bins, bin i holding [i/10, (i+1)/10) and the last one also 1.0.
+
+:func:`bootstrap_intervals` gives seeded 95% percentile intervals for small sites.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from scipy.stats import rankdata
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
+    "balanced_accuracy",
     "precision",
+    "ppv",
+    "npv",
     "recall",
     "sensitivity",
     "specificity",
@@ -37,8 +38,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "n",
     "positives",
 )
-MULTICLASS_METRIC_NAMES: tuple[str, ...] = ("accuracy", "f1", "auc", "brier", "ece", "n")
+MULTICLASS_METRIC_NAMES: tuple[str, ...] = (
+    "accuracy", "balanced_accuracy", "f1", "auc", "brier", "ece", "n",
+)
+COUNT_KEYS = ("n", "positives")
 ECE_BINS = 10
+BOOTSTRAP_SAMPLES = 1000
 
 
 class MetricError(ValueError):
@@ -70,30 +75,54 @@ def expected_calibration_error(hit: np.ndarray, confidence: np.ndarray) -> float
     label is right" for the top-label confidence.
     """
     bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        inside = bins == b
-        total += inside.mean() * abs(hit[inside].mean() - confidence[inside].mean())
-    return float(total)
+    n = np.bincount(bins, minlength=ECE_BINS).astype(np.float64)
+    gap = np.bincount(bins, weights=hit, minlength=ECE_BINS) - np.bincount(
+        bins, weights=confidence, minlength=ECE_BINS)
+    return float(np.sum(np.abs(gap)) / len(hit))
 
 
-def _binary(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
-    pred = p.argmax(axis=1)
+def binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of `score` for labels `y` (0/1); None when one class is absent."""
+    pos = y == 1
+    n_pos = int(pos.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)  # average ranks: a tie counts one half
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def _binary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
     pos = p[:, 1]
-    tn, fp, _, _ = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    recall = float(recall_score(y, pred, labels=[0, 1], zero_division=0))
+    pred = pos > threshold
+    truth = y == 1
+    tp = float(np.sum(pred & truth))
+    fp = float(np.sum(pred & ~truth))
+    fn = float(np.sum(~pred & truth))
+    tn = float(np.sum(~pred & ~truth))
+    sens = _ratio(tp, tp + fn)
+    spec = _ratio(tn, tn + fp)
+    ppv = _ratio(tp, tp + fp)
+    recalls = [r for r in (sens, spec) if r is not None]
     return {
-        "accuracy": float(accuracy_score(y, pred)),
-        "precision": float(precision_score(y, pred, labels=[0, 1], zero_division=0)),
-        "recall": recall,
-        "sensitivity": recall,
-        "specificity": float(tn / (tn + fp)) if tn + fp > 0 else 0.0,
-        "f1": float(f1_score(y, pred, labels=[0, 1], zero_division=0)),
-        "auc": float(roc_auc_score(y, pos)) if len(np.unique(y)) == 2 else None,
-        "brier": float(brier_score_loss(y, pos, pos_label=1)),
-        "ece": expected_calibration_error((y == 1).astype(np.float64), pos),
+        "accuracy": (tp + tn) / len(y),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "precision": ppv,
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "recall": sens,
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auc": binary_auc(y, pos),
+        "brier": float(np.mean((pos - truth) ** 2)),
+        "ece": expected_calibration_error(truth.astype(np.float64), pos),
         "n": len(y),
-        "positives": int(np.sum(y == 1)),
+        "positives": int(truth.sum()),
     }
 
 
@@ -102,25 +131,36 @@ def _macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     present = np.unique(y)
     if len(present) < 2:
         return None
-    scores = [roc_auc_score(y == c, p[:, c]) for c in present]
-    return float(np.mean(scores))
+    scores = [binary_auc((y == c).astype(np.int64), p[:, c]) for c in present]
+    return float(np.mean([s for s in scores if s is not None]))
 
 
 def _multiclass(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
-    labels = list(range(p.shape[1]))
+    k = p.shape[1]
     pred = p.argmax(axis=1)
+    f1s, recalls = [], []
+    for c in range(k):
+        tp = float(np.sum((pred == c) & (y == c)))
+        fp = float(np.sum((pred == c) & (y != c)))
+        fn = float(np.sum((pred != c) & (y == c)))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else 0.0)
+        if tp + fn > 0:
+            recalls.append(tp / (tp + fn))
+    onehot = np.eye(k)[y]
     return {
-        "accuracy": float(accuracy_score(y, pred)),
-        "f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "f1": float(np.mean(f1s)),
         "auc": _macro_auc(y, p),
         # sum over classes of squared errors, mean over rows: range [0, 2]
-        "brier": float(brier_score_loss(y, p, labels=labels, scale_by_half=False)),
+        "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
         "ece": expected_calibration_error((pred == y).astype(np.float64), p.max(axis=1)),
         "n": len(y),
     }
 
 
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5
+                    ) -> dict[str, float | None]:
     """Clinical metrics of one split.
 
     Parameters
@@ -129,15 +169,16 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | 
         Class indices, shape (N,).
     proba : np.ndarray
         Predicted probabilities, shape (N, C), rows summing to 1.
+    threshold : float
+        Binary only: predict positive when p(positive) > threshold.
 
     Returns
     -------
     dict[str, float | None]
-        Binary (C == 2): the keys of :data:`METRIC_NAMES`; ``ece`` is computed on
-        p(positive); ``n`` and ``positives`` are counts. Multiclass: the keys of
-        :data:`MULTICLASS_METRIC_NAMES`, with macro F1, one-vs-rest AUC averaged over the
-        classes present, multiclass Brier (range [0, 2]) and top-label ECE. ``auc`` is
-        ``None`` when fewer than two classes are present: AUC is undefined there, not 0.5.
+        Binary (C == 2): the keys of :data:`METRIC_NAMES`; ``ece`` on p(positive); ``n`` and
+        ``positives`` are counts. Multiclass: the keys of :data:`MULTICLASS_METRIC_NAMES`,
+        with macro F1, one-vs-rest AUC averaged over the classes present, multiclass Brier
+        (range [0, 2]) and top-label ECE. Undefined metrics are ``None`` (module notes).
 
     Raises
     ------
@@ -145,4 +186,42 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | 
         On empty input, mismatched shapes, labels out of range or rows not summing to 1.
     """
     y, p = _check(y_true, proba)
-    return _binary(y, p) if p.shape[1] == 2 else _multiclass(y, p)
+    return _binary(y, p, threshold) if p.shape[1] == 2 else _multiclass(y, p)
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5, *,
+    samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile intervals of every metric over `samples` resamples of the rows (seeded).
+
+    A metric undefined in more than half of the resamples (e.g. AUC at a site with a single
+    negative) gets ``None``; counts get no interval.
+    """
+    y, p = _check(y_true, proba)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(samples):
+        idx = rng.integers(0, len(y), size=len(y))
+        for key, value in compute_metrics(y[idx], p[idx], threshold).items():
+            if key not in COUNT_KEYS and value is not None:
+                draws.setdefault(key, []).append(float(value))
+    tail = (1.0 - level) / 2.0
+    names = METRIC_NAMES if p.shape[1] == 2 else MULTICLASS_METRIC_NAMES
+    out: dict[str, tuple[float, float] | None] = {}
+    for key in names:
+        if key in COUNT_KEYS:
+            continue
+        values = draws.get(key, [])
+        if len(values) * 2 < samples:
+            out[key] = None
+            continue
+        lo, hi = np.quantile(values, [tail, 1.0 - tail])
+        out[key] = (float(lo), float(hi))
+    return out
+
+
+def mean_defined(values: list[float | None]) -> float | None:
+    """Mean of the defined values (a metric undefined at a site does not count as 0)."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(defined) / len(defined) if defined else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,49 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.bundle import write_bundle
 from common.config import Config, DataConfig
-from common.data.federated import DataSpec, load_source_split
-from common.data.normalise import Normaliser
+from common.data.federated import data_key_prefix, natural_sites
+from common.data.preprocess import SiteStats
 from common.data.schema import DataError
+from common.data.splits import TEST_LABEL, DataSpec, SiteSplit
 from common.device import resolve_device, seed_everything
 from common.manifest import json_metrics, make_manifest
 from common.models import build_model, model_args, set_trainable, split_state
 from common.training import evaluate, train_local
 
 log = logging.getLogger("medfed.pretrain")
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation",
+               "test": "test"}
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """The pretraining cohort: its natural sites (raw, three splits) and what to train on."""
+
+    spec: DataSpec
+    sites: tuple[SiteSplit, ...]
+    split: str  # train | validation | test: the split pretraining fits
+
+    def pooled(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """Raw x, y of one split over all source sites."""
+        parts = [s.split(which) for s in self.sites]
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+    def name(self, source: DataConfig) -> str:
+        """e.g. `heart:cleveland:train` or `csv:hospital_a,hospital_b:train`."""
+        return f"{source.source}:{','.join(s.name for s in self.sites)}:{self.split}"
+
+
+def load_source(cfg: Config) -> SourceData:
+    """Read and check the pretraining cohort (before any key or file is created)."""
+    source = cfg.pretrain.data
+    with data_key_prefix("pretrain.data"):
+        if cfg.pretrain.split not in SPLIT_NAMES:
+            raise DataError(f"config key 'pretrain.split' must be train, validation or test, "
+                            f"got {cfg.pretrain.split!r}")
+        spec, sites = natural_sites(source)
+    data = SourceData(spec, tuple(sites), SPLIT_NAMES[cfg.pretrain.split])
+    _check_classes(data.pooled(data.split)[1], spec, source, data.split)
+    return data
 
 
 def _check_classes(y: np.ndarray, spec: DataSpec, source: DataConfig, split: str) -> None:
@@ -39,20 +74,22 @@ def _check_classes(y: np.ndarray, spec: DataSpec, source: DataConfig, split: str
 
 
 def pretrain(
-    cfg: Config, out: Path, signing_key: Ed25519PrivateKey, replace: bool = False
+    cfg: Config, out: Path, signing_key: Ed25519PrivateKey, replace: bool = False,
+    data: SourceData | None = None,
 ) -> dict[str, Any]:
     """Train the whole model on the source split and write a signed bundle (version 0).
 
-    Normalisation statistics come from the source train split and are stored in the bundle.
-    Returns the written manifest.
+    Imputation and normalisation statistics come from the source's training split and are
+    stored in the bundle; the source's validation split is never trained on (the server's
+    `source-validation` check uses it). Returns the written manifest.
     """
+    data = data or load_source(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    source = cfg.pretrain.data
-    x_raw, y, spec = load_source_split(source, cfg.pretrain.split)
-    _check_classes(y, spec, source, cfg.pretrain.split)
-    normaliser = Normaliser.fit(x_raw)
-    x = normaliser.apply(x_raw)
+    spec = data.spec
+    x_raw, y = data.pooled(data.split)
+    stats = SiteStats.fit(x_raw, spec.schema, where=f"pretraining {data.split} split")
+    x = stats.apply(x_raw)
 
     args = model_args(cfg.model.family, spec.input_shape, spec.num_classes, cfg.model)
     model = build_model(cfg.model.family, spec.input_shape, spec.num_classes, cfg.model)
@@ -60,27 +97,18 @@ def pretrain(
     result = train_local(model, x, y, cfg.pretrain.optim, "all", device, cfg.seed)
     log.info("pretrained on %d examples: final loss %.4f", result.num_examples, result.loss)
 
-    metrics: dict[str, Any] = {"source-train": evaluate(model, x, y, device)}
-    try:
-        x_test, y_test, _ = load_source_split(source, "test")
-        metrics["source-test"] = evaluate(model, normaliser.apply(x_test), y_test, device)
-    except ValueError as err:  # a source without a test split still pretrains
-        log.warning("no source test split: %s", err)
+    metrics: dict[str, Any] = {}
+    for which in ("train", "validation", "test"):
+        x_s, y_s = data.pooled(which)
+        part = evaluate(model, stats.apply(x_s), y_s, device)
+        if which == "test":
+            part["label"] = TEST_LABEL
+        metrics[f"source-{which}"] = part
 
     backbone, head = split_state(model)
-    site_names = list(source.sites) or [
-        source.medmnist if source.source == "medmnist" else source.source]
     manifest = make_manifest(
-        cfg,
-        spec,
-        normaliser,
-        args,
-        version=0,
-        round_num=0,
-        strategy=None,
-        metrics=json_metrics(metrics),
-        sites=[],
-        source=f"{source.source}:{','.join(site_names)}:{cfg.pretrain.split}",
+        cfg, spec, stats, args, version=0, round_num=0, strategy=None,
+        metrics=json_metrics(metrics), sites=[], source=data.name(cfg.pretrain.data),
     )
     return write_bundle(
         out, backbone=backbone, head=head, manifest=manifest, signing_key=signing_key,

@@ -8,7 +8,8 @@ from __future__ import annotations
 # Custom message actions (`@app.query(NAME)` on the client, "query.NAME" on the wire).
 QUERY_BACKBONE = "backbone"
 QUERY_SAVE_MODEL = "save_model"
-QUERY_ADAPT = "adapt"
+QUERY_ADAPT = "adapt"  # build the site model (adaptation, calibration, threshold)
+QUERY_SAVE_SITE_MODEL = "save_site_model"  # the server's signed manifest for it
 
 # Record keys inside a message's RecordDict.
 ARRAYS = "arrays"  # trainable tensors (Flower strategies' default key)
@@ -18,6 +19,8 @@ SITE = "site"  # ConfigRecord with the site's name (no patient data)
 BACKBONE_FILE = "backbone-file"  # ArrayRecord: the raw bytes of backbone.safetensors
 HEAD_FILE = "head-file"  # ArrayRecord: the raw bytes of head.safetensors
 BUNDLE_META = "bundle"  # ConfigRecord: manifest text, signature, sha256
+SITE_MODEL = "site-model"  # ConfigRecord: how a site model was chosen, hashes of its files
+SITE_KEPT_ADAPTED = "kept-adapted"  # 1: the site keeps its adapted model, 0: the global one
 
 # Config keys.
 NUM_EXAMPLES = "num-examples"

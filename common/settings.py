@@ -7,6 +7,7 @@ bakes into the apps) names the experiment YAML and its overrides, so both sides 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, ConfigError, load_config
+from common.config import Config, ConfigError
+from common.config_check import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +25,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def medfed_home() -> Path:
     """`$MEDFED_HOME`, default `~/.medfed`: keys, node caches, runs started by `flwr run`."""
     return Path(os.environ.get("MEDFED_HOME", Path.home() / ".medfed"))
+
+
+def default_keys_path() -> Path:
+    """Where the server's bundle-signing key lives unless `--keys` says otherwise."""
+    return medfed_home() / "signing.key"
 
 
 def resolve_path(text: str) -> Path:
@@ -43,10 +50,16 @@ class RunSettings:
     bundle: Path | None  # pretrained bundle; None: the server pretrains into run_dir first
     keys: Path  # the server's Ed25519 bundle-signing key
     resume: bool = False
+    expected_nodes: int = 0  # hospitals expected (simulation: all; deployment: registered)
 
     def load_config(self) -> Config:
-        """The experiment config both apps share."""
-        return load_config(self.config_path, self.overrides)
+        """The experiment config both apps share (parsed once per file version)."""
+        try:
+            st = self.config_path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = (-1, -1)  # load_config reports the missing file
+        return _cached_config(str(self.config_path), self.overrides, stamp)
 
     def to_run_config(self) -> dict[str, str | bool]:
         """Flower run config form (strings only, so it survives `--run-config`)."""
@@ -57,6 +70,7 @@ class RunSettings:
             "bundle": str(self.bundle or ""),
             "keys": str(self.keys),
             "resume": self.resume,
+            "expected-nodes": self.expected_nodes,
         }
 
     @classmethod
@@ -81,7 +95,15 @@ class RunSettings:
             bundle=resolve_path(bundle) if bundle else None,
             keys=Path(keys) if keys else medfed_home() / "signing.key",
             resume=bool(run_config.get("resume", False)),
+            expected_nodes=int(run_config.get("expected-nodes", 0) or 0),
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_config(path: str, overrides: tuple[str, ...], stamp: tuple[int, int]) -> Config:
+    # One Flower worker handles many node messages; the YAML is parsed once per
+    # (path, file version, overrides) instead of once per message.
+    return load_config(path, overrides)
 
 
 def _default_run_dir(config_path: Path) -> Path:
@@ -96,23 +118,28 @@ class NodeSettings:
     partition_id: int | None  # simulation only
     num_partitions: int  # simulation: number of simulated hospitals (0 in deployment)
     data_path: Path | None  # deployment: the hospital's CSV / npz
-    workdir: Path  # cache (backbones, features) and models of this node
+    # cache (backbones, features) and models of this node; None: a simulated node, which
+    # lives in <run dir>/nodes/<its site name>/
+    workdir: Path | None
     device: str | None
     signing_pub: Path | None  # the server's public key: verify what arrives
+    test_path: Path | None = None  # deployment: the hospital's own test file, kept apart
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
+    def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings | None
+                         ) -> NodeSettings:
         """Parse the node config; simulation nodes live under the run directory."""
         pid = node_config.get("partition-id")
         site = str(node_config.get("site-name", "") or "") or None
         workdir = str(node_config.get("workdir", "") or "")
         if workdir:
-            base = Path(workdir)
+            base: Path | None = Path(workdir)
         elif pid is not None:
-            base = run.run_dir / "nodes" / f"node-{int(pid):04d}"
+            base = None
         else:
             base = medfed_home() / "nodes" / (site or "default")
         data = str(node_config.get("data-path", "") or "")
+        test = str(node_config.get("test-path", "") or "")
         pub = str(node_config.get("signing-pub", "") or "")
         device = str(node_config.get("device", "") or "") or None
         return cls(
@@ -123,4 +150,5 @@ class NodeSettings:
             workdir=base,
             device=device,
             signing_pub=Path(pub) if pub else None,
+            test_path=Path(test) if test else None,
         )

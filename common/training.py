@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +137,8 @@ def train_local(
     *,
     global_state: Mapping[str, Tensor] | None = None,
     features_cached: bool = False,
+    check_every: int = 0,
+    check: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train the trainable tensors of ``model`` in place on one site's data.
 
@@ -161,11 +163,15 @@ def train_local(
         model's trainable weights at entry.
     features_cached : bool
         ``x`` holds :func:`~common.models.frozen_features` output.
+    check_every, check : int, callable
+        Early stopping: after every ``check_every`` steps (and before the first),
+        ``check(steps_done)`` runs with the model in eval mode; returning True stops.
 
     Returns
     -------
     TrainResult
-        Mean cross-entropy over the steps (without the proximal term), steps, examples.
+        Mean cross-entropy over the steps taken (without the proximal term), steps taken,
+        examples.
     """
     inputs = _inputs(x)
     labels = _labels(y, len(inputs), model.head.out_features)
@@ -177,12 +183,23 @@ def train_local(
     anchor = _anchor(params, global_state) if cfg.proximal_mu > 0 else {}
     frozen = model.backbone[: frozen_prefix_blocks(model, trainable)]
     total = 0.0
+    done = 0
     cuda = [device.index or 0] if device.type == "cuda" else []
+
+    def stop_here(last: bool = False) -> bool:
+        if check is None or check_every < 1 or (done % check_every and not last):
+            return False
+        with _kept_modes(model):
+            model.eval()
+            return check(done)
+
     with _kept_modes(model), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)  # dropout masks depend on the seed only
         model.train()
         frozen.eval()  # frozen blocks are feature extractors: no dropout
         for idx in _batches(len(inputs), cfg.batch_size, steps, seed):
+            if stop_here():
+                break
             xb, yb = inputs[idx].to(device), labels[idx].to(device)
             logits = forward_from(model, xb, trainable) if features_cached else model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -195,7 +212,10 @@ def train_local(
             torch.autograd.backward(objective)
             optimizer.step()
             total += float(loss.detach())
-    return TrainResult(loss=total / steps, steps=steps, num_examples=len(inputs))
+            done += 1
+        else:
+            stop_here(last=True)  # the state after the last step is a candidate too
+    return TrainResult(loss=total / max(done, 1), steps=done, num_examples=len(inputs))
 
 
 def _logits(

@@ -16,12 +16,6 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def default_keys_path() -> Path:
-    """Where the server's bundle-signing key lives unless `--keys` says otherwise."""
-    home = Path(os.environ.get("MEDFED_HOME", Path.home() / ".medfed"))
-    return home / "signing.key"
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/*.yaml)")
     p.add_argument(
@@ -40,6 +34,16 @@ def _add_keys_arg(p: argparse.ArgumentParser) -> None:
 
 def _example(text: str) -> str:
     return f"example:\n  {text}"
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="the federation's signing.pub (default: signing.pub in --certs, else "
+                   "$MEDFED_HOME/signing.pub)")
+    p.add_argument("--certs", type=Path, default=None,
+                   help="the hospital's certificate folder (holds signing.pub)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="run a bundle whose signature is not checked (prints a warning)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--certs certs/hospitals/hospital-a --name hospital-a")
     p.add_argument("--server", required=True, help="HOST:PORT of the SuperLink")
     p.add_argument("--data", type=Path, required=True, help="the hospital's CSV or npz")
+    p.add_argument("--test-data", type=Path, default=None,
+                   help="the hospital's own test file, kept apart (only reported, never "
+                   "trained on); default: carved from --data")
     p.add_argument("--certs", type=Path, default=None, help="directory of `medfed certs hospital`")
     p.add_argument("--name", required=True, help="hospital name (site id)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -160,26 +167,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server signing key (default: signing.pub in --certs)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
 
-    p = add("predict", c.cmd_predict, "predict locally with a verified bundle",
-            "medfed predict --model models/latest --data new_patients.csv --out preds.csv")
-    p.add_argument("--model", type=Path, required=True)
+    p = add("predict", c.cmd_predict,
+            "predict locally with a verified bundle (calibrated probability and decision)",
+            "medfed predict --model ~/.medfed/hospital-a/personalised --data new_patients.csv "
+            "--out preds.csv")
+    p.add_argument("--model", type=Path, required=True,
+                   help="bundle directory (a site model, or a global version)")
     p.add_argument("--data", type=Path, required=True, help="CSV (tabular) or npz / PNG folder")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
     p.add_argument("--site-stats", type=Path, default=None,
-                   help="this hospital's normalisation statistics (default: site_stats.json "
-                   "next to the model directory, else the bundle's)")
+                   help="this hospital's statistics for a global model with normalisation "
+                   "'site' (default: site_stats.json next to the model directory)")
     p.add_argument("--device", default="auto")
+    _add_trust_args(p)
+
+    p = add("evaluate", c.cmd_evaluate,
+            "score a verified bundle on a labelled file: metrics with bootstrap intervals, "
+            "confusion matrix, ROC and reliability plots",
+            "medfed evaluate --model runs/heart-sim/nodes/cleveland/personalised "
+            "--data data/heart-test/cleveland.csv --out reports/cleveland.json")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--data", type=Path, required=True,
+                   help="labelled CSV (with the label column) or npz with images and labels")
+    p.add_argument("--site-stats", type=Path, default=None,
+                   help="statistics for a global model with normalisation 'site'")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report JSON to write; the ROC and reliability PNGs go beside it")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    _add_trust_args(p)
+
+    p = add("schema", c.cmd_schema,
+            "draft a schema from hospital CSVs for you to review (types, ranges, label codes)",
+            "medfed schema --data data/heart/*.csv --label num --out schema.yaml")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="one or more CSV files")
+    p.add_argument("--label", required=True, help="the label column")
+    p.add_argument("--out", type=Path, required=True, help="schema YAML to write")
+    p.add_argument("--ignore", action="append", default=[], metavar="COLUMN",
+                   help="a column that is not a feature (site or split column); repeatable")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = add("check-data", c.cmd_check_data,
             "check a hospital's data file against a bundle, as the client or predict would read it",
             "medfed check-data --model models/latest --data /data/heart.csv --purpose training")
     p.add_argument("--model", type=Path, required=True, help="bundle directory")
     p.add_argument("--data", type=Path, required=True, help="CSV (tabular) or npz / PNG folder")
+    p.add_argument("--test-data", type=Path, default=None,
+                   help="the hospital's own test file, kept apart (training only)")
     p.add_argument("--purpose", choices=("training", "prediction"), default="training",
                    help="training (label column required, as `medfed client`) or prediction "
                    "(as `medfed predict`); default training")
-    p.add_argument("--public-key", type=Path, default=None, help="verify the signature with it")
+    _add_trust_args(p)
 
     p = add("export-heart", c.cmd_export_heart,
             "write the four UCI heart hospitals as CSV files (for trying `medfed client`)",
@@ -190,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("model-card", c.cmd_model_card, "print a markdown model card for a bundle",
             "medfed model-card --model models/latest > MODEL_CARD.md")
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--public-key", type=Path, default=None)
+    _add_trust_args(p)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed.cli import default_keys_path
+from common.settings import default_keys_path
 
 
 def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
@@ -20,16 +20,20 @@ def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """`medfed pretrain`."""
-    from common.config import load_config
-    from common.pretrain import pretrain
+    from common.config_check import load_config
+    from common.pretrain import load_source, pretrain
 
     cfg = load_config(args.config, args.overrides)
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"bundle directory {args.out} exists; pass --force to replace it")
+    data = load_source(cfg)  # bad data stops here, before a key or a file is created
     key = _signing_key(args.keys)
-    manifest = pretrain(cfg, args.out, key, replace=args.force)
-    test = manifest["metrics"].get("source-test") or manifest["metrics"]["source-train"]
+    manifest = pretrain(cfg, args.out, key, replace=args.force, data=data)
+    val = manifest["metrics"]["source-validation"]
     print(
-        f"wrote bundle {args.out} ({manifest['source']}): source accuracy "
-        f"{test['accuracy']:.3f}, AUC {_fmt(test.get('auc'))}"
+        f"wrote bundle {args.out} ({manifest['source']}): source validation balanced "
+        f"accuracy {_fmt(val.get('balanced_accuracy'))}, AUC {_fmt(val.get('auc'))} "
+        f"({val.get('n')} rows)"
     )
     return 0
 
@@ -40,7 +44,8 @@ def _fmt(value: float | None) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`medfed simulate`."""
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.config_check import load_config
     from server.simulate import SimulateRequest, simulate
 
     overrides = list(args.overrides)
@@ -80,10 +85,48 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from client.predict import predict
 
     summary = predict(args.model, args.data, args.out, args.public_key, args.device,
-                      args.site_stats)
+                      args.site_stats, certs=args.certs, unsigned=args.unsigned)
     counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
-    print(f"wrote {args.out}: {summary['rows']} rows predicted with model v{summary['version']} "
-          f"({counts})")
+    who = f"site model of {summary['site']}" if summary["site"] else "global model"
+    print(f"wrote {args.out}: {summary['rows']} rows predicted with {who} v{summary['version']} "
+          f"at threshold {summary['operating_point']['threshold']:.3f} ({counts}); "
+          f"statistics: {summary['statistics']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`medfed evaluate`."""
+    from client.evaluate import evaluate_file, format_report, write_report
+
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
+    report, y, proba = evaluate_file(args.model, args.data, args.site_stats, args.public_key,
+                                     certs=args.certs, unsigned=args.unsigned, seed=args.seed,
+                                     samples=args.bootstrap)
+    print(format_report(report))
+    if args.out is not None:
+        written = write_report(report, y, proba, args.out)
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """`medfed schema`."""
+    from common.atomic import atomic_write_text
+    from common.data.schema_draft import draft_schema
+
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
+    draft = draft_schema(list(args.data), args.label, tuple(args.ignore))
+    print("inferred:")
+    for line in draft.inferred:
+        print(f"  {line}")
+    print("needs a decision:" if draft.decisions else "needs a decision: nothing")
+    for line in draft.decisions:
+        print(f"  - {line}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, draft.to_yaml())
+    print(f"wrote {args.out}: review it, then point data.csv_schema at it")
     return 0
 
 
@@ -93,7 +136,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     from client.check_data import check_data
 
-    result = check_data(args.model, args.data, args.purpose, args.public_key)
+    result = check_data(args.model, args.data, args.purpose, args.public_key,
+                        certs=args.certs, unsigned=args.unsigned, test_data=args.test_data)
     for warning in result.warnings:
         print(f"medfed: warning: {args.data}: {warning}", file=sys.stderr)
     print(result.summary())
@@ -104,7 +148,8 @@ def cmd_model_card(args: argparse.Namespace) -> int:
     """`medfed model-card`."""
     from client.model_card import model_card
 
-    print(model_card(args.model, args.public_key), end="")
+    print(model_card(args.model, args.public_key, certs=args.certs, unsigned=args.unsigned),
+          end="")
     return 0
 
 

@@ -25,7 +25,8 @@ import yaml
 
 from common.bundle import load_bundle
 from common.certs import FederationPaths, check_server_certs
-from common.config import ConfigError, load_config
+from common.config import ConfigError
+from common.config_check import load_config
 from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
 from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key

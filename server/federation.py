@@ -1,14 +1,19 @@
 """One federated transfer-learning run on the server: the body of the ServerApp.
 
 Plain steps over `common/` functions: load and verify the pretrained bundle, choose the
-trainable tensors, run the configured Flower strategy through a provisioning Grid, check and
-publish every global model, deliver the final model to the hospitals, and optionally let each
-site adapt it locally.
+trainable tensors, run the configured Flower strategy through a provisioning Grid, check every
+global model on validation data and publish it as a signed version, deliver the chosen model
+to the hospitals, and let each site build (and the server sign) its own site model.
+
+What may choose what: the `best` version, the model delivered at the end and every site's
+choices read validation metrics only. Test metrics are collected from the sites and reported,
+labelled "test — not used for any choice".
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,38 +26,47 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from common import records as rk
-from common.bundle import Bundle, load_bundle
+from common.bundle import (
+    BACKBONE_FILE,
+    HEAD_FILE,
+    SITE_STATS_FILE,
+    Bundle,
+    load_bundle,
+    sign_manifest,
+)
 from common.config import Config
-from common.data.federated import FederatedData, load_federated
 from common.device import resolve_device, seed_everything
 from common.manifest import (
     json_metrics,
     make_manifest,
     model_from_manifest,
-    normaliser_from_manifest,
+    spec_from_manifest,
+    stats_from_manifest,
 )
 from common.models import SplitModel, load_state, set_trainable, split_state
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
-from common.training import evaluate
 from server.checkpoint import (
     drop_uncommitted_versions,
     load_checkpoint,
     restore_strategy,
     save_checkpoint,
 )
+from server.heldout import Heldout, aggregate_test, build_heldout
 from server.history import RunHistory
 from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
-from server.provisioning import BackbonePayload, ProvisioningGrid
+from server.provisioning import BackbonePayload, ProvisioningGrid, RunStopped
 from server.registry import Registry
 from server.strategies import build_strategy
+from server.validation import check_site_model_reply, site_model_from_reply
 
 log = logging.getLogger("medfed.server")
+NODE_WAIT_POLL_S = 1.0
 
 
 def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in metrics.items()
-                         if isinstance(v, int | float) and v is not None})
+                         if isinstance(v, int | float) and not isinstance(v, bool)})
 
 
 def load_payload(bundle_dir: Path) -> BackbonePayload:
@@ -76,6 +90,18 @@ def reset_head(model: SplitModel, seed: int) -> None:
         model.head.bias.uniform_(-bound, bound, generator=gen)
 
 
+def split_site_metrics(flat: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """`val-<k>`/`test-<k>` keys of an evaluate reply -> {"validation": ..., "test": ...}."""
+    out: dict[str, dict[str, Any]] = {"validation": {}, "test": {}}
+    for key, value in flat.items():
+        prefix, _, name = key.partition("-")
+        if prefix == "val" and name:
+            out["validation"][name] = value
+        elif prefix == "test" and name:
+            out["test"][name] = value
+    return json_metrics(out)
+
+
 @dataclass
 class Federation:
     """State of one run; `evaluate_round` is the strategy's `evaluate_fn`."""
@@ -85,11 +111,12 @@ class Federation:
     bundle: Bundle
     model: SplitModel
     trainable: list[str]
-    data: FederatedData
+    heldout: Heldout
     registry: Registry
     grid: ProvisioningGrid
     history: RunHistory
     device: torch.device
+    signing_key: Any
     round_offset: int = 0  # rounds committed before this (resumed) run
     strategy: Any = None
     started: float = field(default_factory=time.monotonic)
@@ -97,61 +124,96 @@ class Federation:
     def _load_arrays(self, arrays: ArrayRecord) -> None:
         load_state(self.model, arrays.to_torch_state_dict(), where="global model")
 
-    def _site_metrics(self, message_type: str) -> dict[str, dict[str, Any]]:
+    def _replies(self, message_type: str) -> dict[str, Message]:
+        """The last good replies of a type, by the site name each node goes by."""
         replies = self.grid.last_replies.pop(message_type, [])
+        return {self.grid.site(r.metadata.src_node_id): r for r in replies if not r.has_error()}
+
+    def _site_metrics(self, message_type: str) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for reply in replies:
-            if reply.has_error():
-                continue
-            node = reply.metadata.src_node_id
-            name = self.grid.site_names.get(node, f"node-{node}")
+        for name, reply in self._replies(message_type).items():
             metrics = reply.content.metric_records.get(rk.METRICS)
-            if metrics is not None:
-                out[name] = json_metrics({k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
-                                          if isinstance(v, int | float)})
+            if metrics is None:
+                continue
+            flat = {k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                    if isinstance(v, int | float)}
+            out[name] = split_site_metrics(flat) if message_type == "evaluate" \
+                else json_metrics(flat)
         return out
 
+    def wait_for_nodes(self) -> list[int]:
+        """Node ids once `min_nodes` are connected (Flower's strategies wait the same way)."""
+        need = self.cfg.federation.strategy.min_nodes
+        waited = False
+        while len(nodes := sorted(self.grid.get_node_ids())) < need:
+            if not waited:
+                log.info("waiting for %d hospitals to connect (%d so far)", need, len(nodes))
+                waited = True
+            time.sleep(NODE_WAIT_POLL_S)
+        return nodes
+
+    def evaluate_at_sites(self, arrays: ArrayRecord, server_round: int) -> None:
+        """Federated evaluation outside the strategy's loop (round 0: the starting model)."""
+        config = ConfigRecord({rk.BACKBONE_SHA256: self.grid.payload.sha256,
+                               rk.SERVER_ROUND: server_round})
+        messages = [Message(RecordDict({rk.ARRAYS: arrays, rk.CONFIG: config}),
+                            dst_node_id=n, message_type="evaluate")
+                    for n in self.wait_for_nodes()]
+        self.grid.send_and_receive(messages)
+
     def evaluate_round(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Held-out check of the global model, publish it as a signed version, commit."""
+        """Validation check of the global model, publish it as a signed version, commit."""
         server_round = local_round + self.round_offset
         self._load_arrays(arrays)
-        heldout = evaluate(self.model, self.data.heldout_x, self.data.heldout_y, self.device)
         if local_round == 0 and self.round_offset > 0:  # resumed: round already published
-            return _metric_record(heldout)
-        sites = self._site_metrics("evaluate") if server_round > 0 else {}
+            return MetricRecord()
+        if server_round == 0 and self.heldout.at_sites:
+            self.evaluate_at_sites(arrays, 0)
+        sites = self._site_metrics("evaluate")
         train = self._site_metrics("train") if server_round > 0 else {}
-        metrics = json_metrics({"heldout": heldout, "sites": sites, "train": train})
+        validation = self.heldout.evaluate(self.model, sites)
+        metrics = json_metrics({"validation": validation, "test": aggregate_test(sites),
+                                "sites": sites, "train": train})
         backbone, head = split_state(self.model)
         manifest = make_manifest(
-            self.cfg, self.data.spec, normaliser_from_manifest(self.bundle.manifest),
-            self.bundle.manifest["model"], version=server_round, round_num=server_round,
+            self.cfg, spec_from_manifest(self.bundle.manifest),
+            stats_from_manifest(self.bundle.manifest), self.bundle.manifest["model"],
+            version=server_round, round_num=server_round,
             strategy=self.cfg.federation.strategy.name, metrics=metrics,
             sites=sorted(set(self.grid.site_names.values())), source=self.bundle.manifest["source"],
         )
-        score = heldout.get(self.cfg.federation.best_metric)
-        self.registry.publish(server_round, backbone, head, manifest, score,
-                              self.cfg.federation.best_metric)
+        best_metric = self.cfg.federation.best_metric
+        self.registry.publish(server_round, backbone, head, manifest,
+                              metrics["validation"].get(best_metric), best_metric,
+                              self.heldout.label)
         if self.grid.excluded:
             metrics["excluded"] = dict(self.grid.excluded)
+        self.history.write_splits({self.grid.site(n): sizes
+                                   for n, sizes in self.grid.split_sizes.items()})
         self.history.record(server_round, metrics, time.monotonic() - self.started)
         save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
                         self.strategy)
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
-                                                   self.cfg.federation.best_metric))
-        return _metric_record(heldout)
+                                                   best_metric))
+        return _metric_record(metrics["validation"])
+
+    def final_version(self) -> int:
+        """The version hospitals get at the end: `best` (chosen on validation) or `latest`."""
+        pointer = self.registry.read_pointer(self.cfg.federation.final_model)
+        return int(pointer["version"]) if pointer else max(self.registry.versions())
 
     def deliver_final(self, version: int) -> None:
-        """Send the final signed version to every node, which saves it in its model dir."""
+        """Send a signed version to every node, which saves it in its model dir."""
         vdir = self.registry.version_dir(version)
         meta = ConfigRecord({
             rk.MANIFEST_JSON: (vdir / "manifest.json").read_text(encoding="utf-8"),
             rk.MANIFEST_SIG: (vdir / "manifest.sig").read_bytes().hex(),
             rk.VERSION: version,
         })
-        head = np.frombuffer((vdir / "head.safetensors").read_bytes(), dtype=np.uint8)
+        head = np.frombuffer((vdir / HEAD_FILE).read_bytes(), dtype=np.uint8)
         content: dict[str, Any] = {rk.BUNDLE_META: meta,
                                    rk.HEAD_FILE: ArrayRecord({rk.HEAD_FILE: Array(head)})}
-        backbone_bytes = (vdir / "backbone.safetensors").read_bytes()
+        backbone_bytes = (vdir / BACKBONE_FILE).read_bytes()
         if hashlib.sha256(backbone_bytes).hexdigest() != self.grid.payload.sha256:
             # trained backbone blocks: the node's cached backbone is not this version's
             content[rk.BACKBONE_FILE] = ArrayRecord(
@@ -163,27 +225,91 @@ class Federation:
         saved = sum(1 for r in replies if not r.has_error())
         for r in replies:
             if r.has_error():
-                log.warning("node %d did not save the final model: %s",
-                            r.metadata.src_node_id, r.error.reason)
-        log.info("final model v%04d saved by %d/%d nodes", version, saved, len(nodes))
+                log.warning("%s did not save the final model: %s",
+                            self.grid.site(r.metadata.src_node_id), r.error.reason)
+        log.info("model v%04d saved by %d/%d hospitals", version, saved, len(nodes))
 
-    def adapt(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
-        """Local adaptation at every node; returns before/after test metrics per site."""
-        ad = self.cfg.federation.adaptation
-        messages = [
-            Message(RecordDict({rk.ARRAYS: arrays,
-                                rk.CONFIG: ConfigRecord({
-                                    "steps": ad.steps, "lr": ad.lr,
-                                    rk.BACKBONE_SHA256: self.grid.payload.sha256})}),
-                    dst_node_id=n, message_type=f"query.{rk.QUERY_ADAPT}")
-            for n in sorted(self.grid.provisioned)
-        ]
-        self.grid.send_and_receive(messages)
-        return self._site_metrics(f"query.{rk.QUERY_ADAPT}")
+    def site_models(self, version: int) -> dict[str, dict[str, Any]]:
+        """Each site builds its model from `version`; the server signs it from its hashes."""
+        vdir = self.registry.version_dir(version)
+        global_bytes = (vdir / "manifest.json").read_bytes()
+        global_manifest = json.loads(global_bytes)
+        full = load_bundle(vdir)
+        state = {**full.backbone, **full.head}
+        arrays = ArrayRecord({n: state[n] for n in self.trainable})
+        config = ConfigRecord({rk.BACKBONE_SHA256: self.grid.payload.sha256, rk.VERSION: version})
+        asks = [Message(RecordDict({rk.ARRAYS: arrays, rk.CONFIG: config}), dst_node_id=n,
+                        message_type=f"query.{rk.QUERY_ADAPT}")
+                for n in sorted(self.grid.provisioned)]
+        signed: dict[int, tuple[str, dict[str, Any], bytes, bytes]] = {}
+        for reply in self.grid.send_and_receive(asks):
+            node = reply.metadata.src_node_id
+            name = self.grid.site(node)
+            if reply.has_error():
+                log.warning("%s could not build its site model: %s", name, reply.error.reason)
+                continue
+            problem = check_site_model_reply(reply)
+            if problem is not None:
+                self.grid.exclude(node, f"site model reply: {problem}")
+                continue
+            site, files = site_model_from_reply(reply)
+            manifest = site_manifest(global_manifest, global_bytes, name, site)
+            body, sig = sign_manifest(manifest, files, self.signing_key)
+            signed[node] = (name, site, body, sig)
+        saves = [Message(RecordDict({rk.BUNDLE_META: ConfigRecord({
+                    rk.MANIFEST_JSON: body.decode("utf-8"), rk.MANIFEST_SIG: sig.hex()})}),
+                         dst_node_id=node, message_type=f"query.{rk.QUERY_SAVE_SITE_MODEL}")
+                 for node, (_, _, body, sig) in signed.items()]
+        out: dict[str, dict[str, Any]] = {}
+        for reply in self.grid.send_and_receive(saves):
+            node = reply.metadata.src_node_id
+            if node not in signed:
+                continue
+            name, site, _, _ = signed[node]
+            if reply.has_error():
+                log.warning("%s did not save its site model: %s", name, reply.error.reason)
+                continue
+            out[name] = {**site, "based_on_version": version}
+        log.info("site models signed and saved by %d/%d hospitals", len(out), len(asks))
+        return out
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Deliver the chosen version, build the site models, write the summary."""
+        version = self.final_version()
+        self.deliver_final(version)
+        sites = self.site_models(version)
+        return self.history.finish(
+            traffic={self.grid.site(n): vars(t) for n, t in self.grid.traffic.items()},
+            site_models=sites, registry=self.registry,
+            best_metric=self.cfg.federation.best_metric,
+            final={"version": version, "chosen_by": self.cfg.federation.final_model},
+            extra=extra,
+        )
+
+
+def site_manifest(global_manifest: dict[str, Any], global_bytes: bytes, name: str,
+                  site: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a site's model: the global version's, plus what the site chose."""
+    manifest = {k: v for k, v in global_manifest.items()
+                if k not in ("files", "backbone_sha256", "signer", "created")}
+    manifest["site"] = {
+        "name": name, "kept": site["kept"], "method": site["method"], "reason": site["reason"],
+        "steps": site["steps"], "based_on_version": global_manifest["version"],
+        "based_on_manifest_sha256": hashlib.sha256(global_bytes).hexdigest(),
+        "statistics": f"{SITE_STATS_FILE} in this bundle (fitted on the site's training split)",
+        "reported_by": "the site (the server signs the hashes it was sent)",
+    }
+    manifest["operating_point"] = site["operating_point"]
+    manifest["metrics"] = {"site-validation": site["site_model"]["validation"],
+                           "site-test": site["site_model"]["test"],
+                           "global-validation": site["global"]["validation"],
+                           "global-test": site["global"]["test"]}
+    manifest["sites"] = [name]
+    return json_metrics(manifest)
 
 
 def prepare(grid: Grid, settings: RunSettings) -> Federation:
-    """Load config, key, bundle, data and model; nothing is sent yet."""
+    """Load config, key, bundle, validation check and model; nothing is sent yet."""
     cfg = settings.load_config()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -202,8 +328,8 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     if cfg.federation.reset_head:
         reset_head(model, cfg.seed)
     trainable = set_trainable(model, cfg.model.trainable)
-    data = load_federated(cfg.federation.data, normaliser_from_manifest(bundle.manifest),
-                          seed=cfg.seed)
+    heldout = build_heldout(cfg, spec_from_manifest(bundle.manifest),
+                            stats_from_manifest(bundle.manifest))
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
                                     timeout=cfg.federation.strategy.round_timeout,
                                     validation=cfg.federation.validation,
@@ -211,8 +337,8 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     registry = Registry(settings.run_dir / "registry", key)
     offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
     history = RunHistory(settings.run_dir)
-    return Federation(cfg, settings, bundle, model, trainable, data, registry, provisioning,
-                      history, device, round_offset=offset)
+    return Federation(cfg, settings, bundle, model, trainable, heldout, registry, provisioning,
+                      history, device, key, round_offset=offset)
 
 
 def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
@@ -241,42 +367,33 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Federation:
-    """The whole run: rounds, checks, publication, delivery, adaptation, summary."""
+    """The whole run: rounds, checks, publication, delivery, site models, summary."""
     fed = prepare(grid, settings)
     cfg = fed.cfg
     state = fed.model.state_dict()
     initial = ArrayRecord({n: state[n].detach().clone() for n in fed.trainable})
-    strategy = build_strategy(cfg.federation.strategy, len(fed.data.sites))
+    hint = settings.expected_nodes or cfg.federation.strategy.min_nodes
+    strategy = build_strategy(cfg.federation.strategy, hint)
     fed.strategy = strategy
     checkpoint = load_checkpoint(settings.run_dir) if fed.round_offset else None
     if checkpoint is not None:
         restore_strategy(strategy, checkpoint)
     strategy = wrap_privacy(strategy, cfg.federation.privacy,
-                            sampled_per_round(cfg.federation.strategy, len(fed.data.sites)))
+                            sampled_per_round(cfg.federation.strategy, hint))
     remaining = max(cfg.federation.rounds - fed.round_offset, 0)
     round_config = ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
                                  rk.ROUND_OFFSET: fed.round_offset})
-    log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors)",
-             cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
-             cfg.model.trainable, len(fed.trainable))
-    result = strategy.start(
+    log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors), "
+             "validation: %s", cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
+             cfg.model.trainable, len(fed.trainable), fed.heldout.label)
+    strategy.start(
         grid=fed.grid, initial_arrays=initial, num_rounds=remaining,
         timeout=cfg.federation.strategy.round_timeout, train_config=round_config,
-        evaluate_config=ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256}),
+        evaluate_config=ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
+                                      rk.ROUND_OFFSET: fed.round_offset}),
         evaluate_fn=fed.evaluate_round,
     )
-    final = result.arrays if len(result.arrays) else initial
-    last = max(fed.registry.versions())
-    fed.deliver_final(last)
-    adaptation: dict[str, dict[str, Any]] = {}
-    if cfg.federation.adaptation.enabled:
-        adaptation = fed.adapt(final)
-    fed.history.finish(
-        traffic={fed.grid.site_names.get(n, f"node-{n}"): vars(t)
-                 for n, t in fed.grid.traffic.items()},
-        adaptation=adaptation,
-        registry=fed.registry,
-        best_metric=cfg.federation.best_metric,
-        extra=privacy_summary(cfg, last, len(fed.data.sites)),
-    )
+    if not fed.registry.versions():
+        raise RunStopped("no global model was published")
+    fed.finish(extra=privacy_summary(cfg, max(fed.registry.versions()), hint))
     return fed

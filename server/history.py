@@ -1,6 +1,9 @@
 """Per-round metrics of a run: `metrics.jsonl`, `metrics.csv`, `summary.json` and PNG curves.
 
-Files are rewritten atomically after every round, so they always describe the completed rounds.
+Each round holds `validation` (the check that picks `best`), `test` (the sites' test splits,
+labelled "test — not used for any choice"), `sites` (each site's validation and test metrics)
+and `train`. Files are rewritten atomically after every round, so they always describe the
+completed rounds.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.atomic import atomic_write_bytes, atomic_write_text
+from common.data.splits import TEST_LABEL
+from common.metrics import mean_defined
 
 if TYPE_CHECKING:
     from server.registry import Registry
 
-TABLE_METRICS = ("accuracy", "sensitivity", "specificity", "auc", "f1")
-PLOT_METRICS = ("accuracy", "auc", "f1", "sensitivity", "specificity")
+PLOT_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
+CSV_SPLITS = ("validation", "test")
+
+
+def _mean_train_loss(r: dict[str, Any]) -> float | None:
+    return mean_defined([m.get("loss") for m in r.get("train", {}).values()])
 
 
 class RunHistory:
@@ -41,13 +50,20 @@ class RunHistory:
         atomic_write_text(self.run_dir / "metrics.jsonl", text)
         atomic_write_text(self.run_dir / "metrics.csv", self._csv())
 
+    def write_splits(self, sizes: dict[str, dict[str, int]]) -> None:
+        """`splits.json`: train / validation / test rows each site declared."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "splits.json",
+                          json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+
     def _csv(self) -> str:
         rows = []
         for r in self.rounds:
             row: dict[str, Any] = {"round": r["round"], "elapsed_s": r["elapsed_s"]}
-            row.update({f"heldout_{k}": v for k, v in r.get("heldout", {}).items()})
-            losses = [m["loss"] for m in r.get("train", {}).values() if m.get("loss") is not None]
-            row["train_loss_mean"] = sum(losses) / len(losses) if losses else None
+            for split in CSV_SPLITS:
+                row.update({f"{split}_{k}": v for k, v in r.get(split, {}).items()
+                            if not isinstance(v, str)})
+            row["train_loss_mean"] = _mean_train_loss(r)
             rows.append(row)
         fields: list[str] = []
         for row in rows:
@@ -59,35 +75,44 @@ class RunHistory:
         return buf.getvalue()
 
     def progress_line(self, server_round: int, total: int, metric: str) -> str:
-        """`round 3/10  elapsed 12.4s  held-out auc 0.873  accuracy 0.812`."""
+        """`round 3/10  elapsed 12.4s  validation auc 0.873  ...  test auc 0.850 (...)`."""
         r = next(x for x in self.rounds if x["round"] == server_round)
-        held = r.get("heldout", {})
+        val, test = r.get("validation", {}), r.get("test", {})
 
         def fmt(v: Any) -> str:
             return "n/a" if v is None else f"{v:.3f}"
 
         parts = [f"round {server_round}/{total}", f"elapsed {r['elapsed_s']:.1f}s",
-                 f"held-out {metric} {fmt(held.get(metric))}"]
-        if metric != "accuracy":
-            parts.append(f"accuracy {fmt(held.get('accuracy'))}")
+                 f"validation {metric} {fmt(val.get(metric))}"]
+        if metric != "balanced_accuracy":
+            parts.append(f"balanced accuracy {fmt(val.get('balanced_accuracy'))}")
+        if test:
+            parts.append(f"| test {metric} {fmt(test.get(metric))} ({TEST_LABEL})")
         return "  ".join(parts)
 
-    def finish(self, traffic: dict[str, Any], adaptation: dict[str, Any], registry: Registry,
-               best_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(self, traffic: dict[str, Any], site_models: dict[str, Any], registry: Registry,
+               best_metric: str, final: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write `summary.json` and the plots; returns the summary.
 
-        `extra` adds top-level keys (e.g. `privacy`: the differential-privacy report).
+        `site_models` maps each site to the model it keeps (see client/node.py); `extra` adds
+        top-level keys (e.g. `privacy`: the differential-privacy report).
         """
         last = self.rounds[-1] if self.rounds else {}
+        chosen = (final or {}).get("version")
+        at_final = next((r for r in self.rounds if r["round"] == chosen), last)
         summary = {
             "rounds": last.get("round", 0),
-            "heldout": last.get("heldout", {}),
-            "sites": last.get("sites", {}),
-            "adaptation": adaptation,
+            "validation": at_final.get("validation", {}),
+            "test": at_final.get("test", {}),
+            "sites": at_final.get("sites", {}),
+            "final": final or {},
+            "site_models": site_models,
             "traffic": traffic,
             "latest": registry.read_pointer("latest"),
             "best": registry.read_pointer("best"),
             "best_metric": best_metric,
+            "test_label": TEST_LABEL,
             **(extra or {}),
         }
         atomic_write_text(self.run_dir / "summary.json",
@@ -96,35 +121,39 @@ class RunHistory:
         return summary
 
     def plot(self) -> None:
-        """`heldout_metrics.png` and `loss.png` (one point per round)."""
+        """`metrics.png` (validation solid, test dashed and labelled) and `loss.png`."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         rounds = [r["round"] for r in self.rounds]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in PLOT_METRICS:
-            values = [r.get("heldout", {}).get(name) for r in self.rounds]
-            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o",
-                    label=name)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, name in enumerate(PLOT_METRICS):
+            colour = f"C{i}"
+            for split, style in (("validation", "-"), ("test", "--")):
+                values = [r.get(split, {}).get(name) for r in self.rounds]
+                if all(v is None for v in values):
+                    continue
+                label = f"{name} ({'validation' if split == 'validation' else 'test*'})"
+                ax.plot(rounds, [float("nan") if v is None else v for v in values],
+                        linestyle=style, marker="o" if split == "validation" else "x",
+                        color=colour, label=label)
         ax.set_xlabel("round")
-        ax.set_ylabel("held-out metric")
+        ax.set_ylabel("metric of the global model")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        ax.set_title("Global model on the held-out set")
-        self._save(fig, "heldout_metrics.png")
+        ax.legend(loc="lower right", fontsize=7)
+        ax.set_title(f"Global model per round\n* {TEST_LABEL}", fontsize=9)
+        self._save(fig, "metrics.png")
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        held = [r.get("heldout", {}).get("loss") for r in self.rounds]
+        held = [r.get("validation", {}).get("loss") for r in self.rounds]
         ax.plot(rounds, [float("nan") if v is None else v for v in held], marker="o",
-                label="held-out loss")
-        train = []
-        for r in self.rounds:
-            losses = [m["loss"] for m in r.get("train", {}).values() if m.get("loss") is not None]
-            train.append(sum(losses) / len(losses) if losses else float("nan"))
-        ax.plot(rounds, train, marker="s", label="mean local train loss")
+                label="validation loss")
+        train = [_mean_train_loss(r) for r in self.rounds]
+        ax.plot(rounds, [float("nan") if v is None else v for v in train], marker="s",
+                label="mean local train loss")
         ax.set_xlabel("round")
         ax.set_ylabel("cross-entropy")
         ax.grid(alpha=0.3)
@@ -142,40 +171,64 @@ class RunHistory:
         atomic_write_bytes(self.run_dir / name, buf.getvalue())
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """The final table: one row per site and one for the held-out set."""
-    header = ["site", "n", *TABLE_METRICS]
-    rows: list[list[str]] = []
+def _fmt(v: Any) -> str:
+    return "undef" if v is None else f"{v:.3f}"
 
-    def fmt(v: Any) -> str:
-        return "undef" if v is None else f"{v:.3f}"
 
-    for site, m in sorted(summary.get("sites", {}).items()):
-        rows.append([site, str(int(m.get("num-examples", m.get("n", 0)) or 0)),
-                     *[fmt(m.get(k)) for k in TABLE_METRICS]])
-    sites = summary.get("sites", {})
-    if len(sites) > 1:
-        rows.append(["MEAN OF SITES", "", *[fmt(_mean([m.get(k) for m in sites.values()]))
-                                            for k in TABLE_METRICS]])
-    held = summary.get("heldout", {})
-    rows.append(["HELD-OUT", str(int(held.get("n", 0) or 0)),
-                 *[fmt(held.get(k)) for k in TABLE_METRICS]])
-    adaptation = summary.get("adaptation") or {}
-    for site, m in sorted(adaptation.items()):
-        rows.append([f"{site} (adapted)", str(int(m.get("num-examples", 0) or 0)),
-                     *[fmt(m.get(f"after-{k}")) for k in TABLE_METRICS]])
-    if len(adaptation) > 1:
-        rows.append(["MEAN OF SITES (adapted)", "",
-                     *[fmt(_mean([m.get(f"after-{k}") for m in adaptation.values()]))
-                       for k in TABLE_METRICS]])
+def _auc_ci(m: dict[str, Any]) -> str:
+    if m.get("auc") is None:
+        return "undef"
+    lo, hi = m.get("auc_lo"), m.get("auc_hi")
+    return f"{m['auc']:.3f} [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else _fmt(m["auc"])
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return lines
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The final tables: validation and test per site, then each site's own model."""
+    cols = ("balanced_accuracy", "auc", "sensitivity", "specificity", "accuracy")
+    header = ["global model", "split", "n", *cols]
+    rows: list[list[str]] = []
+    for site, m in sorted(summary.get("sites", {}).items()):
+        for split in ("validation", "test"):
+            part = m.get(split, {})
+            rows.append([site, split if split == "validation" else "test*",
+                         str(int(part.get("n", 0) or 0)), *[_fmt(part.get(k)) for k in cols]])
+    for split in ("validation", "test"):
+        part = summary.get(split, {})
+        if part:
+            name = "VALIDATION (server check)" if split == "validation" else "ALL SITES"
+            rows.append([name, split if split == "validation" else "test*",
+                         str(int(part.get("n", 0) or 0)), *[_fmt(part.get(k)) for k in cols]])
+    lines = _grid(header, rows)
+    models = summary.get("site_models") or {}
+    if models:
+        head2 = ["site model (test*)", "kept", "threshold", "balanced_accuracy",
+                 "auc [95% CI]", "sensitivity", "specificity", "global BA", "global AUC [95% CI]"]
+        rows2 = []
+        for site, sm in sorted(models.items()):
+            mine, glob = sm["site_model"]["test"], sm["global"]["test"]
+            rows2.append([site, sm["kept"], f"{sm['operating_point']['threshold']:.3f}",
+                          _fmt(mine.get("balanced_accuracy")), _auc_ci(mine),
+                          _fmt(mine.get("sensitivity")), _fmt(mine.get("specificity")),
+                          _fmt(glob.get("balanced_accuracy")), _auc_ci(glob)])
+        rows2.append(["MEAN OF SITES", "", "",
+                      _fmt(mean_defined([m["site_model"]["test"].get("balanced_accuracy")
+                                         for m in models.values()])), "",
+                      _fmt(mean_defined([m["site_model"]["test"].get("sensitivity")
+                                         for m in models.values()])),
+                      _fmt(mean_defined([m["site_model"]["test"].get("specificity")
+                                         for m in models.values()])),
+                      _fmt(mean_defined([m["global"]["test"].get("balanced_accuracy")
+                                         for m in models.values()])), ""])
+        lines += ["", *_grid(head2, rows2)]
+        for site, sm in sorted(models.items()):
+            lines.append(f"  {site}: kept the {sm['kept']} model ({sm['method']}): {sm['reason']}")
+    lines += ["", f"* {TEST_LABEL}: every choice above was made on validation splits."]
     return "\n".join(lines)
-
-
-def _mean(values: list[Any]) -> float | None:
-    """Mean over sites of a metric, ignoring sites where it is undefined."""
-    defined = [float(v) for v in values if v is not None]
-    return sum(defined) / len(defined) if defined else None

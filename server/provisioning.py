@@ -85,6 +85,7 @@ class ProvisioningGrid(DelegatingGrid):
     last_replies: dict[str, list[Message]] = field(default_factory=dict)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     declared: dict[int, int] = field(default_factory=dict)  # node -> training rows declared
+    split_sizes: dict[int, dict[str, int]] = field(default_factory=dict)  # node -> rows/split
     excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
     audit_path: Path | None = None  # one JSON line per reply: what each site sent
 
@@ -156,6 +157,16 @@ class ProvisioningGrid(DelegatingGrid):
         rows = metrics.get(rk.NUM_TRAIN)
         if isinstance(rows, int | float) and rows > 0:
             self.declared[node] = int(rows)
+        sizes = {}
+        for split in ("train", "validation", "test"):
+            value = metrics.get(f"rows/{split}")
+            if isinstance(value, int | float) and not isinstance(value, bool) \
+                    and 0 <= value < 1e12:
+                sizes[split] = int(value)
+        if len(sizes) == 3 and sizes != self.split_sizes.get(node):
+            self.split_sizes[node] = sizes
+            log.info("%s: %d train, %d validation, %d test rows", self.site(node),
+                     sizes["train"], sizes["validation"], sizes["test"])
 
     def provision(self, nodes: Iterable[int], force: bool = False) -> None:
         """Make sure each node holds the backbone; send the file only where it is missing."""
@@ -199,7 +210,7 @@ class ProvisioningGrid(DelegatingGrid):
                 continue
             self.provisioned.add(node)
             self._declare(node, reply.content.metric_records[rk.METRICS])
-            log.info("backbone sent to node %d (%d bytes)", node, len(self.payload.file_bytes))
+            log.info("backbone sent to %s (%d bytes)", self.site(node), len(self.payload.file_bytes))
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -228,6 +239,11 @@ class ProvisioningGrid(DelegatingGrid):
         if messages:
             self.last_replies[messages[0].metadata.message_type] = replies
         return replies
+
+    def exclude(self, node: int, reason: str) -> None:
+        """Record an excluded reply (logged, and in metrics.jsonl under `excluded`)."""
+        self.excluded[self.site(node)] = reason
+        log.warning("excluded the reply of %s: %s", self.site(node), reason)
 
     def _valid_only(self, messages: list[Message], replies: list[Message]) -> list[Message]:
         sent = {n: a.numpy() for n, a in messages[0].content.array_records[rk.ARRAYS].items()}

@@ -5,7 +5,11 @@ Layout::
     registry/
       v0000/  v0001/ ...     # signed bundles (backbone, head, manifest.json, manifest.sig)
       latest.json            # {"version": N}
-      best.json              # {"version": N, "metric": "auc", "value": 0.91}
+      best.json              # {"version": N, "metric": "auc", "split": "validation",
+                             #  "source": "...", "value": 0.91}
+
+`best` is chosen on validation metrics only (`metrics.validation` of each version); ties go
+to the later version.
 
 Every file is written atomically, so a crash leaves either the old or the new state.
 """
@@ -24,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.atomic import atomic_write_text
 from common.bundle import BundleError, write_bundle
 
-VERSION_RE = re.compile(r"^v(\d{4,})$")
+VERSION_RE = re.compile(r"v(\d{4,})")
+LOWER_IS_BETTER = ("loss", "brier", "ece")
+
+
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """`value` is at least as good as `best` (ties: the later version wins)."""
+    if best is None:
+        return True
+    return value <= best if metric in LOWER_IS_BETTER else value >= best
 
 
 class Registry:
@@ -44,7 +56,7 @@ class Registry:
             return []
         found = []
         for child in self.root.iterdir():
-            match = VERSION_RE.match(child.name)
+            match = VERSION_RE.fullmatch(child.name)
             if match and (child / "manifest.sig").exists():
                 found.append(int(match.group(1)))
         return sorted(found)
@@ -57,8 +69,13 @@ class Registry:
         manifest: dict[str, Any],
         score: float | None,
         metric: str,
+        source: str = "validation",
     ) -> dict[str, Any]:
-        """Write version `version` and move the pointers; returns the signed manifest."""
+        """Write version `version` and move the pointers; returns the signed manifest.
+
+        `score` is the version's validation `metric` (None: undefined); `source` says which
+        validation set it comes from.
+        """
         if self.signing_key is None:
             raise BundleError(f"registry {self.root} was opened read-only")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -71,12 +88,13 @@ class Registry:
             score = None  # undefined (NaN) counts like a missing score
         best = self.read_pointer("best")
         best_value = best.get("value") if best else None
-        if score is not None and math.isfinite(score) and (
-            best_value is None or score > float(best_value)
-        ):
-            self._write_pointer("best", {"version": version, "metric": metric, "value": score})
-        elif best is None and score is None:
-            self._write_pointer("best", {"version": version, "metric": metric, "value": None})
+        pointer = {"version": version, "metric": metric, "split": "validation",
+                   "source": source, "value": score}
+        if score is not None and improves(metric, score,
+                                          None if best_value is None else float(best_value)):
+            self._write_pointer("best", pointer)
+        elif best is None:
+            self._write_pointer("best", pointer)
         return written
 
     def repair_pointers(self, metric: str) -> None:
@@ -85,16 +103,18 @@ class Registry:
         if not versions:
             return
         self._write_pointer("latest", {"version": versions[-1]})
-        best: tuple[float, int] | None = None
+        best: tuple[float, int, str] | None = None
         for version in versions:
             manifest = json.loads((self.version_dir(version) / "manifest.json").read_text())
-            value = manifest.get("metrics", {}).get("heldout", {}).get(metric)
-            if isinstance(value, int | float) and math.isfinite(value) and (
-                best is None or value > best[0]
-            ):
-                best = (float(value), version)
+            validation = manifest.get("metrics", {}).get("validation", {})
+            value = validation.get(metric)
+            if isinstance(value, int | float) and math.isfinite(value) and improves(
+                    metric, float(value), None if best is None else best[0]):
+                best = (float(value), version, str(validation.get("source", "validation")))
         if best is not None:
-            self._write_pointer("best", {"version": best[1], "metric": metric, "value": best[0]})
+            self._write_pointer("best", {"version": best[1], "metric": metric,
+                                         "split": "validation", "source": best[2],
+                                         "value": best[0]})
 
     def _write_pointer(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_text(self.root / f"{name}.json", json.dumps(data, indent=2) + "\n")
@@ -111,13 +131,13 @@ class Registry:
 
     def resolve(self, spec: str) -> Path:
         """Directory for `latest`, `best` or a version number."""
-        spec = str(spec).strip()
+        spec = str(spec)
         if spec in ("latest", "best"):
             pointer = self.read_pointer(spec)
             if pointer is None:
                 raise BundleError(f"registry {self.root} has no '{spec}' version yet")
             version = int(pointer["version"])
-        elif spec.isdigit():
+        elif re.fullmatch(r"[0-9]{1,9}", spec):
             version = int(spec)
         else:
             raise BundleError(f"version must be a number, 'latest' or 'best', got '{spec}'")

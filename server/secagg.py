@@ -6,7 +6,7 @@ Why a separate path: in Flower 1.41 SecAgg+ exists only for the legacy workflow 
 `server/federation.py` have no secure-aggregation workflow. This module keeps the whole
 legacy path in one place and reuses everything else: `prepare` (config, key, bundle, data,
 registry), backbone provisioning, `Federation.evaluate_round` (held-out check + signed
-registry version per round, with per-site metrics), final delivery, adaptation and
+registry version per round, with per-site metrics), final delivery, site models and
 `summary.json`. The hospital side is `client/secagg_client.py`.
 
 What each round does: hospitals train exactly as on the normal path; each uploads
@@ -191,21 +191,11 @@ def run_secagg(grid: Grid, context: Context, settings: RunSettings) -> Federatio
     DefaultWorkflow(fit_workflow=fit_round, evaluate_workflow=evaluate_and_publish)(
         LegacyGrid(fed.grid), legacy)
 
-    last = max(fed.registry.versions())
-    fed.deliver_final(last)
-    adaptation: dict[str, dict[str, Any]] = {}
-    if cfg.federation.adaptation.enabled:
-        final = legacy.state.array_records[MAIN_PARAMS_RECORD]
-        adaptation = fed.adapt(_arrays(fed, list(final.to_numpy_ndarrays())))
-    fed.history.finish(
-        traffic={fed.grid.site(n): vars(t) for n, t in fed.grid.traffic.items()},
-        adaptation=adaptation, registry=fed.registry, best_metric=cfg.federation.best_metric,
-        extra={"secure_aggregation": {
-            "protocol": "SecAgg+ (Flower legacy workflow)", "num_shares": pc.secagg_num_shares,
-            "reconstruction_threshold": pc.secagg_reconstruction_threshold,
-            "clipping_range": pc.secagg_clipping_range,
-            "quantization_range": pc.secagg_quantization_range, "max_weight": max_weight,
-        }},
-    )
+    fed.finish(extra={"secure_aggregation": {
+        "protocol": "SecAgg+ (Flower legacy workflow)", "num_shares": pc.secagg_num_shares,
+        "reconstruction_threshold": pc.secagg_reconstruction_threshold,
+        "clipping_range": pc.secagg_clipping_range,
+        "quantization_range": pc.secagg_quantization_range, "max_weight": max_weight,
+    }})
     return fed
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.config import load_config
+from common.config_check import load_config
 from common.processes import die_with_parent, stop_group
 from server.history import format_table
 
@@ -85,7 +85,11 @@ def simulate(request: SimulateRequest) -> int:
         print(format_report(summary["privacy"]))
     best = summary.get("best") or {}
     print(f"registry: {request.run_dir / 'registry'} (latest v{summary['latest']['version']:04d}, "
-          f"best v{best.get('version', 0):04d} by {summary['best_metric']})")
-    print(f"metrics:  {request.run_dir / 'metrics.jsonl'}, {request.run_dir / 'metrics.csv'}")
-    print(f"plots:    {request.run_dir / 'heldout_metrics.png'}, {request.run_dir / 'loss.png'}")
+          f"best v{best.get('version', 0):04d} by validation {summary['best_metric']}; "
+          f"delivered v{summary['final'].get('version', 0):04d})")
+    print(f"site models: {request.run_dir / 'nodes'}/<site>/personalised (signed, with the "
+          "site's statistics)")
+    print(f"metrics:  {request.run_dir / 'metrics.jsonl'}, {request.run_dir / 'metrics.csv'}, "
+          f"{request.run_dir / 'splits.json'}")
+    print(f"plots:    {request.run_dir / 'metrics.png'}, {request.run_dir / 'loss.png'}")
     return 0

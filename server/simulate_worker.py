@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 
-from common.data.federated import load_federated
+from common.config_check import load_config
+from common.data.federated import raw_sites
 from common.settings import RunSettings
 from server.simulate import SimulateRequest
 
@@ -34,14 +35,13 @@ def main(argv: list[str]) -> int:
         flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
     # `run_simulation` is the in-process entry point we use on purpose (see module doc)
     flwr_logger.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
+    cfg = load_config(request.config_path.resolve(), request.overrides)
+    num_nodes = len(raw_sites(cfg.federation.data, cfg.seed)[1])
     settings = RunSettings(
         config_path=request.config_path.resolve(), overrides=request.overrides,
         run_dir=request.run_dir.resolve(), bundle=request.bundle.resolve(),
-        keys=request.keys.resolve(), resume=request.resume,
+        keys=request.keys.resolve(), resume=request.resume, expected_nodes=num_nodes,
     )
-    cfg = settings.load_config()
-    num_nodes = len(load_federated(cfg.federation.data, None, seed=cfg.seed).sites) \
-        if cfg.federation.data.normalisation != "bundle" else _count_with_bundle(settings)
 
     from flwr.simulation import run_simulation
 
@@ -62,16 +62,6 @@ def main(argv: list[str]) -> int:
         verbose_logging=request.verbose,
     )
     return 0 if (settings.run_dir / "summary.json").exists() else 1
-
-
-def _count_with_bundle(settings: RunSettings) -> int:
-    from common.bundle import read_manifest
-    from common.manifest import normaliser_from_manifest
-
-    manifest = read_manifest(settings.bundle) if settings.bundle else None
-    norm = normaliser_from_manifest(manifest) if manifest else None
-    cfg = settings.load_config()
-    return len(load_federated(cfg.federation.data, norm, seed=cfg.seed).sites)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Message
 
 from common import records as rk
+from common.data.splits import TEST_LABEL
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,68 @@ def validate_train_replies(
                                   f"round median {median:.3g}")
     return [Verdict(msg.metadata.src_node_id, verdicts[msg.metadata.src_node_id])
             for msg in replies]
+
+
+SITE_MODEL_FILES = ("backbone.safetensors", "head.safetensors", "site_stats.json")
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _finite_or_nan(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and (
+        math.isfinite(float(value)) or math.isnan(float(value)))
+
+
+def check_site_model_reply(msg: Message) -> str | None:
+    """A site-model reply: its numbers, words and file hashes; None when fine."""
+    metrics = msg.content.metric_records.get(rk.METRICS)
+    words = msg.content.config_records.get(rk.SITE_MODEL)
+    if metrics is None or words is None:
+        return "reply lacks its metrics or site-model record"
+    for key in (rk.SITE_KEPT_ADAPTED, "steps", "temperature", "threshold"):
+        if key not in metrics or not _finite_or_nan(metrics[key]):
+            return f"'{key}' is missing or not a number"
+    if not all(_finite_or_nan(v) for v in metrics.values()):
+        return "a metric is not a number"
+    t, thr = float(metrics["temperature"]), float(metrics["threshold"])  # type: ignore[arg-type]
+    if not (0.05 <= t <= 20.0 and 0.0 <= thr <= 1.0):
+        return f"temperature {t:.3g} or threshold {thr:.3g} out of range"
+    for name in SITE_MODEL_FILES:
+        digest = words.get(f"sha256/{name}")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
+            return f"hash of {name} is missing or not 64 hex characters"
+    for key in ("method", "reason", "rule"):
+        if not isinstance(words.get(key), str) or len(str(words.get(key))) > 2000:
+            return f"'{key}' is missing or longer than 2000 characters"
+    return None
+
+
+def _nested(metrics: Mapping[str, object], prefix: str) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            v = float(value)  # type: ignore[arg-type]
+            out[key[len(prefix):]] = None if math.isnan(v) else v
+    return out
+
+
+def site_model_from_reply(msg: Message) -> tuple[dict[str, object], dict[str, str]]:
+    """(what the site chose and measured, sha256 per file) from a checked reply."""
+    metrics = msg.content.metric_records[rk.METRICS]
+    words = msg.content.config_records[rk.SITE_MODEL]
+    notes = [n for n in str(words.get("notes", "")).split("\n") if n]
+    site = {
+        "kept": "adapted" if int(metrics[rk.SITE_KEPT_ADAPTED]) else "global",  # type: ignore[call-overload]
+        "method": str(words["method"]), "reason": str(words["reason"]),
+        "steps": int(metrics["steps"]),  # type: ignore[call-overload]
+        "operating_point": {"temperature": float(metrics["temperature"]),  # type: ignore[arg-type]
+                            "threshold": float(metrics["threshold"]),  # type: ignore[arg-type]
+                            "rule": str(words["rule"]),
+                            "fitted_on": str(words.get("fitted-on", "")) or None,
+                            "notes": notes},
+        "rows": {k: int(v) for k, v in _nested(metrics, "rows/").items() if v is not None},
+    }
+    for who in ("site_model", "global"):
+        site[who] = {"validation": _nested(metrics, f"{who}/validation/"),
+                     "test": {**_nested(metrics, f"{who}/test/"), "label": TEST_LABEL}}
+    files = {name: str(words[f"sha256/{name}"]) for name in SITE_MODEL_FILES}
+    return site, files

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.config import load_config
+from common.config_check import load_config
 from common.pretrain import pretrain
 from common.signing import load_or_create_signing_key, public_key_path
 

@@ -14,6 +14,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from common.bundle import (
     write_bundle,
 )
 from common.config import Config, DataConfig, FederationConfig, ModelConfig
-from common.data.federated import DataSpec
+from common.data.preprocess import SiteStats
+from common.data.splits import DataSpec
 from common.data.heart import export_site_csv
 from common.data.normalise import Normaliser
 from common.manifest import make_manifest
@@ -95,7 +97,7 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519Pri
     cfg = Config(name="tiny-cnn", model=model_cfg, federation=FederationConfig(data=data_cfg))
     spec = DataSpec("image", (1, 28, 28), 2, ("malignant", "normal/benign"))
     rng = np.random.default_rng(0)
-    normaliser = Normaliser.fit(rng.random((8, 1, 28, 28)))
+    normaliser = SiteStats(Normaliser.fit(rng.random((8, 1, 28, 28))))
     model = build_model("cnn", spec.input_shape, 2, model_cfg)
     backbone, head = split_state(model)
     manifest = make_manifest(
@@ -129,7 +131,11 @@ def ctx(
     signing_pub_path: Path,
     federations: tuple[Path, Path],
 ) -> Ctx:
-    monkeypatch.setenv("MEDFED_HOME", str(tmp_path / "medfed-home"))
+    home = tmp_path / "medfed-home"
+    home.mkdir()
+    # the federation's public key where a hospital's medfed looks for it by default
+    shutil.copy2(signing_pub_path, home / "signing.pub")
+    monkeypatch.setenv("MEDFED_HOME", str(home))
     return Ctx(tmp_path, heart_bundle, heart_csv, cnn_bundle, signing_key, signing_key_path,
                signing_pub_path, *federations)
 
@@ -619,7 +625,13 @@ def test_check_data_accepts_a_valid_csv_and_counts_rows_and_columns(
 
     captured = capsys.readouterr()
     assert (code, captured.err) == (0, "")
-    assert captured.out == f"ok: {len(rows)} rows, {len(header)} columns\n"
+    assert captured.out.startswith(f"ok: {len(rows)} rows, {len(header)} columns")
+    if purpose == "training":  # the rows as the client splits them: test 34%, then 20% of train
+        sizes = re.search(r"train (\d+), validation (\d+), test (\d+)\)$", captured.out.strip())
+        assert sizes is not None, captured.out
+        train, val, test = map(int, sizes.groups())
+        assert train + val + test == len(rows)
+        assert abs(test - 0.34 * len(rows)) <= 2 and abs(val - 0.2 * (train + val)) <= 2
 
 
 def test_check_data_accepts_valid_images_and_reports_their_shape(
@@ -630,7 +642,8 @@ def test_check_data_accepts_valid_images_and_reports_their_shape(
 
     code = main(["check-data", "--model", str(ctx.cnn_bundle), "--data", str(data)])
 
-    assert (code, capsys.readouterr().out) == (0, f"ok: {IMAGE_ROWS} images of shape 1x28x28\n")
+    assert (code, capsys.readouterr().out) == (
+        0, f"ok: {IMAGE_ROWS} images of shape 1x28x28 (train 2, validation 2, test 2)\n")
 
 
 def test_check_data_warns_but_accepts_a_training_site_with_one_class(
@@ -646,7 +659,7 @@ def test_check_data_warns_but_accepts_a_training_site_with_one_class(
 
     captured = capsys.readouterr()
     assert code == 0
-    assert captured.out == f"ok: {len(positives)} rows, {len(header)} columns\n"
+    assert captured.out.startswith(f"ok: {len(positives)} rows, {len(header)} columns (train ")
     warnings = captured.err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("medfed: warning: ")
     assert f"all {len(positives)} rows have label 'disease'" in warnings[0]

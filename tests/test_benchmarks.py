@@ -19,8 +19,9 @@ from benchmarks import heart, report
 from benchmarks import run as bench_run
 
 HEADLINE_KEYS = {
-    "heart_mean_centre_acc_best", "heart_mean_centre_acc_global", "heart_pooled_acc_best",
-    "breast_auc_federated_best", "sim_overhead_ratio_100", "max_hospitals_simulated",
+    "heart_mean_centre_acc_global", "heart_mean_centre_acc_personalised",
+    "heart_mean_centre_balanced_acc_personalised", "heart_min_site_balanced_acc_gain",
+    "breast_auc_federated", "sim_overhead_ratio_100", "max_hospitals_simulated",
     "peak_rss_gb_max_hospitals", "upload_bytes_ratio", "backbone_sends_per_node",
     "feature_cache_speedup", "tls_latency_ratio", "date", "machine", "command",
 }
@@ -61,7 +62,7 @@ def test_quick_run_writes_results_headline_and_report(fake_bench: Path) -> None:
     head = json.loads((out / "headline.json").read_text())
     assert set(head) == HEADLINE_KEYS | {"total_wall_s"}
     assert head["tls_latency_ratio"] == 1.5
-    assert head["heart_mean_centre_acc_best"] is None  # not measured: null
+    assert head["heart_mean_centre_acc_global"] is None  # not measured: null
     assert head["command"] == "python -m benchmarks.run --quick"
     text = (out / "RESULTS.md").read_text()
     assert "fake value 3" in text and "QUICK run" in text
@@ -98,14 +99,17 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.usefixtures("one_thread")
 def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
     tiny = ("pretrain.optim.epochs=1", "federation.rounds=1", "federation.local.steps=2",
-            "federation.adaptation.steps=2")
+            "federation.adaptation.steps=2", "federation.adaptation.eval_every=1")
     res = heart.one_run(tiny, "fed", 0, tmp_path)
-    assert set(res["sites"]) == set(heart.SITES)
-    assert set(res["adapted"]["sites"]) == set(heart.SITES)
-    # Switzerland's train split is all positive: adaptation must still run and score it
-    assert 0.0 <= res["adapted"]["sites"]["switzerland"]["accuracy"] <= 1.0
+    assert set(res["sites"]) == set(heart.SITES) == set(res["site_models"])
+    assert res["version"] in (0, 1) and len(res["validation_curve"]) == 2
+    # Switzerland's train split is all positive: a bounded intercept shift, never fine-tuning
+    swiss = res["site_models"]["switzerland"]
+    assert swiss["method"] == "prior-shift"
+    assert 0.0 <= swiss["site_model"]["test"]["accuracy"] <= 1.0
     agg = heart.aggregate([res, res])
     assert agg["mean_centre_acc"]["std"] == 0.0 and agg["mean_centre_acc"]["n"] == 2
+    assert agg["site_models"]["sites"]["switzerland"]["kept_adapted"] in (0, 2)
 
 
 def test_render_rewrites_the_report_without_running(

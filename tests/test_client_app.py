@@ -1,7 +1,8 @@
 """The ClientApp's handlers called directly with Flower messages (no Ray, no SuperLink).
 
 Heart config, simulated nodes (`partition-id` i of 4): 0 cleveland, 1 hungary, 2 switzerland,
-3 va. FLamby's split sizes (train/test): 199/104, 172/89, 30/16, 85/45.
+3 va, each in <run dir>/nodes/<site name>/. FLamby's split sizes (train/test): 199/104,
+172/89, 30/16, 85/45; our validation split is a fifth of FLamby's train split.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from client.cache import MissingBackbone
 from client.client_app import make_client_app
 from common import records as rk
 from common.bundle import BundleError, load_bundle
+from common.data.heart import load_heart_sites
 from common.settings import RunSettings
 from server.federation import load_payload
 from server.provisioning import BackbonePayload
@@ -30,8 +32,7 @@ from tests.conftest import HEART
 from tests.flower_helpers import call_client_app, task_identity
 
 SITES = ("cleveland", "hungary", "switzerland", "va")
-TRAIN_SIZE = (199, 172, 30, 85)
-TEST_SIZE = (104, 89, 16, 45)
+SPLITS = [s.sizes() for s in load_heart_sites("flamby")[1]]  # the data layer's own splits
 # heart.yaml: the last backbone block is 16 wide, 2 classes -> a 16 -> 2 linear head
 HEAD_SHAPES = {"head.weight": (2, 16), "head.bias": (2,)}
 
@@ -97,7 +98,7 @@ def test_query_without_file_on_empty_cache_says_no_backbone(app, payload) -> Non
 
 def test_query_with_file_stores_the_backbone(app, payload, settings) -> None:
     reply = _ask(app, payload, 1, with_file=True)
-    stored = settings.run_dir / "nodes" / "node-0001" / "backbones" / payload.sha256
+    stored = settings.run_dir / "nodes" / "hungary" / "backbones" / payload.sha256
     assert _has_backbone(reply) == 1
     assert hashlib.sha256((stored / "backbone.safetensors").read_bytes()).hexdigest() \
         == payload.sha256
@@ -113,7 +114,7 @@ def test_backbone_with_wrong_sha_is_refused_and_not_stored(app, payload, setting
     bad = BackbonePayload(wrong, payload.file_bytes, payload.manifest_json, payload.manifest_sig)
     with pytest.raises(BundleError, match="refused"):
         _ask(app, bad, 0, with_file=True)
-    assert not (settings.run_dir / "nodes" / "node-0000" / "backbones" / wrong).exists()
+    assert not (settings.run_dir / "nodes" / "cleveland" / "backbones" / wrong).exists()
     assert _has_backbone(_ask(app, payload, 0, with_file=False)) == 0
 
 
@@ -147,7 +148,7 @@ def test_train_changes_the_head(app, payload, heart_bundle) -> None:
 def test_train_metrics_are_scalars_with_the_train_size(app, payload, heart_bundle, i) -> None:
     _ask(app, payload, i, with_file=True)
     metrics = _train(app, heart_bundle, payload, i).content.metric_records[rk.METRICS]
-    assert metrics[rk.NUM_EXAMPLES] == TRAIN_SIZE[i]
+    assert metrics[rk.NUM_EXAMPLES] == SPLITS[i]["train"]
     assert all(isinstance(v, int | float) and not isinstance(v, bool)
                for v in metrics.values()), dict(metrics)
     assert math.isfinite(float(metrics["loss"]))  # type: ignore[arg-type]
@@ -176,16 +177,18 @@ def test_train_refuses_tensors_other_than_the_trainable_set(app, payload, heart_
 
 # --- evaluate ------------------------------------------------------------------------------
 @pytest.mark.parametrize("i", range(4))
-def test_evaluate_reports_metrics_on_the_local_test_split(app, payload, heart_bundle, i) -> None:
+def test_evaluate_reports_validation_and_test_metrics(app, payload, heart_bundle, i) -> None:
     _ask(app, payload, i, with_file=True)
     reply = call_client_app(app, "evaluate", _round_content(heart_bundle, payload.sha256),
                             _node(i))
     metrics = reply.content.metric_records[rk.METRICS]
-    assert metrics[rk.NUM_EXAMPLES] == TEST_SIZE[i]
+    assert metrics[rk.NUM_EXAMPLES] == SPLITS[i]["validation"]  # the weight: validation rows
+    assert (metrics["val-n"], metrics["test-n"]) == (SPLITS[i]["validation"], SPLITS[i]["test"])
     assert reply.content.config_records[rk.SITE][rk.SITE_NAME] == SITES[i]
-    auc = float(metrics["auc"])  # type: ignore[arg-type]
-    assert math.isnan(auc) or 0.0 <= auc <= 1.0  # NaN: a one-class test split
-    assert 0.0 <= float(metrics["accuracy"]) <= 1.0  # type: ignore[arg-type]
+    for split in ("val", "test"):
+        auc = float(metrics[f"{split}-auc"])  # type: ignore[arg-type]
+        assert math.isnan(auc) or 0.0 <= auc <= 1.0  # NaN: a one-class split (Switzerland)
+        assert 0.0 <= float(metrics[f"{split}-balanced_accuracy"]) <= 1.0  # type: ignore[arg-type]
 
 
 # --- frozen-feature cache ------------------------------------------------------------------
@@ -200,13 +203,13 @@ def test_feature_cache_is_written_once_and_reused(app, payload, heart_bundle, se
 
     monkeypatch.setattr(client.node, "frozen_features", spy)
     _ask(app, payload, 1, with_file=True)
-    cache_dir = settings.run_dir / "nodes" / "node-0001" / "features"
+    cache_dir = settings.run_dir / "nodes" / "hungary" / "features"
     assert not cache_dir.exists()
     _train(app, heart_bundle, payload, 1)
     after_first = len(calls)
     files = sorted(cache_dir.glob("*.npz"))
     _train(app, heart_bundle, payload, 1)
-    assert after_first == 2  # train and test split, computed once
+    assert after_first == 1  # the training split, computed once
     assert len(calls) == after_first  # the second round reads the cache
     assert len(files) == 1 and sorted(cache_dir.glob("*.npz")) == files
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict
+from common.config import Config, ConfigError, from_dict, parse_override, to_dict
+from common.config_check import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -143,15 +143,24 @@ def test_one_file_per_site_named_by_stem(schema_path, tmp_path):
     b = _write(tmp_path, HEADER + "\n".join(ROWS[:4]) + "\n", "south.csv")
     spec, sites = load_csv_sites(_cfg(schema_path, a, b, test_fraction=0.34))
     assert [s.name for s in sites] == ["north", "south"]
-    assert [(len(s.y_train), len(s.y_test)) for s in sites] == [(4, 2), (2, 2)]
+    # test: one row per class (stratified), then validation: one row of what is left
+    assert [(len(s.y_train), len(s.y_val), len(s.y_test)) for s in sites] == [(2, 2, 2),
+                                                                            (1, 1, 2)]
     assert spec.input_shape == (4,) and spec.schema is not None
 
 
 def test_site_column_splits_one_file(schema_path, tmp_path):
-    rows = [f"{r},{'b' if i % 3 else 'a'}" for i, r in enumerate(ROWS)]
+    rows = [f"{r},{'b' if i % 2 else 'a'}" for i, r in enumerate(ROWS)]
     path = _write(tmp_path, HEADER.strip() + ",hospital\n" + "\n".join(rows) + "\n")
     _, sites = load_csv_sites(_cfg(schema_path, path, site_column="hospital"))
-    assert [(s.name, len(s.y_train) + len(s.y_test)) for s in sites] == [("a", 2), ("b", 4)]
+    assert [(s.name, sum(s.sizes().values())) for s in sites] == [("a", 3), ("b", 3)]
+
+
+def test_a_site_too_small_for_three_splits_is_named(schema_path, tmp_path):
+    rows = [f"{r},{'b' if i % 3 else 'a'}" for i, r in enumerate(ROWS)]
+    path = _write(tmp_path, HEADER.strip() + ",hospital\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="site 'a' has 2 row"):
+        load_csv_sites(_cfg(schema_path, path, site_column="hospital"))
 
 
 def test_site_normalisation_ignores_the_test_rows(schema_path, tmp_path):

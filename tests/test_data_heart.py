@@ -11,7 +11,7 @@ import pytest
 from sklearn.model_selection import train_test_split
 
 from common.config import DataConfig
-from common.data import DataError, Normaliser, heart, load_federated, load_source_split
+from common.data import DataError, Normaliser, SiteStats, heart, load_federated, load_source_split
 from common.data.heart import (
     DATA_DIR,
     SITE_FILES,
@@ -34,8 +34,20 @@ def flamby_sites():
 
 
 def test_flamby_train_test_sizes_per_centre(flamby_sites):
+    # our train + validation is FLamby's train split; the test split is FLamby's, untouched
     _, sites = flamby_sites
-    assert {s.name: (len(s.y_train), len(s.y_test)) for s in sites} == FLAMBY_SIZES
+    assert {s.name: (len(s.y_train) + len(s.y_val), len(s.y_test))
+            for s in sites} == FLAMBY_SIZES
+
+
+def test_validation_is_a_stratified_fifth_of_flambys_train_split(flamby_sites):
+    _, sites = flamby_sites
+    for s in sites:
+        n = len(s.y_train) + len(s.y_val)
+        assert abs(len(s.y_val) - 0.2 * n) <= 2, s.name
+        for c in (0, 1):  # each class keeps its share (Switzerland has no negative)
+            both = int((s.y_train == c).sum() + (s.y_val == c).sum())
+            assert abs(int((s.y_val == c).sum()) - 0.2 * both) <= 1, (s.name, c)
 
 
 def test_flamby_has_13_features_in_get_dummies_order(flamby_sites):
@@ -62,7 +74,8 @@ def test_flamby_has_13_features_in_get_dummies_order(flamby_sites):
 def test_flamby_switzerland_class_balance(flamby_sites):
     _, sites = flamby_sites
     swiss = next(s for s in sites if s.name == "switzerland")
-    assert (int(swiss.y_train.sum()), len(swiss.y_train)) == (30, 30)
+    assert set(swiss.y_train) == set(swiss.y_val) == {1}  # FLamby's train split: 30/30 positive
+    assert len(swiss.y_train) + len(swiss.y_val) == 30
     assert (int(swiss.y_test.sum()), len(swiss.y_test)) == (15, 16)
 
 
@@ -99,28 +112,24 @@ def _flamby_reference() -> dict[int, dict[str, np.ndarray]]:
     out = {}
     for c in range(4):
         tr, te = (centers == c) & (sets == "train"), (centers == c) & (sets == "test")
-        mean, std = x[tr].mean(0), x[tr].std(0, ddof=1)  # torch.std is unbiased
-        out[c] = {
-            "x_train": (x[tr] - mean) / (std + 1e-9),
-            "y_train": y[tr],
-            "x_test": (x[te] - mean) / (std + 1e-9),
-            "y_test": y[te],
-        }
+        out[c] = {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
     return out
 
 
-def test_flamby_matches_reference_pipeline():
+def _rows(x: np.ndarray, y: np.ndarray) -> list[tuple[float, ...]]:
+    return sorted(tuple(map(float, r)) + (float(t),) for r, t in zip(x, y, strict=True))
+
+
+def test_flamby_matches_reference_pipeline(flamby_sites):
+    """Raw rows: our test split is FLamby's, in order; our train + validation is its train."""
     ref = _flamby_reference()
-    data = load_federated(DataConfig(source="heart", heart_protocol="flamby"))
-    for c, site in enumerate(data.sites):
-        for key in ("x_train", "y_train", "x_test", "y_test"):
-            np.testing.assert_allclose(getattr(site, key), ref[c][key], atol=1e-5, err_msg=key)
-
-
-def test_heldout_is_the_sites_normalised_test_splits():
-    data = load_federated(DataConfig())
-    np.testing.assert_array_equal(data.heldout_x, np.concatenate([s.x_test for s in data.sites]))
-    assert len(data.heldout_y) == 104 + 89 + 16 + 45
+    _, sites = flamby_sites
+    for c, site in enumerate(sites):
+        np.testing.assert_allclose(site.x_test, ref[c]["x_test"], atol=1e-5)
+        np.testing.assert_array_equal(site.y_test, ref[c]["y_test"])
+        ours = _rows(np.concatenate([site.x_train, site.x_val]),
+                     np.concatenate([site.y_train, site.y_val]))
+        assert ours == _rows(ref[c]["x_train"], ref[c]["y_train"])
 
 
 def test_site_normalisation_fits_on_train_only(flamby_sites):
@@ -139,9 +148,10 @@ def test_bundle_normalisation_needs_statistics():
 
 def test_bundle_normalisation_applies_the_given_statistics(flamby_sites):
     _, raw = flamby_sites
-    norm = Normaliser(mean=np.full(13, 2.0), std=np.full(13, 4.0))
-    data = load_federated(DataConfig(normalisation="bundle"), bundle_normaliser=norm)
+    norm = SiteStats(Normaliser(mean=np.full(13, 2.0), std=np.full(13, 4.0)))
+    data = load_federated(DataConfig(normalisation="bundle"), norm)
     np.testing.assert_allclose(data.sites[3].x_train, (raw[3].x_train - 2.0) / 4.0, rtol=1e-6)
+    assert data.sites[3].stats is norm
 
 
 def test_flamby_split_indices_are_disjoint_and_cover():
@@ -151,10 +161,14 @@ def test_flamby_split_indices_are_disjoint_and_cover():
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
 
 
-def test_source_split_pools_raw_train_rows():
+def test_source_split_pools_raw_train_rows_without_the_validation_rows(flamby_sites):
     x, y, spec = load_source_split(DataConfig(sites=("cleveland", "va")), "train")
-    assert x.shape == (199 + 85, 13) and spec.kind == "tabular"
+    _, sites = flamby_sites
+    assert x.shape == (len(sites[0].y_train) + len(sites[3].y_train), 13)
+    assert spec.kind == "tabular"
     assert x[:, 0].min() > 20  # age in years: not normalised
+    xv, _, _ = load_source_split(DataConfig(sites=("cleveland", "va")), "validation")
+    assert len(x) + len(xv) == 199 + 85
 
 
 def test_unknown_site_lists_valid_names():
@@ -167,19 +181,40 @@ def test_unknown_protocol_names_the_key():
         load_heart_sites("complete-case")
 
 
-def test_impute_keeps_every_row_and_leaves_no_missing_value():
+def test_impute_keeps_every_row_and_leaves_no_missing_value_once_preprocessed():
     spec, sites = load_heart_sites("impute")
     assert spec.input_shape == (18,)
-    assert [len(s.y_train) + len(s.y_test) for s in sites] == [303, 294, 123, 200]
-    assert not any(np.isnan(s.x_train).any() or np.isnan(s.x_test).any() for s in sites)
+    assert [sum(s.sizes().values()) for s in sites] == [303, 294, 123, 200]
+    assert any(np.isnan(s.x_train).any() for s in sites)  # raw: missing stays missing
+    data = load_federated(DataConfig(heart_protocol="impute"),
+                          _impute_bundle_stats())
+    assert not any(np.isnan(s.split(k)[0]).any() for s in data.sites
+                   for k in ("train", "validation", "test"))
 
 
-def test_impute_fills_with_the_train_median():
-    train_rows, _ = flamby_split((read_site("hungary")["num"] > 0).to_numpy(), 43)
-    raw_chol = read_site("hungary")["chol"].to_numpy()[train_rows]
-    _, sites = load_heart_sites("impute", sites=("hungary",))
-    chol = sites[0].x_train[:, 3]
-    np.testing.assert_allclose(chol[np.isnan(raw_chol)], np.nanmedian(raw_chol))
+def _impute_bundle_stats() -> SiteStats:
+    """What a bundle pretrained on Cleveland (impute protocol) carries."""
+    spec, sites = load_heart_sites("impute", sites=("cleveland",))
+    return SiteStats.fit(sites[0].x_train, spec.schema)
+
+
+def test_impute_fills_with_the_median_of_the_sites_training_rows():
+    spec, raw = load_heart_sites("impute", sites=("hungary",))
+    chol = raw[0].x_train[:, 3]  # zeros are already missing (missing_values: [0])
+    assert np.isnan(chol).any() and not (chol == 0).any()
+    stats = SiteStats.fit(raw[0].x_train, spec.schema)
+    assert stats.fill is not None and stats.fill[3] == np.nanmedian(chol)
+
+
+def test_a_column_never_observed_at_a_site_falls_back_to_the_bundle():
+    spec, raw = load_heart_sites("impute", sites=("switzerland",))
+    assert np.isnan(raw[0].x_train[:, 3]).all()  # Switzerland never measured chol
+    with pytest.raises(DataError, match="'chol' has no observed value"):
+        SiteStats.fit(raw[0].x_train, spec.schema)
+    bundle = _impute_bundle_stats()
+    stats = SiteStats.fit(raw[0].x_train, spec.schema, fallback=bundle)
+    assert stats.fill is not None and bundle.fill is not None
+    assert stats.fill[3] == bundle.fill[3]
 
 
 def _rewrite_column(path: Path, rows: np.ndarray, column: int, value: str) -> None:
@@ -196,14 +231,18 @@ def test_impute_statistics_ignore_the_test_split(tmp_path):
         shutil.copy(DATA_DIR / name, tmp_path / name)
     _, test_rows = flamby_split((read_site("hungary")["num"] > 0).to_numpy(), 43)
     _rewrite_column(tmp_path / SITE_FILES["hungary"], test_rows, 4, "600")  # chol of test rows
-    _, before = heart.load_heart_sites("impute", sites=("hungary",))
+    spec, before = heart.load_heart_sites("impute", sites=("hungary",))
     _, after = heart.load_heart_sites("impute", sites=("hungary",), data_dir=tmp_path)
     np.testing.assert_array_equal(before[0].x_train, after[0].x_train)
-    assert not np.array_equal(before[0].x_test, after[0].x_test)
+    assert not np.array_equal(before[0].x_test, after[0].x_test, equal_nan=True)
+    fitted = [SiteStats.fit(s[0].x_train, spec.schema).to_dict() for s in (before, after)]
+    assert fitted[0] == fitted[1]  # changing test values changes no statistic
 
 
-def test_non_natural_partition_reuses_only_train_rows():
-    data = load_federated(DataConfig(partition="iid", num_sites=7, test_fraction=0.25), seed=1)
+def test_non_natural_partition_keeps_each_split_apart():
+    data = load_federated(DataConfig(partition="iid", num_sites=7), seed=1)
     assert [s.name for s in data.sites] == [f"site-0{i}" for i in range(7)]
-    assert sum(len(s.y_train) + len(s.y_test) for s in data.sites) == 199 + 172 + 30 + 85
-    assert len(data.heldout_y) == 104 + 89 + 16 + 45
+    # train + validation rows: FLamby's train splits; test rows: FLamby's test splits
+    assert sum(len(s.y_train) + len(s.y_val) for s in data.sites) == 199 + 172 + 30 + 85
+    assert sum(len(s.y_test) for s in data.sites) == 104 + 89 + 16 + 45
+    assert all(min(s.sizes().values()) > 0 for s in data.sites)

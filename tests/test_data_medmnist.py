@@ -36,18 +36,28 @@ def test_breast_label_names_follow_the_readme():
     assert int((sites[0].y_train == 0).sum()) == 147  # malignant in train
 
 
-def test_federated_breast_over_simulated_hospitals():
+def test_federated_breast_over_simulated_hospitals_uses_the_official_splits():
     cfg = DataConfig(source="medmnist", medmnist="breast", partition="dirichlet:1.0", num_sites=4)
     data = load_federated(cfg, seed=0)
-    assert sum(len(s.y_train) + len(s.y_test) for s in data.sites) == 546
-    assert data.heldout_x.shape == (156, 1, 28, 28)
+    # official train / val / test: 546 / 78 / 156 images, each spread over the hospitals
+    assert sum(len(s.y_train) for s in data.sites) == 546
+    assert sum(len(s.y_val) for s in data.sites) == 78
+    assert sum(len(s.y_test) for s in data.sites) == 156
+    assert all(min(s.sizes().values()) > 0 for s in data.sites)
 
 
-def test_val_split_only_for_medmnist():
+def test_each_hospital_keeps_its_label_mix_in_validation_and_test():
+    cfg = DataConfig(source="medmnist", medmnist="breast", partition="dirichlet:0.3", num_sites=3)
+    for s in load_federated(cfg, seed=2).sites:
+        train, test = s.y_train.mean(), s.y_test.mean()
+        assert abs(train - test) < 0.2, (s.name, train, test)
+
+
+def test_official_val_split_is_the_validation_split():
     x, _, _ = load_source_split(DataConfig(source="medmnist", medmnist="retina"), "val")
     assert x.shape == (120, 3, 28, 28)
-    with pytest.raises(DataError, match="val"):
-        load_source_split(DataConfig(source="heart"), "val")
+    with pytest.raises(DataError, match="pretrain.split"):
+        load_source_split(DataConfig(source="heart"), "holdout")
 
 
 def test_unknown_dataset_names_the_key():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from common.config import DataConfig
-from common.data import DataError, Normaliser, load_federated, split_site
+from common.data import DataError, Normaliser, SiteStats, load_federated
+from common.data import carve as split_site
 from common.data.partition import (
     parse_partition,
     partition_dirichlet,
@@ -126,7 +127,7 @@ def test_split_site_with_two_rows_keeps_one_each():
     assert (len(y_tr), len(y_te)) == (1, 1)
 
 
-IDENTITY = Normaliser(mean=np.zeros(5), std=np.ones(5))
+IDENTITY = SiteStats(Normaliser(mean=np.zeros(5), std=np.ones(5)))
 
 
 def _synthetic(partition: str, seed: int = 0):
@@ -139,17 +140,19 @@ def _synthetic(partition: str, seed: int = 0):
         num_sites=9,
         normalisation="bundle",
     )
-    return load_federated(cfg, bundle_normaliser=IDENTITY, seed=seed)
+    return load_federated(cfg, IDENTITY, seed=seed)
 
 
 def test_simulated_hospitals_have_no_train_test_leakage():
     data = _synthetic("dirichlet:0.5")
     train = np.concatenate([s.x_train for s in data.sites])
+    val = np.concatenate([s.x_val for s in data.sites])
     test = np.concatenate([s.x_test for s in data.sites])
     rows = {tuple(r) for r in train}
     assert len(rows) == len(train)  # every pooled train row used once
+    assert not any(tuple(r) in rows for r in val)
     assert not any(tuple(r) in rows for r in test)
-    assert not any(tuple(r) in rows for r in data.heldout_x)
+    assert not {tuple(r) for r in val} & {tuple(r) for r in test}
 
 
 def test_simulated_hospitals_depend_on_the_seed():

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from common.certs import init_federation, init_hospital
-from common.config import load_config
+from common.config_check import load_config
 from common.data.heart import export_site_csv
 from common.pretrain import pretrain
 from common.processes import free_port

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from common.data.splits import TEST_LABEL
 from server.history import RunHistory, format_table
 from server.registry import Registry
 
@@ -18,8 +19,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _round(acc: float, auc: float | None, losses: dict[str, float | None]) -> dict[str, Any]:
     return {
-        "heldout": {"accuracy": acc, "auc": auc, "n": 10},
-        "sites": {name: {"accuracy": acc, "num-examples": 5} for name in losses},
+        "validation": {"accuracy": acc, "auc": auc, "n": 10, "split": "validation"},
+        "test": {"accuracy": acc - 0.1, "auc": auc, "n": 20, "label": TEST_LABEL},
+        "sites": {name: {"validation": {"accuracy": acc, "n": 5},
+                         "test": {"accuracy": acc - 0.1, "n": 10}} for name in losses},
         "train": {name: {"loss": loss, "num-examples": 7} for name, loss in losses.items()},
     }
 
@@ -40,7 +43,8 @@ def test_record_writes_one_json_line_per_round(tmp_path) -> None:
     rows = _jsonl(tmp_path)
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[0]["elapsed_s"] == 0.123
-    assert rows[1]["heldout"] == {"accuracy": 0.7, "auc": None, "n": 10}
+    assert rows[1]["validation"] == {"accuracy": 0.7, "auc": None, "n": 10, "split": "validation"}
+    assert rows[1]["test"]["label"] == "test — not used for any choice"
     assert rows[1]["train"]["b"] == {"loss": 0.2, "num-examples": 7}
 
 
@@ -51,17 +55,19 @@ def test_recording_a_round_again_replaces_it_and_rounds_stay_sorted(tmp_path) ->
     hist.record(2, _round(0.9, 0.9, {}), 1.0)
     hist.record(1, _round(0.1, 0.1, {}), 1.0)
     rows = _jsonl(tmp_path)
-    assert [(r["round"], r["heldout"]["accuracy"]) for r in rows] == [(0, 0.0), (1, 0.1), (2, 0.9)]
+    assert [(r["round"], r["validation"]["accuracy"]) for r in rows] == \
+        [(0, 0.0), (1, 0.1), (2, 0.9)]
 
 
-def test_csv_has_heldout_columns_and_the_mean_train_loss(tmp_path) -> None:
+def test_csv_has_validation_and_test_columns_and_the_mean_train_loss(tmp_path) -> None:
     hist = RunHistory(tmp_path)
     hist.record(0, _round(0.5, 0.6, {}), 0.0)
     hist.record(1, _round(0.75, 0.8, {"a": 0.3, "b": 0.6, "c": None}), 1.5)
     rows = _csv(tmp_path)
-    assert rows[0] == {"round": "0", "elapsed_s": "0.0", "heldout_accuracy": "0.5",
-                       "heldout_auc": "0.6", "heldout_n": "10", "train_loss_mean": ""}
-    assert rows[1]["heldout_accuracy"] == "0.75"
+    assert rows[0] == {"round": "0", "elapsed_s": "0.0", "validation_accuracy": "0.5",
+                       "validation_auc": "0.6", "validation_n": "10", "test_accuracy": "0.4",
+                       "test_auc": "0.6", "test_n": "20", "train_loss_mean": ""}
+    assert rows[1]["validation_accuracy"] == "0.75"
     assert float(rows[1]["train_loss_mean"]) == pytest.approx((0.3 + 0.6) / 2)  # None skipped
 
 
@@ -78,68 +84,85 @@ def test_resumed_history_keeps_the_completed_rounds(tmp_path) -> None:
 def test_progress_line_shows_na_for_an_undefined_metric(tmp_path) -> None:
     hist = RunHistory(tmp_path)
     hist.record(3, _round(0.8125, None, {}), 12.44)
-    assert hist.progress_line(3, 10, "auc") == \
-        "round 3/10  elapsed 12.4s  held-out auc n/a  accuracy 0.812"
+    assert hist.progress_line(3, 10, "auc") == (
+        "round 3/10  elapsed 12.4s  validation auc n/a  balanced accuracy n/a  "
+        "| test auc n/a (test — not used for any choice)")
 
 
-def test_finish_writes_summary_and_two_png_plots(tmp_path, signing_key) -> None:
+SITE_MODEL = {
+    "kept": "adapted", "method": "fine-tune", "reason": "best of 5 steps on validation",
+    "steps": 5, "operating_point": {"threshold": 0.4, "temperature": 1.2},
+    "site_model": {"validation": {"balanced_accuracy": 0.8},
+                   "test": {"balanced_accuracy": 0.75, "auc": 0.81, "auc_lo": 0.7,
+                            "auc_hi": 0.9, "sensitivity": 0.7, "specificity": 0.8}},
+    "global": {"validation": {"balanced_accuracy": 0.7},
+               "test": {"balanced_accuracy": 0.65, "auc": None}},
+}
+
+
+def test_finish_reports_the_delivered_version_and_writes_two_png_plots(tmp_path,
+                                                                        signing_key) -> None:
     hist = RunHistory(tmp_path / "run")
     hist.record(0, _round(0.5, 0.6, {}), 0.0)
     hist.record(1, _round(0.6, None, {"a": 0.5}), 1.0)
     registry = Registry(tmp_path / "run" / "registry", signing_key)
-    summary = hist.finish(traffic={"a": {"backbone_sends": 1}}, adaptation={},
-                          registry=registry, best_metric="auc")
+    summary = hist.finish(traffic={"a": {"backbone_sends": 1}}, site_models={"a": SITE_MODEL},
+                          registry=registry, best_metric="auc",
+                          final={"version": 0, "chosen_by": "best"})
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == summary
-    assert (summary["rounds"], summary["heldout"]["accuracy"]) == (1, 0.6)
+    # the figures of the version hospitals got (0), not of the last round (1)
+    assert (summary["rounds"], summary["validation"]["accuracy"]) == (1, 0.5)
+    assert summary["site_models"]["a"]["kept"] == "adapted"
     assert summary["traffic"] == {"a": {"backbone_sends": 1}}
-    for name in ("heldout_metrics.png", "loss.png"):
+    for name in ("metrics.png", "loss.png"):
         assert (tmp_path / "run" / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_split_sizes_are_recorded(tmp_path) -> None:
+    RunHistory(tmp_path).write_splits({"a": {"train": 8, "validation": 2, "test": 5}})
+    assert json.loads((tmp_path / "splits.json").read_text())["a"]["validation"] == 2
 
 
 def _summary(auc: float | None) -> dict[str, Any]:
     return {
-        "sites": {"hungary": {"accuracy": 0.5, "auc": 0.75, "num-examples": 89.0},
-                  "switzerland": {"accuracy": 0.9, "auc": auc, "num-examples": 16.0}},
-        "heldout": {"accuracy": 0.6929, "auc": 0.7455, "n": 254},
-        "adaptation": {},
+        "sites": {"hungary": {"validation": {"accuracy": 0.5, "auc": 0.75, "n": 34},
+                              "test": {"accuracy": 0.6, "auc": 0.7, "n": 89}},
+                  "switzerland": {"validation": {"accuracy": 0.9, "auc": auc, "n": 6},
+                                  "test": {"accuracy": 0.9, "auc": auc, "n": 16}}},
+        "validation": {"accuracy": 0.6929, "auc": 0.7455, "n": 40},
+        "test": {"accuracy": 0.65, "auc": 0.7, "n": 105},
+        "site_models": {},
     }
 
 
-def _rows(table: str) -> dict[str, list[str]]:
-    """Label -> cells; columns are separated by two or more spaces (labels may hold one)."""
-    out = {}
-    for line in table.splitlines()[2:]:
-        cells = re.split(r"\s{2,}", line.strip())
-        out[cells[0]] = cells[1:]
+def _rows(table: str) -> list[list[str]]:
+    """Rows of the first table; columns are separated by two or more spaces."""
+    out = []
+    for line in table.split("\n\n")[0].splitlines()[2:]:
+        out.append(re.split(r"\s{2,}", line.strip()))
     return out
 
 
-# cells after the label: n accuracy sensitivity specificity auc f1
-def test_table_shows_undef_for_an_undefined_auc() -> None:
-    rows = _rows(format_table(_summary(None)))
-    assert rows["switzerland"][:2] == ["16", "0.900"]
-    assert rows["switzerland"][4] == "undef"
-    assert rows["hungary"][4] == "0.750"
+# cells: label split n balanced_accuracy auc sensitivity specificity accuracy
+def test_table_labels_test_rows_and_shows_undef_for_an_undefined_auc() -> None:
+    table = format_table(_summary(None))
+    rows = _rows(table)
+    swiss = [r for r in rows if r[0] == "switzerland"]
+    assert [r[1] for r in swiss] == ["validation", "test*"]
+    assert swiss[1][2] == "16" and swiss[1][4] == "undef"
+    assert table.rstrip().endswith("test — not used for any choice: every choice above was "
+                                   "made on validation splits.")
 
 
-def test_table_has_a_header_then_sites_then_their_mean_then_heldout() -> None:
-    lines = format_table(_summary(0.5)).splitlines()
-    assert lines[0].split() == ["site", "n", "accuracy", "sensitivity", "specificity", "auc", "f1"]
-    assert list(_rows("\n".join(lines))) == ["hungary", "switzerland", "MEAN OF SITES", "HELD-OUT"]
-    assert _rows("\n".join(lines))["HELD-OUT"][:2] == ["254", "0.693"]
+def test_table_ends_with_the_server_check_and_all_sites() -> None:
+    rows = _rows(format_table(_summary(0.5)))
+    assert [r[0] for r in rows][-2:] == ["VALIDATION (server check)", "ALL SITES"]
+    assert rows[-1][1:3] == ["test*", "105"]
 
 
-def test_mean_of_sites_skips_undefined_values() -> None:
-    rows = _rows(format_table(_summary(None)))
-    # its n cell is empty, so cells start at accuracy: (0.5 + 0.9) / 2; auc: only hungary's
-    # 0.75 is defined; f1: undefined everywhere
-    assert rows["MEAN OF SITES"][0] == "0.700"
-    assert rows["MEAN OF SITES"][3] == "0.750"
-    assert rows["MEAN OF SITES"][4] == "undef"
-
-
-def test_table_adds_adapted_rows() -> None:
-    summary = {**_summary(0.5), "adaptation": {"hungary": {"after-accuracy": 0.25,
-                                                            "num-examples": 89.0}}}
-    assert _rows(format_table(summary))["hungary (adapted)"][:2] == ["89", "0.250"]
+def test_table_shows_each_site_model_and_why() -> None:
+    summary = {**_summary(0.5), "site_models": {"hungary": SITE_MODEL}}
+    table = format_table(summary)
+    assert "0.810 [0.700, 0.900]" in table
+    assert "hungary: kept the adapted model (fine-tune): best of 5 steps on validation" in table

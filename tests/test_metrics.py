@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
 
-from common.metrics import METRIC_NAMES, MULTICLASS_METRIC_NAMES, MetricError, compute_metrics
+from common.metrics import (
+    METRIC_NAMES,
+    MULTICLASS_METRIC_NAMES,
+    MetricError,
+    bootstrap_intervals,
+    compute_metrics,
+)
 
 
 def _binary(p1: list[float]) -> np.ndarray:
@@ -54,16 +67,72 @@ def test_binary_ece_by_hand() -> None:
     assert got["ece"] == pytest.approx(0.4075)
 
 
-def test_one_class_split_has_undefined_auc() -> None:
+def test_one_class_split_has_undefined_auc_and_specificity() -> None:
     got = compute_metrics(np.ones(3, dtype=int), _binary([0.8, 0.4, 0.7]))
     assert got["auc"] is None
-    assert got["specificity"] == 0.0  # no negatives: undefined, reported as 0.0
+    assert got["specificity"] is None  # no negatives: undefined, never reported as 0 or 1
     assert got["recall"] == pytest.approx(2 / 3)
+    assert got["balanced_accuracy"] == pytest.approx(2 / 3)  # mean recall of present classes
 
 
-def test_no_predicted_positives_gives_zero_precision() -> None:
+def test_no_predicted_positives_gives_undefined_precision() -> None:
     got = compute_metrics(np.array([0, 1]), _binary([0.2, 0.3]))
-    assert got["precision"] == 0.0 and got["f1"] == 0.0
+    assert got["precision"] is None and got["ppv"] is None
+    assert got["f1"] == 0.0  # one positive missed: 2TP / (2TP + FP + FN) = 0
+    assert got["npv"] == pytest.approx(1 / 2)
+
+
+def test_balanced_accuracy_ppv_and_npv_by_hand() -> None:
+    got = compute_metrics(Y, P)  # TP 2, FN 1, FP 2, TN 2
+    assert got["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 4) / 2)
+    assert got["ppv"] == pytest.approx(2 / 4)
+    assert got["npv"] == pytest.approx(2 / 3)
+
+
+def test_threshold_moves_the_decisions() -> None:
+    # at 0.65 only 0.9, 0.7 and 0.8 are positive: TP 1, FP 2, FN 2, TN 2
+    got = compute_metrics(Y, P, threshold=0.65)
+    assert got["sensitivity"] == pytest.approx(1 / 3)
+    assert got["specificity"] == pytest.approx(2 / 4)
+    assert got["auc"] == compute_metrics(Y, P)["auc"]  # a threshold does not change ranks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_metrics_equal_scikit_learn_to_1e9(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=200)
+    p1 = np.round(rng.random(200), 2)  # rounded: plenty of ties
+    got = compute_metrics(y, _binary(list(p1)))
+    pred = (p1 > 0.5).astype(int)
+    assert got["auc"] == pytest.approx(roc_auc_score(y, p1), abs=1e-9)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-9)
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-9)
+    assert got["f1"] == pytest.approx(f1_score(y, pred), abs=1e-9)
+    assert got["brier"] == pytest.approx(brier_score_loss(y, p1), abs=1e-9)
+    tn, fp, fn, tp = confusion_matrix(y, pred).ravel()
+    assert got["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-9)
+    assert got["npv"] == pytest.approx(tn / (tn + fn), abs=1e-9)
+
+
+def test_bootstrap_intervals_are_seeded_and_bracket_the_estimate() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=120)
+    p = _binary(list(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 120), 0.01, 0.99)))
+    first = bootstrap_intervals(y, p, samples=300, seed=7)
+    assert first == bootstrap_intervals(y, p, samples=300, seed=7)
+    assert first != bootstrap_intervals(y, p, samples=300, seed=8)
+    point = compute_metrics(y, p)
+    for key in ("auc", "balanced_accuracy", "sensitivity", "specificity"):
+        lo, hi = first[key]
+        assert lo <= point[key] <= hi and hi - lo < 0.5
+
+
+def test_bootstrap_intervals_are_undefined_where_the_metric_is() -> None:
+    y = np.ones(8, dtype=int)  # no negative in any resample
+    p = _binary([0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.2])
+    got = bootstrap_intervals(y, p, samples=200, seed=0)
+    assert got["auc"] is None and got["specificity"] is None
+    assert got["sensitivity"] is not None
 
 
 def test_multiclass_metrics_by_hand() -> None:

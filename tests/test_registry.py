@@ -49,26 +49,38 @@ def test_latest_follows_every_publish_even_a_worse_one(reg) -> None:
     assert _pointer(reg, "latest") == {"version": 1}
 
 
-def test_best_moves_on_a_strictly_better_score_only(reg) -> None:
-    _scores(reg, [0.5, 0.9, 0.7, 0.9])  # v3 ties v1: not strictly better
-    assert _pointer(reg, "best") == {"version": 1, "metric": "auc", "value": 0.9}
+def _best(version: int, value: float | None, metric: str = "auc") -> dict:
+    return {"version": version, "metric": metric, "split": "validation",
+            "source": "validation", "value": value}
+
+
+def test_best_moves_on_a_better_score_and_a_tie_goes_to_the_later_version(reg) -> None:
+    _scores(reg, [0.5, 0.9, 0.7, 0.9, 0.8])  # v3 ties v1: the later round wins
+    assert _pointer(reg, "best") == _best(3, 0.9)
+
+
+def test_for_a_loss_lower_is_better(reg) -> None:
+    for version, score in enumerate([0.7, 0.4, 0.6]):
+        head = {"head.weight": torch.full((2, 3), float(version))}
+        reg.publish(version, BACKBONE, head, {"version": version}, score, "loss", "sites")
+    assert _pointer(reg, "best") == {**_best(1, 0.4, "loss"), "source": "sites"}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, None])
 def test_best_ignores_undefined_and_infinite_scores(reg, bad) -> None:
     _scores(reg, [0.6, bad])
-    assert _pointer(reg, "best") == {"version": 0, "metric": "auc", "value": 0.6}
+    assert _pointer(reg, "best") == _best(0, 0.6)
 
 
 @pytest.mark.parametrize("undefined", [None, math.nan])
 def test_first_version_is_best_while_no_score_is_defined(reg, undefined) -> None:
     _scores(reg, [undefined, undefined])
-    assert _pointer(reg, "best") == {"version": 0, "metric": "auc", "value": None}
+    assert _pointer(reg, "best") == _best(0, None)
 
 
 def test_first_defined_score_takes_over_from_an_undefined_best(reg) -> None:
     _scores(reg, [None, 0.1])
-    assert _pointer(reg, "best") == {"version": 1, "metric": "auc", "value": 0.1}
+    assert _pointer(reg, "best") == _best(1, 0.1)
 
 
 def test_pointers_are_valid_json_files_with_a_trailing_newline(reg) -> None:
@@ -81,7 +93,9 @@ def test_resolve_latest_best_and_numbers(reg) -> None:
     assert reg.resolve("latest") == reg.root / "v0002"
     assert reg.resolve("best") == reg.root / "v0001"
     assert reg.resolve("0") == reg.root / "v0000"
-    assert reg.resolve(" 2 ") == reg.root / "v0002"
+    for bad in (" 2 ", "latest\n", "2\n", "-1", "1e3"):  # full matches only
+        with pytest.raises(BundleError):
+            reg.resolve(bad)
 
 
 def test_versions_ignores_temp_dirs_unsigned_dirs_and_other_files(reg) -> None:

@@ -19,7 +19,7 @@ from tests.flower_helpers import task_identity
 from tests.inprocess_grid import InProcessGrid, run_settings
 
 FAST = ("federation.rounds=2", "federation.local.steps=2",
-        "federation.adaptation.enabled=false", "federation.strategy.fraction_evaluate=0")
+        "federation.adaptation.enabled=false")
 
 
 @pytest.fixture(autouse=True)

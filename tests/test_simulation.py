@@ -26,7 +26,7 @@ import torch
 from client.node import Node
 from client.node import train as node_train
 from common.bundle import load_bundle
-from common.config import load_config
+from common.config_check import load_config
 from common.pretrain import pretrain
 from common.processes import free_port
 from common.settings import NodeSettings, RunSettings

@@ -14,13 +14,20 @@ from pathlib import Path
 import pandas as pd
 
 from common.config import DataConfig
-from common.data.federated import DataSpec, SiteSplit, split_site
-from common.data.schema import DataError, Schema, encode, load_schema, validate_frame
+from common.data.schema import (
+    DataError,
+    Schema,
+    duplicated_names,
+    encode,
+    load_schema,
+    validate_frame,
+)
+from common.data.splits import DataSpec, SiteSplit, carve, with_validation
 
 MISSING_MARKERS = ["", "NA", "NaN", "nan", "?"]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError as err:
@@ -38,6 +45,16 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def check_field_counts(text: str, width: int, path: Path) -> None:
+    """Every row has as many fields as the header (a trailing comma would shift columns)."""
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if row and len(row) != width:
+            raise DataError(
+                f"{path}: row {lineno} has {len(row)} fields but the header has {width} "
+                f"(a trailing comma or an unquoted comma inside a value?)"
+            )
+
+
 def read_csv_checked(
     path: str | Path, schema: Schema, require_label: bool = True, keep: tuple[str, ...] = ()
 ) -> pd.DataFrame:
@@ -47,11 +64,12 @@ def read_csv_checked(
     returned but not validated. Cells stay text; :func:`common.data.schema.encode` converts.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
-    dups = sorted({h for h in header if header.count(h) > 1})
+    dups = duplicated_names(header)
     if dups:
         raise DataError(f"{path}: column '{dups[0]}' appears more than once in the header")
+    check_field_counts(text, len(header), path)
     try:
         df = pd.read_csv(
             io.StringIO(text),
@@ -59,6 +77,7 @@ def read_csv_checked(
             keep_default_na=False,
             na_values=MISSING_MARKERS,
             skipinitialspace=True,
+            index_col=False,
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DataError(
@@ -72,18 +91,72 @@ def read_csv_checked(
     return df
 
 
-def _frames(cfg: DataConfig, schema: Schema) -> list[tuple[str, str, pd.DataFrame]]:
-    """(site name, where, frame) per site."""
-    if not cfg.csv_paths:
-        raise DataError("config key 'data.csv_paths' is empty; list one CSV file per site")
+SPLIT_VALUES = ("train", "validation", "test")
+
+
+def _by_split(df: pd.DataFrame, split_column: str, where: str) -> dict[str, pd.DataFrame]:
+    """Rows grouped by the split column's value (train, validation or test)."""
+    values = df[split_column].fillna("").astype(str).str.strip().str.lower()
+    bad = int((~values.isin(SPLIT_VALUES)).sum())
+    if bad:
+        raise DataError(f"{where}: column '{split_column}' has {bad} rows whose value is not "
+                        f"one of {', '.join(SPLIT_VALUES)}")
+    rest = df.drop(columns=[split_column])
+    return {v: rest[values == v] for v in SPLIT_VALUES if (values == v).any()}
+
+
+def site_from_frames(name: str, where: str, df: pd.DataFrame, test: pd.DataFrame | None,
+                     schema: Schema, cfg: DataConfig) -> SiteSplit:
+    """One site's three splits from its rows (and its test rows when given apart).
+
+    Test rows come from `test` or the split column, else they are carved (`test_fraction`,
+    `split_seed`); validation rows from the split column, else they are carved from train.
+    Test rows never take part in any fitting: they are separated before anything is computed.
+    """
+    parts = _by_split(df, cfg.split_column, where) if cfg.split_column else {"train": df}
+    if test is not None:
+        if "test" in parts:
+            raise DataError(f"{where}: rows marked 'test' in column '{cfg.split_column}' and a "
+                            "test file were both given; use one of them")
+        parts["test"] = test
+    if "train" not in parts:
+        raise DataError(f"{where}: no training rows (column '{cfg.split_column}')")
+    encoded = {}
+    for split, frame in parts.items():
+        x, y = encode(frame, schema, f"{where} {split} rows")
+        assert y is not None  # read_csv_checked required the label column
+        encoded[split] = (x, y)
+    x_tr, y_tr = encoded["train"]
+    if "test" in encoded:
+        x_te, y_te = encoded["test"]
+    else:
+        if len(y_tr) < 3:
+            raise DataError(f"site '{name}' has {len(y_tr)} row(s): too few for a train, a "
+                            "validation and a test split (at least 3 rows are needed)")
+        x_tr, y_tr, x_te, y_te = carve(x_tr, y_tr, cfg.test_fraction, cfg.split_seed, keep=2)
+    if "validation" in encoded:
+        x_val, y_val = encoded["validation"]
+        return SiteSplit(name, x_tr, y_tr, x_val, y_val, x_te, y_te)
+    return with_validation(name, x_tr, y_tr, x_te, y_te, cfg.validation_fraction,
+                           cfg.split_seed)
+
+
+def _kept_columns(cfg: DataConfig) -> tuple[str, ...]:
+    return tuple(c for c in (cfg.site_column, cfg.split_column) if c)
+
+
+def _frames(cfg: DataConfig, paths: tuple[str, ...], key: str, schema: Schema
+            ) -> list[tuple[str, str, pd.DataFrame]]:
+    """(site name, where, frame) per site of the files under config key `key`."""
+    keep = _kept_columns(cfg)
     if cfg.site_column:
-        if len(cfg.csv_paths) != 1:
+        if len(paths) != 1:
             raise DataError(
-                f"config key 'data.site_column' needs exactly one file in 'data.csv_paths', "
-                f"got {len(cfg.csv_paths)}"
+                f"config key 'data.site_column' needs exactly one file in 'data.{key}', "
+                f"got {len(paths)}"
             )
-        path = cfg.csv_paths[0]
-        df = read_csv_checked(path, schema, keep=(cfg.site_column,))
+        path = paths[0]
+        df = read_csv_checked(path, schema, keep=keep)
         site = df[cfg.site_column]
         if site.isna().any():
             raise DataError(
@@ -94,28 +167,52 @@ def _frames(cfg: DataConfig, schema: Schema) -> list[tuple[str, str, pd.DataFram
             (str(name), f"{path} (site {name})", part.drop(columns=[cfg.site_column]))
             for name, part in df.groupby(cfg.site_column, sort=True)
         ]
-    stems = [Path(p).stem for p in cfg.csv_paths]
-    dups = sorted({s for s in stems if stems.count(s) > 1})
+    stems = [Path(p).stem for p in paths]
+    dups = duplicated_names(stems)
     if dups:
         raise DataError(
-            f"config key 'data.csv_paths' has two files named '{dups[0]}'; the file name "
+            f"config key 'data.{key}' has two files named '{dups[0]}'; the file name "
             f"(without extension) is the site name and must be unique"
         )
-    return [
-        (stem, p, read_csv_checked(p, schema)) for stem, p in zip(stems, cfg.csv_paths, strict=True)
-    ]
+    return [(stem, p, read_csv_checked(p, schema, keep=keep))
+            for stem, p in zip(stems, paths, strict=True)]
 
 
 def load_csv_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
-    """One site per file (or per site-column value), each split with `cfg.split_seed`."""
+    """One site per file (or per site-column value), each in train / validation / test."""
     if not cfg.csv_schema:
         raise DataError("config key 'data.csv_schema' is empty; give the schema YAML file")
+    if not cfg.csv_paths:
+        raise DataError("config key 'data.csv_paths' is empty; list one CSV file per site")
+    if cfg.test_paths and cfg.split_column:
+        raise DataError("config keys 'data.test_paths' and 'data.split_column' both give test "
+                        "rows; use one of them")
+    if cfg.test_paths and not cfg.site_column and len(cfg.test_paths) != len(cfg.csv_paths):
+        raise DataError(
+            f"config key 'data.test_paths' lists {len(cfg.test_paths)} files but "
+            f"'data.csv_paths' lists {len(cfg.csv_paths)}; give one test file per site file, "
+            "in the same order"
+        )
     schema = load_schema(cfg.csv_schema)
-    sites = []
-    for name, where, df in _frames(cfg, schema):
-        x, y = encode(df, schema, where)
-        assert y is not None  # read_csv_checked required the label column
-        x_tr, y_tr, x_te, y_te = split_site(x, y, cfg.test_fraction, cfg.split_seed)
-        sites.append(SiteSplit(name, x_tr, y_tr, x_te, y_te))
+    frames = _frames(cfg, cfg.csv_paths, "csv_paths", schema)
+    tests: dict[str, pd.DataFrame] = {}
+    if cfg.test_paths:
+        test_frames = _frames(cfg, cfg.test_paths, "test_paths", schema)
+        if cfg.site_column:
+            tests = {name: df for name, _, df in test_frames}
+            unknown = sorted(set(tests) - {name for name, _, _ in frames})
+            if unknown:
+                raise DataError(f"{cfg.test_paths[0]}: site '{unknown[0]}' has test rows but "
+                                "no training rows")
+        else:
+            tests = {name: df for (name, _, _), (_, _, df)
+                     in zip(frames, test_frames, strict=True)}
+    sites = [site_from_frames(name, where, df, tests.get(name) if cfg.test_paths else None,
+                              schema, cfg)
+             for name, where, df in frames]
+    missing_test = [s.name for s in sites if cfg.test_paths and s.name not in tests]
+    if missing_test:
+        raise DataError(f"site '{missing_test[0]}' has no rows in the test file(s) of "
+                        "'data.test_paths'")
     names = tuple(schema.feature_names())
     return DataSpec("tabular", (len(names),), 2, schema.labels, names, schema), sites

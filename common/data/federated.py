@@ -1,66 +1,66 @@
-"""From a :class:`DataConfig` to hospitals: natural sites or simulated ones, normalised.
+"""From a :class:`DataConfig` to hospitals: natural sites or simulated ones, preprocessed.
 
-Every source module returns its natural sites raw (tables un-normalised, images float32 in
-[0, 1], NCHW). This module optionally re-partitions the pooled train splits over simulated
-hospitals and then normalises each site, so partitioning and normalisation work the same for
-every source.
+Every source module returns its natural sites raw, already in train / validation / test
+(tables encoded but not imputed or normalised, images float32 in [0, 1], NCHW). This module
+optionally re-partitions them over simulated hospitals and then fits each site's
+:class:`~common.data.preprocess.SiteStats` on its training split only, so partitioning and
+preprocessing work the same for every source.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from common.config import DataConfig
-from common.data.normalise import Normaliser
 from common.data.partition import (
     parse_partition,
     partition_dirichlet,
     partition_iid,
+    partition_like,
     partition_quantity,
+    shares_of,
 )
-from common.data.schema import DataError, Schema
+from common.data.preprocess import SiteStats
+from common.data.schema import DataError
+from common.data.splits import DataSpec, SiteSplit, check_fraction, sub_seed
 
 SOURCES = ("heart", "medmnist", "csv", "synthetic")
+_DATA_KEY = re.compile(r"'data\.")
 NORMALISATIONS = ("site", "bundle")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about its input and output."""
-
-    kind: str  # tabular | image
-    input_shape: tuple[int, ...]  # (F,) or (C, 28, 28)
-    num_classes: int
-    labels: tuple[str, ...]
-    feature_names: tuple[str, ...] = ()  # tabular: encoded feature names
-    schema: Schema | None = None  # tabular sources
-
-
-@dataclass
-class SiteSplit:
-    """One hospital's local train and test split (x float32, y int64)."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
 
 
 @dataclass
 class FederatedData:
-    """The hospitals of one run plus the server's held-out set."""
+    """The hospitals of one run, each preprocessed with its own (or the bundle's) statistics."""
 
     spec: DataSpec
     sites: list[SiteSplit]
-    heldout_x: np.ndarray
-    heldout_y: np.ndarray
 
 
-def _check_config(cfg: DataConfig) -> None:
+@contextmanager
+def data_key_prefix(prefix: str) -> Iterator[None]:
+    """Name config keys in data errors by their place in the file (`pretrain.data.csv_paths`).
+
+    The data layer only knows a :class:`DataConfig`, so its messages say `data.KEY`.
+    """
+    try:
+        yield
+    except DataError as err:
+        text = str(err)
+        if "'data." not in text:
+            raise
+        raise DataError(_DATA_KEY.sub(f"'{prefix}.", text)) from err
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Values of a data config that name nothing or cannot split anything."""
     if cfg.source not in SOURCES:
         raise DataError(f"config key 'data.source' must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.normalisation not in NORMALISATIONS:
@@ -68,13 +68,15 @@ def _check_config(cfg: DataConfig) -> None:
             f"config key 'data.normalisation' must be one of {NORMALISATIONS}, "
             f"got {cfg.normalisation!r}"
         )
-    if not (0.0 < cfg.test_fraction < 1.0):
-        raise DataError(
-            f"config key 'data.test_fraction' must lie strictly between 0 and 1, "
-            f"got {cfg.test_fraction}"
-        )
+    check_fraction("data.test_fraction", cfg.test_fraction)
+    check_fraction("data.validation_fraction", cfg.validation_fraction)
     if cfg.num_sites < 0:
         raise DataError(f"config key 'data.num_sites' must be 0 or more, got {cfg.num_sites}")
+    if cfg.source == "csv":
+        if not cfg.csv_schema:
+            raise DataError("config key 'data.csv_schema' is empty; give the schema YAML file")
+        if not cfg.csv_paths:
+            raise DataError("config key 'data.csv_paths' is empty; list one CSV file per site")
 
 
 def _select(sites: list[SiteSplit], wanted: tuple[str, ...], source: str) -> list[SiteSplit]:
@@ -89,13 +91,14 @@ def _select(sites: list[SiteSplit], wanted: tuple[str, ...], source: str) -> lis
 
 
 def natural_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
-    """The source's own hospitals (restricted to `cfg.sites`), raw."""
-    _check_config(cfg)
-    # imported here: the source modules import DataSpec/SiteSplit from this module
+    """The source's own hospitals (restricted to `cfg.sites`), raw, in three splits."""
+    check_data_config(cfg)
+    # imported here: each source is loaded only when asked for
     if cfg.source == "heart":
         from common.data.heart import load_heart_sites
 
-        return load_heart_sites(cfg.heart_protocol, cfg.sites, cfg.split_seed)
+        return load_heart_sites(cfg.heart_protocol, cfg.sites, cfg.split_seed,
+                                val_fraction=cfg.validation_fraction)
     if cfg.source == "medmnist":
         from common.data.medmnist import load_medmnist_sites
 
@@ -111,41 +114,20 @@ def natural_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
     return spec, _select(sites, cfg.sites, cfg.source)
 
 
-def split_site(
-    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Hold out about `test_fraction` of one site's rows as its local test split.
-
-    Stratified (each class split separately) when every class has at least 2 rows; rows keep
-    their order inside each split. A site with 2+ rows always gets non-empty train and test.
-    """
-    n = len(y)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(y, return_counts=True)
-    test: list[np.ndarray] = []
-    if n >= 2 and len(classes) > 1 and counts.min() >= 2:
-        for c, n_c in zip(classes, counts, strict=True):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            k = min(max(round(n_c * test_fraction), 1), n_c - 1)
-            test.append(idx[:k])
-    elif n >= 2:
-        k = min(max(math.ceil(n * test_fraction), 1), n - 1)
-        test.append(rng.permutation(n)[:k])
-    mask = np.zeros(n, dtype=bool)
-    if test:
-        mask[np.concatenate(test)] = True
-    return x[~mask], y[~mask], x[mask], y[mask]
-
-
-def _sub_seed(seed: int, i: int) -> int:
-    return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+def _pool(sites: list[SiteSplit], which: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = [s.split(which) for s in sites]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def _simulate(sites: list[SiteSplit], cfg: DataConfig, seed: int) -> list[SiteSplit]:
+    """Pool the natural sites' splits and re-split them over `cfg.num_sites` hospitals.
+
+    The train split is partitioned as configured; each hospital's validation and test rows
+    come from the pooled validation and test splits with that hospital's label mix.
+    """
     kind, alpha = parse_partition(cfg.partition)
     k = cfg.num_sites or len(sites)
-    x = np.concatenate([s.x_train for s in sites])
-    y = np.concatenate([s.y_train for s in sites])
+    x, y = _pool(sites, "train")
     if kind == "iid":
         parts = partition_iid(len(y), k, seed)
     elif kind == "dirichlet":
@@ -154,75 +136,105 @@ def _simulate(sites: list[SiteSplit], cfg: DataConfig, seed: int) -> list[SiteSp
     else:
         assert alpha is not None
         parts = partition_quantity(len(y), k, alpha, seed)
+    shares = shares_of(parts, y)
+    held = {}
+    for i, which in enumerate(("validation", "test"), start=1):
+        xs, ys = _pool(sites, which)
+        if len(ys) < k:
+            raise DataError(
+                f"config key 'data.num_sites': the pooled {which} split has {len(ys)} rows, "
+                f"too few to give each of the {k} simulated hospitals one"
+            )
+        held[which] = (xs, ys, partition_like(ys, shares, k, sub_seed(seed, 100 + i)))
     width = max(2, len(str(k - 1)))
     out = []
     for i, idx in enumerate(parts):
-        x_tr, y_tr, x_te, y_te = split_site(x[idx], y[idx], cfg.test_fraction, _sub_seed(seed, i))
-        out.append(SiteSplit(f"site-{i:0{width}d}", x_tr, y_tr, x_te, y_te))
+        xv, yv, pv = held["validation"]
+        xt, yt, pt = held["test"]
+        out.append(SiteSplit(f"site-{i:0{width}d}", x[idx], y[idx], xv[pv[i]], yv[pv[i]],
+                             xt[pt[i]], yt[pt[i]]))
     return out
 
 
-def _normalise(site: SiteSplit, norm: Normaliser) -> SiteSplit:
-    return SiteSplit(
-        site.name, norm.apply(site.x_train), site.y_train, norm.apply(site.x_test), site.y_test
-    )
+def _files_key(cfg: DataConfig) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of every user file the config reads: a changed file is re-read."""
+    out = []
+    for name in (*cfg.csv_paths, *cfg.test_paths, *((cfg.csv_schema,) if cfg.csv_schema else ())):
+        try:
+            st = Path(name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((name, -1, -1))  # the loader reports the missing file
+    return tuple(out)
+
+
+def raw_sites(cfg: DataConfig, seed: int) -> tuple[DataSpec, tuple[SiteSplit, ...]]:
+    """The run's hospitals before preprocessing.
+
+    Cached per process, keyed by the config, the seed and the files it reads: a simulation
+    worker serves many virtual hospitals from one partition.
+    """
+    return _raw_sites(cfg, seed, _files_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _raw_sites(cfg: DataConfig, seed: int, files: tuple[tuple[str, int, int], ...]
+               ) -> tuple[DataSpec, tuple[SiteSplit, ...]]:
+    spec, natural = natural_sites(cfg)
+    kind, _ = parse_partition(cfg.partition)
+    sites = natural if kind == "natural" else _simulate(natural, cfg, seed)
+    for s in sites:
+        if len(s.y_val) == 0 or len(s.y_test) == 0 or len(s.y_train) == 0:
+            empty = next(k for k, v in s.sizes().items() if v == 0)
+            raise DataError(f"site '{s.name}' has an empty {empty} split "
+                            f"({s.sizes()}); the site is too small")
+    return spec, tuple(sites)
+
+
+def preprocess(site: SiteSplit, spec: DataSpec, mode: str, bundle_stats: SiteStats | None
+               ) -> SiteSplit:
+    """Fit the site's statistics on its train split (or take the bundle's) and apply them."""
+    if mode == "bundle":
+        if bundle_stats is None:
+            raise DataError("config key 'data.normalisation' is 'bundle' but no bundle "
+                            "normalisation statistics were given")
+        stats = bundle_stats
+    else:
+        stats = SiteStats.fit(site.x_train, spec.schema, bundle_stats,
+                              where=f"site '{site.name}' training split")
+    return SiteSplit(site.name, stats.apply(site.x_train), site.y_train,
+                     stats.apply(site.x_val), site.y_val, stats.apply(site.x_test), site.y_test,
+                     stats=stats)
 
 
 def load_federated(
-    cfg: DataConfig, bundle_normaliser: Normaliser | None = None, seed: int = 0
+    cfg: DataConfig, bundle_stats: SiteStats | None = None, seed: int = 0
 ) -> FederatedData:
-    """Load `cfg.source`, partition it if asked, and normalise every site.
+    """Load `cfg.source`, partition it if asked, and preprocess every site.
 
-    Held-out set: the natural sites' test splits, each normalised like its natural site (its
-    own train statistics, or the bundle's). With a non-natural partition only the natural train
-    splits are pooled and re-split over `cfg.num_sites` simulated hospitals ("site-00", ...),
-    each keeping `cfg.test_fraction` of its share as local test; normalisation follows the
-    partitioning.
+    With a non-natural partition the natural sites' train splits are pooled and re-split over
+    `cfg.num_sites` simulated hospitals ("site-00", ...); their validation and test rows come
+    from the pooled validation and test splits with the same label mix.
     """
-    spec, natural = natural_sites(cfg)
-    kind, _ = parse_partition(cfg.partition)
-    if cfg.normalisation == "bundle" and bundle_normaliser is None:
-        raise DataError(
-            "config key 'data.normalisation' is 'bundle' but no bundle normalisation "
-            "statistics were given"
-        )
+    spec, sites = raw_sites(cfg, seed)
+    return FederatedData(spec, [preprocess(s, spec, cfg.normalisation, bundle_stats)
+                                for s in sites])
 
-    def norm_for(site: SiteSplit) -> Normaliser:
-        if bundle_normaliser is not None and cfg.normalisation == "bundle":
-            return bundle_normaliser
-        return Normaliser.fit(site.x_train)
 
-    heldout = [norm_for(s).apply(s.x_test) for s in natural]
-    heldout_y = np.concatenate([s.y_test for s in natural])
-    sites = natural if kind == "natural" else _simulate(natural, cfg, seed)
-    sites = [_normalise(s, norm_for(s)) for s in sites]
-    return FederatedData(spec, sites, np.concatenate(heldout), heldout_y)
+SOURCE_SPLITS = {"train": "train", "validation": "validation", "val": "validation",
+                 "test": "test"}
 
 
 def load_source_split(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, DataSpec]:
-    """Raw pooled x, y of one split over the (selected) natural sites, for pretraining."""
-    if split == "val":
-        if cfg.source != "medmnist":
-            raise DataError(
-                f"config key 'pretrain.split' is 'val' but source {cfg.source!r} has no "
-                f"validation split (use train or test)"
-            )
-        _check_config(cfg)
-        from common.data.medmnist import load_medmnist_split
+    """Raw pooled x, y of one split over the (selected) natural sites, for pretraining.
 
-        x, y, spec = load_medmnist_split(cfg.medmnist, "val")
-        return x, y, spec
-    if split not in ("train", "test"):
-        raise DataError(f"config key 'pretrain.split' must be train, test or val, got {split!r}")
-    spec, sites = natural_sites(cfg)
-    if split == "train":
-        return (
-            np.concatenate([s.x_train for s in sites]),
-            np.concatenate([s.y_train for s in sites]),
-            spec,
+    `train` excludes the validation rows, so a pretraining cohort's validation split stays
+    unseen (the server's `source-validation` check uses it).
+    """
+    if split not in SOURCE_SPLITS:
+        raise DataError(
+            f"config key 'pretrain.split' must be train, validation or test, got {split!r}"
         )
-    return (
-        np.concatenate([s.x_test for s in sites]),
-        np.concatenate([s.y_test for s in sites]),
-        spec,
-    )
+    spec, sites = natural_sites(cfg)
+    x, y = _pool(sites, SOURCE_SPLITS[split])
+    return x, y, spec

@@ -5,26 +5,31 @@ drop slope/ca/thal, drop rows that still have a ``?``, one-hot cp and restecg dr
 first level (13 features), binary label ``num > 0``, and per centre
 ``train_test_split(arange(n), test_size=1 - 0.66, train_size=0.66, random_state=43,
 shuffle=True, stratify=labels if both classes have more than 2 rows else None)``; rows keep
-their file order inside each split. Per-centre z-normalisation on the train split happens in
+their file order inside each split. FLamby has no validation split: ours is carved from each
+centre's train split (stratified, seeded; `data.validation_fraction`), so FLamby's test
+split stays untouched. Per-centre z-normalisation on the train split happens in
 :mod:`common.data.federated`.
 
-``impute`` keeps every row and slope/ca/thal, treats chol == 0 and trestbps == 0 as missing
-(the source files use 0 for "not measured"), splits with the same rule and seed, and fills
-missing values with the median (numeric) or mode (binary, categorical) of the site's own train
-split. A column with no observed train value at a site (Switzerland never measured chol)
-falls back to the statistic of the four sites' pooled train splits.
+``impute`` keeps every row and slope/ca/thal, and expresses its imputation as schema policy
+(:func:`heart_schema`): chol == 0 and trestbps == 0 mean missing (the source files use 0 for
+"not measured"), numeric columns are filled with the median and the others with the most
+frequent code of the site's own training split (:class:`~common.data.preprocess.SiteStats`),
+identically in training, evaluation and `medfed predict`. A column with no observed training
+value at a site (Switzerland never measured chol) falls back to the bundle's statistic, i.e.
+the pretraining cohort's.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from common.data.federated import DataSpec, SiteSplit
 from common.data.schema import DataError, Schema, encode, load_schema
+from common.data.splits import DataSpec, SiteSplit, with_validation
 from common.datasets import dataset_dir
 
 SITE_FILES = {
@@ -43,13 +48,18 @@ SCHEMA_PATH = DATA_DIR / "schema.yaml"  # columns, units and ranges of the UCI f
 
 
 def heart_schema(protocol: str = "impute") -> Schema:
-    """The heart schema; the flamby protocol drops slope, ca and thal."""
+    """The heart schema: flamby drops slope, ca and thal; impute adds its missing policy."""
     if protocol not in PROTOCOLS:
         raise DataError(
             f"config key 'data.heart_protocol' must be one of {PROTOCOLS}, got {protocol!r}"
         )
     schema = load_schema(SCHEMA_PATH)
-    return schema.without(FLAMBY_DROPPED) if protocol == "flamby" else schema
+    if protocol == "flamby":
+        return schema.without(FLAMBY_DROPPED)
+    columns = tuple(
+        replace(c, missing_values=(0.0,)) if c.name in ZERO_MEANS_MISSING else c
+        for c in schema.columns)
+    return replace(schema, columns=columns, missing="median")
 
 
 def read_site(site: str, data_dir: Path | None = None) -> pd.DataFrame:
@@ -88,35 +98,6 @@ def flamby_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(train), np.sort(test)
 
 
-def fit_imputer(
-    train: pd.DataFrame, schema: Schema, fallback: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Fill value per feature column: median (numeric) or most frequent code (others).
-
-    Ties in the mode go to the smallest code. Columns with no observed value use
-    ``fallback[column]`` (DataError when there is none).
-    """
-    stats: dict[str, float] = {}
-    for col in schema.columns:
-        values = train[col.name].dropna()
-        if len(values) == 0:
-            if fallback is None or col.name not in fallback:
-                raise DataError(f"column '{col.name}' has no observed value to impute from")
-            stats[col.name] = fallback[col.name]
-        elif col.type == "numeric":
-            stats[col.name] = float(values.median())
-        else:
-            stats[col.name] = float(values.mode().min())
-    return stats
-
-
-def _impute_frame(site: str, data_dir: Path | None) -> pd.DataFrame:
-    df = read_site(site, data_dir)
-    for name in ZERO_MEANS_MISSING:
-        df.loc[df[name] == 0, name] = np.nan
-    return df
-
-
 def _binary(df: pd.DataFrame, schema: Schema) -> np.ndarray:
     return np.isin(df[schema.label].to_numpy(), schema.positive).astype(np.int64)
 
@@ -129,23 +110,14 @@ def _split_frame(df: pd.DataFrame, schema: Schema, seed: int) -> tuple[pd.DataFr
 def _site_frames(
     protocol: str, sites: tuple[str, ...], seed: int, data_dir: Path | None
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Per site (train, test) frames ready for :func:`encode` (no missing values left)."""
+    """Per site (train, test) frames ready for :func:`encode` (impute: NaN where missing)."""
     schema = heart_schema(protocol)
-    if protocol == "flamby":
-        frames = {}
-        for site in sites:
-            df = read_site(site, data_dir).drop(columns=list(FLAMBY_DROPPED))
-            frames[site] = _split_frame(df.dropna(axis=0).reset_index(drop=True), schema, seed)
-        return frames
-    # impute: the pooled-train fallback always uses all four sites so that a site's data does
-    # not depend on which other sites were selected
-    raw = {s: _split_frame(_impute_frame(s, data_dir), schema, seed) for s in SITE_FILES}
-    pooled = fit_imputer(pd.concat([tr for tr, _ in raw.values()]), schema)
     frames = {}
     for site in sites:
-        train, test = raw[site]
-        stats = fit_imputer(train, schema, fallback=pooled)
-        frames[site] = (train.fillna(stats), test.fillna(stats))
+        df = read_site(site, data_dir)
+        if protocol == "flamby":
+            df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0).reset_index(drop=True)
+        frames[site] = _split_frame(df, schema, seed)
     return frames
 
 
@@ -160,8 +132,12 @@ def load_heart_sites(
     sites: tuple[str, ...] = (),
     split_seed: int = 43,
     data_dir: Path | None = None,
+    val_fraction: float = 0.2,
 ) -> tuple[DataSpec, list[SiteSplit]]:
-    """The natural heart sites, raw (not normalised), in the order of :data:`SITE_FILES`."""
+    """The natural heart sites, raw (not normalised), in the order of :data:`SITE_FILES`.
+
+    Train and test are FLamby's; validation is carved from FLamby's train split.
+    """
     schema = heart_schema(protocol)
     unknown = [s for s in sites if s not in SITE_FILES]
     if unknown:
@@ -176,7 +152,7 @@ def load_heart_sites(
         x_tr, y_tr = encode(train, schema, where + " train split")
         x_te, y_te = encode(test, schema, where + " test split")
         assert y_tr is not None and y_te is not None  # the label column is always present
-        splits.append(SiteSplit(site, x_tr, y_tr, x_te, y_te))
+        splits.append(with_validation(site, x_tr, y_tr, x_te, y_te, val_fraction, split_seed))
     return spec_for(schema), splits
 
 

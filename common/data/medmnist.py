@@ -1,7 +1,7 @@
 """MedMNIST 28x28 (BreastMNIST, PneumoniaMNIST, RetinaMNIST) from the shipped official .npz files.
 
-The natural federation is one site, "all", with the official train and test splits; the
-official val split is available to pretraining through :func:`load_medmnist_split`. Images
+The natural federation is one site, "all", with the official train, val (our validation) and
+test splits. Images
 become float32 in [0, 1], NCHW. Files are read with ``allow_pickle=False``.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.federated import DataSpec, SiteSplit
 from common.data.schema import DataError
+from common.data.splits import DataSpec, SiteSplit
 from common.datasets import dataset_dir
 
 DATA_DIR = dataset_dir("medmnist", "breastmnist.npz")
@@ -128,10 +128,11 @@ def load_medmnist_split(
 def load_medmnist_sites(
     name: str, data_dir: Path | None = None
 ) -> tuple[DataSpec, list[SiteSplit]]:
-    """The single natural site "all": official train and test splits."""
+    """The single natural site "all": official train, validation and test splits."""
     x_tr, y_tr, spec = load_medmnist_split(name, "train", data_dir)
+    x_val, y_val, _ = load_medmnist_split(name, "val", data_dir)
     x_te, y_te, _ = load_medmnist_split(name, "test", data_dir)
-    return spec, [SiteSplit(SITE, x_tr, y_tr, x_te, y_te)]
+    return spec, [SiteSplit(SITE, x_tr, y_tr, x_val, y_val, x_te, y_te)]
 
 
 def _read_png_folder(folder: Path) -> np.ndarray:
@@ -181,3 +182,18 @@ def load_image_file(path: str | Path) -> np.ndarray:
         except NPZ_ERRORS as err:  # e.g. a CRC mismatch inside the archive
             raise DataError(f"{path}: not a readable .npz file: {npz_problem(err)}") from err
     return to_nchw(images, str(path))
+
+
+def read_labelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A hospital's labelled images: arrays `images` and `labels` (float32 NCHW, int64)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files or "labels" not in npz.files:
+                raise DataError(f"{path}: expected arrays 'images' and 'labels', "
+                                f"found {sorted(npz.files)}")
+            images, labels = npz["images"], npz["labels"].reshape(-1)
+    except NPZ_ERRORS as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path} is not a readable npz file: {npz_problem(err)}") from err
+    return to_nchw(images, str(path)), labels.astype(np.int64)

@@ -99,3 +99,35 @@ def partition_quantity(
     sizes[order[:rest]] += 1
     perm = rng.permutation(n)
     return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def shares_of(parts: list[np.ndarray], y: np.ndarray) -> dict[int, np.ndarray]:
+    """Per class, the fraction of its rows each site holds in a partition of `y`."""
+    y = np.asarray(y)
+    out = {}
+    for c in np.unique(y):
+        counts = np.array([int(np.sum(y[p] == c)) for p in parts], dtype=np.float64)
+        out[int(c)] = counts / counts.sum()
+    return out
+
+
+def partition_like(y: np.ndarray, shares: dict[int, np.ndarray], k: int, seed: int,
+                   min_size: int = 1) -> list[np.ndarray]:
+    """Split another split's rows over k sites with the same per-class shares.
+
+    This keeps each simulated hospital's validation and test splits drawn from its own label
+    mix. Classes absent from `shares` are spread evenly; every site gets `min_size` rows
+    (topped up from the largest site) when there are enough rows.
+    """
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        share = shares.get(int(c), np.full(k, 1.0 / k))
+        cuts = np.round(np.cumsum(share)[:-1] * len(idx)).astype(int)
+        for site, chunk in enumerate(np.split(idx, cuts)):
+            parts[site].extend(chunk.tolist())
+    if len(y) >= k * min_size:
+        _top_up(parts, min_size)
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]

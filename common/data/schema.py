@@ -10,6 +10,7 @@ may be patient data).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ import pandas as pd
 import yaml
 
 COLUMN_TYPES = ("numeric", "binary", "categorical")
+# What to do with a missing cell: refuse the file, or fill it from the site's training split.
+MISSING_POLICIES = ("refuse", "median", "mean", "most_frequent", "constant")
+# Policies that make sense per column type (a median of category codes means nothing).
+_POLICIES_FOR = {
+    "numeric": MISSING_POLICIES,
+    "binary": ("refuse", "most_frequent", "constant"),
+    "categorical": ("refuse", "most_frequent", "constant"),
+}
+INDICATOR_SUFFIX = ":missing"  # encoded name of a missing-indicator feature, e.g. "chol:missing"
 
 
 class DataError(ValueError):
@@ -36,6 +46,10 @@ class Column:
     max: float | None = None
     # categorical: allowed codes; the first one is the reference level dropped by one-hot
     categories: tuple[float, ...] = ()
+    missing: str | None = None  # policy for missing cells; None: the schema's default
+    fill_value: float | None = None  # the value `missing: constant` fills in
+    missing_values: tuple[float, ...] = ()  # codes that mean "not measured" (e.g. chol 0)
+    missing_indicator: bool = False  # add a 0/1 feature "<name>:missing"
 
 
 @dataclass(frozen=True)
@@ -47,21 +61,44 @@ class Schema:
     positive: tuple[float, ...]
     negative: tuple[float, ...]
     labels: tuple[str, str] = ("negative", "positive")  # display names of classes 0 and 1
+    missing: str = "refuse"  # default policy for columns that do not name their own
+
+    def policy(self, col: Column) -> str:
+        """The missing-value policy of `col`: its own, else the schema default.
+
+        A default of ``median`` or ``mean`` applies to numeric columns; binary and
+        categorical columns then use ``most_frequent`` (documented in docs/own-data.md).
+        """
+        if col.missing is not None:
+            return col.missing
+        if self.missing in ("median", "mean") and col.type != "numeric":
+            return "most_frequent"
+        return self.missing
 
     def feature_names(self) -> list[str]:
         """Encoded feature names, ordered like ``pandas.get_dummies(drop_first=True)``.
 
         Numeric and binary columns keep their order; one-hot blocks (``"cp=2"``) follow in
-        column order, each without its first category. This reproduces FLamby's heart order.
+        column order, each without its first category; missing indicators (``"chol:missing"``)
+        come last. Without indicators this reproduces FLamby's heart order.
         """
-        plain = [c.name for c in self.columns if c.type != "categorical"]
+        return [name for name, _, _ in self.encoded_columns()]
+
+    def encoded_columns(self) -> list[tuple[str, Column, float | None]]:
+        """(feature name, source column, dummy code or None) for each encoded feature.
+
+        The code is the category a one-hot feature stands for; None for a plain value or a
+        missing indicator (whose name ends with :data:`INDICATOR_SUFFIX`).
+        """
+        plain = [(c.name, c, None) for c in self.columns if c.type != "categorical"]
         dummies = [
-            f"{c.name}={_code(v)}"
+            (f"{c.name}={_code(v)}", c, v)
             for c in self.columns
             if c.type == "categorical"
             for v in c.categories[1:]
         ]
-        return plain + dummies
+        flags = [(c.name + INDICATOR_SUFFIX, c, None) for c in self.columns if c.missing_indicator]
+        return plain + dummies + flags
 
     def column(self, name: str) -> Column:
         """The column called `name` (KeyError if absent)."""
@@ -73,7 +110,7 @@ class Schema:
     def without(self, names: tuple[str, ...] | list[str]) -> Schema:
         """A copy without the named feature columns."""
         kept = tuple(c for c in self.columns if c.name not in set(names))
-        return Schema(kept, self.label, self.positive, self.negative, self.labels)
+        return Schema(kept, self.label, self.positive, self.negative, self.labels, self.missing)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (the manifest stores this)."""
@@ -88,14 +125,25 @@ class Schema:
                 d["max"] = c.max
             if c.categories:
                 d["categories"] = list(c.categories)
+            if c.missing is not None:
+                d["missing"] = c.missing
+            if c.fill_value is not None:
+                d["fill_value"] = c.fill_value
+            if c.missing_values:
+                d["missing_values"] = list(c.missing_values)
+            if c.missing_indicator:
+                d["missing_indicator"] = True
             cols.append(d)
-        return {
+        out: dict[str, Any] = {
             "columns": cols,
             "label": self.label,
             "positive": list(self.positive),
             "negative": list(self.negative),
             "labels": list(self.labels),
         }
+        if self.missing != "refuse":
+            out["missing"] = self.missing
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Schema:
@@ -110,8 +158,9 @@ def _code(v: float) -> str:
 # ---------------------------------------------------------------- parsing the schema file
 
 
-_COLUMN_KEYS = {"name", "type", "unit", "min", "max", "categories"}
-_SCHEMA_KEYS = {"columns", "label", "positive", "negative", "labels"}
+_COLUMN_KEYS = {"name", "type", "unit", "min", "max", "categories", "missing", "fill_value",
+                "missing_values", "missing_indicator"}
+_SCHEMA_KEYS = {"columns", "label", "positive", "negative", "labels", "missing"}
 
 
 def _number(value: Any, key: str) -> float:
@@ -159,7 +208,30 @@ def _column_from_dict(d: Any, key: str) -> Column:
         raise DataError(f"schema key '{key}.categories' is only allowed for categorical columns")
     if len(set(cats)) != len(cats):
         raise DataError(f"schema key '{key}.categories' lists a code twice")
-    return Column(name, ctype, unit, lo, hi, cats)
+    missing = d.get("missing")
+    if missing is not None:
+        missing = _text(missing, f"{key}.missing")
+        allowed = _POLICIES_FOR[ctype]
+        if missing not in allowed:
+            raise DataError(
+                f"schema key '{key}.missing' of {ctype} column '{name}' must be one of "
+                f"{', '.join(allowed)}, got {missing!r}"
+            )
+    fill = None if d.get("fill_value") is None else _number(d["fill_value"], f"{key}.fill_value")
+    if missing == "constant" and fill is None:
+        raise DataError(f"schema key '{key}.fill_value' is needed with 'missing: constant'")
+    if fill is not None and missing != "constant":
+        raise DataError(f"schema key '{key}.fill_value' is only used with 'missing: constant'")
+    if fill is not None:
+        if ctype == "binary" and fill not in (0.0, 1.0):
+            raise DataError(f"schema key '{key}.fill_value' of binary column '{name}' must be 0 or 1")
+        if ctype == "categorical" and fill not in cats:
+            raise DataError(f"schema key '{key}.fill_value' must be one of the categories of '{name}'")
+    codes = _numbers(d.get("missing_values", []), f"{key}.missing_values")
+    indicator = d.get("missing_indicator", False)
+    if not isinstance(indicator, bool):
+        raise DataError(f"schema key '{key}.missing_indicator' must be true or false")
+    return Column(name, ctype, unit, lo, hi, cats, missing, fill, codes, indicator)
 
 
 def _schema_from_dict(d: Any) -> Schema:
@@ -173,13 +245,24 @@ def _schema_from_dict(d: Any) -> Schema:
             raise DataError(f"schema key '{k}' is missing")
     if not isinstance(d["columns"], list | tuple) or not d["columns"]:
         raise DataError("schema key 'columns' must be a non-empty list")
+    label = _text(d["label"], "label")
+    for i, c in enumerate(d["columns"]):
+        if isinstance(c, dict) and c.get("name") == label and "missing" in c:
+            raise DataError(
+                f"schema key 'columns[{i}].missing': '{label}' is the label column, which "
+                "cannot be imputed (rows without a label are refused); remove it from 'columns'"
+            )
     columns = tuple(_column_from_dict(c, f"columns[{i}]") for i, c in enumerate(d["columns"]))
     names = [c.name for c in columns]
-    label = _text(d["label"], "label")
     if len(set(names)) != len(names):
         raise DataError("schema key 'columns' names a column twice")
     if label in names:
         raise DataError(f"schema key 'label': the label column '{label}' is also a feature")
+    default = _text(d.get("missing", "refuse"), "missing")
+    defaults = tuple(p for p in MISSING_POLICIES if p != "constant")  # constants are per column
+    if default not in defaults:
+        raise DataError(f"schema key 'missing' must be one of {', '.join(defaults)} (a constant "
+                        f"fill is set per column with fill_value), got {default!r}")
     positive, negative = _numbers(d["positive"], "positive"), _numbers(d["negative"], "negative")
     if not positive or not negative or set(positive) & set(negative):
         raise DataError("schema keys 'positive' and 'negative' must be non-empty and disjoint")
@@ -187,7 +270,7 @@ def _schema_from_dict(d: Any) -> Schema:
     if not isinstance(labels, list | tuple) or len(labels) != 2:
         raise DataError(f"schema key 'labels' must be two class names, got {labels!r}")
     labels = (_text(labels[0], "labels[0]"), _text(labels[1], "labels[1]"))
-    return Schema(columns, label, positive, negative, labels)
+    return Schema(columns, label, positive, negative, labels, default)
 
 
 def load_schema(path: str | Path) -> Schema:
@@ -222,14 +305,26 @@ def _rows(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
-def _check_values(values: pd.Series, raw: pd.Series, col: Column, where: str) -> None:
+def _as_missing(values: pd.Series, col: Column) -> pd.Series:
+    """`values` with the column's "not measured" codes turned into NaN."""
+    if not col.missing_values:
+        return values
+    return values.mask(values.isin(col.missing_values))
+
+
+def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
+                  where: str) -> None:
     bad_text = int((values.isna() & raw.notna()).sum())
     if bad_text:
         raise DataError(f"{where}: column '{col.name}' has {_rows(bad_text)} that are not numbers")
+    values = _as_missing(values, col)
     missing = int(values.isna().sum())
-    if missing:
-        raise DataError(f"{where}: column '{col.name}' has {_rows(missing)} with missing values")
-    arr = values.to_numpy()
+    if missing and policy == "refuse":
+        raise DataError(
+            f"{where}: column '{col.name}' has {_rows(missing)} with missing values (the schema "
+            f"refuses them; set 'missing:' for this column to impute from the training split)"
+        )
+    arr = values.dropna().to_numpy()
     if not np.isfinite(arr).all():
         n = int((~np.isfinite(arr)).sum())
         raise DataError(f"{where}: column '{col.name}' has {_rows(n)} with infinite values")
@@ -277,7 +372,7 @@ def validate_frame(
     `where` (usually the file path) starts every message.
     """
     header = [str(c) for c in df.columns]
-    dups = sorted({c for c in header if header.count(c) > 1})
+    dups = duplicated_names(header)
     if dups:
         raise DataError(f"{where}: column '{dups[0]}' appears more than once in the header")
     expected = [c.name for c in schema.columns]
@@ -296,23 +391,36 @@ def validate_frame(
     if len(df) == 0:
         raise DataError(f"{where}: the file has a header but no data rows")
     for col in schema.columns:
-        _check_values(_numeric(df[col.name]), df[col.name], col, where)
+        _check_values(_numeric(df[col.name]), df[col.name], col, schema.policy(col), where)
     if schema.label in header:
         _check_label(df[schema.label], schema, where)
 
 
+def duplicated_names(names: list[str]) -> list[str]:
+    """Names that occur more than once, sorted (linear in the number of names)."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
+
+
 def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate, then one-hot encode into float32 X (N, F) and int64 y (None without a label)."""
+    """Validate, then encode into float32 X (N, F) and int64 y (None without a label).
+
+    Categorical columns are one-hot encoded (first category dropped); a missing cell (allowed
+    by the column's policy) is NaN in its value column, or in every column of its one-hot
+    block, and sets the column's missing indicator. :class:`common.data.preprocess.SiteStats`
+    fills the NaNs from the site's training split.
+    """
     validate_frame(df, schema, where, require_label=False)
+    values = {c.name: _as_missing(_numeric(df[c.name]), c).to_numpy() for c in schema.columns}
     blocks: list[np.ndarray] = []
-    plain = [c for c in schema.columns if c.type != "categorical"]
-    for col in plain:
-        blocks.append(_numeric(df[col.name]).to_numpy()[:, None])
-    for col in schema.columns:
-        if col.type == "categorical":
-            values = _numeric(df[col.name]).to_numpy()
-            blocks.append(np.stack([values == c for c in col.categories[1:]], axis=1))
-    x = np.concatenate(blocks, axis=1).astype(np.float32)
+    for name, col, code in schema.encoded_columns():
+        v = values[col.name]
+        if name.endswith(INDICATOR_SUFFIX) and name != col.name:
+            blocks.append(np.isnan(v).astype(np.float64))
+        elif code is not None:
+            blocks.append(np.where(np.isnan(v), np.nan, (v == code).astype(np.float64)))
+        else:
+            blocks.append(v)
+    x = np.stack(blocks, axis=1).astype(np.float32)
     y = None
     if schema.label in df.columns:
         y = np.isin(_numeric(df[schema.label]).to_numpy(), schema.positive).astype(np.int64)

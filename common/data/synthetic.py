@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from common.config import DataConfig
-from common.data.federated import DataSpec, SiteSplit, split_site
 from common.data.schema import Column, DataError, Schema
+from common.data.splits import DataSpec, SiteSplit, three_way
 
 SEED = 20240613  # fixed: the synthetic world is the same in every run
-MIN_ROWS = 4  # per site, so every site has at least 2 train and 1 test rows
+MIN_ROWS = 4  # per site, so every site has at least 2 train, 1 validation and 1 test row
 WEIGHT_NORM = 3.0  # |w|: larger is easier; 3 gives a clearly learnable but noisy task
 MAX_SHIFT = 1.0  # site shift along w, in units of the feature standard deviation
 PREFIX = "synthetic-site-"
@@ -69,8 +69,8 @@ def load_synthetic_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
     sites = []
     for i in range(k):
         rows = slice(bounds[i], bounds[i + 1])
-        x_tr, y_tr, x_te, y_te = split_site(x[rows], y[rows], cfg.test_fraction, cfg.split_seed)
-        sites.append(SiteSplit(f"{PREFIX}{i:0{width}d}", x_tr, y_tr, x_te, y_te))
+        sites.append(three_way(f"{PREFIX}{i:0{width}d}", x[rows], y[rows], cfg.test_fraction,
+                               cfg.validation_fraction, cfg.split_seed))
     schema = synthetic_schema(f)
     names = tuple(schema.feature_names())
     return DataSpec("tabular", (f,), 2, schema.labels, names, schema), sites

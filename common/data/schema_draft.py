@@ -1,0 +1,197 @@
+"""`medfed schema`: draft a schema from hospital CSVs for a person to review.
+
+It infers what the files show (numeric, binary or categorical columns, ranges widened a
+little beyond what was observed, label values) and says what it cannot know: text columns,
+the meaning of the label's codes, zeros that may stand for "not measured", columns with
+missing cells. Nothing is guessed silently: every inference and every open question is
+returned as a line for the user, and the YAML written carries the open questions as comments.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.data.csv_source import MISSING_MARKERS, check_field_counts, read_text
+from common.data.schema import DataError, Schema, duplicated_names
+
+MAX_CATEGORIES = 5  # integer columns with at most this many codes are drafted as categorical
+WIDEN = 0.1  # ranges are widened by this share of the observed span on each side
+
+
+@dataclass
+class Draft:
+    """The drafted schema (as a dict), what was inferred, and what needs a decision."""
+
+    schema: dict[str, object]
+    inferred: list[str] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)
+
+    def to_yaml(self) -> str:
+        """Readable YAML: one flow mapping per column; open questions as comments."""
+        lines = ["# Drafted by `medfed schema`: review every line before use.",
+                 "# Types, ranges and label codes were inferred from the data files; ranges",
+                 "# are the observed ones widened a little. Open questions:"]
+        lines += [f"#  - {d}" for d in self.decisions] or ["#  (none)"]
+        s = self.schema
+        lines += [f"label: {_yaml_text(str(s['label']))}",
+                  f"positive: {_codes(s['positive'])}",  # type: ignore[arg-type]
+                  f"negative: {_codes(s['negative'])}",  # type: ignore[arg-type]
+                  f"labels: [{', '.join(_yaml_text(v) for v in s['labels'])}]",  # type: ignore[attr-defined]
+                  "columns:"]
+        for col in s["columns"]:  # type: ignore[attr-defined]
+            parts = [f"{k}: {_value(v)}" for k, v in col.items()]
+            lines.append("  - {" + ", ".join(parts) + "}")
+        return "\n".join(lines) + "\n"
+
+
+def _yaml_text(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _codes(values: list[float]) -> str:
+    return "[" + ", ".join(_num(v) for v in values) + "]"
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return _num(float(v))
+    if isinstance(v, list):
+        return _codes(v)
+    return _yaml_text(str(v))
+
+
+def _nice(value: float, down: bool) -> float:
+    """Round a range bound outward to 2 significant figures."""
+    if value == 0:
+        return 0.0
+    step = 10 ** (math.floor(math.log10(abs(value))) - 1)
+    return float((math.floor if down else math.ceil)(value / step) * step)
+
+
+def _frames(paths: list[Path]) -> pd.DataFrame:
+    frames = []
+    for path in paths:
+        text = read_text(Path(path))
+        header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
+        dups = duplicated_names(header)
+        if dups:
+            raise DataError(f"{path}: column '{dups[0]}' appears more than once in the header")
+        check_field_counts(text, len(header), Path(path))
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
+                         na_values=MISSING_MARKERS, skipinitialspace=True, index_col=False)
+        df.columns = header
+        frames.append(df)
+    columns = list(frames[0].columns)
+    for path, df in zip(paths[1:], frames[1:], strict=True):
+        if list(df.columns) != columns:
+            raise DataError(f"{path}: columns differ from those of {paths[0]}; every file of "
+                            "a federation must have the same columns")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
+    values = pd.to_numeric(raw, errors="coerce")
+    text = raw.notna() & values.isna()
+    if text.any():
+        draft.decisions.append(
+            f"column '{name}' holds text ({int(text.sum())} rows, "
+            f"{raw[text].nunique()} distinct values): left out; medfed reads numbers, so "
+            "recode it as numeric codes (then a categorical column) or drop it")
+        return None
+    observed = values.dropna().to_numpy(dtype=np.float64)
+    missing = int(values.isna().sum())
+    if len(observed) == 0:
+        draft.decisions.append(f"column '{name}' has no value in any row: left out")
+        return None
+    distinct = np.unique(observed)
+    col: dict[str, object] = {"name": name}
+    integral = bool(np.all(np.mod(observed, 1) == 0))
+    if set(distinct.tolist()) <= {0.0, 1.0}:
+        col["type"] = "binary"
+        draft.inferred.append(f"{name}: binary (values 0/1)")
+    elif integral and len(distinct) <= MAX_CATEGORIES:
+        col["type"] = "categorical"
+        col["categories"] = [float(v) for v in distinct]
+        draft.inferred.append(
+            f"{name}: categorical with codes {', '.join(_num(v) for v in distinct)} (the "
+            f"first is the reference level); if it is a count or an ordered grade, make it "
+            "numeric")
+    else:
+        lo, hi = float(distinct[0]), float(distinct[-1])
+        span = hi - lo
+        low = lo - WIDEN * span
+        col["type"] = "numeric"
+        col["min"] = _nice(0.0 if lo >= 0 > low else low, down=True)
+        col["max"] = _nice(hi + WIDEN * span, down=False)
+        draft.inferred.append(f"{name}: numeric, observed {_num(lo)} to {_num(hi)}, allowed "
+                              f"{_num(col['min'])} to {_num(col['max'])}")  # type: ignore[arg-type]
+        zeros = int(np.sum(observed == 0))
+        positive = observed[observed > 0]
+        if zeros and len(positive) and positive.min() > 0.2 * hi:
+            draft.decisions.append(
+                f"column '{name}' has {zeros} zeros while its other values are at least "
+                f"{_num(float(positive.min()))}: if 0 means 'not measured', add "
+                "missing_values: [0] and a missing policy")
+    if missing:
+        policy = "median" if col["type"] == "numeric" else "most_frequent"
+        col["missing"] = policy
+        draft.decisions.append(
+            f"column '{name}' has {missing} missing cells: drafted 'missing: {policy}' (fitted "
+            "on each site's training split); use 'refuse' to reject such rows, or add "
+            "missing_indicator: true")
+    return col
+
+
+def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) -> Draft:
+    """Draft a schema from `paths` whose label column is `label`.
+
+    `ignore` names columns that are not features (a site or split column).
+    """
+    if not paths:
+        raise DataError("--data needs at least one CSV file")
+    df = _frames(paths)
+    if label not in df.columns:
+        raise DataError(f"{paths[0]}: label column '{label}' not found (columns: "
+                        f"{', '.join(list(df.columns)[:20])})")
+    absent = [c for c in ignore if c not in df.columns]
+    if absent:
+        raise DataError(f"{paths[0]}: column '{absent[0]}' not found")
+    draft = Draft(schema={})
+    y = pd.to_numeric(df[label], errors="coerce")
+    if y.isna().any():
+        raise DataError(f"{paths[0]}: label column '{label}' has {int(y.isna().sum())} rows that "
+                        "are empty or not numbers; every training row needs a numeric label")
+    codes = sorted(float(v) for v in np.unique(y.to_numpy()))
+    if len(codes) < 2:
+        raise DataError(f"label column '{label}' has a single value ({_num(codes[0])}) in all "
+                        "files; a diagnosis model needs both classes")
+    negative, positive = [codes[0]], codes[1:]
+    if codes != [0.0, 1.0]:
+        draft.decisions.append(
+            f"label '{label}' has codes {', '.join(_num(c) for c in codes)}: drafted "
+            f"{_num(codes[0])} as negative and {', '.join(_num(c) for c in positive)} as "
+            "positive; check which codes mean disease")
+    draft.inferred.append(f"label {label}: negative {_codes(negative)}, positive "
+                          f"{_codes(positive)} ({int(np.isin(y, positive).sum())} of {len(y)} "
+                          "rows positive)")
+    columns = [c for c in (_column(name, df[name], draft) for name in df.columns
+                           if name != label and name not in ignore) if c is not None]
+    if not columns:
+        raise DataError("no column could be drafted as a feature (see the notes above)")
+    draft.schema = {"label": label, "positive": positive, "negative": negative,
+                    "labels": ["negative", "positive"], "columns": columns}
+    Schema.from_dict(draft.schema)  # the draft must be a schema medfed reads
+    return draft

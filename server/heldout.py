@@ -1,0 +1,127 @@
+"""The server's check of every global model: a validation set, never a test split.
+
+Modes (`federation.heldout`):
+
+- ``validation`` (default): the sites' validation splits, evaluated at the sites; the server
+  aggregates their metrics (mean over sites weighted by rows). No patient row moves.
+- ``source-validation``: the validation split of the pretraining cohort, held by the server
+  and preprocessed with the bundle's statistics (the cohort's own training statistics).
+- ``file:PATH``: the operator's own labelled CSV or npz, validated against the bundle's
+  schema. With ``normalisation: site`` it is preprocessed with statistics fitted on the file
+  itself (it is the server's own site); with ``bundle``, with the bundle's.
+
+The sites' test metrics are aggregated the same way and labelled "test — not used for any
+choice"; nothing reads them to choose anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import Config
+from common.data.csv_source import read_csv_checked
+from common.data.medmnist import read_labelled_npz
+from common.data.preprocess import SiteStats
+from common.data.schema import DataError, encode
+from common.data.splits import TEST_LABEL, DataSpec
+from common.metrics import COUNT_KEYS
+from common.models import SplitModel
+from common.scoring import OperatingPoint, score_model
+
+SITES_LABEL = "the sites' validation splits (mean over sites, weighted by rows)"
+
+
+def aggregate_sites(per_site: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric over sites weighted by their rows (`n`), skipping undefined ones.
+
+    Counts (`n`, `positives`) add up. An empty list gives an empty dict.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for metrics in per_site:
+        w = float(metrics.get("n") or 0)
+        for key, value in metrics.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if key in COUNT_KEYS:
+                counts[key] = counts.get(key, 0.0) + float(value)
+            elif w > 0 and np.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums}
+    out.update({k: int(v) for k, v in counts.items()})
+    return out
+
+
+@dataclass
+class Heldout:
+    """The configured validation check; `x`, `y` only for the server-held modes."""
+
+    mode: str
+    label: str
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+
+    @property
+    def at_sites(self) -> bool:
+        """True when the sites evaluate it (the server holds no rows)."""
+        return self.mode == "validation"
+
+    def evaluate(self, model: SplitModel, sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Validation metrics of the global model now loaded in `model`."""
+        if self.at_sites:
+            out = aggregate_sites([s["validation"] for s in sites.values() if "validation" in s])
+        else:
+            assert self.x is not None and self.y is not None
+            out = score_model(model, self.x, self.y, OperatingPoint())
+        return {**out, "split": "validation", "source": self.label}
+
+
+def aggregate_test(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The sites' test metrics, aggregated like the validation ones and labelled."""
+    tests = [s["test"] for s in sites.values() if "test" in s]
+    if not tests:
+        return {}
+    return {**aggregate_sites(tests), "label": TEST_LABEL}
+
+
+def _read_file(path: Path, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    if spec.kind == "tabular":
+        if spec.schema is None:
+            raise DataError(f"heldout file {path}: the bundle has no tabular schema")
+        x, y = encode(read_csv_checked(path, spec.schema), spec.schema, str(path))
+        assert y is not None  # read_csv_checked required the label column
+        return x, y
+    x, y = read_labelled_npz(path)
+    if tuple(x.shape[1:]) != tuple(spec.input_shape):
+        raise DataError(f"heldout file {path}: images have shape {tuple(x.shape[1:])}, the "
+                        f"model expects {tuple(spec.input_shape)}")
+    return x, y
+
+
+def build_heldout(cfg: Config, spec: DataSpec, bundle_stats: SiteStats) -> Heldout:
+    """The check `cfg.federation.heldout` names, with its rows loaded and preprocessed."""
+    mode = cfg.federation.heldout
+    if mode == "validation":
+        return Heldout(mode, SITES_LABEL)
+    if mode == "source-validation":
+        from common.pretrain import load_source  # noqa: PLC0415 (server-side only)
+
+        source = load_source(cfg)
+        x, y = source.pooled("validation")
+        label = f"validation split of the pretraining cohort ({source.name(cfg.pretrain.data)})"
+        return Heldout(mode, label, bundle_stats.apply(x), y)
+    path = Path(mode.split(":", 1)[1])
+    if not path.exists():
+        raise DataError(f"config key 'federation.heldout': file {path} does not exist")
+    x, y = _read_file(path, spec)
+    if cfg.federation.data.normalisation == "site":
+        stats = SiteStats.fit(x, spec.schema, bundle_stats, where=f"heldout file {path}")
+    else:
+        stats = bundle_stats
+    return Heldout(mode, f"the operator's file {path}", stats.apply(x), y)

@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
             "medfed export-heart --out data/heart")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--protocol", default="flamby", help="flamby | impute")
+    p.add_argument("--test-dir", type=Path, default=None,
+                   help="also keep FLamby's test rows of each hospital apart, in this folder")
 
     p = add("model-card", c.cmd_model_card, "print a markdown model card for a bundle",
             "medfed model-card --model models/latest > MODEL_CARD.md")

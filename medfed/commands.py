@@ -66,7 +66,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         overrides.append(f"federation.rounds={args.rounds}")
     keys = args.keys or default_keys_path()
-    _signing_key(keys)
     request = SimulateRequest(
         config_path=args.config,
         overrides=tuple(overrides),
@@ -213,6 +212,7 @@ def cmd_export_heart(args: argparse.Namespace) -> int:
 
     for site in SITE_FILES:
         path = args.out / f"{site}.csv"
-        rows = export_site_csv(site, path, args.protocol)
-        print(f"wrote {path} ({rows} rows)")
+        test = args.test_dir / f"{site}.csv" if args.test_dir is not None else None
+        rows = export_site_csv(site, path, args.protocol, test)
+        print(f"wrote {path}" + (f" and {test}" if test else "") + f" ({rows} rows)")
     return 0

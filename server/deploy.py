@@ -30,6 +30,7 @@ from common.config_check import load_config
 from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
 from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key
+from server.heldout import preflight
 
 log = logging.getLogger("medfed.server")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
@@ -138,10 +139,10 @@ def _register(hospital: Hospital, env: dict[str, str]) -> None:
                           f"({hospital.public_key}): {detail}")
 
 
-def _run_config_file(req: ServerRequest, keys: Path) -> Path:
+def _run_config_file(req: ServerRequest, keys: Path, expected_nodes: int) -> Path:
     settings = RunSettings(config_path=req.config.resolve(), overrides=req.overrides,
                            run_dir=req.run_dir, bundle=req.bundle.resolve(), keys=keys,
-                           resume=req.resume)
+                           resume=req.resume, expected_nodes=expected_nodes)
     values = settings.to_run_config()
     lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path = req.run_dir / "run-config.toml"
@@ -151,7 +152,7 @@ def _run_config_file(req: ServerRequest, keys: Path) -> Path:
 
 def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
     """Validate everything before any process starts; returns (certs, signing key)."""
-    load_config(req.config, req.overrides)
+    cfg = load_config(req.config, req.overrides)
     if req.certs is None and not req.insecure:
         raise ConfigError("refusing to start without certificates: pass --certs DIR (made by "
                           "`medfed certs init`) or --insecure for a local test")
@@ -164,6 +165,7 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
         keys = (req.certs / "signing.key") if req.certs else medfed_home() / "signing.key"
     key = load_private_key(keys)
     load_bundle(req.bundle, key.public_key(), require_signature=True)
+    preflight(cfg, req.bundle)
     if (req.run_dir / "checkpoint").exists() and not req.resume:
         raise FileExistsError(f"run directory {req.run_dir} holds a started run; continue it "
                               "with --resume or choose another --run-dir")
@@ -217,7 +219,7 @@ def run_server(req: ServerRequest) -> int:
                 certs.server_key, certs.ca_cert)
             log.info("model registry on https://%s:%d (client certificates required)",
                      req.host, req.registry_port)
-        code = _submit_and_stream(req, keys, env, group)
+        code = _submit_and_stream(req, keys, env, group, len(hospitals))
         if code != 0 or req.exit_after_run:
             return code
         log.info("run finished; still serving the registry (Ctrl-C to stop)")
@@ -234,9 +236,9 @@ def run_server(req: ServerRequest) -> int:
 
 
 def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
-                       group: ProcessGroup) -> int:
+                       group: ProcessGroup, expected_nodes: int) -> int:
     """`flwr run` the app with our run config and stream its log; exit code of the run."""
-    run_config = _run_config_file(req, keys)
+    run_config = _run_config_file(req, keys, expected_nodes)
     flwr = str(Path(sys.executable).parent / "flwr")
     started = time.time()
     log_file = req.run_dir / "flwr-run.log"

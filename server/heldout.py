@@ -125,3 +125,16 @@ def build_heldout(cfg: Config, spec: DataSpec, bundle_stats: SiteStats) -> Heldo
     else:
         stats = bundle_stats
     return Heldout(mode, f"the operator's file {path}", stats.apply(x), y)
+
+
+def preflight(cfg: Config, bundle_dir: Path) -> Heldout:
+    """Build the validation check before any process starts: a bad file is one sentence.
+
+    Called by `medfed simulate` (which also reads the hospitals' data first) and
+    `medfed server`.
+    """
+    from common.bundle import read_manifest  # noqa: PLC0415
+    from common.manifest import spec_from_manifest, stats_from_manifest  # noqa: PLC0415
+
+    manifest = read_manifest(Path(bundle_dir))
+    return build_heldout(cfg, spec_from_manifest(manifest), stats_from_manifest(manifest))

@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.config_check import load_config
+from common.data.federated import data_key_prefix, raw_sites
+from common.signing import load_or_create_signing_key, public_key_path
 from common.processes import die_with_parent, stop_group
+from server.heldout import preflight
 from server.history import format_table
 
 
@@ -52,19 +55,31 @@ class SimulateRequest:
 def simulate(request: SimulateRequest) -> int:
     """Run the simulation child, relay its progress, print the final table."""
     cfg = load_config(request.config_path, request.overrides)  # fail fast on a bad config
+    # ... and on bad hospital data or a bad heldout file, before anything is written
+    with data_key_prefix("federation.data"):
+        _, sites = raw_sites(cfg.federation.data, cfg.seed)
+    preflight(cfg, request.bundle)
     if (request.run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {request.run_dir} already holds a finished run; "
                               "choose another --out")
     if (request.run_dir / "metrics.jsonl").exists() and not request.resume:
         raise FileExistsError(f"run directory {request.run_dir} holds an unfinished run; "
                               "continue it with --resume or choose another --out")
+    _, created = load_or_create_signing_key(request.keys)
+    if created:
+        print(f"created bundle-signing key {request.keys} (public key: "
+              f"{public_key_path(request.keys)})")
     request.run_dir.mkdir(parents=True, exist_ok=True)
     (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "server.simulate_worker", request.to_json()]
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
            "PYTHONUNBUFFERED": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    print(f"simulating {cfg.name}: {cfg.federation.rounds} rounds, run directory "
-          f"{request.run_dir}", flush=True)
+    print(f"simulating {cfg.name}: {len(sites)} hospitals, {cfg.federation.rounds} rounds, "
+          f"run directory {request.run_dir}", flush=True)
+    for site in sites:
+        sizes = site.sizes()
+        print(f"  {site.name}: {sizes['train']} train, {sizes['validation']} validation, "
+              f"{sizes['test']} test rows", flush=True)
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=die_with_parent)
     try:
         code = proc.wait()

@@ -317,9 +317,71 @@ def csv_one_class_source_for_pretrain(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("positives.csv", "pretrain.data", "two classes"))
 
 
+def _own_data(c: Ctx, schema: dict, train: str, test: str | None = None, *,
+              command: str = "pretrain") -> list[str]:
+    """A csv-source experiment (pretrain, or simulate with it as the federation data)."""
+    (c.tmp / "schema.yaml").write_text(json.dumps(schema), encoding="utf-8")
+    (c.tmp / "site.csv").write_text(train, encoding="utf-8")
+    data: dict = {"source": "csv", "csv_paths": [str(c.tmp / "site.csv")],
+                  "csv_schema": str(c.tmp / "schema.yaml")}
+    if test is not None:
+        (c.tmp / "test.csv").write_text(test, encoding="utf-8")
+        data["test_paths"] = [str(c.tmp / "test.csv")]
+    section = "pretrain" if command == "pretrain" else "federation"
+    config = _config_file(c, json.dumps({"name": "own", "model": {"hidden": [8]},
+                                         section: {"data": data}}).encode())
+    if command == "pretrain":
+        return ["pretrain", "--config", str(config), "--out", str(c.tmp / "bundle"),
+                "--keys", str(c.tmp / "keys" / "signing.key")]
+    return ["simulate", "--config", str(config), "--bundle", str(c.heart_bundle), "--out",
+            str(c.tmp / "bundle"), "--keys", str(c.tmp / "keys" / "signing.key")]
+
+
+def _heart_schema(c: Ctx) -> dict:
+    manifest = json.loads((c.heart_bundle / MANIFEST_FILE).read_bytes())
+    return dict(manifest["preprocessing"]["schema"])
+
+
+def own_schema_does_not_match_the_csv(c: Ctx) -> Call:
+    schema = _heart_schema(c)
+    schema["columns"] = [*schema["columns"], {"name": "bmi", "type": "numeric"}]
+    return Call(_own_data(c, schema, c.heart_csv), c.tmp / "bundle",
+                ("site.csv", "'bmi'", "missing"))
+
+
+def own_schema_imputes_the_label(c: Ctx) -> Call:
+    schema = _heart_schema(c)
+    schema["columns"] = [*schema["columns"], {"name": "num", "type": "numeric",
+                                              "missing": "median"}]
+    return Call(_own_data(c, schema, c.heart_csv), c.tmp / "bundle",
+                ("schema.yaml", "'num'", "label", "cannot be imputed"))
+
+
+def own_test_file_with_other_columns(c: Ctx) -> Call:
+    test = _add_column(c.heart_csv, "bmi", "25")
+    return Call(_own_data(c, _heart_schema(c), c.heart_csv, test), c.tmp / "bundle",
+                ("test.csv", "'bmi'", "unexpected"))
+
+
+def own_site_too_small_for_a_validation_split(c: Ctx) -> Call:
+    header, rows = _table(c.heart_csv)
+    tiny = _csv(header, rows[:2])  # 2 rows: train and test, no room for validation
+    return Call(_own_data(c, _heart_schema(c), tiny, command="simulate"), c.tmp / "bundle",
+                ("site 'site'", "too few", "validation"))
+
+
+def own_trailing_comma_on_every_row(c: Ctx) -> Call:
+    shifted = "\n".join(line + "," if i else line
+                        for i, line in enumerate(c.heart_csv.strip().splitlines())) + "\n"
+    return Call(_own_data(c, _heart_schema(c), shifted), c.tmp / "bundle",
+                ("site.csv", "row 2", "fields", "header"))
+
+
 CSV_CASES: list[Builder] = [
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
-    csv_one_class_source_for_pretrain,
+    csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,
+    own_schema_imputes_the_label, own_test_file_with_other_columns,
+    own_site_too_small_for_a_validation_split, own_trailing_comma_on_every_row,
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,6 +188,7 @@ def test_full_run_pull_and_predict(federation: Federation,
         assert _wait_for(log, "still serving the registry", RUN_TIMEOUT_S, server), \
             log.read_text(errors="replace")[-4000:]
         assert (f.run_dir / "registry" / "v0002" / "manifest.sig").exists()
+        delivered = json.loads((f.run_dir / "summary.json").read_text())["final"]["version"]
 
         out = f.tmp / "pulled"
         pulled = subprocess.run(
@@ -196,24 +198,32 @@ def test_full_run_pull_and_predict(federation: Federation,
         assert pulled.returncode == 0, pulled.stderr
         assert "v0002" in pulled.stdout
 
-        preds = f.tmp / "preds.csv"
-        predicted = subprocess.run(
-            medfed("predict", "--model", str(out), "--data", str(f.data / "va.csv"), "--out",
-                   str(preds), "--public-key", str(f.certs / "signing.pub")),
-            capture_output=True, text=True, env=f.env, timeout=60)
-        assert predicted.returncode == 0, predicted.stderr
-        with (f.data / "va.csv").open() as fh:
-            n_input = sum(1 for _ in fh) - 1
-        with preds.open() as fh:
-            rows = list(csv.DictReader(fh))
-        assert len(rows) == n_input
-        for row in rows:
-            total = float(row["p_no disease"]) + float(row["p_disease"])
-            assert abs(total - 1.0) < 1e-5
+        # a global model normalised per site needs the hospital's own statistics
+        stats = f.tmp / "nodes" / "va" / "models" / "site_stats.json"
+        for model, extra in ((out, ("--site-stats", str(stats))),
+                             (f.tmp / "nodes" / "va" / "personalised", ())):
+            preds = f.tmp / "preds.csv"
+            predicted = subprocess.run(
+                medfed("predict", "--model", str(model), "--data", str(f.data / "va.csv"),
+                       "--out", str(preds), "--public-key", str(f.certs / "signing.pub"),
+                       *extra),
+                capture_output=True, text=True, env=f.env, timeout=60)
+            assert predicted.returncode == 0, predicted.stderr
+            with (f.data / "va.csv").open() as fh:
+                n_input = sum(1 for _ in fh) - 1
+            with preds.open() as fh:
+                rows = list(csv.DictReader(fh))
+            assert len(rows) == n_input
+            for row in rows:
+                total = float(row["p_no disease"]) + float(row["p_disease"])
+                assert abs(total - 1.0) < 1e-5
 
-        # every hospital received the final model and verified it
+        # every hospital received the delivered model and its own site model, verified
         for site in SITES:
-            assert (f.tmp / "nodes" / site / "models" / "v0002" / "manifest.sig").exists()
+            node = f.tmp / "nodes" / site
+            assert (node / "models" / f"v{delivered:04d}" / "manifest.sig").exists()
+            manifest = json.loads((node / "personalised" / "manifest.json").read_text())
+            assert manifest["site"]["name"] == site
         check_what_left_the_sites(f.run_dir / "audit.jsonl")
     finally:
         for proc in clients:
@@ -222,16 +232,25 @@ def test_full_run_pull_and_predict(federation: Federation,
 
 ALLOWED_METRICS = {
     "train": {"num-examples", "loss", "steps"},
-    "query.backbone": {"has-backbone", "num-train"},
+    "query.backbone": {"has-backbone", "num-train", "rows/train", "rows/validation",
+                       "rows/test"},
     "query.save_model": {"saved-version"},
+    "query.save_site_model": {"saved"},
 }
+# a site model reply: its choice, operating point, counts and metrics, no patient value
+SITE_MODEL_METRIC = re.compile(r"kept-adapted|steps|temperature|threshold|rows/\w+|"
+                               r"(site_model|global)/(validation|test)/\w+")
+SITE_MODEL_WORDS = {"method", "reason", "rule", "fitted-on", "notes",
+                    "sha256/backbone.safetensors", "sha256/head.safetensors",
+                    "sha256/site_stats.json"}
 
 
 def check_what_left_the_sites(audit: Path) -> None:
     """Every reply a hospital sent: only the trainable tensors, counts and scalar metrics."""
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {e["type"] for e in entries}
-    assert {"train", "evaluate", "query.backbone", "query.save_model"} <= kinds
+    assert {"train", "evaluate", "query.backbone", "query.save_model", "query.adapt",
+            "query.save_site_model"} <= kinds
     for e in entries:
         assert "error" not in e, e  # nothing failed in this run
         arrays = e["arrays"]
@@ -246,9 +265,12 @@ def check_what_left_the_sites(audit: Path) -> None:
             assert record == "metrics"
             if e["type"] in ALLOWED_METRICS:
                 assert name in ALLOWED_METRICS[e["type"]], (e["type"], name)
-        # the only text a site sends is its own name
-        assert set(e["configs"]) <= {"site/name"}
-        assert all(v in SITES for v in e["configs"].values())
+            if e["type"] == "query.adapt":
+                assert SITE_MODEL_METRIC.fullmatch(name), name
+        # the text a site sends: its own name, and how it chose its site model
+        words = {k for k in e["configs"] if k != "site/name"}
+        assert words <= {f"site-model/{w}" for w in SITE_MODEL_WORDS}, words
+        assert e["configs"].get("site/name", SITES[0]) in SITES
 
 
 def test_pull_without_client_certificate_is_refused(federation: Federation,

@@ -110,7 +110,8 @@ def test_heart_simulation_exits_0_and_prints_the_table(heart_run) -> None:
     _, done = heart_run
     assert done.code == 0, done.err[-3000:]
     labels = {line.split("  ")[0] for line in done.out.splitlines()}
-    assert {*HEART_SITES, "HELD-OUT"} <= labels, done.out[-3000:]
+    assert {*HEART_SITES, "VALIDATION (server check)", "ALL SITES"} <= labels, done.out[-3000:]
+    assert "test — not used for any choice" in done.out
 
 
 @pytest.mark.timeout(300)
@@ -135,22 +136,31 @@ def test_registry_holds_three_signed_versions(heart_run, signing_pub_path) -> No
 
 
 @pytest.mark.timeout(300)
-def test_latest_points_to_the_last_round_and_best_exists(heart_run) -> None:
+def test_latest_points_to_the_last_round_and_best_is_the_best_on_validation(heart_run) -> None:
     registry = heart_run[0] / "registry"
     assert json.loads((registry / "latest.json").read_text())["version"] == 2
     best = json.loads((registry / "best.json").read_text())
-    assert best["version"] in (0, 1, 2) and best["metric"] == "accuracy"
+    assert (best["metric"], best["split"]) == ("auc", "validation")
+    rows = [json.loads(line) for line in (heart_run[0] / "metrics.jsonl").read_text().splitlines()]
+    aucs = [r["validation"]["auc"] for r in rows]
+    # the highest validation AUC, ties to the later round
+    assert best["version"] == max(range(len(aucs)), key=lambda v: (aucs[v], v))
+    assert best["value"] == aucs[best["version"]]
 
 
 @pytest.mark.timeout(300)
-def test_metrics_jsonl_has_every_round_with_heldout_metrics(heart_run) -> None:
+def test_metrics_jsonl_has_every_round_with_validation_and_labelled_test_metrics(
+        heart_run) -> None:
     lines = (heart_run[0] / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["round"] for r in rows] == [0, 1, 2]
+    splits = json.loads((heart_run[0] / "splits.json").read_text())
     for r in rows:
-        assert r["heldout"]["n"] == 254  # pooled test splits: 104 + 89 + 16 + 45
-        assert 0.0 <= r["heldout"]["accuracy"] <= 1.0
-    assert set(rows[1]["sites"]) == set(HEART_SITES)
+        assert r["validation"]["n"] == sum(s["validation"] for s in splits.values())
+        assert r["test"]["n"] == 104 + 89 + 16 + 45  # FLamby's test splits, evaluated at sites
+        assert r["test"]["label"] == "test — not used for any choice"
+        assert set(r["sites"]) == set(HEART_SITES)
+        assert 0.0 <= r["validation"]["balanced_accuracy"] <= 1.0
 
 
 @pytest.mark.timeout(300)
@@ -158,16 +168,25 @@ def test_metrics_csv_and_plots_are_written(heart_run) -> None:
     run_dir = heart_run[0]
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("round,") and len(csv_lines) == 1 + 3
-    for name in ("heldout_metrics.png", "loss.png"):
+    for name in ("metrics.png", "loss.png"):
         assert (run_dir / name).read_bytes()[:8] == PNG_SIGNATURE
 
 
 @pytest.mark.timeout(300)
-def test_every_node_saved_the_final_model(heart_run, signing_pub_path) -> None:
+def test_every_site_saved_the_delivered_model_and_its_own_signed_model(
+        heart_run, signing_pub_path) -> None:
+    summary = json.loads((heart_run[0] / "summary.json").read_text())
+    version = summary["final"]["version"]
+    assert version == summary["best"]["version"]  # `best`, chosen on validation
     nodes = sorted((heart_run[0] / "nodes").iterdir())
-    assert [n.name for n in nodes] == [f"node-{i:04d}" for i in range(4)]
+    assert [n.name for n in nodes] == sorted(HEART_SITES)
     for node in nodes:
-        assert _verify(node / "models" / "v0002", signing_pub_path)["version"] == 2
+        assert _verify(node / "models" / f"v{version:04d}", signing_pub_path)["version"] == version
+        assert (node / "models" / "site_stats.json").exists()
+        site = _verify(node / "personalised", signing_pub_path)
+        assert site["site"]["name"] == node.name
+        assert "site_stats.json" in site["files"]
+    assert set(summary["site_models"]) == set(HEART_SITES)
 
 
 # --- (b) FedAvg by hand --------------------------------------------------------------------

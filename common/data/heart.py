@@ -41,6 +41,7 @@ SITE_FILES = {
 PROTOCOLS = ("flamby", "impute")
 FLAMBY_DROPPED = ("slope", "ca", "thal")
 TRAIN_FRACTION = 0.66  # FLamby's HeartDiseaseRaw.train_fraction
+TEST_SEED = 43  # FLamby's split seed
 ZERO_MEANS_MISSING = ("trestbps", "chol")
 
 DATA_DIR = dataset_dir("heart_disease", "processed.cleveland.data")
@@ -156,17 +157,24 @@ def load_heart_sites(
     return spec_for(schema), splits
 
 
-def export_site_csv(site: str, out: Path, protocol: str = "flamby") -> int:
+def export_site_csv(site: str, out: Path, protocol: str = "flamby",
+                    test_out: Path | None = None) -> int:
     """Write one hospital's rows as a CSV with a header, the form `medfed client` reads.
 
     Rows with missing values are dropped for the flamby protocol (as FLamby does); the label
-    column keeps its raw 0-4 codes. Returns the number of rows written.
+    column keeps its raw 0-4 codes. With `test_out`, FLamby's test rows of the site go there
+    and only its train rows to `out` (a test file kept aside). Returns the rows written.
     """
     schema = heart_schema(protocol)
     df = read_site(site)
     if protocol == "flamby":
-        df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0).reset_index(drop=True)
     columns = [c.name for c in schema.columns] + [schema.label]
-    df[columns].to_csv(out, index=False, float_format="%g")
-    return len(df)
+    parts = [(out, df)]
+    if test_out is not None:
+        train, test = _split_frame(df, schema, TEST_SEED)
+        parts = [(out, train), (test_out, test)]
+    for path, frame in parts:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame[columns].to_csv(path, index=False, float_format="%g")
+    return sum(len(frame) for _, frame in parts)

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common.config import safe_yaml
+
 COLUMN_TYPES = ("numeric", "binary", "categorical")
 # What to do with a missing cell: refuse the file, or fill it from the site's training split.
 MISSING_POLICIES = ("refuse", "median", "mean", "most_frequent", "constant")
@@ -277,13 +279,15 @@ def load_schema(path: str | Path) -> Schema:
     """Read a schema YAML file; any problem raises :class:`DataError` naming the file and key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), f"schema file {path}")
     except FileNotFoundError as err:
         raise DataError(f"schema file {path} does not exist") from err
     except UnicodeDecodeError as err:
         raise DataError(f"schema file {path} is not UTF-8 text") from err
     except yaml.YAMLError as err:
         raise DataError(f"schema file {path} is not valid YAML") from err
+    except ValueError as err:
+        raise DataError(str(err)) from err
     try:
         return Schema.from_dict(raw)
     except DataError as err:

@@ -21,8 +21,11 @@ import pandas as pd
 from common.data.csv_source import MISSING_MARKERS, check_field_counts, read_text
 from common.data.schema import DataError, Schema, duplicated_names
 
-MAX_CATEGORIES = 5  # integer columns with at most this many codes are drafted as categorical
-WIDEN = 0.1  # ranges are widened by this share of the observed span on each side
+# integer columns with at most this many codes, all between 0 and MAX_CODE, are drafted as
+# categorical (codes like cp 1-4); anything else integer is a number (age, counts of visits)
+MAX_CATEGORIES = 5
+MAX_CODE = 10
+WIDEN = 0.25  # ranges are widened by this share of the observed span on each side
 
 
 @dataclass
@@ -122,7 +125,8 @@ def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None
     if set(distinct.tolist()) <= {0.0, 1.0}:
         col["type"] = "binary"
         draft.inferred.append(f"{name}: binary (values 0/1)")
-    elif integral and len(distinct) <= MAX_CATEGORIES:
+    elif integral and len(distinct) <= MAX_CATEGORIES and 0 <= distinct[0] \
+            and distinct[-1] <= MAX_CODE:
         col["type"] = "categorical"
         col["categories"] = [float(v) for v in distinct]
         draft.inferred.append(
@@ -134,22 +138,24 @@ def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None
         span = hi - lo
         low = lo - WIDEN * span
         col["type"] = "numeric"
-        col["min"] = _nice(0.0 if lo >= 0 > low else low, down=True)
+        # strictly positive data (ages, pressures) stays >= 0; data reaching 0 may go below
+        col["min"] = _nice(0.0 if lo > 0 > low else low, down=True)
         col["max"] = _nice(hi + WIDEN * span, down=False)
         draft.inferred.append(f"{name}: numeric, observed {_num(lo)} to {_num(hi)}, allowed "
                               f"{_num(col['min'])} to {_num(col['max'])}")  # type: ignore[arg-type]
         zeros = int(np.sum(observed == 0))
         positive = observed[observed > 0]
-        if zeros and len(positive) and positive.min() > 0.2 * hi:
+        if zeros and len(positive) and positive.min() > 0.1 * hi:
             draft.decisions.append(
-                f"column '{name}' has {zeros} zeros while its other values are at least "
+                f"column '{name}' has {zeros} zero{'s' if zeros > 1 else ''} while its other "
+                f"values are at least "
                 f"{_num(float(positive.min()))}: if 0 means 'not measured', add "
                 "missing_values: [0] and a missing policy")
     if missing:
         policy = "median" if col["type"] == "numeric" else "most_frequent"
         col["missing"] = policy
         draft.decisions.append(
-            f"column '{name}' has {missing} missing cells: drafted 'missing: {policy}' (fitted "
+            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: drafted 'missing: {policy}' (fitted "
             "on each site's training split); use 'refuse' to reject such rows, or add "
             "missing_indicator: true")
     return col

@@ -7,10 +7,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import node as ops
-from common.personalise import SiteModel
 from client.dp_clipping import clip_when_asked
 from client.secagg_client import handle_legacy, is_legacy, make_legacy_app
 from common import records as rk
+from common.personalise import SiteModel
 from common.settings import NodeSettings, RunSettings
 
 
@@ -37,7 +37,9 @@ def site_model_metrics(result: SiteModel) -> dict[str, int | float | list[int] |
     return out
 
 
-def site_model_record(result: SiteModel, hashes: dict[str, str]) -> dict[str, str]:
+def site_model_record(result: SiteModel, hashes: dict[str, str]
+                      ) -> dict[str, int | float | str | bytes | bool | list[int] | list[float]
+                                | list[str] | list[bytes] | list[bool]]:
     """The site model's words: method, reason, threshold rule, notes, file hashes."""
     return {"method": result.method, "reason": result.reason, "rule": result.op.rule,
             "fitted-on": result.op.fitted_on or "", "notes": "\n".join(result.op.notes),
@@ -65,7 +67,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
                                  str(meta[rk.MANIFEST_SIG]))
         has = node.backbones.has(sha)
         metrics: dict[str, int | float | list[int] | list[float]] = {rk.HAS_BACKBONE: int(has)}
-        content: dict[str, MetricRecord | ConfigRecord] = {}
+        content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
         if has:
             sizes, name = ops.declared_rows(node, sha)
             metrics[rk.NUM_TRAIN] = sizes["train"]

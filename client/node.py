@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from common.models import (
     set_trainable,
     split_state,
 )
+from common.names import sanitise_name
 from common.personalise import SiteModel, personalise
 from common.scoring import OperatingPoint, score_model
 from common.settings import NodeSettings, RunSettings
@@ -53,13 +53,6 @@ from common.training import TrainResult, train_local
 
 SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
 PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def safe_dir_name(name: str) -> str:
-    """A site name usable as one directory name (no separators, no leading dot)."""
-    cleaned = _UNSAFE.sub("_", name)[:80].lstrip(".")
-    return cleaned or "site"
 
 
 @dataclass
@@ -78,7 +71,7 @@ class Node:
             return self.settings.workdir
         pid = self.settings.partition_id if self.settings.partition_id is not None else 0
         name = simulated_site_name(self.cfg.federation.data, self.cfg.seed, pid)
-        return self.run.run_dir / "nodes" / safe_dir_name(name)
+        return self.run.run_dir / "nodes" / sanitise_name(name)
 
     @property
     def backbones(self) -> BackboneCache:

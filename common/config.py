@@ -152,10 +152,17 @@ class OperatingPointConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Checks on every training reply before aggregation (see server/validation.py)."""
+    """Checks on every reply before it is used (see server/validation.py)."""
 
     # a reply's update norm must be <= this x the round's median update norm (0: no bound)
     max_norm_ratio: float = 10.0
+    # ... and <= this absolute L2 norm, whatever the number of replies (0: no bound)
+    max_update_norm: float = 1000.0
+    # a reply's aggregation weight never exceeds a bound the server sets: the hospital's
+    # enrolled size (hospitals.yaml `max_examples`; in simulation the data's train rows), else
+    # this cap (0: none), else `max_examples_ratio` x the round's median claimed count
+    max_examples: int = 0
+    max_examples_ratio: float = 3.0
     min_valid_replies: int = 1  # fewer valid replies than this: retry the round, then stop
     max_round_retries: int = 1
 

@@ -31,7 +31,8 @@ SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brie
 LOWER_IS_BETTER = ("loss", "brier", "ece")
 ADAPTATION_METRICS = ("loss", "auc", "balanced_accuracy")
 CALIBRATIONS = ("temperature", "none")
-_THRESHOLD = re.compile(r"youden|fixed(:(0(\.\d+)?|1(\.0+)?))?|(sensitivity|specificity)>=(0(\.\d+)?|1(\.0+)?)")
+_UNIT = r"(0(\.\d+)?|1(\.0+)?)"  # a number in [0, 1]
+_THRESHOLD = re.compile(rf"youden|fixed(:{_UNIT})?|(sensitivity|specificity)>={_UNIT}")
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

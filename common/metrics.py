@@ -75,7 +75,6 @@ def expected_calibration_error(hit: np.ndarray, confidence: np.ndarray) -> float
     label is right" for the top-label confidence.
     """
     bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-    n = np.bincount(bins, minlength=ECE_BINS).astype(np.float64)
     gap = np.bincount(bins, weights=hit, minlength=ECE_BINS) - np.bincount(
         bins, weights=confidence, minlength=ECE_BINS)
     return float(np.sum(np.abs(gap)) / len(hit))

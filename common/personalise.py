@@ -130,7 +130,7 @@ def _prior_shift(model: SplitModel, site: SiteSplit, bound: float) -> tuple[floa
     else:
         return 0.0, "every shift made the model answer one class: no shift"
     with torch.no_grad():
-        model.head.bias += torch.as_tensor(shift, dtype=model.head.bias.dtype)
+        model.head.bias.add_(torch.as_tensor(shift, dtype=model.head.bias.dtype))
     return float(shift[1] - shift[0]), f"intercept shifted by {shift[1] - shift[0]:+.3f} logits"
 
 

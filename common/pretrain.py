@@ -100,7 +100,7 @@ def pretrain(
     metrics: dict[str, Any] = {}
     for which in ("train", "validation", "test"):
         x_s, y_s = data.pooled(which)
-        part = evaluate(model, stats.apply(x_s), y_s, device)
+        part: dict[str, Any] = dict(evaluate(model, stats.apply(x_s), y_s, device))
         if which == "test":
             part["label"] = TEST_LABEL
         metrics[f"source-{which}"] = part

@@ -61,7 +61,7 @@ class RunSettings:
             stamp = (-1, -1)  # load_config reports the missing file
         return _cached_config(str(self.config_path), self.overrides, stamp)
 
-    def to_run_config(self) -> dict[str, str | bool]:
+    def to_run_config(self) -> dict[str, str | bool | int]:
         """Flower run config form (strings only, so it survives `--run-config`)."""
         return {
             "config-path": str(self.config_path),

@@ -55,7 +55,7 @@ from server.checkpoint import (
 from server.heldout import Heldout, aggregate_test, build_heldout
 from server.history import RunHistory
 from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
-from server.provisioning import BackbonePayload, ProvisioningGrid, RunStopped
+from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
 from server.registry import Registry
 from server.strategies import build_strategy
 from server.validation import check_site_model_reply, site_model_from_reply
@@ -333,7 +333,8 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
                                     timeout=cfg.federation.strategy.round_timeout,
                                     validation=cfg.federation.validation,
-                                    audit_path=settings.run_dir / "audit.jsonl")
+                                    audit_path=settings.run_dir / "audit.jsonl",
+                                    enrolment=Enrolment.load(settings.run_dir))
     registry = Registry(settings.run_dir / "registry", key)
     offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
     history = RunHistory(settings.run_dir)

@@ -1,14 +1,22 @@
-"""A Grid wrapper that gives each node the backbone once, counts bytes and records replies.
+"""A Grid wrapper that gives each node the backbone once, checks every reply, counts bytes.
 
 Every strategy talks to nodes through `grid.send_and_receive`, so wrapping the Grid works for
 all of Flower's strategies without copying their round loop. Before a node's first message in
 this run, the server asks it whether its cache holds the backbone (by sha256) and sends the
 backbone file only if not. A node whose cache lost the backbone later replies with an error
 starting with ``backbone-missing``; it is provisioned again and its message resent once.
+
+Every reply is checked (`server/validation.py`) before anything uses it; a bad one is
+excluded, logged with the hospital's name and recorded in `audit.jsonl`. The strategy only
+ever sees checked replies, with the aggregation weight the server allows and the same metric
+keys from every site (Flower stops a run on inconsistent replies). Hospitals are named by
+their enrolment (deployment: the name registered for the node key) or, failing that, by the
+name they report, sanitised and made unique.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -23,13 +31,51 @@ from flwr.serverapp import Grid
 from common import records as rk
 from common.config import ValidationConfig
 from server.delegating_grid import DelegatingGrid
-from server.validation import validate_train_replies
+from server.validation import (
+    check_evaluate_reply,
+    check_provision_reply,
+    is_count,
+    sanitise_name,
+    validate_train_replies,
+)
 
 log = logging.getLogger("medfed.server")
+ENROLMENT_FILE = "enrolment.json"
+TRAIN_KEYS = (rk.NUM_EXAMPLES, "loss", "steps")  # what the strategy sees of a train reply
+MAX_REASON = 300  # characters of a hospital's error text that reach the log
 
 
 class RunStopped(RuntimeError):
     """The run cannot go on (e.g. too few valid updates); the message says why."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What the operator says about the hospitals: names by node id, sizes by name."""
+
+    names: dict[int, str] = field(default_factory=dict)  # node id -> registered name
+    max_examples: dict[str, int] = field(default_factory=dict)  # name -> enrolled train rows
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Enrolment:
+        """`<run_dir>/enrolment.json`, written by `medfed server` / `medfed simulate`."""
+        path = Path(run_dir) / ENROLMENT_FILE
+        if not path.exists():
+            return cls()
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        names = {int(k): sanitise_name(v) for k, v in raw.get("names", {}).items()}
+        sizes = {sanitise_name(k): int(v) for k, v in raw.get("max_examples", {}).items()
+                 if is_count(v)}
+        return cls(names, sizes)
+
+    def write(self, run_dir: Path) -> None:
+        """Record it for the ServerApp (atomic)."""
+        from common.atomic import atomic_write_text  # noqa: PLC0415
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(run_dir) / ENROLMENT_FILE, json.dumps(
+            {"names": {str(k): v for k, v in self.names.items()},
+             "max_examples": self.max_examples}, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -71,9 +117,27 @@ def content_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
+def printable(text: object, limit: int = MAX_REASON) -> str:
+    """A remote party's text for our log: no control characters, bounded length."""
+    raw = str(text)
+    cleaned = "".join(c if c.isprintable() else "?" for c in raw[:limit])
+    return cleaned + ("…" if len(raw) > limit else "")
+
+
+def _with_metrics(reply: Message, metrics: dict[str, float]) -> Message:
+    """A shallow copy of `reply` for the strategy: its arrays, and exactly these metrics.
+
+    The original stays untouched (our own per-site metrics read it).
+    """
+    out = copy.copy(reply)
+    out.content = RecordDict({**dict(reply.content.array_records),
+                              rk.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    return out
+
+
 @dataclass
 class ProvisioningGrid(DelegatingGrid):
-    """Delegates to Flower's Grid; adds backbone provisioning, traffic counts, reply capture."""
+    """Delegates to Flower's Grid; adds provisioning, reply checks, traffic counts, audit."""
 
     inner: Grid
     payload: BackbonePayload
@@ -88,23 +152,43 @@ class ProvisioningGrid(DelegatingGrid):
     split_sizes: dict[int, dict[str, int]] = field(default_factory=dict)  # node -> rows/split
     excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
     audit_path: Path | None = None  # one JSON line per reply: what each site sent
+    enrolment: Enrolment = field(default_factory=Enrolment)
 
+    # --- names ----------------------------------------------------------------------------
+    def site(self, node: int) -> str:
+        """The hospital's name: enrolled, else reported (unique), else `node-<id>`."""
+        if node in self.enrolment.names:
+            return self.enrolment.names[node]
+        return self.site_names.get(node, f"node-{node}")
 
-    # --- what medfed adds ---------------------------------------------------------------
+    def _learn_name(self, node: int, reported: object) -> None:
+        if node in self.enrolment.names or node in self.site_names:
+            return
+        name = sanitise_name(reported)
+        taken = set(self.site_names.values()) | set(self.enrolment.names.values())
+        if name in taken:
+            unique = f"{name}~{node % 100000}"
+            log.warning("two hospitals call themselves %s: node %d goes by %s", name, node,
+                        unique)
+            name = unique
+        self.site_names[node] = name
+
+    # --- audit and traffic ----------------------------------------------------------------
     def _count_out(self, messages: list[Message]) -> None:
         for msg in messages:
             t = self.traffic.setdefault(msg.metadata.dst_node_id, NodeTraffic())
             t.bytes_sent += content_bytes(msg.content)
             t.messages += 1
 
-    def site(self, node: int) -> str:
-        """The site name a node reported, or `node-<id>` before it said."""
-        return self.site_names.get(node, f"node-{node}")
+    def _write_audit(self, entries: list[dict[str, object]]) -> None:
+        if self.audit_path is None or not entries:
+            return
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.audit_path.open("a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(e, default=str) + "\n" for e in entries))
 
     def _audit(self, replies: list[Message]) -> None:
         """Record the shape of everything each site sent (names, shapes, scalars, errors)."""
-        if self.audit_path is None:
-            return
         lines = []
         for msg in replies:
             entry: dict[str, object] = {
@@ -128,10 +212,17 @@ class ProvisioningGrid(DelegatingGrid):
                     for key, rec in msg.content.config_records.items()
                     for name, value in rec.items()
                 }
-            lines.append(json.dumps(entry, default=str))
-        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.audit_path.open("a", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
+            lines.append(entry)
+        self._write_audit(lines)
+
+    def exclude(self, node: int, reason: str, message_type: str = "") -> None:
+        """Record an excluded reply: the log, `metrics.jsonl` (`excluded`), `audit.jsonl`."""
+        site = self.site(node)
+        self.excluded[site] = reason
+        log.warning("excluded the %sreply of %s: %s",
+                    f"{message_type} " if message_type else "", site, reason)
+        self._write_audit([{"time": round(time.time(), 3), "node": node, "site": site,
+                            "type": message_type, "excluded": reason}])
 
     def _count_in(self, replies: list[Message]) -> None:
         self._audit(replies)
@@ -139,12 +230,13 @@ class ProvisioningGrid(DelegatingGrid):
             node = msg.metadata.src_node_id
             t = self.traffic.setdefault(node, NodeTraffic())
             if msg.has_error():
-                log.warning("node %d replied with an error: %s", node, msg.error.reason)
-            else:
-                t.bytes_received += content_bytes(msg.content)
-                site = msg.content.config_records.get(rk.SITE)
-                if site is not None and rk.SITE_NAME in site:
-                    self.site_names[node] = str(site[rk.SITE_NAME])
+                log.warning("%s replied with an error: %s", self.site(node),
+                            printable(msg.error.reason))
+                continue
+            t.bytes_received += content_bytes(msg.content)
+            site = msg.content.config_records.get(rk.SITE)
+            if site is not None and rk.SITE_NAME in site:
+                self._learn_name(node, site[rk.SITE_NAME])
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         self._count_out(messages)
@@ -153,20 +245,33 @@ class ProvisioningGrid(DelegatingGrid):
         self._count_in(replies)
         return replies
 
+    # --- provisioning ---------------------------------------------------------------------
     def _declare(self, node: int, metrics: MetricRecord) -> None:
         rows = metrics.get(rk.NUM_TRAIN)
-        if isinstance(rows, int | float) and rows > 0:
-            self.declared[node] = int(rows)
-        sizes = {}
-        for split in ("train", "validation", "test"):
-            value = metrics.get(f"rows/{split}")
-            if isinstance(value, int | float) and not isinstance(value, bool) \
-                    and 0 <= value < 1e12:
-                sizes[split] = int(value)
+        if is_count(rows) and float(rows) > 0:  # type: ignore[arg-type]
+            self.declared[node] = int(rows)  # type: ignore[arg-type]
+        sizes = {split: int(float(metrics[f"rows/{split}"]))  # type: ignore[arg-type]
+                 for split in ("train", "validation", "test")
+                 if is_count(metrics.get(f"rows/{split}"))}
         if len(sizes) == 3 and sizes != self.split_sizes.get(node):
             self.split_sizes[node] = sizes
             log.info("%s: %d train, %d validation, %d test rows", self.site(node),
                      sizes["train"], sizes["validation"], sizes["test"])
+
+    def _checked_provision(self, replies: list[Message]) -> list[Message]:
+        good = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("%s could not check its backbone cache: %s", self.site(node),
+                            printable(reply.error.reason))
+                continue
+            problem = check_provision_reply(reply)
+            if problem is not None:
+                self.exclude(node, problem, reply.metadata.message_type)
+                continue
+            good.append(reply)
+        return good
 
     def provision(self, nodes: Iterable[int], force: bool = False) -> None:
         """Make sure each node holds the backbone; send the file only where it is missing."""
@@ -179,16 +284,11 @@ class ProvisioningGrid(DelegatingGrid):
             for n in todo
         ]
         missing: list[int] = []
-        for reply in self._exchange(asks, self.provision_timeout):
+        for reply in self._checked_provision(self._exchange(asks, self.provision_timeout)):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d could not check its backbone cache: %s", node,
-                            reply.error.reason)
-                continue
             metrics = reply.content.metric_records[rk.METRICS]
-            has = metrics.get(rk.HAS_BACKBONE, 0)
             self._declare(node, metrics)
-            if has and not force:
+            if metrics.get(rk.HAS_BACKBONE) == 1 and not force:
                 self.provisioned.add(node)
             else:
                 missing.append(node)
@@ -200,22 +300,27 @@ class ProvisioningGrid(DelegatingGrid):
                     dst_node_id=n, message_type=f"query.{rk.QUERY_BACKBONE}")
             for n in missing
         ]
-        for reply in self._exchange(sends, self.provision_timeout):
-            node = reply.metadata.src_node_id
-            t = self.traffic.setdefault(node, NodeTraffic())
+        replies = self._exchange(sends, self.provision_timeout)
+        for reply in replies:
+            t = self.traffic.setdefault(reply.metadata.src_node_id, NodeTraffic())
             t.backbone_sends += 1
             t.backbone_bytes += len(self.payload.file_bytes)
-            if reply.has_error():
-                log.warning("node %d refused the backbone: %s", node, reply.error.reason)
-                continue
+        for reply in self._checked_provision(replies):
+            node = reply.metadata.src_node_id
             self.provisioned.add(node)
             self._declare(node, reply.content.metric_records[rk.METRICS])
-            log.info("backbone sent to %s (%d bytes)", self.site(node), len(self.payload.file_bytes))
+            log.info("backbone sent to %s (%d bytes)", self.site(node),
+                     len(self.payload.file_bytes))
 
+    # --- every message --------------------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Provision new nodes, then send; resend once to nodes that lost the backbone."""
+        """Provision new nodes, send, check the replies; resend once after a lost backbone.
+
+        Train and evaluate replies come back as checked copies: what the strategy may use.
+        The originals of good replies are kept in `last_replies` for our own metrics.
+        """
         messages = list(messages)
         needs_backbone = [m for m in messages if not m.metadata.message_type.startswith("query.")]
         self.provision({m.metadata.dst_node_id for m in needs_backbone})
@@ -225,7 +330,8 @@ class ProvisioningGrid(DelegatingGrid):
             if r.has_error() and rk.MISSING_BACKBONE in (r.error.reason or "")
         }
         if lost:
-            log.warning("nodes %s lost the backbone; sending it again", sorted(lost))
+            log.warning("%s lost the backbone; sending it again",
+                        ", ".join(self.site(n) for n in sorted(lost)))
             self.provision(lost, force=True)
             retry = [
                 Message(m.content, dst_node_id=m.metadata.dst_node_id,
@@ -234,33 +340,71 @@ class ProvisioningGrid(DelegatingGrid):
             ]
             replies = [r for r in replies if r.metadata.src_node_id not in lost]
             replies += self._exchange(retry, timeout)
-        if messages and messages[0].metadata.message_type == "train":
-            replies = self._validated(messages, replies, timeout)
+        kind = messages[0].metadata.message_type if messages else ""
+        if kind == "train":
+            originals, replies = self._validated(messages, replies, timeout)
+        elif kind == "evaluate":
+            originals = self._checked_evaluate(replies)
+            replies = [r if r.has_error() else _with_metrics(r, {
+                rk.NUM_EXAMPLES: float(r.content.metric_records[rk.METRICS][rk.NUM_EXAMPLES])})  # type: ignore[arg-type]
+                for r in originals]
+        else:
+            originals = replies
         if messages:
-            self.last_replies[messages[0].metadata.message_type] = replies
+            self.last_replies[kind] = originals
         return replies
 
-    def exclude(self, node: int, reason: str) -> None:
-        """Record an excluded reply (logged, and in metrics.jsonl under `excluded`)."""
-        self.excluded[self.site(node)] = reason
-        log.warning("excluded the reply of %s: %s", self.site(node), reason)
+    def _checked_evaluate(self, replies: list[Message]) -> list[Message]:
+        good = []
+        for reply in replies:
+            if not reply.has_error():
+                node = reply.metadata.src_node_id
+                problem = check_evaluate_reply(reply, self.split_sizes.get(node))
+                if problem is not None:
+                    self.exclude(node, problem, "evaluate")
+                    continue
+            good.append(reply)
+        return good
 
-    def _valid_only(self, messages: list[Message], replies: list[Message]) -> list[Message]:
+    def _valid_only(self, messages: list[Message], replies: list[Message]
+                    ) -> tuple[list[Message], list[Message]]:
+        """(good originals, their checked copies with bounded weights)."""
         sent = {n: a.numpy() for n, a in messages[0].content.array_records[rk.ARRAYS].items()}
         ok = [r for r in replies if not r.has_error()]
-        verdicts = validate_train_replies(sent, ok, self.declared,
-                                          self.validation.max_norm_ratio)
-        bad = {v.node_id: v.reason for v in verdicts if not v.valid}
-        for node, reason in bad.items():
-            self.excluded[self.site(node)] = str(reason)
-            log.warning("excluded the update of %s: %s", self.site(node), reason)
-        return [r for r in replies if r.metadata.src_node_id not in bad]
+        v = self.validation
+        enrolled = {r.metadata.src_node_id: self.enrolment.max_examples.get(
+            self.site(r.metadata.src_node_id)) for r in ok}
+        verdicts = {x.node_id: x for x in validate_train_replies(
+            sent, ok, self.declared, v.max_norm_ratio, v.max_update_norm, enrolled,
+            v.max_examples, v.max_examples_ratio)}
+        originals, copies = [], []
+        for reply in replies:
+            if reply.has_error():
+                originals.append(reply)
+                copies.append(reply)
+                continue
+            node = reply.metadata.src_node_id
+            verdict = verdicts[node]
+            if not verdict.valid:
+                self.exclude(node, str(verdict.reason), "train")
+                continue
+            metrics = reply.content.metric_records[rk.METRICS]
+            claimed = float(metrics[rk.NUM_EXAMPLES])  # type: ignore[arg-type]
+            assert verdict.weight is not None
+            if verdict.weight < claimed:
+                log.warning("capped the weight of %s: it claimed %.3g training rows, the "
+                            "bound is %.3g", self.site(node), claimed, verdict.weight)
+            kept = {k: float(metrics[k]) for k in TRAIN_KEYS if k in metrics}  # type: ignore[arg-type]
+            kept[rk.NUM_EXAMPLES] = verdict.weight
+            originals.append(reply)
+            copies.append(_with_metrics(reply, kept))
+        return originals, copies
 
     def _validated(self, messages: list[Message], replies: list[Message],
-                   timeout: float | None) -> list[Message]:
+                   timeout: float | None) -> tuple[list[Message], list[Message]]:
         """Drop invalid updates; retry the round when too few valid ones remain, then stop."""
         self.excluded = {}
-        kept = self._valid_only(messages, replies)
+        originals, kept = self._valid_only(messages, replies)
         tries = 0
         need = self.validation.min_valid_replies
         while sum(1 for r in kept if not r.has_error()) < need:
@@ -276,5 +420,5 @@ class ProvisioningGrid(DelegatingGrid):
                         sum(1 for r in kept if not r.has_error()), need)
             retry = [Message(m.content, dst_node_id=m.metadata.dst_node_id,
                              message_type=m.metadata.message_type) for m in messages]
-            kept = self._valid_only(messages, self._exchange(retry, timeout))
-        return kept
+            originals, kept = self._valid_only(messages, self._exchange(retry, timeout))
+        return originals, kept

@@ -1,30 +1,45 @@
-"""Checks on every training reply before it reaches the strategy.
+"""Checks on every reply a hospital sends, before anything of it is used.
 
-A reply must carry exactly the trainable tensors that were sent (same names, shapes, float
-dtype), finite values, a positive `num-examples` no larger than what the site declared, and an
-update whose norm is within `max_norm_ratio` times the round's median update norm. Invalid
-replies are excluded with a reason naming the site, never a data value.
+A hospital is untrusted input. Every reply type goes through one of the checks below; a reply
+that fails is excluded with a reason naming the site, never a data value, and nothing in a
+reply can raise inside the server:
+
+- provisioning (`query.backbone`): a 0/1 `has-backbone`; sizes that are counts;
+- train: exactly the trainable tensors that were sent (names, shapes, float dtype), finite
+  values, an update whose norm is within `max_norm_ratio` x the round median and within the
+  absolute `max_update_norm`, a positive `num-examples` no larger than the site declared;
+  its aggregation weight is then capped by a bound the server sets (:func:`weight_bound`);
+- evaluate: numbers only (NaN allowed: an undefined metric), counts within what the site
+  declared;
+- site model (`query.adapt`): numbers, words of bounded length, 64-hex file hashes.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from common import records as rk
 from common.data.splits import TEST_LABEL
+from common.names import sanitise_name
+
+__all__ = ["sanitise_name"]  # re-exported: the server's name check
+
+MAX_COUNT = 1e9  # rows a hospital may claim in any split: above is not a real cohort
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of checking one reply."""
+    """The outcome of checking one reply; `weight`: its aggregation weight when valid."""
 
     node_id: int
     reason: str | None  # None: valid
+    weight: float | None = None
 
     @property
     def valid(self) -> bool:
@@ -32,11 +47,48 @@ class Verdict:
         return self.reason is None
 
 
+def is_number(value: object) -> bool:
+    """An int or float (not a bool); NaN counts (an undefined metric), infinity does not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(float(value)) or math.isnan(float(value))
+
+
+def is_count(value: object) -> bool:
+    """A finite, non-negative, integral number of rows below :data:`MAX_COUNT`."""
+    return (is_number(value) and not math.isnan(float(value))  # type: ignore[arg-type]
+            and 0 <= float(value) < MAX_COUNT and float(value).is_integer())  # type: ignore[arg-type]
+
+
+def _metrics(msg: Message) -> MetricRecord | None:
+    record = msg.content.metric_records.get(rk.METRICS)
+    return record if isinstance(record, MetricRecord) else None
+
+
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
     record = msg.content.array_records.get(rk.ARRAYS)
     if record is None:
         return {}
     return {name: arr.numpy() for name, arr in record.items()}
+
+
+# ------------------------------------------------------------------- provisioning replies
+
+
+def check_provision_reply(msg: Message) -> str | None:
+    """`has-backbone` 0 or 1; `num-train` and `rows/*` counts where present."""
+    metrics = _metrics(msg)
+    if metrics is None:
+        return "reply has no metrics record"
+    if metrics.get(rk.HAS_BACKBONE) not in (0, 1):
+        return f"'{rk.HAS_BACKBONE}' is not 0 or 1"
+    for key, value in metrics.items():
+        if (key == rk.NUM_TRAIN or key.startswith("rows/")) and not is_count(value):
+            return f"'{key}' is not a count of rows"
+    return None
+
+
+# ------------------------------------------------------------------------ train replies
 
 
 def check_shapes(sent: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> str | None:
@@ -58,7 +110,7 @@ def check_shapes(sent: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) 
 
 def check_count(msg: Message, declared: int | None) -> str | None:
     """`num-examples` present, positive, and not above the site's declared train size."""
-    metrics = msg.content.metric_records.get(rk.METRICS)
+    metrics = _metrics(msg)
     if metrics is None or rk.NUM_EXAMPLES not in metrics:
         return "reply has no 'num-examples'"
     n = metrics[rk.NUM_EXAMPLES]
@@ -66,8 +118,13 @@ def check_count(msg: Message, declared: int | None) -> str | None:
         return "'num-examples' is not a number"
     if n <= 0:
         return f"'num-examples' is {n}, expected > 0"
-    if declared is not None and n > declared:
-        return f"'num-examples' is {int(n)}, above the {declared} training rows the site declared"
+    if declared is None:
+        return "the site declared no usable training size when it joined"
+    if n > declared:
+        return f"'num-examples' is {n:.3g}, above the {declared} training rows the site declared"
+    for key, value in metrics.items():
+        if not is_number(value):
+            return f"metric '{key}' is not a number"
     return None
 
 
@@ -80,53 +137,108 @@ def update_norm(sent: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -
     return math.sqrt(total)
 
 
+def weight_bound(claimed: Mapping[int, float], enrolled: Mapping[int, int | None],
+                 cap: int, ratio: float) -> dict[int, float]:
+    """The largest weight the server lets each reply carry.
+
+    The hospital's enrolled size when the operator (or, in simulation, the data) gives one;
+    else `cap` when set; else `ratio` x the median of this round's claims (weak against a
+    majority of liars; documented in docs/reliability.md).
+    """
+    median = statistics.median(claimed.values()) if claimed else 0.0
+    out = {}
+    for node, n in claimed.items():
+        known = enrolled.get(node)
+        if known is not None:
+            out[node] = float(known)
+        elif cap > 0:
+            out[node] = float(cap)
+        elif ratio > 0:
+            out[node] = ratio * median
+        else:
+            out[node] = n
+    return out
+
+
 def validate_train_replies(
     sent: Mapping[str, np.ndarray],
     replies: list[Message],
     declared: Mapping[int, int],
     max_norm_ratio: float,
+    max_update_norm: float = 0.0,
+    enrolled: Mapping[int, int | None] | None = None,
+    max_examples: int = 0,
+    max_examples_ratio: float = 0.0,
 ) -> list[Verdict]:
-    """One verdict per non-error reply, in order."""
+    """One verdict per non-error reply, in order; valid ones carry their bounded weight."""
     verdicts: dict[int, str | None] = {}
     norms: dict[int, float] = {}
+    claimed: dict[int, float] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
         got = _arrays(msg)
         reason = check_shapes(sent, got) or check_count(msg, declared.get(node))
-        verdicts[node] = reason
         if reason is None:
             norms[node] = update_norm(sent, got)
-    if max_norm_ratio > 0 and len(norms) >= 3:
+            if max_update_norm > 0 and norms[node] > max_update_norm:
+                reason = f"update norm {norms[node]:.3g} exceeds the bound {max_update_norm:g}"
+            else:
+                claimed[node] = float(msg.content.metric_records[rk.METRICS][rk.NUM_EXAMPLES])  # type: ignore[arg-type]
+        verdicts[node] = reason
+    valid_norms = {n: v for n, v in norms.items() if verdicts[n] is None}
+    if max_norm_ratio > 0 and len(valid_norms) >= 3:
         # with fewer than three updates a median says nothing about an outlier
-        median = float(np.median(list(norms.values())))
+        median = float(np.median(list(valid_norms.values())))
         bound = max_norm_ratio * max(median, 1e-12)
-        for node, norm in norms.items():
+        for node, norm in valid_norms.items():
             if norm > bound:
                 verdicts[node] = (f"update norm {norm:.3g} exceeds {max_norm_ratio:g} x the "
                                   f"round median {median:.3g}")
-    return [Verdict(msg.metadata.src_node_id, verdicts[msg.metadata.src_node_id])
+                claimed.pop(node, None)
+    bounds = weight_bound(claimed, enrolled or {}, max_examples, max_examples_ratio)
+    return [Verdict(msg.metadata.src_node_id, verdicts[msg.metadata.src_node_id],
+                    min(claimed[msg.metadata.src_node_id], bounds[msg.metadata.src_node_id])
+                    if msg.metadata.src_node_id in claimed else None)
             for msg in replies]
+
+
+# --------------------------------------------------------------------- evaluate replies
+
+
+def check_evaluate_reply(msg: Message, sizes: Mapping[str, int] | None) -> str | None:
+    """Numbers only; `val-n` / `test-n` counts no larger than the site declared."""
+    metrics = _metrics(msg)
+    if metrics is None or rk.NUM_EXAMPLES not in metrics:
+        return "reply has no metrics or no 'num-examples'"
+    for key, value in metrics.items():
+        if not is_number(value):
+            return f"metric '{key}' is not a number"
+    for key, split in ((rk.NUM_EXAMPLES, "validation"), ("val-n", "validation"),
+                       ("test-n", "test")):
+        if key in metrics and not is_count(metrics[key]):
+            return f"'{key}' is not a count of rows"
+        if key in metrics and sizes is not None and float(metrics[key]) > sizes.get(split, 0):  # type: ignore[arg-type]
+            return f"'{key}' is above the {sizes.get(split, 0)} {split} rows the site declared"
+    return None
+
+
+# --------------------------------------------------------------------- site-model replies
 
 
 SITE_MODEL_FILES = ("backbone.safetensors", "head.safetensors", "site_stats.json")
 _HEX64 = frozenset("0123456789abcdef")
 
 
-def _finite_or_nan(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and (
-        math.isfinite(float(value)) or math.isnan(float(value)))
-
-
 def check_site_model_reply(msg: Message) -> str | None:
     """A site-model reply: its numbers, words and file hashes; None when fine."""
-    metrics = msg.content.metric_records.get(rk.METRICS)
+    metrics = _metrics(msg)
     words = msg.content.config_records.get(rk.SITE_MODEL)
     if metrics is None or words is None:
         return "reply lacks its metrics or site-model record"
     for key in (rk.SITE_KEPT_ADAPTED, "steps", "temperature", "threshold"):
-        if key not in metrics or not _finite_or_nan(metrics[key]):
+        if key not in metrics or not is_number(metrics[key]):
             return f"'{key}' is missing or not a number"
-    if not all(_finite_or_nan(v) for v in metrics.values()):
+    if not all(is_number(v) for v in metrics.values()):
         return "a metric is not a number"
     t, thr = float(metrics["temperature"]), float(metrics["threshold"])  # type: ignore[arg-type]
     if not (0.05 <= t <= 20.0 and 0.0 <= thr <= 1.0):
@@ -155,10 +267,10 @@ def site_model_from_reply(msg: Message) -> tuple[dict[str, object], dict[str, st
     metrics = msg.content.metric_records[rk.METRICS]
     words = msg.content.config_records[rk.SITE_MODEL]
     notes = [n for n in str(words.get("notes", "")).split("\n") if n]
-    site = {
-        "kept": "adapted" if int(metrics[rk.SITE_KEPT_ADAPTED]) else "global",  # type: ignore[call-overload]
+    site: dict[str, object] = {
+        "kept": "adapted" if float(metrics[rk.SITE_KEPT_ADAPTED]) else "global",  # type: ignore[arg-type]
         "method": str(words["method"]), "reason": str(words["reason"]),
-        "steps": int(metrics["steps"]),  # type: ignore[call-overload]
+        "steps": int(float(metrics["steps"])),  # type: ignore[arg-type]
         "operating_point": {"temperature": float(metrics["temperature"]),  # type: ignore[arg-type]
                             "threshold": float(metrics["threshold"]),  # type: ignore[arg-type]
                             "rule": str(words["rule"]),

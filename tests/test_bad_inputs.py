@@ -39,10 +39,10 @@ from common.bundle import (
     write_bundle,
 )
 from common.config import Config, DataConfig, FederationConfig, ModelConfig
-from common.data.preprocess import SiteStats
-from common.data.splits import DataSpec
 from common.data.heart import export_site_csv
 from common.data.normalise import Normaliser
+from common.data.preprocess import SiteStats
+from common.data.splits import DataSpec
 from common.manifest import make_manifest
 from common.models import build_model, model_args, split_state
 from common.signing import sign
@@ -377,7 +377,31 @@ def own_trailing_comma_on_every_row(c: Ctx) -> Call:
                 ("site.csv", "row 2", "fields", "header"))
 
 
+def _simulate_heart(c: Ctx, *overrides: str) -> list[str]:
+    sets = [arg for text in overrides for arg in ("--set", text)]
+    return ["simulate", "--config", str(HEART), *sets, "--bundle", str(c.heart_bundle),
+            "--out", str(c.tmp / "run"), "--keys", str(c.tmp / "keys" / "signing.key")]
+
+
+def heldout_file_missing(c: Ctx) -> Call:
+    argv = _simulate_heart(c, f"federation.heldout=file:{c.tmp / 'nope.csv'}")
+    return Call(argv, c.tmp / "run", ("federation.heldout", "nope.csv", "does not exist"))
+
+
+def heldout_file_with_a_missing_column(c: Ctx) -> Call:
+    path = c.tmp / "operator.csv"
+    path.write_text(_drop_column(c.heart_csv, "chol"), encoding="utf-8")
+    argv = _simulate_heart(c, f"federation.heldout=file:{path}")
+    return Call(argv, c.tmp / "run", ("operator.csv", "'chol'", "missing"))
+
+
+def heldout_unknown_mode(c: Ctx) -> Call:
+    argv = _simulate_heart(c, "federation.heldout=pooled-test")
+    return Call(argv, c.tmp / "run", ("federation.heldout", "pooled-test"))
+
+
 CSV_CASES: list[Builder] = [
+    heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
     csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,
     own_schema_imputes_the_label, own_test_file_with_other_columns,

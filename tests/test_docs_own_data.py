@@ -15,8 +15,6 @@ import yaml
 
 from tests.conftest import PROJECT
 
-pytestmark = pytest.mark.slow
-
 DOC = PROJECT / "docs" / "own-data.md"
 BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
 
@@ -52,6 +50,7 @@ def _config_classes() -> list[type]:
             if isinstance(c, type) and dataclasses.is_dataclass(c)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_walk_through_runs_as_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
     shutil.copytree(PROJECT / "configs", tmp_path / "configs")

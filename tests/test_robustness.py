@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--hospitals", "10", "--partition", "iid", "--rounds", "20",
         "--set", "federation.adaptation.enabled=false", "--set", "federation.strategy.min_nodes=2",
         "--set", "federation.local.steps=20", "--set", "federation.local.lr=0.01",
-        "--set", "federation.strategy.fraction_evaluate=0", "--set", "federation.final_model=latest",
-        "--cpus-per-client", "0.25"]
+        "--set", "federation.strategy.fraction_evaluate=0",
+        "--set", "federation.final_model=latest", "--cpus-per-client", "0.25"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,9 @@ def test_median_resists_20_percent_byzantine(mode: str, tolerance: float, clean_
         "--set", f"federation.faults.byzantine_mode={mode}",
         "--set", "federation.validation.max_norm_ratio=0",  # the strategy alone must cope
         yardstick=yardstick)
-    assert abs(accuracy(attacked) - accuracy(clean_median)) <= tolerance
+    # the attack must not cost more than `tolerance` (a median that drops the extreme updates
+    # may land a little above the clean run: seen +0.024 on these 254 rows)
+    assert accuracy(attacked) >= accuracy(clean_median) - tolerance
 
 
 def test_fedavg_is_damaged_by_scaled_updates(clean_fedavg: dict, runs_dir: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -31,8 +33,9 @@ def honest(scale: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
 
 def reasons(replies: list[Message], declared: dict[int, int] | None = None,
             ratio: float = 10.0) -> dict[int, str | None]:
+    sizes = declared or {r.metadata.src_node_id: 50 for r in replies}
     return {v.node_id: v.reason
-            for v in validate_train_replies(SENT, replies, declared or {}, ratio)}
+            for v in validate_train_replies(SENT, replies, sizes, ratio)}
 
 
 def test_honest_replies_pass() -> None:
@@ -77,3 +80,49 @@ def test_bad_example_counts_are_excluded(n: float, expected: str) -> None:
 
 def test_count_at_the_declared_size_passes() -> None:
     assert reasons([reply(3, honest(), n=50)], declared={3: 50})[3] is None
+
+
+def test_a_site_that_declared_no_size_is_excluded() -> None:
+    assert "declared no usable training size" in str(reasons([reply(3, honest())],
+                                                             declared={4: 50})[3])
+
+
+@pytest.mark.parametrize("n", [math.inf, math.nan])
+def test_a_count_that_is_not_a_finite_number_is_excluded(n: float) -> None:
+    assert "not a number" in str(reasons([reply(3, honest(), n=n)])[3])
+
+
+def test_the_absolute_norm_bound_holds_with_a_single_reply() -> None:
+    huge = {k: v + 3e38 for k, v in SENT.items()}
+    got = validate_train_replies(SENT, [reply(3, huge)], {3: 50}, 10.0, max_update_norm=1000.0)
+    assert got[0].reason is not None and "exceeds the bound 1000" in got[0].reason
+
+
+def _weights(replies: list[Message], **bounds: object) -> dict[int, float | None]:
+    declared = {r.metadata.src_node_id: 10**310 for r in replies}  # the liars declared it too
+    return {v.node_id: v.weight
+            for v in validate_train_replies(SENT, replies, declared, 0, **bounds)}  # type: ignore[arg-type]
+
+
+def test_weights_are_capped_by_the_enrolled_size_whatever_is_claimed() -> None:
+    replies = [reply(1, honest(seed=1), n=40), reply(2, honest(seed=2), n=1e300),
+               reply(3, honest(seed=3), n=1e308), reply(4, honest(seed=4), n=1e308)]
+    got = _weights(replies, enrolled={1: 40, 2: 60, 3: 30, 4: 30})
+    assert got == {1: 40.0, 2: 60.0, 3: 30.0, 4: 30.0}
+
+
+def test_without_enrolment_a_configured_cap_then_the_round_median_bounds_the_weight() -> None:
+    replies = [reply(1, honest(seed=1), n=40), reply(2, honest(seed=2), n=60),
+               reply(3, honest(seed=3), n=1e300)]
+    assert _weights(replies, max_examples=100)[3] == 100.0
+    assert _weights(replies, max_examples_ratio=3.0) == {1: 40.0, 2: 60.0, 3: 180.0}
+
+
+def test_sanitised_names_cannot_fake_a_log_line_or_a_path() -> None:
+    from server.validation import sanitise_name
+
+    assert sanitise_name("hospital-a\n12:00 medfed.server: round 9/9") == \
+        "hospital-a_12_00_medfed.server__round_9_9"
+    assert sanitise_name("../../etc") == "_.._etc"
+    assert sanitise_name("\x1b[32mok") == "__32mok"
+    assert len(sanitise_name("x" * 500)) == 64

@@ -92,15 +92,12 @@ class Schema:
         The code is the category a one-hot feature stands for; None for a plain value or a
         missing indicator (whose name ends with :data:`INDICATOR_SUFFIX`).
         """
-        plain = [(c.name, c, None) for c in self.columns if c.type != "categorical"]
-        dummies = [
-            (f"{c.name}={_code(v)}", c, v)
-            for c in self.columns
-            if c.type == "categorical"
-            for v in c.categories[1:]
-        ]
-        flags = [(c.name + INDICATOR_SUFFIX, c, None) for c in self.columns if c.missing_indicator]
-        return plain + dummies + flags
+        out: list[tuple[str, Column, float | None]] = [
+            (c.name, c, None) for c in self.columns if c.type != "categorical"]
+        out += [(f"{c.name}={_code(v)}", c, v)
+                for c in self.columns if c.type == "categorical" for v in c.categories[1:]]
+        out += [(c.name + INDICATOR_SUFFIX, c, None) for c in self.columns if c.missing_indicator]
+        return out
 
     def column(self, name: str) -> Column:
         """The column called `name` (KeyError if absent)."""
@@ -226,9 +223,11 @@ def _column_from_dict(d: Any, key: str) -> Column:
         raise DataError(f"schema key '{key}.fill_value' is only used with 'missing: constant'")
     if fill is not None:
         if ctype == "binary" and fill not in (0.0, 1.0):
-            raise DataError(f"schema key '{key}.fill_value' of binary column '{name}' must be 0 or 1")
+            raise DataError(f"schema key '{key}.fill_value' of binary column '{name}' must be "
+                            "0 or 1")
         if ctype == "categorical" and fill not in cats:
-            raise DataError(f"schema key '{key}.fill_value' must be one of the categories of '{name}'")
+            raise DataError(f"schema key '{key}.fill_value' must be one of the categories of "
+                            f"'{name}'")
     codes = _numbers(d.get("missing_values", []), f"{key}.missing_values")
     indicator = d.get("missing_indicator", False)
     if not isinstance(indicator, bool):

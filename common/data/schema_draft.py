@@ -155,9 +155,9 @@ def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None
         policy = "median" if col["type"] == "numeric" else "most_frequent"
         col["missing"] = policy
         draft.decisions.append(
-            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: drafted 'missing: {policy}' (fitted "
-            "on each site's training split); use 'refuse' to reject such rows, or add "
-            "missing_indicator: true")
+            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: "
+            f"drafted 'missing: {policy}' (fitted on each site's training split); use "
+            "'refuse' to reject such rows, or add missing_indicator: true")
     return col
 
 

@@ -48,13 +48,21 @@ class BackboneCache:
             manifest = json.loads(manifest_json)
         except json.JSONDecodeError as err:
             raise BundleError("the manifest sent with the backbone is not valid JSON") from err
-        listed = manifest.get("files", {}).get("backbone.safetensors")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise BundleError("the manifest sent with the backbone is not a bundle manifest")
+        listed = manifest["files"].get("backbone.safetensors")
         if listed != sha256:
             raise BundleError("the manifest sent with the backbone lists a different hash "
                               f"({str(listed)[:12]}…) than announced ({sha256[:12]}…)")
-        if self.signing_pub is not None:
-            verify(load_public_key(self.signing_pub), manifest_json.encode("utf-8"),
-                   bytes.fromhex(sig_hex), where="manifest sent with the backbone")
+        if self.signing_pub is None:
+            raise BundleError("this hospital has no federation public key (signing.pub) to "
+                              "verify the backbone with; refused")
+        try:
+            signature = bytes.fromhex(sig_hex)
+        except ValueError as err:
+            raise BundleError("the signature sent with the backbone is not hex") from err
+        verify(load_public_key(self.signing_pub), manifest_json.encode("utf-8"), signature,
+               where="manifest sent with the backbone")
         return dict(manifest)
 
     def store(self, sha256: str, file_bytes: bytes, manifest_json: str, sig_hex: str) -> None:

@@ -68,15 +68,18 @@ class ClientRequest:
         )
 
 
+def signing_pub(certs: HospitalPaths | None) -> Path:
+    """Where the hospital keeps the federation's public key (`signing.pub`)."""
+    return certs.signing_pub if certs is not None else medfed_home() / "signing.pub"
+
+
 def _node_config(req: ClientRequest, certs: HospitalPaths | None) -> str:
     values = {
         "site-name": req.name, "data-path": str(req.data), "workdir": str(req.workdir),
-        "device": req.device,
+        "device": req.device, "signing-pub": str(signing_pub(certs).resolve()),
     }
     if req.test_data is not None:
         values["test-path"] = str(req.test_data)
-    if certs is not None and certs.signing_pub.exists():
-        values["signing-pub"] = str(certs.signing_pub.resolve())
     return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
@@ -102,7 +105,13 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
                          "`medfed certs hospital`) or --insecure for a local test")
     # the ClientApp would otherwise find an unknown or absent device only in round 1
     resolve_device(req.device)
-    return None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]
+    certs = None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]
+    pub = signing_pub(certs)
+    if not pub.exists():
+        raise ValueError(f"refusing to start: the federation's public key {pub} is missing; "
+                         "copy the server's signing.pub there (every backbone and model the "
+                         "server sends is verified with it)")
+    return certs
 
 
 def _watch(proc: subprocess.Popen[str], req: ClientRequest, verdict: list[str]) -> None:

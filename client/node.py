@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.cache import BackboneCache, FeatureCache
 from client.faults import maybe_fail, maybe_poison
@@ -235,13 +236,21 @@ def personalise_site(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: 
     return result, {n: sha256_bytes(b) for n, b in files.items()}, node.site_name(site)
 
 
+def _signing_key(node: Node) -> Ed25519PublicKey:
+    """The federation's public key: every bundle a hospital keeps is verified with it."""
+    if node.settings.signing_pub is None:
+        raise BundleError("this hospital has no federation public key (signing.pub) to verify "
+                          "models with; refused")
+    return load_public_key(node.settings.signing_pub)
+
+
 def save_site_model(node: Node, manifest_json: str, sig_hex: str) -> Path:
     """Complete the staged site model with the server's signed manifest, verified."""
     pending = node.workdir / PENDING_DIR
     if not pending.is_dir():
         raise BundleError("no staged site model to sign: the adapt step did not run here")
     files = {p.name: p.read_bytes() for p in sorted(pending.iterdir()) if p.is_file()}
-    pub = load_public_key(node.settings.signing_pub) if node.settings.signing_pub else None
+    pub = _signing_key(node)
     final = node.workdir / SITE_MODEL_DIR
     assemble_bundle(final, files, manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub,
                     replace=True)
@@ -263,7 +272,7 @@ def save_model(node: Node, version: int, manifest_json: str, sig_hex: str, head_
         backbone_bytes, _ = node.backbones.load(manifest["files"][BACKBONE_FILE])
     final = node.workdir / "models" / f"v{version:04d}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    pub = load_public_key(node.settings.signing_pub) if node.settings.signing_pub else None
+    pub = _signing_key(node)
     assemble_bundle(final, {BACKBONE_FILE: backbone_bytes, HEAD_FILE: head_bytes},
                     manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub, replace=True)
     site = node.site(manifest)

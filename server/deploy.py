@@ -25,12 +25,13 @@ import yaml
 
 from common.bundle import load_bundle
 from common.certs import FederationPaths, check_server_certs
-from common.config import ConfigError
+from common.config import ConfigError, safe_yaml, show, yaml_problem
 from common.config_check import load_config
 from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
 from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key
 from server.heldout import preflight
+from server.provisioning import Enrolment, printable
 
 log = logging.getLogger("medfed.server")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
@@ -40,33 +41,56 @@ STARTUP_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class Hospital:
-    """A hospital admitted to the federation: its name and node public key (OpenSSH)."""
+    """A hospital admitted to the federation: its name, node public key (OpenSSH) and the
+    most training rows its updates may weigh (None: the federation's configured bound)."""
 
     name: str
     public_key: Path
+    max_examples: int | None = None
+
+
+HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def load_hospitals(path: Path) -> list[Hospital]:
-    """`hospitals.yaml`: a list of {name, public_key}; relative keys are next to the file."""
+    """`hospitals.yaml`: a list of {name, public_key[, max_examples]}; relative keys are next
+    to the file."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(path.read_text(encoding="utf-8"), f"hospitals file {path}")
     except FileNotFoundError as err:
         raise ConfigError(f"hospitals file {path} does not exist") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"hospitals file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"hospitals file {path} is not valid YAML: {yaml_problem(err)}") \
+            from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if not isinstance(raw, list):
         raise ConfigError(f"hospitals file {path} must be a list of {{name, public_key}}")
     out = []
+    names: set[str] = set()
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) != {"name", "public_key"}:
-            raise ConfigError(f"hospitals file {path}: entry {i} must have exactly the keys "
-                              "'name' and 'public_key'")
+        if not isinstance(item, dict) or not {"name", "public_key"} <= set(item) \
+                or not set(item) <= {"name", "public_key", "max_examples"}:
+            raise ConfigError(f"hospitals file {path}: entry {i} must have the keys 'name' and "
+                              "'public_key' (and optionally 'max_examples')")
+        name = str(item["name"])
+        if not HOSPITAL_NAME.fullmatch(name):
+            raise ConfigError(f"hospitals file {path}: entry {i} has name {show(name)}; use "
+                              "letters, digits, '_', '.' and '-' (at most 64)")
+        if name in names:
+            raise ConfigError(f"hospitals file {path}: hospital '{name}' is listed twice")
+        names.add(name)
+        rows = item.get("max_examples")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int)
+                                 or rows < 1):
+            raise ConfigError(f"hospitals file {path}: 'max_examples' of '{name}' must be a "
+                              f"positive integer, got {show(rows)}")
         key = Path(str(item["public_key"]))
         key = key if key.is_absolute() else path.parent / key
         if not key.exists():
             raise ConfigError(f"hospitals file {path}: public key {key} of "
-                              f"'{item['name']}' does not exist")
-        out.append(Hospital(str(item["name"]), key))
+                              f"'{name}' does not exist")
+        out.append(Hospital(name, key, rows))
     return out
 
 
@@ -125,18 +149,46 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float = 60.0
                           text=True, timeout=timeout, check=False)
 
 
-def _register(hospital: Hospital, env: dict[str, str]) -> None:
+def _register(hospital: Hospital, env: dict[str, str]) -> int | None:
+    """Register a hospital's node key; its node id (None when it was registered before)."""
     result = _flwr(["supernode", "register", str(hospital.public_key), CONNECTION,
                     "--name", hospital.name, "--format", "json"], env)
     text = (result.stdout + result.stderr).lower()
     if result.returncode == 0 and '"success": false' not in text:
         log.info("registered hospital %s", hospital.name)
-    elif "already" in text or "exists" in text:
+        try:
+            return int(json.loads(result.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    if "already" in text or "exists" in text:
         log.info("hospital %s was already registered", hospital.name)
-    else:
-        detail = result.stdout.strip() or result.stderr.strip()
-        raise ConfigError(f"could not register hospital '{hospital.name}' "
-                          f"({hospital.public_key}): {detail}")
+        return None
+    detail = printable(result.stdout.strip() or result.stderr.strip())
+    raise ConfigError(f"could not register hospital '{hospital.name}' "
+                      f"({hospital.public_key}): {detail}")
+
+
+def enrol(hospitals: list[Hospital], run_dir: Path, env: dict[str, str]) -> Enrolment:
+    """Register every hospital and record who is who for the ServerApp (`enrolment.json`).
+
+    A hospital's name is then the one registered for its node key, not what its node says.
+    Node ids of hospitals registered by an earlier start are kept from the earlier record.
+    """
+    before = Enrolment.load(run_dir)
+    names = dict(before.names)
+    for hospital in hospitals:
+        node = _register(hospital, env)
+        if node is not None:
+            names = {k: v for k, v in names.items() if v != hospital.name}
+            names[node] = hospital.name
+        elif hospital.name not in names.values():
+            log.warning("hospital %s was registered before this run directory existed: its "
+                        "node id is unknown here, so it is named by what its node reports",
+                        hospital.name)
+    enrolment = Enrolment(names, {h.name: h.max_examples for h in hospitals
+                                  if h.max_examples is not None})
+    enrolment.write(run_dir)
+    return enrolment
 
 
 def _run_config_file(req: ServerRequest, keys: Path, expected_nodes: int) -> Path:
@@ -209,8 +261,7 @@ def run_server(req: ServerRequest) -> int:
             raise RuntimeError(f"flower-superlink did not start; see {req.run_dir}/superlink.log")
         log.info("SuperLink listening on %s:%d (%s)", req.host, req.port,
                  "INSECURE" if certs is None else "TLS, registered hospitals only")
-        for hospital in hospitals:
-            _register(hospital, env)
+        enrol(hospitals, req.run_dir, env)
         if certs is not None:
             from server.registry_http import start_registry_server
 

@@ -39,7 +39,7 @@ def bad_csv(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("column", sorted(PLANTED))
 def test_error_sent_to_the_server_names_the_column_but_not_the_value(
         column: str, bad_csv: Path, tmp_path: Path, heart_bundle: Path,
-        signing_key_path: Path) -> None:
+        signing_key_path: Path, signing_pub_path: Path) -> None:
     # one bad column at a time, so each check is about that column's message
     lines = bad_csv.read_text().splitlines()
     header = lines[0].split(",")
@@ -55,7 +55,8 @@ def test_error_sent_to_the_server_names_the_column_but_not_the_value(
                            bundle=heart_bundle, keys=signing_key_path)
     app = make_client_app(settings)
     payload = load_payload(heart_bundle)
-    node = {"site-name": "hospital-x", "data-path": str(bad_csv), "workdir": str(tmp_path / "w")}
+    node = {"site-name": "hospital-x", "data-path": str(bad_csv), "workdir": str(tmp_path / "w"),
+            "signing-pub": str(signing_pub_path)}
     content = RecordDict({rk.BUNDLE_META: payload.meta(), rk.BACKBONE_FILE: payload.arrays()})
     with task_identity(), pytest.raises(ValueError) as err:
         # Flower's runtime sends str(exception) to the server as the error reply

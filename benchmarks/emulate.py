@@ -47,7 +47,7 @@ from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
 from common.training import train_local
 from server.heldout import aggregate_sites, aggregate_test
-from server.registry import improves
+from common.registry import improves
 
 State = dict[str, torch.Tensor]
 

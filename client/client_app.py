@@ -74,7 +74,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
             metrics.update({f"rows/{k}": v for k, v in sizes.items()})
             content[rk.SITE] = _site_record(name)
         content[rk.METRICS] = MetricRecord(metrics)
-        return Message(RecordDict(content), reply_to=msg)
+        return Message(node.tampered("query.backbone", RecordDict(content)), reply_to=msg)
 
     legacy = make_legacy_app(lambda context: _node(context, defaults))  # SecAgg+ path
 
@@ -92,8 +92,9 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         )
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
                                 "steps": result.steps})
-        return Message(RecordDict({rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
-                                   rk.SITE: _site_record(site)}), reply_to=msg)
+        return Message(node.tampered("train", RecordDict({
+            rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
+            rk.SITE: _site_record(site)})), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -104,8 +105,9 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
         metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]),
                                               int(config.get(rk.SERVER_ROUND, 0)))  # type: ignore[arg-type]
-        return Message(RecordDict({rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
-                                   rk.SITE: _site_record(site)}), reply_to=msg)
+        return Message(node.tampered("evaluate", RecordDict({
+            rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
+            rk.SITE: _site_record(site)})), reply_to=msg)
 
     @app.query(rk.QUERY_ADAPT)
     def adapt(msg: Message, context: Context) -> Message:

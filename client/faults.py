@@ -1,8 +1,12 @@
-"""SIMULATION ONLY: make chosen simulated hospitals misbehave (`federation.faults`).
+"""Test scaffolding: make chosen hospitals misbehave (`federation.faults`).
 
-Used by the robustness tests and benchmarks: hospitals that send scaled or sign-flipped
-updates, that fail, that answer late, or that vanish. A deployed hospital (no partition-id)
-is never affected, whatever the run config says.
+Used by the robustness tests and benchmarks: simulated hospitals that send scaled or
+sign-flipped updates, that fail, answer late or vanish, and malicious ones (`attack`) that
+lie about their size, send huge or NaN updates, spoof a name or send malformed replies, so
+that each defence of the server is exercised by the real runtime. Run config alone never
+affects a deployed hospital (no partition-id); a deployed test hospital misbehaves only
+when its own node config says `attack=...` (a hospital that changed its own client).
+Everything here is a no-op unless configured, and only :func:`tamper` touches replies.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import time
 import numpy as np
 import torch
 
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common import records as rk
 from common.config import FaultsConfig
+from common.config_check import ATTACKS
 
 
 def chosen(fraction: float, num_nodes: int, seed: int) -> set[int]:
@@ -69,3 +77,50 @@ def maybe_poison(cfg: FaultsConfig, partition_id: int | None, num_nodes: int,
         raise ValueError("config key 'federation.faults.byzantine_mode' must be scale or "
                          f"signflip, got '{cfg.byzantine_mode}'")
     return {n: sent[n] + factor * (trained[n] - sent[n]) for n in trained}
+
+
+def attack_of(cfg: FaultsConfig, partition_id: int | None, num_nodes: int,
+              node_attack: str | None = None) -> str | None:
+    """The attack this hospital carries out, or None.
+
+    A deployed hospital attacks only when its own node config names an attack; a simulated
+    one when it is among the `attack_fraction` chosen (with `mixed`, they take turns).
+    """
+    if node_attack:
+        return node_attack
+    if partition_id is None or cfg.attack == "none" or cfg.attack_fraction <= 0:
+        return None
+    attackers = sorted(chosen(cfg.attack_fraction, num_nodes, cfg.seed + 2))
+    if partition_id not in attackers:
+        return None
+    if cfg.attack == "mixed":
+        return ATTACKS[attackers.index(partition_id) % len(ATTACKS)]
+    return cfg.attack
+
+
+def tamper(attack: str | None, kind: str, content: RecordDict, value: float,
+           other_name: str) -> RecordDict:
+    """The reply a malicious hospital sends instead of `content` (`kind`: the message type)."""
+    if attack is None:
+        return content
+    metrics = content.metric_records.get(rk.METRICS)
+    arrays = content.array_records.get(rk.ARRAYS)
+    out = RecordDict(dict(content.items()))
+    if attack == "malformed":
+        out.pop(rk.ARRAYS if arrays is not None else rk.METRICS, None)
+        return out
+    if attack == "spoof-name" and rk.SITE in content.config_records:
+        out[rk.SITE] = ConfigRecord({rk.SITE_NAME: other_name})
+    if metrics is not None and attack in ("inflate-count", "omit-count"):
+        counts = (rk.NUM_TRAIN, rk.NUM_EXAMPLES) if kind != "evaluate" else ()
+        kept = {k: v for k, v in metrics.items()
+                if not (attack == "omit-count" and k in counts)}
+        if attack == "inflate-count":
+            kept.update({k: value for k in counts if k in metrics})
+        out[rk.METRICS] = MetricRecord(kept)  # type: ignore[arg-type]
+    if arrays is not None and attack in ("huge-update", "nan-update"):
+        tensors = arrays.to_torch_state_dict()
+        bad = {n: (t + value if attack == "huge-update" else torch.full_like(t, float("nan")))
+               for n, t in tensors.items()}
+        out[rk.ARRAYS] = ArrayRecord(bad)
+    return out

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.cache import BackboneCache, FeatureCache
-from client.faults import maybe_fail, maybe_poison
+from client.faults import attack_of, maybe_fail, maybe_poison, tamper
 from client.local_data import fingerprint, hospital_site, simulated_site, simulated_site_name
 from common.atomic import atomic_dir, atomic_write_text
 from common.bundle import (
@@ -128,6 +129,17 @@ class Node:
             train = frozen_features(model, torch.from_numpy(site.x_train), trainable).numpy()
         cache.put(key, train)
         return train, True
+
+    def tampered(self, kind: str, content: RecordDict) -> RecordDict:
+        """`content` as a malicious test hospital would send it (client/faults.py)."""
+        faults = self.cfg.federation.faults
+        attack = attack_of(faults, self.settings.partition_id, self.settings.num_partitions,
+                           self.settings.attack)
+        if attack is None:
+            return content
+        pid = self.settings.partition_id or 0
+        other = simulated_site_name(self.cfg.federation.data, self.cfg.seed, 1 if pid == 0 else 0)
+        return tamper(attack, kind, content, faults.attack_value, other)
 
     def seed(self, server_round: int) -> int:
         """A different but reproducible seed per node and round."""

@@ -12,28 +12,35 @@ bad signature), each naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import re
 import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from common.atomic import atomic_dir
+from client.trust import verification_key
+from common.atomic import atomic_dir, atomic_write_text
 from common.bundle import (
     BACKBONE_FILE,
     HEAD_FILE,
     MANIFEST_FILE,
     SIGNATURE_FILE,
     BundleError,
+    BundleSignatureError,
     copy_bundle,
     load_bundle,
+    parse_manifest,
+    read_manifest,
 )
 from common.certs import HospitalPaths
-from common.signing import load_public_key
-from server.registry import Registry
+from common.config import show
+from common.names import printable, sanitise_name
+from common.registry import Registry
+from common.settings import medfed_home
+from common.signing import SignatureError, load_public_key, verify
 
 DEFAULT_PORT = 8443  # `medfed server --registry-port` default
 DEFAULT_TIMEOUT_S = 30.0  # per socket operation, not per download
@@ -55,8 +62,8 @@ class PullError(ValueError):
 
 
 def _check_spec(version: str) -> str:
-    spec = str(version).strip()
-    if spec not in ("latest", "best") and not spec.isdigit():
+    spec = str(version)
+    if spec not in ("latest", "best") and not re.fullmatch(r"[0-9]{1,9}", spec):
         raise PullError(f"--version must be a number, 'latest' or 'best'; got {version!r}")
     return spec
 
@@ -66,10 +73,6 @@ def _check_out(out: Path, replace: bool) -> None:
         raise PullError(
             f"output directory {out} already exists; choose a new --out or remove it first"
         )
-
-
-def _load_key(public_key: Path | None) -> Ed25519PublicKey | None:
-    return None if public_key is None else load_public_key(Path(public_key))
 
 
 # ---------------------------------------------------------------------------- from a directory
@@ -82,11 +85,12 @@ def pull_from_registry(
     public_key: Path | None = None,
     *,
     replace: bool = False,
+    unsigned: bool = False,
 ) -> dict[str, Any]:
     """Copy version ``version`` (N | latest | best) of a registry directory to ``out``.
 
-    Hashes are always checked; the signature too when ``public_key`` is given (the caller
-    decides whether an unsigned check is acceptable).
+    Hashes are always checked, and the signature with ``public_key`` (default: the
+    federation's key in ``$MEDFED_HOME``) unless ``unsigned``.
 
     Returns
     -------
@@ -105,8 +109,12 @@ def pull_from_registry(
     if not registry.is_dir():
         raise PullError(f"registry directory {registry} does not exist")
     _check_out(out, replace)
-    pub = _load_key(public_key)
     src = Registry(registry).resolve(spec)
+    pub = verification_key(public_key, unsigned=unsigned)
+    signed = read_manifest(src, pub, require_signature=pub is not None).get("version")
+    if signed != int(src.name[1:]):
+        raise BundleError(f"registry {registry}: {src.name} holds a signed manifest of version "
+                          f"{show(signed)}")
     return copy_bundle(src, out, pub, replace=replace)
 
 
@@ -206,16 +214,24 @@ class _RegistryClient:
     def close(self) -> None:
         self.conn.close()
 
-    def get(self, path: str, sink: Path | None = None) -> bytes:
-        """GET ``path``; return the body, or stream it into ``sink`` (returns b'')."""
+    def get(self, path: str, sink: Path | None = None, limit: int = MAX_FILE_BYTES,
+            sha256: str | None = None) -> bytes:
+        """GET ``path``; return the body, or stream it into ``sink`` (returns b'').
+
+        More than `limit` bytes is refused; with `sha256` the streamed bytes must hash to it.
+        """
         try:
             self.conn.request("GET", path)
             response = self.conn.getresponse()
             if response.status != 200:
                 raise self._status_error(path, response)
             if sink is None:
-                return response.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
-            self._stream(response, path, sink)
+                body = response.read(limit + 1)
+                if len(body) > limit:
+                    raise PullError(f"{path} from {self.address} is larger than {limit} bytes; "
+                                    "refused")
+                return body
+            self._stream(response, path, sink, limit, sha256)
             return b""
         except http.client.RemoteDisconnected as err:
             raise _transport_error(
@@ -228,23 +244,29 @@ class _RegistryClient:
                 f"the model registry at {self.address} sent a malformed answer to {path} ({err!r})"
             ) from err
 
-    def _stream(self, response: http.client.HTTPResponse, path: str, sink: Path) -> None:
+    def _stream(self, response: http.client.HTTPResponse, path: str, sink: Path, limit: int,
+                sha256: str | None) -> None:
         written = 0
+        digest = hashlib.sha256()
         with open(sink, "wb") as handle:
             while chunk := response.read(_CHUNK):
                 written += len(chunk)
-                if written > MAX_FILE_BYTES:
-                    raise PullError(
-                        f"{path} from {self.address} exceeds {MAX_FILE_BYTES >> 30} GiB; refused"
-                    )
+                if written > limit:
+                    raise BundleError(f"exceeds the {limit} bytes its signed manifest allows; "
+                                      "refused")
+                digest.update(chunk)
                 handle.write(chunk)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise BundleError(f"has sha256 {digest.hexdigest()[:16]}...; expected "
+                              f"{sha256[:16]}... from the signed manifest")
 
     def _status_error(self, path: str, response: http.client.HTTPResponse) -> PullError:
         body = response.read(64 * 1024)
         try:
-            detail = str(json.loads(body)["detail"])
+            # the server's words go to a terminal: no escape sequences, bounded length
+            detail = printable(json.loads(body)["detail"])
         except (ValueError, KeyError, TypeError):
-            detail = f"HTTP {response.status} {response.reason}"
+            detail = f"HTTP {response.status} {printable(response.reason)}"
         if response.status == 404:
             return PullError(f"the model registry at {self.address}: {detail}")
         return PullError(
@@ -254,7 +276,7 @@ class _RegistryClient:
 
     def resolve(self, spec: str) -> int:
         """Pin ``latest``/``best`` to a number once, so all files come from one version."""
-        if spec.isdigit():
+        if spec not in ("latest", "best"):
             return int(spec)
         body = self.get("/v1/versions")  # PullError is a ValueError: keep it out of the try
         try:
@@ -265,7 +287,7 @@ class _RegistryClient:
             ) from err
         if version is None:
             raise PullError(f"the model registry at {self.address} has no '{spec}' version yet")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise PullError(
                 f"the model registry at {self.address} gave {spec}={version!r}; expected a number"
             )
@@ -329,17 +351,101 @@ def pull_from_server(
     client = _RegistryClient(server, certs, timeout)
     try:
         number = client.resolve(spec)
+        where = f"model v{number:04d} from {client.address}"
+        # 1. the small signed part first: nothing large is fetched from an unverified source
+        manifest_bytes = client.get(f"/v1/models/{number}/files/{MANIFEST_FILE}",
+                                    limit=MAX_MANIFEST_BYTES)
+        signature = client.get(f"/v1/models/{number}/files/{SIGNATURE_FILE}",
+                               limit=MAX_SIGNATURE_BYTES)
+        try:
+            verify(pub, manifest_bytes, signature, where=f"{where}: {MANIFEST_FILE}")
+        except SignatureError as err:
+            raise BundleSignatureError(str(err)) from err
+        manifest = parse_manifest(manifest_bytes, where)
+        # 2. the version it signs is the one asked for, and not older than what we hold
+        state = PullState(client.address)
+        _check_version(manifest, number, spec, state, where)
+        # 3. the weights, streamed against their signed hashes and sizes
         with atomic_dir(out, replace=replace) as tmp:
-            for name in BUNDLE_FILES:
-                client.get(f"/v1/models/{number}/files/{name}", sink=tmp / name)
+            (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+            (tmp / SIGNATURE_FILE).write_bytes(signature)
+            sizes = manifest.get("sizes") or {}
+            for name, digest in manifest["files"].items():
+                if name not in (BACKBONE_FILE, HEAD_FILE):
+                    raise BundleError(f"{where}: the manifest lists {name!r}, which the "
+                                      "registry does not serve")
+                cap = _size_cap(sizes.get(name))
+                try:
+                    client.get(f"/v1/models/{number}/files/{name}", sink=tmp / name,
+                               limit=cap, sha256=digest)
+                except BundleError as err:
+                    raise BundleError(f"{where}: {name} {err}") from err
             try:
                 bundle = load_bundle(tmp, pub, require_signature=True)
             except BundleError as err:
                 # Name the version and source, not the temporary directory that is about to go.
                 message = str(err).replace(f"bundle {tmp}: ", "").replace(f"bundle {tmp} ", "")
-                raise type(err)(
-                    f"model v{number:04d} from {client.address} failed verification: {message}"
-                ) from err
+                raise type(err)(f"{where} failed verification: {message}") from err
+        state.hold(number, spec)
     finally:
         client.close()
     return bundle.manifest
+
+
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KB of JSON
+MAX_SIGNATURE_BYTES = 1024  # an Ed25519 signature is 64 bytes
+
+
+def _size_cap(listed: object) -> int:
+    """The signed size of a file when the manifest lists it, else the global cap."""
+    if isinstance(listed, int) and not isinstance(listed, bool) and 0 <= listed <= MAX_FILE_BYTES:
+        return listed
+    return MAX_FILE_BYTES
+
+
+def _check_version(manifest: dict[str, Any], number: int, spec: str, state: PullState,
+                   where: str) -> None:
+    signed = manifest.get("version")
+    if not isinstance(signed, int) or isinstance(signed, bool) or signed != number:
+        raise BundleError(f"{where}: the signed manifest is of version {show(signed)}, not "
+                          f"{number}: the registry served another version than it named")
+    # `latest` is the newest version published: never older than one already held. `best`
+    # only ever moves forward (a later round must score at least as well to take it).
+    floor = state.newest if spec == "latest" else state.best if spec == "best" else None
+    if floor is not None and signed < floor:
+        held = "a newer version" if spec == "latest" else "'best'"
+        raise BundleError(
+            f"{where}: the registry's '{spec}' is v{signed:04d}, older than v{floor:04d} "
+            f"which this hospital already holds as {held}; refused as a rollback (pull a "
+            "version by number to go back on purpose)")
+
+
+class PullState:
+    """Per registry: the newest version and the newest `best` a hospital pulled (rollback
+    protection), in `$MEDFED_HOME/pulls/<address>.json`."""
+
+    def __init__(self, address: str) -> None:
+        self.path = medfed_home() / "pulls" / f"{sanitise_name(address)}.json"
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        self.newest = _version_or_none(raw, "newest")
+        self.best = _version_or_none(raw, "best")
+
+    def hold(self, version: int, spec: str) -> None:
+        """Record that `version` is now held (both marks only ever move forward)."""
+        newest = max(version, self.newest) if self.newest is not None else version
+        best = self.best
+        if spec == "best":
+            best = max(version, best) if best is not None else version
+        if (newest, best) == (self.newest, self.best):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"newest": newest, "best": best}) + "\n")
+        self.newest, self.best = newest, best
+
+
+def _version_or_none(raw: object, key: str) -> int | None:
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -172,7 +172,8 @@ def write_bundle(
     payloads = {BACKBONE_FILE: state_to_bytes(backbone), HEAD_FILE: state_to_bytes(head)}
     files = {name: sha256_bytes(data) for name, data in payloads.items()}
     # Encode (and so validate) before touching the disk.
-    manifest_bytes, signature = sign_manifest(manifest, files, signing_key)
+    manifest_bytes, signature = sign_manifest(
+        manifest, files, signing_key, sizes={n: len(d) for n, d in payloads.items()})
     payloads[MANIFEST_FILE] = manifest_bytes
     payloads[SIGNATURE_FILE] = signature
     _write_files(Path(out_dir), payloads, replace=replace)
@@ -182,11 +183,13 @@ def write_bundle(
 
 
 def sign_manifest(manifest: dict[str, Any], files: dict[str, str],
-                  signing_key: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+                  signing_key: Ed25519PrivateKey, sizes: dict[str, int] | None = None
+                  ) -> tuple[bytes, bytes]:
     """Canonical manifest bytes listing `files` (name -> sha256), and their signature.
 
     The signer never needs the files themselves, only their hashes: a hospital's site model
-    is signed from the hashes it reports, so its statistics never leave the site.
+    is signed from the hashes it reports, so its statistics never leave the site. `sizes`
+    (name -> bytes), when known, let a downloader refuse an oversized file early.
     """
     for name, digest in files.items():
         if not _PLAIN_NAME.fullmatch(name) or name in (MANIFEST_FILE, SIGNATURE_FILE):
@@ -195,6 +198,10 @@ def sign_manifest(manifest: dict[str, Any], files: dict[str, str],
             raise BundleError(f"bundle file {name!r} has hash {digest[:80]!r}; expected 64 "
                               "lowercase hex characters")
     final = dict(manifest)
+    if sizes is not None:
+        final["sizes"] = dict(sizes)
+    else:
+        final.pop("sizes", None)
     final.update(
         format=BUNDLE_FORMAT,
         files=dict(files),
@@ -270,6 +277,11 @@ def _parse_manifest(bundle_dir: Path, data: bytes) -> dict[str, Any]:
     if manifest.get("backbone_sha256", files[BACKBONE_FILE]) != files[BACKBONE_FILE]:
         raise BundleError(f"{where} key 'backbone_sha256' disagrees with files[{BACKBONE_FILE!r}]")
     return manifest
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and structurally check manifest bytes (verify the signature first)."""
+    return _parse_manifest(Path(where), data)
 
 
 def _load_manifest(

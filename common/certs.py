@@ -28,9 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_MIN_DAYS = 3650  # the CA outlives the certificates it signs, so renewing them keeps trust
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # tolerate peers whose clock is slightly behind
-_HOSPITAL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOSPITAL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # always fullmatch: no "\n" tail
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _PEM = serialization.Encoding.PEM
 _PKCS8 = serialization.PrivateFormat.PKCS8
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -193,7 +193,7 @@ def _issue(
 def _server_san(server_names: Iterable[str], server_ips: Iterable[str]) -> list[x509.GeneralName]:
     names = list(dict.fromkeys([*server_names, "localhost"]))
     for name in names:
-        if not _DNS_NAME.match(name):
+        if not _DNS_NAME.fullmatch(name):
             raise CertError(
                 f"server name {name!r} is not a DNS name (letters, digits, '-' and '.'; "
                 "pass IP addresses with --server-ip)"
@@ -313,7 +313,7 @@ def init_hospital(
     registered at the server; ``client.pem``/``client.key`` (CN = ``name``, clientAuth) are for
     mutual TLS to the model registry. ``signing.pub`` is copied when ``ca_dir`` has it.
     """
-    if not _HOSPITAL_NAME.match(name):
+    if not HOSPITAL_NAME.fullmatch(name):
         raise CertError(
             f"hospital name {name!r} is invalid; expected 1-63 lowercase letters, digits or '-', "
             "starting with a letter or digit"

@@ -194,6 +194,13 @@ class FaultsConfig:
     # raise | hang (answer after hang_seconds) | vanish (never answer) | mixed (a third each)
     fail_mode: str = "raise"
     hang_seconds: float = 30.0
+    # a malicious hospital: inflate-count (claims `attack_value` rows when it joins and in
+    # every update) | omit-count (declares nothing) | huge-update (adds `attack_value` to its
+    # tensors) | nan-update | spoof-name (calls itself like another site) | malformed (sends
+    # records without their tensors or metrics) | mixed (the attackers take turns)
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_value: float = 1e300
     seed: int = 0  # which hospitals misbehave
 
 

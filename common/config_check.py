@@ -31,6 +31,8 @@ SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brie
 LOWER_IS_BETTER = ("loss", "brier", "ece")
 ADAPTATION_METRICS = ("loss", "auc", "balanced_accuracy")
 CALIBRATIONS = ("temperature", "none")
+ATTACKS = ("inflate-count", "omit-count", "huge-update", "nan-update", "spoof-name",
+           "malformed")  # client/faults.py carries them out
 _UNIT = r"(0(\.\d+)?|1(\.0+)?)"  # a number in [0, 1]
 _THRESHOLD = re.compile(rf"youden|fixed(:{_UNIT})?|(sensitivity|specificity)>={_UNIT}")
 
@@ -117,6 +119,10 @@ def _check_federation(cfg: Config) -> None:
         if not fvalue >= 0:
             raise ConfigError(f"config key 'federation.adaptation.{key}' must be 0 or more, "
                               f"got {fvalue}")
+    attacks = ("none", *ATTACKS, "mixed")
+    if fed.faults.attack not in attacks:
+        raise ConfigError(f"config key 'federation.faults.attack' must be one of "
+                          f"{', '.join(attacks)}, got {fed.faults.attack!r}")
     op = fed.operating_point
     if op.calibration not in CALIBRATIONS:
         raise ConfigError(f"config key 'federation.operating_point.calibration' must be one of "

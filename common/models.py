@@ -174,8 +174,48 @@ def model_args(
     return args
 
 
+# Bounds on what a manifest may ask to build: a signed but hostile (or broken) manifest must
+# not allocate gigabytes or overflow before anything is checked.
+MAX_WIDTH = 8192  # units or channels per block
+MAX_BLOCKS = 32
+MAX_INPUT = 10_000_000  # input elements per example
+MAX_CLASSES = 1000
+
+
+def _check_args(family: str, args: Mapping[str, Any]) -> None:
+    shape = args.get("input_shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_INPUT for s in shape):
+        raise ModelError(f"model args 'input_shape' must be 1-4 positive integers, got "
+                         f"{str(shape)[:80]}")
+    total = 1
+    for s in shape:
+        total *= s
+    if total > MAX_INPUT:
+        raise ModelError(f"model args 'input_shape' {shape} has {total} elements; at most "
+                         f"{MAX_INPUT}")
+    classes = args.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 2 <= classes <= MAX_CLASSES:
+        raise ModelError(f"model args 'num_classes' must be an integer in 2..{MAX_CLASSES}, "
+                         f"got {str(classes)[:40]}")
+    for name in _FAMILY_FIELDS[family]:
+        value = args.get(name)
+        if isinstance(value, list):
+            if len(value) > MAX_BLOCKS or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH
+                    for v in value):
+                raise ModelError(f"model args '{name}' must list at most {MAX_BLOCKS} widths "
+                                 f"in 1..{MAX_WIDTH}, got {str(value)[:80]}")
+        elif name == "dropout" and not (isinstance(value, int | float)
+                                        and not isinstance(value, bool) and 0 <= value < 1):
+            raise ModelError(f"model args 'dropout' must be in [0, 1), got {str(value)[:40]}")
+
+
 def build_model_from_args(args: Mapping[str, Any]) -> SplitModel:
-    """Rebuild a model from :func:`model_args` output (e.g. read from a manifest)."""
+    """Rebuild a model from :func:`model_args` output (e.g. read from a manifest).
+
+    Every argument is bounded first (:data:`MAX_WIDTH` ...): a manifest is untrusted input.
+    """
     family = args.get("family")
     if not isinstance(family, str) or family not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
@@ -183,8 +223,10 @@ def build_model_from_args(args: Mapping[str, Any]) -> SplitModel:
     expected = {"family", "input_shape", "num_classes", *_FAMILY_FIELDS[family]}
     if set(args) != expected:
         raise ModelError(
-            f"model args for '{family}' must have keys {sorted(expected)}, got {sorted(args)}"
+            f"model args for '{family}' must have keys {sorted(expected)}, got "
+            f"{sorted(args)[:20]}"
         )
+    _check_args(family, args)
     fields: dict[str, Any] = {
         name: tuple(v) if isinstance(v, list) else v
         for name, v in args.items()

@@ -18,3 +18,14 @@ def sanitise_name(text: object) -> str:
     raw = str(text)[:MAX_NAME]
     cleaned = "".join(c if _NAME_OK.fullmatch(c) else "_" for c in raw).lstrip(".")
     return cleaned or "unnamed"
+
+
+MAX_TEXT = 300  # characters of another party's text that reach our terminal or log
+
+
+def printable(text: object, limit: int = MAX_TEXT) -> str:
+    """Another party's text for a terminal or log: no control characters (no escape
+    sequences that could fake an "ok" line), at most `limit` characters."""
+    raw = str(text)
+    cleaned = "".join(c if c.isprintable() else "?" for c in raw[:limit])
+    return cleaned + ("…" if len(raw) > limit else "")

@@ -125,6 +125,7 @@ class NodeSettings:
     device: str | None
     signing_pub: Path | None  # the server's public key: verify what arrives
     test_path: Path | None = None  # deployment: the hospital's own test file, kept apart
+    attack: str | None = None  # tests only: this hospital misbehaves (client/faults.py)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings | None
@@ -155,4 +156,5 @@ class NodeSettings:
             device=device,
             signing_pub=Path(pub) if pub else None,
             test_path=Path(test) if test else None,
+            attack=str(node_config.get("attack", "") or "") or None,
         )

@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="latest", help="N | latest | best")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--public-key", type=Path, default=None,
-                   help="server signing key (default: signing.pub in --certs)")
+                   help="server signing key (default: signing.pub in --certs, else "
+                   "$MEDFED_HOME/signing.pub)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="--registry only: copy a bundle without checking its signature")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
 
     p = add("predict", c.cmd_predict,

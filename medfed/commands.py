@@ -183,12 +183,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     if args.registry is not None:
         manifest = pull_from_registry(args.registry, args.version, args.out, args.public_key,
-                                      replace=args.force)
+                                      replace=args.force, unsigned=args.unsigned)
     else:
         manifest = pull_from_server(args.server, args.certs, args.version, args.out,
                                     args.public_key, replace=args.force)
+    checked = "hashes verified, signature NOT checked" if args.unsigned else \
+        "hashes and signature verified"
     print(f"pulled model v{manifest['version']:04d} (round {manifest['round']}) into {args.out}; "
-          "hashes and signature verified")
+          f"{checked}")
     return 0
 
 

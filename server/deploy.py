@@ -24,14 +24,15 @@ from types import FrameType
 import yaml
 
 from common.bundle import load_bundle
-from common.certs import FederationPaths, check_server_certs
+from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
 from common.config import ConfigError, safe_yaml, show, yaml_problem
 from common.config_check import load_config
+from common.names import printable
 from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
 from common.settings import PROJECT_ROOT, RunSettings
 from common.signing import load_private_key
 from server.heldout import preflight
-from server.provisioning import Enrolment, printable
+from server.provisioning import Enrolment
 
 log = logging.getLogger("medfed.server")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
@@ -47,9 +48,6 @@ class Hospital:
     name: str
     public_key: Path
     max_examples: int | None = None
-
-
-HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def load_hospitals(path: Path) -> list[Hospital]:
@@ -76,7 +74,7 @@ def load_hospitals(path: Path) -> list[Hospital]:
         name = str(item["name"])
         if not HOSPITAL_NAME.fullmatch(name):
             raise ConfigError(f"hospitals file {path}: entry {i} has name {show(name)}; use "
-                              "letters, digits, '_', '.' and '-' (at most 64)")
+                              "lowercase letters, digits and '-' (as `medfed certs hospital`)")
         if name in names:
             raise ConfigError(f"hospitals file {path}: hospital '{name}' is listed twice")
         names.add(name)

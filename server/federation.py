@@ -44,6 +44,7 @@ from common.manifest import (
     stats_from_manifest,
 )
 from common.models import SplitModel, load_state, set_trainable, split_state
+from common.registry import Registry
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
 from server.checkpoint import (
@@ -56,7 +57,6 @@ from server.heldout import Heldout, aggregate_test, build_heldout
 from server.history import RunHistory
 from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
 from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
-from server.registry import Registry
 from server.strategies import build_strategy
 from server.validation import check_site_model_reply, site_model_from_reply
 

@@ -19,7 +19,7 @@ from common.data.splits import TEST_LABEL
 from common.metrics import mean_defined
 
 if TYPE_CHECKING:
-    from server.registry import Registry
+    from common.registry import Registry
 
 PLOT_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 CSV_SPLITS = ("validation", "test")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import time
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from flwr.serverapp import Grid
 
 from common import records as rk
 from common.config import ValidationConfig
+from common.names import printable
 from server.delegating_grid import DelegatingGrid
 from server.validation import (
     check_evaluate_reply,
@@ -42,7 +44,6 @@ from server.validation import (
 log = logging.getLogger("medfed.server")
 ENROLMENT_FILE = "enrolment.json"
 TRAIN_KEYS = (rk.NUM_EXAMPLES, "loss", "steps")  # what the strategy sees of a train reply
-MAX_REASON = 300  # characters of a hospital's error text that reach the log
 
 
 class RunStopped(RuntimeError):
@@ -117,13 +118,6 @@ def content_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def printable(text: object, limit: int = MAX_REASON) -> str:
-    """A remote party's text for our log: no control characters, bounded length."""
-    raw = str(text)
-    cleaned = "".join(c if c.isprintable() else "?" for c in raw[:limit])
-    return cleaned + ("…" if len(raw) > limit else "")
-
-
 def _with_metrics(reply: Message, metrics: dict[str, float]) -> Message:
     """A shallow copy of `reply` for the strategy: its arrays, and exactly these metrics.
 
@@ -148,7 +142,7 @@ class ProvisioningGrid(DelegatingGrid):
     site_names: dict[int, str] = field(default_factory=dict)
     last_replies: dict[str, list[Message]] = field(default_factory=dict)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    declared: dict[int, int] = field(default_factory=dict)  # node -> training rows declared
+    declared: dict[int, float] = field(default_factory=dict)  # node -> training rows declared
     split_sizes: dict[int, dict[str, int]] = field(default_factory=dict)  # node -> rows/split
     excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
     audit_path: Path | None = None  # one JSON line per reply: what each site sent
@@ -248,8 +242,8 @@ class ProvisioningGrid(DelegatingGrid):
     # --- provisioning ---------------------------------------------------------------------
     def _declare(self, node: int, metrics: MetricRecord) -> None:
         rows = metrics.get(rk.NUM_TRAIN)
-        if is_count(rows) and float(rows) > 0:  # type: ignore[arg-type]
-            self.declared[node] = int(rows)  # type: ignore[arg-type]
+        if isinstance(rows, int | float) and math.isfinite(rows) and rows > 0:
+            self.declared[node] = float(rows)
         sizes = {split: int(float(metrics[f"rows/{split}"]))  # type: ignore[arg-type]
                  for split in ("train", "validation", "test")
                  if is_count(metrics.get(f"rows/{split}"))}
@@ -257,6 +251,15 @@ class ProvisioningGrid(DelegatingGrid):
             self.split_sizes[node] = sizes
             log.info("%s: %d train, %d validation, %d test rows", self.site(node),
                      sizes["train"], sizes["validation"], sizes["test"])
+
+    def bounded_declared(self) -> dict[int, float]:
+        """Declared training rows, capped by the enrolled size or the configured cap."""
+        out = {}
+        for node, rows in self.declared.items():
+            cap = self.enrolment.max_examples.get(self.site(node)) or \
+                self.validation.max_examples or rows
+            out[node] = min(rows, float(cap))
+        return out
 
     def _checked_provision(self, replies: list[Message]) -> list[Message]:
         good = []

@@ -20,6 +20,8 @@ Errors are JSON ``{"detail": "<one sentence>"}`` and never reveal server file pa
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import re
 import socket
 import ssl
@@ -40,11 +42,14 @@ from common.bundle import (
     BundleError,
 )
 from common.certs import CertError
-from server.registry import Registry
+from common.registry import Registry
 
 SERVED_FILES = (MANIFEST_FILE, SIGNATURE_FILE, BACKBONE_FILE, HEAD_FILE)
-_SPEC = re.compile(r"^(latest|best|\d{1,9})$")
+_SPEC = re.compile(r"latest|best|\d{1,9}")  # full matches only: "latest\n" is no spec
 _START_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0  # an idle TLS handshake is dropped after this (asyncio default: 60)
+MAX_CONNECTIONS = 64  # concurrent connections; more get HTTP 503
+KEEP_ALIVE_S = 5
 
 
 def _pointer_version(registry: Registry, name: str) -> int | None:
@@ -57,7 +62,7 @@ def _pointer_version(registry: Registry, name: str) -> int | None:
 
 def _version_dir(registry: Registry, spec: str) -> Path:
     """Bundle directory for ``spec``; 404 with one sentence if there is no such version."""
-    if not _SPEC.match(spec):
+    if not _SPEC.fullmatch(spec):
         raise HTTPException(
             404, f"no model version {spec!r}; expected a number, 'latest' or 'best'"
         )
@@ -91,7 +96,7 @@ def create_app(registry_root: Path) -> FastAPI:
 
     @app.get("/v1/models/{spec}/manifest")
     def manifest(spec: str) -> Response:
-        return _file_response(_version_dir(registry, spec), MANIFEST_FILE, spec)
+        return _file_response(registry.root, _version_dir(registry, spec), MANIFEST_FILE, spec)
 
     @app.get("/v1/models/{spec}/files/{name}")
     def bundle_file(spec: str, name: str) -> Response:
@@ -101,14 +106,21 @@ def create_app(registry_root: Path) -> FastAPI:
             raise HTTPException(
                 404, f"no bundle file {name!r}; expected one of {', '.join(SERVED_FILES)}"
             )
-        return _file_response(_version_dir(registry, spec), name, spec)
+        return _file_response(registry.root, _version_dir(registry, spec), name, spec)
 
     return app
 
 
-def _file_response(bundle_dir: Path, name: str, spec: str) -> Response:
+def _inside(root: Path, path: Path) -> bool:
+    """`path` is a plain file under `root`: no symlink on the way, nothing outside."""
+    if path.is_symlink() or path.parent.is_symlink() or not path.is_file():
+        return False
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _file_response(root: Path, bundle_dir: Path, name: str, spec: str) -> Response:
     path = bundle_dir / name
-    if not path.is_file():  # replaced or deleted between the lookup and now
+    if not _inside(root, path):  # replaced or deleted since the lookup, or a symlink
         raise HTTPException(404, f"model version {spec} has no file {name}")
     media = "application/json" if name == MANIFEST_FILE else "application/octet-stream"
     # The concrete version lets clients pin 'latest' before fetching the other files.
@@ -134,6 +146,9 @@ def _config(
         ssl_cert_reqs=ssl.CERT_REQUIRED,  # mutual TLS: no federation client cert, no access
         log_level=log_level,
         server_header=False,
+        loop="asyncio",  # _Server sets the handshake timeout on asyncio's create_server
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     try:
         config.load()  # builds the SSL context now, so a bad certificate fails in the caller
@@ -143,6 +158,20 @@ def _config(
             f"{err.reason or err}"
         ) from err
     return config
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with a short TLS handshake timeout (it has no setting for it)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        create = loop.create_server
+        loop.create_server = functools.partial(  # type: ignore[method-assign]
+            create, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        try:
+            await super().startup(sockets)
+        finally:
+            loop.create_server = create  # type: ignore[method-assign]
 
 
 def serve_registry(
@@ -157,7 +186,7 @@ def serve_registry(
     """Serve the registry over HTTPS with mutual TLS until interrupted (blocks)."""
     config = _config(registry_root, certfile, keyfile, ca_certfile, log_level)
     config.host, config.port = host, port
-    uvicorn.Server(config).run()
+    _Server(config).run()
 
 
 @dataclass
@@ -216,7 +245,7 @@ def start_registry_server(
         sock.close()
         raise
     bound_port = int(sock.getsockname()[1])
-    server = uvicorn.Server(config)
+    server = _Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="medfed-registry", daemon=True
     )

@@ -160,7 +160,7 @@ def run_secagg(grid: Grid, context: Context, settings: RunSettings) -> Federatio
         fit_metrics_aggregation_fn=_no_metrics, evaluate_metrics_aggregation_fn=_no_metrics,
     )
     # weights are num_examples / max_weight: the largest hospital's rows keep them <= 1
-    max_weight = float(max(fed.grid.declared.values(), default=1000))
+    max_weight = float(max(fed.grid.bounded_declared().values(), default=1000))
     secagg = SecAggPlusWorkflow(
         num_shares=pc.secagg_num_shares,
         reconstruction_threshold=pc.secagg_reconstruction_threshold,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,18 @@ def signing_key(signing_key_path: Path) -> Ed25519PrivateKey:
 def signing_pub_path(signing_key_path: Path) -> Path:
     """The public half, as given to hospitals."""
     return public_key_path(signing_key_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_medfed_home(medfed_home: Path, signing_key_path: Path) -> Iterator[None]:
+    """In-process code reads `$MEDFED_HOME` too (keys, pull state): never the user's own."""
+    before = os.environ.get("MEDFED_HOME")
+    os.environ["MEDFED_HOME"] = str(medfed_home)
+    yield
+    if before is None:
+        os.environ.pop("MEDFED_HOME", None)
+    else:
+        os.environ["MEDFED_HOME"] = before
 
 
 @pytest.fixture(scope="session")

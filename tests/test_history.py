@@ -12,7 +12,7 @@ import pytest
 
 from common.data.splits import TEST_LABEL
 from server.history import RunHistory, format_table
-from server.registry import Registry
+from common.registry import Registry
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ from client.pull import PullError, parse_address, pull_from_registry, pull_from_
 from common.bundle import BundleError, BundleSignatureError
 from common.certs import FederationPaths, HospitalPaths, init_federation, init_hospital
 from common.signing import load_or_create_signing_key, load_private_key, public_key_path
-from server.registry import Registry
+from common.registry import Registry
 from server.registry_http import RegistryServerHandle, start_registry_server
 
 TIMEOUT = 5.0  # seconds for any socket operation

@@ -11,7 +11,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.bundle import BundleError, load_bundle
-from server.registry import Registry
+from common.registry import Registry
 
 BACKBONE = {"backbone.0.weight": torch.zeros(3, 2)}
 

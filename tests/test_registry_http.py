@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from common.certs import CertError, FederationPaths, HospitalPaths, init_federation, init_hospital
 from common.signing import load_private_key
-from server.registry import Registry
+from common.registry import Registry
 from server.registry_http import RegistryServerHandle, create_app, start_registry_server
 
 TIMEOUT = 5.0  # seconds for any socket operation

@@ -7,6 +7,7 @@ become float32 in [0, 1], NCHW. Files are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,6 +39,39 @@ def _entry(name: str) -> tuple[str, tuple[str, ...], int]:
 # what np.load and reading an archive member raise for a bad file (BadZipFile: truncated or
 # a CRC mismatch; ValueError: not an array file, or object arrays that would need pickle)
 NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+
+MAX_ARRAY_BYTES = 2 << 30  # an image array medfed will decompress: 2 GiB
+MAX_PIXELS = 4096 * 4096  # a PNG larger than this is refused before it is decoded
+
+
+def check_npz_sizes(path: Path, limit: int = MAX_ARRAY_BYTES) -> None:
+    """Read each member's .npy header (not its data) and refuse arrays above `limit` bytes.
+
+    A few compressed KB can expand to GBs: the shape is known from the header alone.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    major, _ = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                size = int(np.prod(shape, dtype=np.float64)) * max(dtype.itemsize, 1)
+                if size > limit:
+                    raise DataError(
+                        f"{path}: array '{info.filename[:-4]}' of shape {shape} would take "
+                        f"{size / 2**30:.1f} GiB once decompressed (limit {limit / 2**30:g} "
+                        "GiB); refused")
+    except zipfile.BadZipFile:
+        return  # not an archive (a plain .npy), or corrupt: np.load reports it
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file: {npz_problem(err)}") from err
 
 
 def npz_problem(err: BaseException) -> str:
@@ -77,6 +111,8 @@ def to_nchw(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def _read_npz(path: Path, channels: int, n_classes: int) -> dict[str, np.ndarray]:
+    if Path(path).exists():
+        check_npz_sizes(Path(path))
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -144,9 +180,17 @@ def _read_png_folder(folder: Path) -> np.ndarray:
     images = []
     for p in files:
         try:
-            with Image.open(p) as opened:
-                mode = "RGB" if opened.mode in ("RGB", "RGBA", "P") else "L"
-                images.append(np.asarray(opened.convert(mode), dtype=np.uint8))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as opened:  # reads the header only
+                    width, height = opened.size
+                    if width * height > MAX_PIXELS:
+                        raise DataError(f"{p}: the image is {width}x{height} pixels, above "
+                                        f"the {MAX_PIXELS} pixels medfed decodes; refused")
+                    mode = "RGB" if opened.mode in ("RGB", "RGBA", "P") else "L"
+                    images.append(np.asarray(opened.convert(mode), dtype=np.uint8))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise DataError(f"{p}: the image is too large to decode safely; refused") from err
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{p}: not a readable PNG image") from err
     shapes = {a.shape for a in images}
@@ -166,6 +210,7 @@ def load_image_file(path: str | Path) -> np.ndarray:
         return to_nchw(_read_png_folder(path), str(path))
     if not path.exists():
         raise DataError(f"image file {path} does not exist")
+    check_npz_sizes(path)
     try:
         loaded = np.load(path, allow_pickle=False)
     except NPZ_ERRORS as err:
@@ -186,6 +231,8 @@ def load_image_file(path: str | Path) -> np.ndarray:
 
 def read_labelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A hospital's labelled images: arrays `images` and `labels` (float32 NCHW, int64)."""
+    if Path(path).exists():
+        check_npz_sizes(Path(path))
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz.files or "labels" not in npz.files:

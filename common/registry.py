@@ -1,5 +1,8 @@
 """The model registry: one signed bundle per global-model version plus `latest`/`best` pointers.
 
+Written by the server (`server/federation.py`), read by the registry's HTTPS server and by
+`medfed pull`; it lives in `common/` because both sides use it.
+
 Layout::
 
     registry/
@@ -57,7 +60,9 @@ class Registry:
         found = []
         for child in self.root.iterdir():
             match = VERSION_RE.fullmatch(child.name)
-            if match and (child / "manifest.sig").exists():
+            # a symlink is never a version: it could point anywhere on the disk
+            if match and child.is_dir() and not child.is_symlink() \
+                    and (child / "manifest.sig").is_file():
                 found.append(int(match.group(1)))
         return sorted(found)
 

@@ -42,12 +42,12 @@ from common.models import (
 )
 from common.personalise import personalise as personalise_site
 from common.pretrain import pretrain
+from common.registry import improves
 from common.scoring import OperatingPoint, score_model
 from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
 from common.training import train_local
 from server.heldout import aggregate_sites, aggregate_test
-from common.registry import improves
 
 State = dict[str, torch.Tensor]
 

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import records as rk

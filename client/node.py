@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import RecordDict
 
 from client.cache import BackboneCache, FeatureCache
 from client.faults import attack_of, maybe_fail, maybe_poison, tamper

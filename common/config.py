@@ -8,6 +8,7 @@ one sentence naming the key (:class:`ConfigError`). The resolved tree is stored 
 from __future__ import annotations
 
 import dataclasses
+import re
 import reprlib
 import types
 import typing
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -277,6 +280,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {show(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value):
+            return float(value)  # YAML 1.1 reads 1e300 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}' must be a number, got {show(value)}")
         return float(value)

@@ -200,9 +200,10 @@ def _run_config_file(req: ServerRequest, keys: Path, expected_nodes: int) -> Pat
     return path
 
 
-def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
-    """Validate everything before any process starts; returns (certs, signing key)."""
+def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospital]]:
+    """Validate everything before any process starts; (certs, signing key, hospitals)."""
     cfg = load_config(req.config, req.overrides)
+    hospitals = load_hospitals(req.hospitals) if req.hospitals else []
     if req.certs is None and not req.insecure:
         raise ConfigError("refusing to start without certificates: pass --certs DIR (made by "
                           "`medfed certs init`) or --insecure for a local test")
@@ -219,7 +220,7 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path]:
     if (req.run_dir / "checkpoint").exists() and not req.resume:
         raise FileExistsError(f"run directory {req.run_dir} holds a started run; continue it "
                               "with --resume or choose another --run-dir")
-    return certs, keys
+    return certs, keys, hospitals
 
 
 def _superlink_cmd(req: ServerRequest, certs: FederationPaths | None) -> list[str]:
@@ -235,12 +236,11 @@ def _superlink_cmd(req: ServerRequest, certs: FederationPaths | None) -> list[st
 
 def run_server(req: ServerRequest) -> int:
     """Start everything, run the federation, keep serving the registry until stopped."""
-    certs, keys = _check(req)
+    certs, keys, hospitals = _check(req)
     if certs is None:
         print("WARNING: medfed server is running INSECURE: no TLS, no hospital authentication. "
               "Use it only for a local test.", file=sys.stderr, flush=True)
     req.run_dir.mkdir(parents=True, exist_ok=True)
-    hospitals = load_hospitals(req.hospitals) if req.hospitals else []
     flwr_home = req.run_dir / "flwr-home"
     env = flwr_env(flwr_home)
     _write_connection(flwr_home, req.port, certs)

@@ -120,8 +120,25 @@ class Federation:
     round_offset: int = 0  # rounds committed before this (resumed) run
     strategy: Any = None
     started: float = field(default_factory=time.monotonic)
+    previous: dict[str, np.ndarray] | None = None  # the last published global tensors
 
-    def _load_arrays(self, arrays: ArrayRecord) -> None:
+    def _load_arrays(self, arrays: ArrayRecord, server_round: int) -> None:
+        """Check the aggregate before it goes anywhere, then load it into the model."""
+        tensors = {n: a.numpy().astype(np.float64) for n, a in arrays.items()}
+        bad = [n for n, t in tensors.items() if not np.isfinite(t).all()]
+        if bad:
+            raise RunStopped(f"round {server_round}: the aggregated model holds NaN or infinite "
+                             f"values (tensor '{bad[0]}'); nothing of this round is published")
+        bound = self.cfg.federation.validation.max_update_norm
+        if self.previous is not None and bound > 0:
+            step = float(np.sqrt(sum(np.sum((tensors[n] - self.previous[n]) ** 2)
+                                     for n in tensors if n in self.previous)))
+            if step > bound:
+                raise RunStopped(f"round {server_round}: the aggregated model moved by "
+                                 f"{step:.3g}, above the bound {bound:g} "
+                                 "(federation.validation.max_update_norm); nothing of this "
+                                 "round is published")
+        self.previous = tensors
         load_state(self.model, arrays.to_torch_state_dict(), where="global model")
 
     def _replies(self, message_type: str) -> dict[str, Message]:
@@ -164,7 +181,7 @@ class Federation:
     def evaluate_round(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Validation check of the global model, publish it as a signed version, commit."""
         server_round = local_round + self.round_offset
-        self._load_arrays(arrays)
+        self._load_arrays(arrays, server_round)
         if local_round == 0 and self.round_offset > 0:  # resumed: round already published
             return MetricRecord()
         if server_round == 0 and self.heldout.at_sites:

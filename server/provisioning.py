@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field

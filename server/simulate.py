@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.config_check import load_config
 from common.data.federated import data_key_prefix, raw_sites
+from common.data.splits import SiteSplit
 from common.names import sanitise_name
 from common.processes import die_with_parent, stop_group
 from common.signing import load_or_create_signing_key, public_key_path
@@ -54,6 +55,12 @@ class SimulateRequest:
         )
 
 
+def enrol_simulated(run_dir: Path, sites: tuple[SiteSplit, ...]) -> None:
+    """The simulated hospitals' enrolment: the data says how many training rows each holds
+    (what an operator writes in hospitals.yaml for a deployment)."""
+    Enrolment(max_examples={sanitise_name(s.name): len(s.y_train) for s in sites}).write(run_dir)
+
+
 def simulate(request: SimulateRequest) -> int:
     """Run the simulation child, relay its progress, print the final table."""
     cfg = load_config(request.config_path, request.overrides)  # fail fast on a bad config
@@ -72,9 +79,7 @@ def simulate(request: SimulateRequest) -> int:
         print(f"created bundle-signing key {request.keys} (public key: "
               f"{public_key_path(request.keys)})")
     request.run_dir.mkdir(parents=True, exist_ok=True)
-    # the simulated hospitals' enrolment: the data says how many training rows each holds
-    Enrolment(max_examples={sanitise_name(s.name): len(s.y_train) for s in sites}).write(
-        request.run_dir)
+    enrol_simulated(request.run_dir, sites)
     (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "server.simulate_worker", request.to_json()]
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",

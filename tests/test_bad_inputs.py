@@ -209,7 +209,22 @@ def config_unknown_device(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("device", "tpu"))
 
 
+def config_yaml_alias_bomb(c: Ctx) -> Call:
+    """393 bytes of nested aliases once expanded to a 254 MB error line."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    path = _config_file(c, ("\n".join(lines) + "\nname: *i\n").encode())
+    return Call(_pretrain(c, path), c.tmp / "bundle", ("experiment.yaml", "anchor or alias"))
+
+
+def config_huge_value_is_shown_short(c: Ctx) -> Call:
+    path = _config_file(c, ("name: t\nseed: '" + "9" * 100_000 + "'\n").encode())
+    return Call(_pretrain(c, path), c.tmp / "bundle", ("'seed'", "integer", "..."))
+
+
 CONFIG_CASES: list[Builder] = [
+    config_yaml_alias_bomb, config_huge_value_is_shown_short,
     config_unknown_key_in_file, config_unknown_key_in_set, config_wrong_type,
     config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
     config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
@@ -471,8 +486,36 @@ def _image_case(mutation: str, purpose: str) -> Builder:
     return build
 
 
+def _npz_bomb(path: Path) -> None:
+    """A 200-byte npz whose header promises 4 GB of images (never decompressed)."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (400000, 100, 100)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(1000))
+        archive.writestr("labels.npy", header.getvalue() + bytes(10))
+
+
+IMAGE_MUTATIONS["decompression-bomb"] = (_npz_bomb, ("GiB once decompressed", "refused"))
+
+
+def image_png_too_large(c: Ctx) -> Call:
+    from PIL import Image
+
+    folder = c.tmp / "scans"
+    folder.mkdir()
+    Image.new("L", (5000, 5000)).save(folder / "big.png")  # 25 Mpixel, a few KB on disk
+    out = c.tmp / "preds.csv"
+    argv = ["predict", "--model", str(c.cnn_bundle), "--data", str(folder), "--out", str(out),
+            "--device", "cpu"]
+    return Call(argv, out, ("big.png", "5000x5000", "refused"))
+
+
 IMAGE_CASES: list[Builder] = [
-    _image_case(m, p) for p in ("training", "prediction") for m in IMAGE_MUTATIONS
+    *(_image_case(m, p) for p in ("training", "prediction") for m in IMAGE_MUTATIONS),
+    image_png_too_large,
 ]
 
 
@@ -566,6 +609,38 @@ def bundle_manifest_not_json(c: Ctx) -> Call:
     return Call(_predict(c, model), c.tmp / "preds.csv", (MANIFEST_FILE, "JSON"))
 
 
+def _forge(c: Ctx) -> Path:
+    """Weights and their hash changed together, the manifest NOT re-signed."""
+    model = _bundle_copy(c)
+    wide = build_model("mlp", (13,), 2, ModelConfig(hidden=(16,)))
+    backbone = state_to_bytes(split_state(wide)[0])
+    (model / BACKBONE_FILE).write_bytes(backbone)
+    manifest = json.loads((model / MANIFEST_FILE).read_bytes())
+    manifest["files"][BACKBONE_FILE] = manifest["backbone_sha256"] = sha256_bytes(backbone)
+    (model / MANIFEST_FILE).write_bytes(manifest_to_bytes(manifest))
+    return model
+
+
+def bundle_forged_predict_without_any_flag(c: Ctx) -> Call:
+    argv = [a for a in _predict(c, _forge(c)) if a != str(c.signing_pub)]
+    argv.remove("--public-key")  # the key comes from $MEDFED_HOME/signing.pub by default
+    return Call(argv, c.tmp / "preds.csv", (MANIFEST_FILE, "signature"))
+
+
+def bundle_forged_check_data_and_model_card(c: Ctx) -> Call:
+    return Call(["model-card", "--model", str(_forge(c))], c.tmp / "preds.csv",
+                (MANIFEST_FILE, "signature"))
+
+
+def bundle_absurd_model_arguments(c: Ctx) -> Call:
+    """A correctly signed manifest asking for a 2^31-unit layer is refused before building."""
+    model = _bundle_copy(c)
+    manifest = json.loads((model / MANIFEST_FILE).read_bytes())
+    manifest["model"]["hidden"] = [2147483648]
+    _resign(c, model, manifest_bytes=manifest_to_bytes(manifest))
+    return Call(_predict(c, model), c.tmp / "preds.csv", ("'hidden'", "widths", "8192"))
+
+
 def predict_unknown_device(c: Ctx) -> Call:
     argv = [*_predict(c, c.heart_bundle)[:-1], "tpu"]
     return Call(argv, c.tmp / "preds.csv", ("device", "tpu"))
@@ -574,7 +649,9 @@ def predict_unknown_device(c: Ctx) -> Call:
 BUNDLE_CASES: list[Builder] = [
     bundle_missing_head, bundle_flipped_head_byte, bundle_flipped_backbone_byte,
     bundle_flipped_manifest_byte, bundle_wrong_public_key, bundle_incompatible_backbone,
-    bundle_backbone_missing_tensor, bundle_manifest_not_json, predict_unknown_device,
+    bundle_backbone_missing_tensor, bundle_manifest_not_json, bundle_absurd_model_arguments,
+    bundle_forged_predict_without_any_flag, bundle_forged_check_data_and_model_card,
+    predict_unknown_device,
 ]
 
 
@@ -652,7 +729,29 @@ def client_unknown_device(c: Ctx) -> Call:
     return Call(argv, c.tmp / "work", ("device", "tpu"))
 
 
+def certs_hospital_name_with_a_newline(c: Ctx) -> Call:
+    argv = ["certs", "hospital", "--name", "hospital-a\n", "--out", str(c.tmp / "h"),
+            "--ca", str(c.federation)]
+    return Call(argv, c.tmp / "h", ("hospital-a",))
+
+
+def certs_server_name_with_a_newline(c: Ctx) -> Call:
+    argv = ["certs", "init", "--out", str(c.tmp / "fed"), "--server-name", "fl.example.org\n"]
+    return Call(argv, c.tmp / "fed", ("fl.example.org",))
+
+
+def server_hospitals_file_with_a_bad_name(c: Ctx) -> Call:
+    hospitals = c.tmp / "hospitals.yaml"
+    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
+    hospitals.write_text(f'- name: "hospital-a\\n12:00 ok"\n  public_key: {pub}\n')
+    out = _server_certs(c)
+    argv = [*_server(c, out), "--hospitals", str(hospitals)]
+    return Call(argv, c.tmp / "run", ("hospitals.yaml", "entry 0", "lowercase letters"))
+
+
 CERT_CASES: list[Builder] = [
+    certs_hospital_name_with_a_newline, certs_server_name_with_a_newline,
+    server_hospitals_file_with_a_bad_name,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
 ]
@@ -749,3 +848,33 @@ def test_check_data_warns_but_accepts_a_training_site_with_one_class(
     warnings = captured.err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("medfed: warning: ")
     assert f"all {len(positives)} rows have label 'disease'" in warnings[0]
+
+
+def test_a_label_that_looks_like_a_formula_is_escaped_in_the_predictions(
+        ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _bundle_copy(ctx)
+    manifest = json.loads((model / MANIFEST_FILE).read_bytes())
+    manifest["labels"] = ["no disease", '=HYPERLINK("http://x.example","click")']
+    _resign(ctx, model, manifest_bytes=manifest_to_bytes(manifest))
+    data = ctx.tmp / "new.csv"
+    data.write_text(_add_column(ctx.heart_csv, "id", "@cmd"), encoding="utf-8")
+    out = ctx.tmp / "preds.csv"
+    stats = ctx.tmp / "site_stats.json"
+    stats.write_text(json.dumps({k: v for k, v in manifest["preprocessing"]["normalisation"].items()
+                                 if k != "mode"}))
+    code = main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--site-stats", str(stats)])
+    assert code == 0, capsys.readouterr().err
+    text = out.read_text()
+    assert "'=HYPERLINK" in text and "\n0,'@cmd," in text
+    assert ",=HYPERLINK" not in text and ",@cmd" not in text
+
+
+def test_unsigned_runs_a_forged_bundle_only_when_asked_and_says_so(
+        ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _forge(ctx)
+    code = main(["model-card", "--model", str(model), "--unsigned"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.startswith("medfed: warning: --unsigned")
+    assert "signature NOT checked" in captured.out

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import init_federation, init_hospital
+from client.deploy import ClientRequest, supernode_cmd
+from common.certs import check_hospital_certs, init_federation, init_hospital
 from common.config_check import load_config
 from common.data.heart import export_site_csv
 from common.pretrain import pretrain
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("cleveland", "hungary", "va")
+MALICIOUS = "va"  # in the full run its SuperNode claims 1e300 training rows (client/faults.py)
+VA_ENROLLED = 60
 RUN_TIMEOUT_S = 420
 
 
@@ -91,7 +94,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     entries = []
     for site in SITES:
         paths = init_hospital(site, certs / "hospitals", certs)
-        entries.append(f"- name: {site}\n  public_key: {paths.node_pub}\n")
+        entries.append(f"- name: {site}\n  public_key: {paths.node_pub}\n"
+                       # the operator knows VA's size: whatever VA claims, it weighs <= 60
+                       + (f"  max_examples: {VA_ENROLLED}\n" if site == MALICIOUS else ""))
     init_hospital("intruder", certs / "hospitals", certs)  # has a key, but never registered
     hospitals = tmp / "hospitals.yaml"
     hospitals.write_text("".join(entries), encoding="utf-8")
@@ -123,6 +128,21 @@ def server(federation: Federation) -> Iterator[subprocess.Popen[bytes]]:
         yield proc
     finally:
         _stop(proc)
+
+
+def _malicious_client(f: Federation, name: str, certs: Path) -> subprocess.Popen[bytes]:
+    """A hospital that changed its own client: the real SuperNode, lying about its size."""
+    req = ClientRequest(server=f"127.0.0.1:{f.port}", data=f.data / f"{name}.csv",
+                        test_data=None, certs=certs, name=name, device="cpu",
+                        workdir=f.tmp / "nodes" / name, port=free_port(), insecure=False,
+                        max_retries=0)
+    cmd = supernode_cmd(req, check_hospital_certs(certs))
+    at = cmd.index("--node-config") + 1
+    cmd[at] += ' attack="inflate-count"'
+    out = (f.tmp / f"client-{name}.log").open("wb")
+    env = {**f.env, "FLWR_HOME": str(f.tmp / "nodes" / name / "flwr-home")}
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
 
 
 def _client(f: Federation, name: str, certs: Path, extra: tuple[str, ...] = ()
@@ -182,11 +202,15 @@ def test_client_with_wrong_ca_is_refused(federation: Federation,
 def test_full_run_pull_and_predict(federation: Federation,
                                    server: subprocess.Popen[bytes]) -> None:
     f = federation
-    clients = [_client(f, site, f.certs / "hospitals" / site) for site in SITES]
+    clients = [(_malicious_client if site == MALICIOUS else _client)(
+        f, site, f.certs / "hospitals" / site) for site in SITES]
     try:
         log = f.tmp / "server.log"
         assert _wait_for(log, "still serving the registry", RUN_TIMEOUT_S, server), \
             log.read_text(errors="replace")[-4000:]
+        # the liar's updates count, with the weight its enrolment allows
+        assert f"capped the weight of {MALICIOUS}: it claimed 1e+300 training rows, the bound " \
+            f"is {VA_ENROLLED}" in log.read_text(errors="replace")
         assert (f.run_dir / "registry" / "v0002" / "manifest.sig").exists()
         delivered = json.loads((f.run_dir / "summary.json").read_text())["final"]["version"]
 

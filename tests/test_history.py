@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from common.data.splits import TEST_LABEL
-from server.history import RunHistory, format_table
 from common.registry import Registry
+from server.history import RunHistory, format_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -13,8 +13,8 @@ import torch
 from client.pull import PullError, parse_address, pull_from_registry, pull_from_server
 from common.bundle import BundleError, BundleSignatureError
 from common.certs import FederationPaths, HospitalPaths, init_federation, init_hospital
-from common.signing import load_or_create_signing_key, load_private_key, public_key_path
 from common.registry import Registry
+from common.signing import load_or_create_signing_key, load_private_key, public_key_path
 from server.registry_http import RegistryServerHandle, start_registry_server
 
 TIMEOUT = 5.0  # seconds for any socket operation
@@ -290,3 +290,63 @@ def test_pull_from_missing_registry_directory(tmp_path: Path) -> None:
 def test_malformed_version_is_refused(registry_root: Path, tmp_path: Path) -> None:
     with pytest.raises(PullError, match="--version must be"):
         pull_from_registry(registry_root, "newest", tmp_path / "model", None)
+
+
+# ---------------------------------------------------------------------------- forged models
+
+
+@pytest.fixture
+def own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A hospital's MEDFED_HOME of its own: it remembers what it pulled (rollbacks)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDFED_HOME", str(home))
+    return home
+
+
+def test_a_registry_serving_an_older_model_as_latest_is_refused(
+        own_home, fed, hospital, start, tmp_path) -> None:
+    root = _build_registry(tmp_path / "registry", fed)
+    server = start(root)
+    assert pull_from_server(server.address, hospital.out, "latest", tmp_path / "a")["version"] == 2
+    (root / "latest.json").write_text('{"version": 1}\n')  # the registry rolls back
+    with pytest.raises(BundleError, match="refused as a rollback"):
+        pull_from_server(server.address, hospital.out, "latest", tmp_path / "b")
+    assert _nothing_written(tmp_path / "b")
+    # going back on purpose, by number, is allowed
+    assert pull_from_server(server.address, hospital.out, "1", tmp_path / "c")["version"] == 1
+
+
+def test_a_version_that_signs_another_number_is_refused(own_home, fed, hospital, start,
+                                                       tmp_path) -> None:
+    root = _build_registry(tmp_path / "registry", fed)
+    shutil.rmtree(root / "v0002")
+    shutil.copytree(root / "v0000", root / "v0002")  # v0's signed bundle served as v2
+    server = start(root)
+    with pytest.raises(BundleError, match="signed manifest is of version 0, not 2"):
+        pull_from_server(server.address, hospital.out, "2", tmp_path / "out")
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_the_signature_is_checked_before_any_weight_is_downloaded(own_home, fed, hospital, start,
+                                                                   tmp_path) -> None:
+    root = _build_registry(tmp_path / "registry", fed)
+    # a forged manifest, and no weights at all: a pull that downloaded first would fail on
+    # the missing file; one that verifies first names the signature
+    manifest = root / "v0002" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"round": 2', b'"round": 9'))
+    (root / "v0002" / "head.safetensors").unlink()
+    server = start(root)
+    with pytest.raises(BundleSignatureError, match="manifest.json"):
+        pull_from_server(server.address, hospital.out, "2", tmp_path / "out")
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_a_weight_file_larger_than_its_signed_size_is_refused(own_home, fed, hospital, start,
+                                                             tmp_path) -> None:
+    root = _build_registry(tmp_path / "registry", fed)
+    head = root / "v0002" / "head.safetensors"
+    head.write_bytes(head.read_bytes() + bytes(1 << 20))  # a MB more than the manifest says
+    server = start(root)
+    with pytest.raises(BundleError, match="exceeds the .* bytes its signed manifest allows"):
+        pull_from_server(server.address, hospital.out, "2", tmp_path / "out")
+    assert _nothing_written(tmp_path / "out")

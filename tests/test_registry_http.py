@@ -13,8 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from common.certs import CertError, FederationPaths, HospitalPaths, init_federation, init_hospital
-from common.signing import load_private_key
 from common.registry import Registry
+from common.signing import load_private_key
 from server.registry_http import RegistryServerHandle, create_app, start_registry_server
 
 TIMEOUT = 5.0  # seconds for any socket operation
@@ -190,3 +190,42 @@ def test_stop_frees_the_port(registry_root: Path, fed: FederationPaths) -> None:
         registry_root, "127.0.0.1", handle.port, fed.server_cert, fed.server_key, fed.ca_cert
     )
     again.stop()
+
+
+# ---------------------------------------------------------------------------- hygiene
+
+
+def test_a_trailing_newline_in_a_version_is_a_404_not_a_500(client: TestClient) -> None:
+    for path in ("/v1/models/latest%0A/manifest", "/v1/models/1%0A/files/head.safetensors"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+
+
+def test_a_symlink_in_the_registry_is_never_served(tmp_path: Path, fed: FederationPaths) -> None:
+    root = tmp_path / "registry"
+    registry = Registry(root, load_private_key(fed.signing_key))
+    registry.publish(0, {"w": torch.zeros(3)}, {"h": torch.zeros(2)}, {"version": 0, "round": 0},
+                     0.5, "auc")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server's private notes")
+    head = registry.version_dir(0) / "head.safetensors"
+    head.unlink()
+    head.symlink_to(secret)  # a file link inside a version ...
+    (root / "v0001").symlink_to(registry.version_dir(0))  # ... and a whole linked version
+    app = TestClient(create_app(root))
+    assert app.get("/v1/models/0/files/head.safetensors").status_code == 404
+    assert app.get("/v1/models/1/files/manifest.json").status_code == 404
+    assert app.get("/v1/versions").json()["versions"] == [0]
+    assert b"private notes" not in app.get("/v1/models/0/files/head.safetensors").content
+
+
+def test_an_idle_tls_handshake_is_dropped(server: RegistryServerHandle) -> None:
+    """A connection that never sends a ClientHello is closed by the server after
+    HANDSHAKE_TIMEOUT_S (5 s), not held for asyncio's default 60 s."""
+    import socket
+
+    from server.registry_http import HANDSHAKE_TIMEOUT_S
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.settimeout(HANDSHAKE_TIMEOUT_S * 6)  # generous: a busy machine is slow
+        assert sock.recv(1) == b""  # closed by the server, well before 60 s

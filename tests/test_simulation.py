@@ -243,6 +243,36 @@ def test_fifty_synthetic_hospitals_complete_and_leave_nothing(tmp_path, signing_
     _verify(out / "registry" / "v0003", signing_pub_path)
 
 
+# --- (c2) malicious hospitals on Flower's runtime ---------------------------------------------
+@pytest.mark.timeout(400)
+def test_six_kinds_of_malicious_hospital_cannot_stop_or_take_over_a_run(
+        tmp_path, signing_key, cli_env) -> None:
+    bundle = tmp_path / "pretrain"
+    pretrain(load_config(SYNTHETIC, ["pretrain.data.synthetic_sites=10"]), bundle, signing_key)
+    out = tmp_path / "run"
+    # 6 of 10 hospitals attack, one kind each: inflate-count, omit-count, huge-update,
+    # nan-update, spoof-name, malformed (client/faults.py, `mixed`)
+    done = _simulate(SYNTHETIC, bundle, out, cli_env, 360, "--hospitals", "10",
+                     "--rounds", "2", "--set", "federation.data.synthetic_sites=10",
+                     "--set", "federation.strategy.fraction_evaluate=1.0",
+                     "--set", "federation.faults.attack=mixed",
+                     "--set", "federation.faults.attack_fraction=0.6",
+                     "--set", "federation.faults.attack_value=3e38")
+    log = done.out + done.err
+    assert done.code == 0, log[-3000:]
+    assert done.left == []
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    reasons = " ".join(" ".join(r.get("excluded", {}).values()) for r in rows)
+    for reason in ("exceeds the bound", "NaN or infinite", "no 'num-examples'"):
+        assert reason in reasons, reasons
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert any(e.get("excluded") == "reply has no metrics record" for e in audit)
+    assert "capped the weight of" in log and "two hospitals call themselves" in log
+    assert all(v is None or v == v for v in rows[-1]["validation"].values()
+               if not isinstance(v, str))
+
+
 # --- (d) Ctrl-C ------------------------------------------------------------------------------
 @pytest.mark.timeout(200)
 def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path, heart_bundle,

@@ -49,11 +49,13 @@ GLOBAL_GRID: dict[str, tuple[Any, ...]] = {
     "federation.local.weight_decay": (0.0, 0.01),
     "federation.rounds": (10, 20),
 }
-# Sweep 2 (site models, on the chosen global settings): chosen by validation balanced acc.
+# Sweep 2 (site models, on the chosen global settings): chosen by the cross-fitted validation
+# balanced accuracy (emulate.cross_fitted_ba), never by test.
 SITE_GRID: dict[str, tuple[Any, ...]] = {
     "federation.adaptation.steps": (25, 100),
     "federation.adaptation.lr": (0.005, 0.02),
     "federation.adaptation.proximal_mu": (0.0, 1.0),
+    "federation.adaptation.selection_metric": ("loss", "auc"),
     "federation.operating_point.threshold": ("fixed:0.5", "youden"),
 }
 # (key, label, kind, extra overrides); kind: majority | local | pooled | fed, "+scratch" =
@@ -70,6 +72,38 @@ ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("fedyogi-transfer", "FedYogi, transfer", "fed", ("federation.strategy.name=fedyogi",)),
 )
 SIM_ROW = "fedavg-transfer"  # the configuration also run with the real `medfed simulate`
+EXTRA_NOTES = "\n\n".join([
+    "**Targets (issue 10, 5 seeds, honest protocol) and how far off.** One global model, mean "
+    "centre accuracy >= 0.76: missed; the row chosen on validation AUC is FLamby's logistic "
+    "regression from scratch (validation AUC 0.873 vs 0.864 for transfer), at 0.691 test "
+    "accuracy (-0.069); the best federated row, FedYogi transfer, reaches 0.736 (-0.024). "
+    "Personalised, mean centre accuracy >= 0.80 and balanced accuracy >= 0.78: missed; the "
+    "row chosen on the cross-fitted validation balanced accuracy (MLP from scratch) gives "
+    "0.764 (-0.036) and 0.760 (-0.020); the transfer rows' site models reach 0.745-0.758 and "
+    "0.786-0.791 but were not chosen. No site worse than the global model on balanced "
+    "accuracy: missed at Switzerland for the chosen row (-0.053: its test split has a single "
+    "negative, so its balanced accuracy moves by 0.5 with that one patient) and by 0.001 at "
+    "Hungary; no site model was a constant predictor on any seed. (Figures of the run of "
+    "2026-12-01 recorded above.) The earlier headlines (0.752 global, 0.818 personalised) "
+    "were chosen on these test splits and do not hold.",
+    "**Tried.** Sweep 1 (16 global settings: pretraining epochs, local learning rate, weight "
+    "decay, rounds) moves the validation AUC by less than 0.004: the global model is limited "
+    "by the data (four centres of 30-159 training rows, one all-positive), not by these "
+    "knobs. Sweep 2 (32 site-model settings: fine-tuning steps, learning rate, proximal "
+    "pull, the guard's metric, the threshold rule) is in the table above.",
+    "**One change made after looking at test figures, disclosed.** The first full run (kept "
+    "as `benchmarks/results/heart-first-run.json`) chose the site-model settings by the "
+    "in-sample validation balanced accuracy. Youden's threshold maximises exactly that "
+    "quantity on the rows it is fitted to, so the rule won by construction (0.739 vs 0.645) "
+    "and, on test, lowered balanced accuracy at Long Beach VA by 0.126 (4 validation "
+    "negatives). Two changes followed: the selection criterion became the cross-fitted "
+    "validation balanced accuracy (rule fitted on one half of each centre's validation "
+    "split, scored on the other), and a threshold rule now needs 10 validation rows of each "
+    "class (`operating_point.min_class_rows`, else 0.5). Both are sound on their own, but "
+    "they were prompted by test figures, so the personalised rows above carry that one "
+    "look at the test splits. First-run figures: personalised 0.722 accuracy / 0.736 "
+    "balanced accuracy (chosen row); the transfer row's site models 0.710 / 0.760.",
+])
 
 
 def _sets(grid: dict[str, tuple[Any, ...]]) -> list[tuple[str, ...]]:
@@ -201,6 +235,8 @@ def site_model_figures(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_centre_balanced_acc": site_mean(mine("test", "balanced_accuracy")),
         "mean_centre_auc": site_mean(mine("test", "auc")),
         "validation_balanced_acc": site_mean(mine("validation", "balanced_accuracy")),
+        "cross_fitted_validation_balanced_acc": site_mean(
+            lambda sm, s: sm[s].get("cross_fitted_validation_balanced_accuracy")),
         "sites": {s: {**{k: over_seeds(sm[s]["site_model"]["test"].get(k) for sm in per_seed)
                          for k in ("accuracy", "balanced_accuracy", "auc", "auc_lo", "auc_hi",
                                    "sensitivity", "specificity")},
@@ -249,13 +285,16 @@ def sweep_sites(base: tuple[str, ...], home: Path, seeds: tuple[int, ...]) -> di
         fig = site_model_figures(sms)
         rows.append({"overrides": list(combo),
                      "validation_balanced_acc": fig["validation_balanced_acc"],
+                     "cross_fitted_validation_balanced_acc":
+                         fig["cross_fitted_validation_balanced_acc"],
                      "test_mean_centre_balanced_acc": fig["mean_centre_balanced_acc"]})
-        print(f"  heart sweep 2 {combo}: validation BA {fmt(fig['validation_balanced_acc'])}",
-              flush=True)
-    best = max(rows, key=lambda r: r["validation_balanced_acc"]["mean"])
+        print(f"  heart sweep 2 {combo}: cross-fitted validation BA "
+              f"{fmt(fig['cross_fitted_validation_balanced_acc'])}", flush=True)
+    best = max(rows, key=lambda r: r["cross_fitted_validation_balanced_acc"]["mean"])
     return {"rows": rows, "chosen": best["overrides"], "selected_on": "validation",
-            "rule": "highest mean over seeds and centres of the site models' validation "
-                    "balanced accuracy"}
+            "rule": "highest mean over seeds and centres of the site models' cross-fitted "
+                    "validation balanced accuracy (rule fitted on one half of a centre's "
+                    "validation split, scored on the other, both ways)"}
 
 
 def real_simulation(extra: tuple[str, ...], seed: int, home: Path) -> dict[str, Any]:
@@ -317,7 +356,8 @@ def run(quick: bool) -> dict[str, Any]:
     fed = [r for r in rows if r["kind"].startswith("fed")]
     # which rows become headlines: chosen on validation too
     head_global = max(fed, key=lambda r: r["server_validation_auc"]["mean"])
-    head_site = max(fed, key=lambda r: r["site_models"]["validation_balanced_acc"]["mean"])
+    head_site = max(fed, key=lambda r: r["site_models"][
+        "cross_fitted_validation_balanced_acc"]["mean"])
     sm = head_site["site_models"]
     return {
         "seeds": list(seeds), "config": str(CONFIG.relative_to(ROOT)),
@@ -325,13 +365,13 @@ def run(quick: bool) -> dict[str, Any]:
         "sweep_sites": site_sweep, "rows": rows, "flamby": dict(FLAMBY),
         "real_simulation": real, "headline_rows": {"global": head_global["key"],
                                                    "personalised": head_site["key"]},
-        "headline": {
-            "heart_mean_centre_acc_global": head_global["mean_centre_acc"]["mean"],
-            "heart_mean_centre_acc_personalised": sm["mean_centre_acc"]["mean"],
-            "heart_mean_centre_balanced_acc_personalised": sm["mean_centre_balanced_acc"]["mean"],
-            "heart_min_site_balanced_acc_gain": sm["min_site_balanced_acc_gain"],
-            "heart_selected_on": "validation",
-        },
+        "headline": {key: {"value": value, "selected_on": "validation", "seeds": len(seeds)}
+                     for key, value in (
+            ("heart_mean_centre_acc_global", head_global["mean_centre_acc"]["mean"]),
+            ("heart_mean_centre_acc_personalised", sm["mean_centre_acc"]["mean"]),
+            ("heart_mean_centre_balanced_acc_personalised",
+             sm["mean_centre_balanced_acc"]["mean"]),
+            ("heart_min_site_balanced_acc_gain", sm["min_site_balanced_acc_gain"]))},
     }
 
 
@@ -367,8 +407,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"constant {r['site_models']['sites'][s]['constant_on_test']})" for s in SITES]])
     sweep1 = [[" ".join(r["overrides"]), r["validation_auc"], r["test_mean_centre_acc"]]
               for r in res["sweep_global"]["rows"]]
-    sweep2 = [[" ".join(r["overrides"]), r["validation_balanced_acc"],
-               r["test_mean_centre_balanced_acc"]] for r in res["sweep_sites"]["rows"]]
+    sweep2 = [[" ".join(r["overrides"]), r["cross_fitted_validation_balanced_acc"],
+               r["validation_balanced_acc"], r["test_mean_centre_balanced_acc"]]
+              for r in res["sweep_sites"]["rows"]]
     real = [[str(r["seed"]), str(r["version"]), *[fmt(r["sites"][s]) for s in SITES],
              *[fmt(r["site_models"][s]) for s in SITES], fmt(r["max_abs_diff_vs_emulation"]),
              f"{r['wall_s']:.0f} s"] for r in res["real_simulation"]]
@@ -395,7 +436,8 @@ def markdown(res: dict[str, Any]) -> str:
                             "not used)"], sweep1)]
     if sweep2:
         parts += [f"Sweep 2, site models ({res['sweep_sites']['rule']}):",
-                  md_table(["overrides", "validation balanced acc", "test balanced acc "
+                  md_table(["overrides", "cross-fitted validation balanced acc (chooses)",
+                            "in-sample validation balanced acc", "test balanced acc "
                             "(reported, not used)"], sweep2)]
     parts += [
         f"Real `medfed simulate` of the row '{SIM_ROW}' (Flower simulation runtime) vs the "

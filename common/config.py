@@ -151,6 +151,9 @@ class OperatingPointConfig:
     calibration: str = "temperature"  # temperature | none
     # youden | sensitivity>=X | specificity>=X | fixed:T (fixed = fixed:0.5)
     threshold: str = "fixed:0.5"
+    # a threshold rule needs this many validation rows of each class; fewer: threshold 0.5
+    # (a Youden threshold fitted on 4 negatives is noise)
+    min_class_rows: int = 10
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,9 @@ def _check_federation(cfg: Config) -> None:
     if op.calibration not in CALIBRATIONS:
         raise ConfigError(f"config key 'federation.operating_point.calibration' must be one of "
                           f"{', '.join(CALIBRATIONS)}, got {op.calibration!r}")
+    if op.min_class_rows < 1:
+        raise ConfigError("config key 'federation.operating_point.min_class_rows' must be at "
+                          f"least 1, got {op.min_class_rows}")
     if not _THRESHOLD.fullmatch(op.threshold):
         raise ConfigError(
             "config key 'federation.operating_point.threshold' must be youden, "

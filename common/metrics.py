@@ -188,30 +188,66 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.
     return _binary(y, p, threshold) if p.shape[1] == 2 else _multiclass(y, p)
 
 
+def _binary_draws(y: np.ndarray, pos: np.ndarray, threshold: float, idx: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Every binary metric for each resample (rows of `idx`) at once; NaN where undefined."""
+    truth = (y == 1)[idx]
+    score = pos[idx]
+    pred = score > threshold
+    tp = (pred & truth).sum(axis=1).astype(np.float64)
+    fp = (pred & ~truth).sum(axis=1).astype(np.float64)
+    fn = (~pred & truth).sum(axis=1).astype(np.float64)
+    tn = (~pred & ~truth).sum(axis=1).astype(np.float64)
+    n = idx.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = tp / (tp + fn)
+        spec = tn / (tn + fp)
+        ppv = tp / (tp + fp)
+        npv = tn / (tn + fn)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        n_pos = truth.sum(axis=1).astype(np.float64)
+        ranks = rankdata(score, axis=1)
+        auc = ((ranks * truth).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+    balanced = np.nanmean(np.stack([sens, spec]), axis=0)
+    conf = score
+    bins = np.minimum((conf * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+    gaps = np.zeros(len(idx))
+    for b in range(ECE_BINS):
+        inside = bins == b
+        gaps += np.abs(((truth - conf) * inside).sum(axis=1))
+    return {"accuracy": (tp + tn) / n, "balanced_accuracy": balanced, "precision": ppv,
+            "ppv": ppv, "npv": npv, "recall": sens, "sensitivity": sens, "specificity": spec,
+            "f1": f1, "auc": auc, "brier": ((score - truth) ** 2).mean(axis=1),
+            "ece": gaps / n}
+
+
 def bootstrap_intervals(
     y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5, *,
     samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95,
 ) -> dict[str, tuple[float, float] | None]:
     """Percentile intervals of every metric over `samples` resamples of the rows (seeded).
 
-    A metric undefined in more than half of the resamples (e.g. AUC at a site with a single
-    negative) gets ``None``; counts get no interval.
+    A metric undefined in more than half of the resamples (e.g. specificity of a split
+    without negatives) gets ``None``; counts get no interval. Binary metrics are computed for
+    all resamples at once (equal to :func:`compute_metrics` per resample; tested).
     """
     y, p = _check(y_true, proba)
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(samples):
-        idx = rng.integers(0, len(y), size=len(y))
-        for key, value in compute_metrics(y[idx], p[idx], threshold).items():
-            if key not in COUNT_KEYS and value is not None:
-                draws.setdefault(key, []).append(float(value))
+    idx = rng.integers(0, len(y), size=(samples, len(y)))
+    if p.shape[1] == 2:
+        draws = _binary_draws(y, p[:, 1], threshold, idx)
+        names = METRIC_NAMES
+    else:
+        names = MULTICLASS_METRIC_NAMES
+        per = [compute_metrics(y[i], p[i], threshold) for i in idx]
+        draws = {k: np.array([np.nan if m[k] is None else float(m[k]) for m in per])  # type: ignore[arg-type]
+                 for k in names if k not in COUNT_KEYS}
     tail = (1.0 - level) / 2.0
-    names = METRIC_NAMES if p.shape[1] == 2 else MULTICLASS_METRIC_NAMES
     out: dict[str, tuple[float, float] | None] = {}
     for key in names:
         if key in COUNT_KEYS:
             continue
-        values = draws.get(key, [])
+        values = draws[key][~np.isnan(draws[key])]
         if len(values) * 2 < samples:
             out[key] = None
             continue

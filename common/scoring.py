@@ -140,18 +140,24 @@ def _candidates(p: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], mids, [min(1.0, float(s[-1]))]])
 
 
-def fit_threshold(p: np.ndarray, y: np.ndarray, rule: str) -> tuple[float, str | None]:
+def fit_threshold(p: np.ndarray, y: np.ndarray, rule: str, min_class_rows: int = 1
+                  ) -> tuple[float, str | None]:
     """A decision threshold on validation p(positive) by `rule`; (threshold, note or None).
 
     youden maximises sensitivity + specificity (ties: the threshold nearest 0.5);
     sensitivity>=X takes the highest threshold that keeps sensitivity >= X (so specificity is
-    as high as it can be); specificity>=X the lowest keeping specificity >= X.
+    as high as it can be); specificity>=X the lowest keeping specificity >= X. A rule needs
+    `min_class_rows` validation rows of each class, else the threshold stays 0.5.
     """
     if rule.startswith("fixed"):
         return (float(rule.split(":", 1)[1]) if ":" in rule else 0.5), None
     pos, neg = y == 1, y == 0
     if not pos.any() or not neg.any():
         return 0.5, f"rule {rule} needs both classes in the validation split: threshold 0.5"
+    fewest = int(min(pos.sum(), neg.sum()))
+    if fewest < min_class_rows:
+        return 0.5, (f"rule {rule} needs {min_class_rows} validation rows of each class, the "
+                     f"smaller class has {fewest}: threshold 0.5")
     cands = _candidates(p)
     pred = p[None, :] > cands[:, None]
     sens = (pred & pos).sum(axis=1) / pos.sum()
@@ -182,7 +188,7 @@ def fit_operating_point(logits: np.ndarray, y: np.ndarray, cfg: OperatingPointCo
     threshold = 0.5
     if logits.shape[1] == 2:
         p = OperatingPoint(temperature=temperature).proba(logits)[:, 1]
-        threshold, note = fit_threshold(p, y, cfg.threshold)
+        threshold, note = fit_threshold(p, y, cfg.threshold, cfg.min_class_rows)
         if note:
             notes.append(note)
     return OperatingPoint(temperature, threshold, cfg.threshold,

@@ -174,3 +174,45 @@ def test_site_normalisation_ignores_the_test_rows(schema_path, tmp_path):
     after = load_federated(_cfg(schema_path, path)).sites[0]
     np.testing.assert_array_equal(before.x_train, after.x_train)
     assert not np.array_equal(before.x_test, after.x_test)
+
+
+def test_a_split_column_says_which_rows_are_train_validation_and_test(schema_path, tmp_path):
+    marks = ["train", "train", "validation", "test", "train", "test"]
+    rows = [f"{r},{m}" for r, m in zip(ROWS, marks, strict=True)]
+    path = _write(tmp_path, HEADER.strip() + ",split\n" + "\n".join(rows) + "\n")
+    _, sites = load_csv_sites(_cfg(schema_path, path, split_column="split"))
+    assert sites[0].sizes() == {"train": 3, "validation": 1, "test": 2}
+    np.testing.assert_array_equal(sites[0].x_val[:, 0], [63])  # the row marked validation
+
+
+def test_a_split_column_without_validation_rows_carves_them_from_train(schema_path, tmp_path):
+    marks = ["train", "train", "train", "test", "train", "train"]
+    rows = [f"{r},{m}" for r, m in zip(ROWS, marks, strict=True)]
+    path = _write(tmp_path, HEADER.strip() + ",split\n" + "\n".join(rows) + "\n")
+    _, sites = load_csv_sites(_cfg(schema_path, path, split_column="split"))
+    assert sites[0].sizes()["test"] == 1 and sites[0].sizes()["validation"] >= 1
+
+
+def test_a_bad_split_value_is_named(schema_path, tmp_path):
+    rows = [f"{r},{'holdout' if i == 2 else 'train'}" for i, r in enumerate(ROWS)]
+    path = _write(tmp_path, HEADER.strip() + ",split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="column 'split' has 1 rows whose value is not"):
+        load_csv_sites(_cfg(schema_path, path, split_column="split"))
+
+
+def test_test_files_with_a_site_column_go_to_their_sites(schema_path, tmp_path):
+    train = [f"{r},{'b' if i % 2 else 'a'}" for i, r in enumerate(ROWS)]
+    test = [f"{r},{'b' if i % 2 else 'a'}" for i, r in enumerate(ROWS[:4])]
+    head = HEADER.strip() + ",hospital\n"
+    path = _write(tmp_path, head + "\n".join(train) + "\n")
+    test_path = _write(tmp_path, head + "\n".join(test) + "\n", "test.csv")
+    _, sites = load_csv_sites(_cfg(schema_path, path, site_column="hospital",
+                                   test_paths=(str(test_path),)))
+    assert [(s.name, len(s.y_test), len(s.y_train) + len(s.y_val)) for s in sites] == \
+        [("a", 2, 3), ("b", 2, 3)]
+
+
+def test_test_files_must_match_the_site_files_one_to_one(schema_path, tmp_path):
+    a = _write(tmp_path, HEADER + "\n".join(ROWS) + "\n", "north.csv")
+    with pytest.raises(DataError, match="lists 2 files but 'data.csv_paths' lists 1"):
+        load_csv_sites(_cfg(schema_path, a, test_paths=(str(a), str(a))))

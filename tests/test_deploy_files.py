@@ -18,8 +18,8 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 
 # The medfed sub-commands the deploy files may run; flags are checked by medfed's own parser.
 MEDFED_SUBCOMMANDS = {"certs init", "certs hospital", "pretrain", "server", "client", "pull",
-                      "predict"}  # fmt: skip
-# Flower options and ports that 1.41 no longer uses (one SuperLink port now).
+                      "predict", "evaluate"}  # fmt: skip
+# Flower options and ports that 1.42 no longer uses (one SuperLink port now).
 RETIRED_FLOWER = ["--fleet-api-address", "--control-api-address", "--fleet-api-type",
                   "9091", "9092", "9093"]  # fmt: skip
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")

@@ -185,3 +185,23 @@ def test_rows_not_summing_to_one_are_refused() -> None:
 def test_label_outside_classes_is_refused() -> None:
     with pytest.raises(MetricError, match=r"0\.\.1"):
         compute_metrics(np.array([0, 2]), P[:2])
+
+
+def test_vectorised_bootstrap_draws_equal_the_per_resample_metrics() -> None:
+    from common.metrics import _binary_draws
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, size=40)
+    p1 = np.round(rng.random(40), 1)  # ties
+    idx = rng.integers(0, 40, size=(50, 40))
+    draws = _binary_draws(y, p1, 0.5, idx)
+    for row, i in enumerate(idx):
+        expected = compute_metrics(y[i], _binary(list(p1[i])))
+        for key, value in expected.items():
+            if key in ("n", "positives"):
+                continue
+            got = draws[key][row]
+            if value is None:
+                assert np.isnan(got), key
+            else:
+                assert got == pytest.approx(value, abs=1e-12), key

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common.config import DataConfig, from_dict
-from common.data.csv_source import read_csv_checked, site_from_frames
+from common.data.csv_source import has_column, read_csv_checked, site_from_frames
 from common.data.federated import preprocess, raw_sites
 from common.data.medmnist import read_labelled_npz
 from common.data.preprocess import SiteStats
@@ -69,7 +69,7 @@ def _raw_hospital(path: Path, test_path: Path | None, name: str, manifest: dict[
     if spec.kind == "tabular":
         if spec.schema is None:
             raise DataError(f"bundle has no tabular schema to read {path}")
-        keep = (cfg.split_column,) if cfg.split_column and _has_column(path, cfg.split_column) \
+        keep = (cfg.split_column,) if cfg.split_column and has_column(path, cfg.split_column) \
             else ()
         local = cfg if keep else _without_split_column(cfg)
         frame = read_csv_checked(path, spec.schema, require_label=True, keep=keep)
@@ -89,16 +89,6 @@ def _without_split_column(cfg: DataConfig) -> DataConfig:
     from dataclasses import replace
 
     return replace(cfg, split_column="")
-
-
-def _has_column(path: Path, name: str) -> bool:
-    import csv
-
-    try:
-        with Path(path).open(encoding="utf-8-sig") as fh:
-            return name in [h.strip() for h in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError):
-        return False  # read_csv_checked reports the real problem
 
 
 def hospital_site(path: Path, name: str, manifest: dict[str, Any], data_cfg: DataConfig,

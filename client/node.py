@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -266,8 +267,6 @@ def save_site_model(node: Node, manifest_json: str, sig_hex: str) -> Path:
     final = node.workdir / SITE_MODEL_DIR
     assemble_bundle(final, files, manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub,
                     replace=True)
-    import shutil
-
     shutil.rmtree(pending, ignore_errors=True)
     return final
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from client.trust import open_bundle, site_stats_for, verification_key
 from common.atomic import atomic_write_text
-from common.data.csv_source import read_csv_checked
+from common.data.csv_source import has_column, read_csv_checked
 from common.data.medmnist import load_image_file, read_labelled_npz
 from common.data.schema import DataError, encode
 from common.device import resolve_device
@@ -47,7 +47,7 @@ def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = Fals
     if spec.kind == "tabular":
         if spec.schema is None:
             raise DataError("the bundle has no tabular schema")
-        keep = (ID_COLUMN,) if _has_column(data, ID_COLUMN) else ()
+        keep = (ID_COLUMN,) if has_column(data, ID_COLUMN) else ()
         frame = read_csv_checked(data, spec.schema, require_label=require_label, keep=keep)
         ids = [str(v) for v in frame[ID_COLUMN].fillna("")] if keep else None
         x, y = encode(frame.drop(columns=list(keep)), spec.schema, str(data))
@@ -60,14 +60,6 @@ def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = Fals
         raise DataError(f"{data}: images have shape {tuple(x.shape[1:])}, the model expects "
                         f"{tuple(spec.input_shape)}")
     return x, y, None
-
-
-def _has_column(path: Path, name: str) -> bool:
-    try:
-        with Path(path).open(encoding="utf-8-sig") as fh:
-            return name in [h.strip() for h in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError):
-        return False  # read_csv_checked reports the real problem
 
 
 def loaded_model(model_dir: Path, public_key: Path | None, certs: Path | None = None,

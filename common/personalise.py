@@ -105,8 +105,8 @@ def _fine_tune(model: SplitModel, site: SiteSplit, names: list[str], trainable: 
     return best["state"], int(best["step"])
 
 
-def _prior_shift(model: SplitModel, site: SiteSplit, bound: float) -> tuple[float, str]:
-    """Shift the head's intercepts toward the site's prevalence; returns (delta, note).
+def _prior_shift(model: SplitModel, site: SiteSplit, bound: float) -> str:
+    """Shift the head's intercepts toward the site's prevalence; returns what was done.
 
     Only for binary heads. delta = logit(smoothed site prevalence) - logit(mean predicted
     p(positive) on the site's training rows), clipped to +-bound, halved until the model
@@ -122,16 +122,16 @@ def _prior_shift(model: SplitModel, site: SiteSplit, bound: float) -> tuple[floa
     delta = max(-bound, min(bound, delta))
     shift = np.array([-delta / 2.0, delta / 2.0])
     if predicts_one_class(base, OperatingPoint()):
-        return 0.0, "the global model already gives one answer on this site's rows: no shift"
+        return "the global model already gives one answer on this site's rows: no shift"
     for _ in range(PRIOR_SHIFT_HALVINGS):
         if not predicts_one_class(base + shift, OperatingPoint()):
             break
         shift /= 2.0
     else:
-        return 0.0, "every shift made the model answer one class: no shift"
+        return "every shift made the model answer one class: no shift"
     with torch.no_grad():
         model.head.bias.add_(torch.as_tensor(shift, dtype=model.head.bias.dtype))
-    return float(shift[1] - shift[0]), f"intercept shifted by {shift[1] - shift[0]:+.3f} logits"
+    return f"intercept shifted by {shift[1] - shift[0]:+.3f} logits"
 
 
 def personalise(
@@ -162,7 +162,7 @@ def personalise(
         one_class = len(np.unique(site.y_train)) < 2
         if one_class and candidate.head.out_features == 2:
             method = "prior-shift"
-            _, note = _prior_shift(candidate, site, ad.prior_shift_max)
+            note = _prior_shift(candidate, site, ad.prior_shift_max)
         elif one_class:
             method, note = "none", "one-class training split and a multiclass head: no change"
         else:

@@ -91,6 +91,16 @@ def read_csv_checked(
     return df
 
 
+def has_column(path: str | Path, name: str) -> bool:
+    """True when the CSV's header names `name` (False for an unreadable file: the reader
+    reports the real problem)."""
+    try:
+        with Path(path).open(encoding="utf-8-sig") as fh:
+            return name in [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 SPLIT_VALUES = ("train", "validation", "test")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.data.normalise import Normaliser
-from common.data.schema import INDICATOR_SUFFIX, DataError, Schema
+from common.data.schema import DataError, Schema
 
 STATS_FORMAT = 1
 
@@ -129,22 +129,22 @@ def _fit_fill(x: np.ndarray, schema: Schema, fallback: SiteStats | None, where: 
     for j, (name, col, code) in enumerate(encoded):
         if code is not None:
             blocks.setdefault(col.name, []).append(j)
-        elif name.endswith(INDICATOR_SUFFIX) and name != col.name:
-            fill[j] = 0.0  # indicators are never missing; a fill keeps the check simple
-    for j, (name, col, code) in enumerate(encoded):
-        policy = schema.policy(col)
-        if policy == "refuse" or code is not None or name != col.name:
-            continue
-        fill[j] = _column_fill(x[:, j], policy, col.fill_value, fallback, j, col.name, where)
+        elif name != col.name:  # a missing indicator: never missing itself
+            fill[j] = 0.0
+        elif schema.policy(col) != "refuse":
+            known = _known(fallback, [j])
+            fill[j] = _statistic(x[:, j], schema.policy(col), col.fill_value,
+                                 None if known is None else float(known[0]), col.name, where)
     for name, idx in blocks.items():
         col = schema.column(name)
-        policy = schema.policy(col)
-        if policy == "refuse":
+        if schema.policy(col) == "refuse":
             continue
-        codes = _block_codes(x[:, idx], col.categories)
-        value = _column_fill(codes, policy, col.fill_value, None, -1, name, where,
-                             fallback_block=(fallback, idx, col.categories))
-        fill[idx] = [1.0 if value == c else 0.0 for c in col.categories[1:]]
+        known = _known(fallback, idx)
+        # the bundle's fill of a one-hot block, as the code it stands for
+        back = None if known is None else _block_codes(known[None, :], col.categories)[0]
+        code = _statistic(_block_codes(x[:, idx], col.categories), schema.policy(col),
+                          col.fill_value, back, name, where)
+        fill[idx] = [1.0 if code == c else 0.0 for c in col.categories[1:]]
     return fill
 
 
@@ -157,38 +157,29 @@ def _block_codes(block: np.ndarray, categories: tuple[float, ...]) -> np.ndarray
     return codes
 
 
-def _column_fill(values: np.ndarray, policy: str, constant: float | None,
-                 fallback: SiteStats | None, j: int, name: str, where: str,
-                 fallback_block: tuple[SiteStats | None, list[int], tuple[float, ...]] | None
-                 = None) -> float:
+def _known(fallback: SiteStats | None, idx: list[int]) -> np.ndarray | None:
+    """The bundle's fill values of these encoded features, when it has them all."""
+    if fallback is None or fallback.fill is None or np.isnan(fallback.fill[idx]).any():
+        return None
+    return fallback.fill[idx]
+
+
+def _statistic(values: np.ndarray, policy: str, constant: float | None,
+               fallback: float | None, name: str, where: str) -> float:
+    """The fill value of one column under `policy`, from its observed training values."""
     if policy == "constant":
         assert constant is not None  # the schema parser requires it
         return constant
     observed = values[~np.isnan(values)]
     if len(observed) == 0:
-        found = _fallback(fallback, j, fallback_block)
-        if found is None:
+        if fallback is None or np.isnan(fallback):
             raise DataError(
                 f"{where}: column '{name}' has no observed value to impute from "
                 f"(policy {policy}) and no bundle statistic to fall back on"
             )
-        return found
+        return fallback
     if policy == "median":
         return float(np.median(observed))
     if policy == "mean":
         return float(np.mean(observed))
     return _most_frequent(observed)
-
-
-def _fallback(fallback: SiteStats | None, j: int,
-              block: tuple[SiteStats | None, list[int], tuple[float, ...]] | None
-              ) -> float | None:
-    if block is not None:
-        stats, idx, categories = block
-        if stats is None or stats.fill is None or np.isnan(stats.fill[idx]).any():
-            return None
-        hot = [c for c, v in zip(categories[1:], stats.fill[idx], strict=True) if v == 1.0]
-        return float(hot[0]) if hot else float(categories[0])
-    if fallback is None or fallback.fill is None or np.isnan(fallback.fill[j]):
-        return None
-    return float(fallback.fill[j])

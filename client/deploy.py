@@ -8,16 +8,19 @@ reachable, server certificate not trusted (wrong CA), node key not registered.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from common import records as rk
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
@@ -131,6 +134,26 @@ def _watch(proc: subprocess.Popen[str], req: ClientRequest, verdict: list[str]) 
         verdict.append(UNREACHABLE.format(server=req.server))
 
 
+DATA_PREFIX = "its data does not match the model: "
+EXIT_DATA = 2  # bad input, like `medfed check-data`
+
+
+def _watch_refusal(proc: subprocess.Popen[str], refused: Path,
+                   verdict: list[str]) -> None:
+    """Stop the SuperNode when the ClientApp found this hospital's data unusable."""
+    while proc.poll() is None:
+        if refused.exists():
+            try:
+                reason = json.loads(refused.read_text(encoding="utf-8"))["reason"]
+            except (OSError, ValueError, KeyError):
+                reason = "see the SuperNode's log above"
+            if not verdict:
+                verdict.append(DATA_PREFIX + str(reason))
+            proc.terminate()
+            return
+        time.sleep(0.5)
+
+
 def run_client(req: ClientRequest) -> int:
     """Run the SuperNode until it stops (or Ctrl-C); one sentence on known failures."""
     certs = _check(req)
@@ -144,8 +167,11 @@ def run_client(req: ClientRequest) -> int:
     proc = subprocess.Popen(supernode_cmd(req, certs), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     verdict: list[str] = []
+    refused = req.workdir / rk.DATA_REFUSED_FILE
+    refused.unlink(missing_ok=True)  # a refusal of an earlier start is not this one's
     watcher = threading.Thread(target=_watch, args=(proc, req, verdict), daemon=True)
     watcher.start()
+    threading.Thread(target=_watch_refusal, args=(proc, refused, verdict), daemon=True).start()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -160,7 +186,7 @@ def run_client(req: ClientRequest) -> int:
         stop_group(proc)  # type: ignore[arg-type]
     if verdict:
         print(f"medfed: error: hospital {req.name}: {verdict[0]}", file=sys.stderr)
-        return 3
+        return EXIT_DATA if verdict[0].startswith(DATA_PREFIX) else 3
     if code not in (0, -signal.SIGTERM):
         print(f"medfed: error: hospital {req.name}: flower-supernode exited with code {code}; "
               f"is the server at {req.server} running?", file=sys.stderr)

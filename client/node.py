@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flwr.app import RecordDict
 from client.cache import BackboneCache, FeatureCache
 from client.faults import attack_of, maybe_fail, maybe_poison, tamper
 from client.local_data import fingerprint, hospital_site, simulated_site, simulated_site_name
+from common import records as rk
 from common.atomic import atomic_dir, atomic_write_text
 from common.bundle import (
     BACKBONE_FILE,
@@ -56,6 +58,30 @@ from common.training import TrainResult, train_local
 
 SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
 PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
+
+
+class DataRefused(ValueError):
+    """This hospital's data does not match the model: the text is what the server sees."""
+
+
+def refuse_data(node: Node, err: DataError) -> DataRefused:
+    """Write the full sentence where `medfed client` looks, and a path-free one to send.
+
+    The server sees column names and counts, never the file's path (which may name a
+    patient group) nor a value.
+    """
+    full = str(err)
+    sent = full
+    for path in (node.settings.data_path, node.settings.test_path):
+        if path is not None:
+            sent = sent.replace(str(path), "its data file")
+    try:
+        node.workdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(node.workdir / rk.DATA_REFUSED_FILE,
+                          json.dumps({"time": time.time(), "reason": full}) + "\n")
+    except OSError:
+        pass  # the server still learns it; the client then stops on the error reply
+    return DataRefused(f"{rk.DATA_REFUSED}: {sent}")
 
 
 @dataclass
@@ -105,8 +131,11 @@ class Node:
             raise DataError("node config has neither 'partition-id' (simulation) nor "
                             "'data-path' (deployment)")
         else:
-            self._site = hospital_site(self.settings.data_path, self.site_name(), manifest,
-                                       self.cfg.federation.data, self.settings.test_path)
+            try:
+                self._site = hospital_site(self.settings.data_path, self.site_name(), manifest,
+                                           self.cfg.federation.data, self.settings.test_path)
+            except DataError as err:
+                raise refuse_data(self, err) from err
         return self._site
 
     def site_name(self, site: SiteSplit | None = None) -> str:

@@ -38,3 +38,7 @@ VERSION = "version"
 # Prefix of the error text a client raises when its cache lacks the backbone; the server
 # then sends the backbone and retries that node once.
 MISSING_BACKBONE = "backbone-missing"
+# Prefix of the error text a hospital sends when its data does not match the model; it then
+# stops (medfed client exits with the full sentence) and the server goes on without it.
+DATA_REFUSED = "data-refused"
+DATA_REFUSED_FILE = "data-refused.json"  # in the hospital's work directory

@@ -147,6 +147,7 @@ class ProvisioningGrid(DelegatingGrid):
     excluded: dict[str, str] = field(default_factory=dict)  # site -> reason, this round
     audit_path: Path | None = None  # one JSON line per reply: what each site sent
     enrolment: Enrolment = field(default_factory=Enrolment)
+    gone: set[int] = field(default_factory=set)  # hospitals that left (data refused)
 
     # --- names ----------------------------------------------------------------------------
     def site(self, node: int) -> str:
@@ -209,6 +210,16 @@ class ProvisioningGrid(DelegatingGrid):
             lines.append(entry)
         self._write_audit(lines)
 
+    def _left(self, node: int, reason: str) -> None:
+        """A hospital whose data does not match the model: said once, by name."""
+        if node in self.gone:
+            return
+        self.gone.add(node)
+        detail = printable(reason.split(f"{rk.DATA_REFUSED}: ", 1)[-1])
+        log.warning("%s left: its data does not match the model's schema (%s)",
+                    self.site(node), detail)
+        self.excluded[self.site(node)] = f"left: {detail}"
+
     def exclude(self, node: int, reason: str, message_type: str = "") -> None:
         """Record an excluded reply: the log, `metrics.jsonl` (`excluded`), `audit.jsonl`."""
         site = self.site(node)
@@ -224,9 +235,14 @@ class ProvisioningGrid(DelegatingGrid):
             node = msg.metadata.src_node_id
             t = self.traffic.setdefault(node, NodeTraffic())
             if msg.has_error():
-                log.warning("%s replied with an error: %s", self.site(node),
-                            printable(msg.error.reason))
+                reason = str(msg.error.reason or "")
+                if rk.DATA_REFUSED in reason:
+                    self._left(node, reason)
+                else:
+                    log.warning("%s replied with an error: %s", self.site(node),
+                                printable(reason))
                 continue
+            self.gone.discard(node)  # back with data that fits: a later refusal is news
             t.bytes_received += content_bytes(msg.content)
             site = msg.content.config_records.get(rk.SITE)
             if site is not None and rk.SITE_NAME in site:
@@ -266,8 +282,9 @@ class ProvisioningGrid(DelegatingGrid):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("%s could not check its backbone cache: %s", self.site(node),
-                            printable(reply.error.reason))
+                if rk.DATA_REFUSED not in str(reply.error.reason or ""):
+                    log.warning("%s could not check its backbone cache: %s", self.site(node),
+                                printable(reply.error.reason))
                 continue
             problem = check_provision_reply(reply)
             if problem is not None:

@@ -140,3 +140,36 @@ def test_an_absurd_aggregate_is_never_published(tmp_path, heart_bundle, signing_
     with pytest.raises(RunStopped, match=fragment):
         fed.evaluate_round(1, bad)
     assert fed.registry.versions() == [0]
+
+
+def test_a_hospital_whose_csv_lacks_a_column_leaves_and_the_run_goes_on(
+        tmp_path, heart_bundle, signing_key_path, signing_pub_path, caplog) -> None:
+    from common.data.heart import export_site_csv
+    from server.provisioning import Enrolment
+
+    csv = tmp_path / "va.csv"
+    export_site_csv("va", csv)
+    lines = csv.read_text(encoding="utf-8").splitlines()
+    drop = lines[0].split(",").index("chol")
+    csv.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != drop)
+                             for line in lines) + "\n", encoding="utf-8")
+    caplog.set_level("WARNING", logger="medfed.server")
+    run = tmp_path / "run"
+    settings = run_settings(HEART, FAST, run, heart_bundle, signing_key_path)
+    grid = InProcessGrid(make_client_app(settings), 4)
+    va = max(grid.contexts)
+    grid.contexts[va].node_config.clear()
+    grid.contexts[va].node_config.update({
+        "site-name": "va", "data-path": str(csv), "workdir": str(tmp_path / "va-work"),
+        "signing-pub": str(signing_pub_path)})
+    # as `medfed server` does: the operator's names by node id (the refusal carries none)
+    names = ("cleveland", "hungary", "switzerland", "va")
+    Enrolment(names=dict(zip(sorted(grid.contexts), names, strict=True))).write(run)
+    run_federation(grid, settings)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[-1]["sites"]) == {"cleveland", "hungary", "switzerland"}
+    said = [r.getMessage() for r in caplog.records if " left: " in r.getMessage()]
+    assert said == ["va left: its data does not match the model's schema "
+                    "(its data file: missing column(s) 'chol')"]
+    assert str(tmp_path) not in caplog.text  # the server never sees the hospital's path

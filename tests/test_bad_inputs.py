@@ -878,3 +878,24 @@ def test_unsigned_runs_a_forged_bundle_only_when_asked_and_says_so(
     assert code == 0
     assert captured.err.startswith("medfed: warning: --unsigned")
     assert "signature NOT checked" in captured.out
+
+
+def test_medfed_client_stops_its_supernode_when_the_data_is_refused(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from client.deploy import DATA_PREFIX, _watch_refusal
+    from common import records as rk
+
+    refused = tmp_path / rk.DATA_REFUSED_FILE
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], text=True)
+    try:
+        refused.write_text(json.dumps({"time": 0, "reason": "x.csv: missing column(s) 'chol'"}))
+        verdict: list[str] = []
+        _watch_refusal(proc, refused, verdict)  # returns once it has stopped the process
+        assert proc.wait(timeout=60) != 0
+        assert verdict == [DATA_PREFIX + "x.csv: missing column(s) 'chol'"]
+    finally:
+        proc.kill()
+        proc.wait()

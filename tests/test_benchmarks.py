@@ -21,7 +21,8 @@ from benchmarks import run as bench_run
 HEADLINE_KEYS = {
     "heart_mean_centre_acc_global", "heart_mean_centre_acc_personalised",
     "heart_mean_centre_balanced_acc_personalised", "heart_min_site_balanced_acc_gain",
-    "breast_auc_federated", "breast_auc_gain_pretrained_vs_scratch", "sim_overhead_ratio_100", "max_hospitals_simulated",
+    "breast_auc_federated", "breast_auc_gain_pretrained_vs_scratch", "sim_overhead_ratio_100",
+    "max_hospitals_simulated",
     "peak_rss_gb_max_hospitals", "upload_bytes_ratio", "backbone_sends_per_node",
     "feature_cache_speedup", "tls_latency_ratio", "defence_cost_share_of_round", "date",
     "machine", "command",

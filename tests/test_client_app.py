@@ -220,3 +220,29 @@ def test_cached_features_give_the_same_update_as_fresh_ones(app, payload, heart_
     second = _train(app, heart_bundle, payload, 2).content.array_records[rk.ARRAYS]
     for name in HEAD_SHAPES:
         np.testing.assert_array_equal(first[name].numpy(), second[name].numpy())
+
+
+# --- a hospital whose data does not match the model ----------------------------------------
+def test_hospital_csv_missing_a_column_refuses_with_a_path_free_sentence(
+        app, payload, heart_bundle, tmp_path, signing_pub_path) -> None:
+    from client.node import DataRefused
+    from common.data.heart import export_site_csv
+
+    csv = tmp_path / "ward-7-oncology" / "cleveland.csv"
+    csv.parent.mkdir()
+    export_site_csv("cleveland", csv)
+    lines = csv.read_text(encoding="utf-8").splitlines()
+    drop = lines[0].split(",").index("chol")
+    csv.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != drop)
+                             for line in lines) + "\n", encoding="utf-8")
+    workdir = tmp_path / "work"
+    node = {"site-name": "cleveland", "data-path": str(csv), "workdir": str(workdir),
+            "signing-pub": str(signing_pub_path)}
+    content = RecordDict({rk.BUNDLE_META: payload.meta(), rk.BACKBONE_FILE: payload.arrays()})
+    with pytest.raises(DataRefused) as err:  # already the first message: before any round
+        call_client_app(app, f"query.{rk.QUERY_BACKBONE}", content, node)
+    sent = str(err.value)
+    assert sent.startswith(f"{rk.DATA_REFUSED}: ") and "chol" in sent
+    assert "ward-7-oncology" not in sent  # the server never learns the file's path
+    refused = __import__("json").loads((workdir / rk.DATA_REFUSED_FILE).read_text())
+    assert "chol" in refused["reason"] and str(csv) in refused["reason"]

@@ -27,6 +27,7 @@ from common.config_check import load_config
 from common.data.federated import SiteSplit
 from common.models import SplitModel, set_trainable, split_state
 from common.settings import NodeSettings
+from common.signing import public_key_path
 from common.training import train_local
 from server.federation import load_payload
 
@@ -34,8 +35,8 @@ CONFIG = ROOT / "configs" / "breast.yaml"
 
 
 def _no_cache(self: ops.Node, model: SplitModel, site: SiteSplit, sha: str
-              ) -> tuple[np.ndarray, np.ndarray, bool]:
-    return site.x_train, site.x_test, False
+              ) -> tuple[np.ndarray, bool]:
+    return site.x_train, False
 
 
 def _timed(fn: Any, repeats: int) -> list[float]:
@@ -52,13 +53,15 @@ def run(quick: bool) -> dict[str, Any]:
     repeats = 3 if quick else 7
     torch.set_num_threads(1)  # as a Ray-simulated node; 2 threads on a busy machine thrash
     home = WORK / "home"
-    cfg = load_config(CONFIG, ["seed=0"])
+    # head only: the frozen backbone whose features the cache holds
+    cfg = load_config(CONFIG, ["seed=0", "model.trainable=head", "federation.local.lr=0.01"])
     bundle = emulate.bundle_for(cfg, home / "bundles", home / "signing.key")
     payload = load_payload(bundle)
     workdir = WORK / "feature-cache" / "node-0000"
     settings = NodeSettings.from_node_config(
         {"partition-id": 0, "num-partitions": cfg.federation.data.num_sites,
-         "workdir": str(workdir)}, None)  # type: ignore[arg-type]
+         "workdir": str(workdir),
+         "signing-pub": str(public_key_path(home / "signing.key"))}, None)  # type: ignore[arg-type]
     node = ops.Node(cfg, None, settings)  # type: ignore[arg-type]
     node.backbones.store(payload.sha256, payload.file_bytes, payload.manifest_json,
                          payload.manifest_sig)
@@ -76,10 +79,10 @@ def run(quick: bool) -> dict[str, Any]:
             f.unlink()
         cold += _timed(round_, 1)
     warm = _timed(round_, repeats)  # later rounds: cache hit
-    with mock.patch.object(ops.Node, "inputs", _no_cache):
+    with mock.patch.object(ops.Node, "train_inputs", _no_cache):
         plain = _timed(round_, repeats)
     site = node.site(node.backbones.load(payload.sha256)[1])
-    feats, _, _ = node.inputs(model, site, payload.sha256)
+    feats, _ = node.train_inputs(model, site, payload.sha256)
     loop = {}  # the training loop alone, without the node's loading work
     for name, (x, cached) in {"cached": (feats, True), "uncached": (site.x_train, False)}.items():
         loop[name] = statistics.median(_timed(lambda x=x, cached=cached: train_local(

@@ -62,7 +62,8 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
     from common.data.federated import load_federated
     from common.device import seed_everything
     from common.models import load_state, set_trainable
-    from common.training import evaluate, train_local
+    from common.scoring import OperatingPoint, score_model
+    from common.training import train_local
 
     cfg = load_config(CONFIG, request["overrides"])
     home = Path(request["home"])
@@ -89,10 +90,9 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
             replies.append(({n: sd[n].detach().clone() for n in names}, res.num_examples))
         current = aggregate(current, replies)
         load_state(model, current, where="bare loop")
-        for inp in inputs:
-            evaluate(model, inp.x_test, inp.site.y_test, device, trainable=cfg.model.trainable,
-                     features_cached=inp.cached)
-        evaluate(model, data.heldout_x, data.heldout_y, device)
+        for inp in inputs:  # as each node does: the global model on its val and test rows
+            score_model(model, inp.site.x_val, inp.site.y_val, OperatingPoint())
+            score_model(model, inp.site.x_test, inp.site.y_test, OperatingPoint())
         rounds.append(time.perf_counter() - start)
     return {"round_s": rounds}
 

@@ -140,7 +140,9 @@ def _malicious_client(f: Federation, name: str, certs: Path) -> subprocess.Popen
     at = cmd.index("--node-config") + 1
     cmd[at] += ' attack="inflate-count"'
     out = (f.tmp / f"client-{name}.log").open("wb")
-    env = {**f.env, "FLWR_HOME": str(f.tmp / "nodes" / name / "flwr-home")}
+    # as `medfed client` does: the SuperNode starts `flower-superexec` from PATH
+    env = {**f.env, "FLWR_HOME": str(f.tmp / "nodes" / name / "flwr-home"),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + f.env.get("PATH", "")}
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 from common.config import Config, ConfigError, read_config
@@ -36,6 +37,14 @@ ATTACKS = ("inflate-count", "omit-count", "huge-update", "nan-update", "spoof-na
 _UNIT = r"(0(\.\d+)?|1(\.0+)?)"  # a number in [0, 1]
 _THRESHOLD = re.compile(rf"youden|fixed(:{_UNIT})?|(sensitivity|specificity)>={_UNIT}")
 
+
+
+def _one_of(key: str, value: object, allowed: Iterable[str]) -> None:
+    """One sentence naming the key, the allowed values and what was given."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, "
+                          f"got {value!r}")
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read an experiment YAML with overrides and check every value (one sentence if bad)."""
@@ -102,13 +111,9 @@ def _check_federation(cfg: Config) -> None:
     if fed.final_model not in ("best", "latest"):
         raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
                           f"got {fed.final_model!r}")
-    if fed.best_metric not in SELECTION_METRICS:
-        raise ConfigError(f"config key 'federation.best_metric' must be one of "
-                          f"{', '.join(SELECTION_METRICS)}, got {fed.best_metric!r}")
+    _one_of("federation.best_metric", fed.best_metric, SELECTION_METRICS)
     ad = fed.adaptation
-    if ad.selection_metric not in ADAPTATION_METRICS:
-        raise ConfigError(f"config key 'federation.adaptation.selection_metric' must be one of "
-                          f"{', '.join(ADAPTATION_METRICS)}, got {ad.selection_metric!r}")
+    _one_of("federation.adaptation.selection_metric", ad.selection_metric, ADAPTATION_METRICS)
     for key, value, low in (("steps", ad.steps, 1), ("eval_every", ad.eval_every, 1),
                             ("patience", ad.patience, 1)):
         if value < low:
@@ -119,14 +124,9 @@ def _check_federation(cfg: Config) -> None:
         if not fvalue >= 0:
             raise ConfigError(f"config key 'federation.adaptation.{key}' must be 0 or more, "
                               f"got {fvalue}")
-    attacks = ("none", *ATTACKS, "mixed")
-    if fed.faults.attack not in attacks:
-        raise ConfigError(f"config key 'federation.faults.attack' must be one of "
-                          f"{', '.join(attacks)}, got {fed.faults.attack!r}")
+    _one_of("federation.faults.attack", fed.faults.attack, ("none", *ATTACKS, "mixed"))
     op = fed.operating_point
-    if op.calibration not in CALIBRATIONS:
-        raise ConfigError(f"config key 'federation.operating_point.calibration' must be one of "
-                          f"{', '.join(CALIBRATIONS)}, got {op.calibration!r}")
+    _one_of("federation.operating_point.calibration", op.calibration, CALIBRATIONS)
     if op.min_class_rows < 1:
         raise ConfigError("config key 'federation.operating_point.min_class_rows' must be at "
                           f"least 1, got {op.min_class_rows}")

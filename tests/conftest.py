@@ -85,3 +85,16 @@ def cli_env(medfed_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def heart_csv_without(site: str, column: str, path: Path) -> Path:
+    """A heart centre's CSV as a hospital would export it, with one column missing."""
+    from common.data.heart import export_site_csv  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_site_csv(site, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    drop = lines[0].split(",").index(column)
+    path.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != drop)
+                              for line in lines) + "\n", encoding="utf-8")
+    return path

@@ -144,15 +144,10 @@ def test_an_absurd_aggregate_is_never_published(tmp_path, heart_bundle, signing_
 
 def test_a_hospital_whose_csv_lacks_a_column_leaves_and_the_run_goes_on(
         tmp_path, heart_bundle, signing_key_path, signing_pub_path, caplog) -> None:
-    from common.data.heart import export_site_csv
     from server.provisioning import Enrolment
+    from tests.conftest import heart_csv_without
 
-    csv = tmp_path / "va.csv"
-    export_site_csv("va", csv)
-    lines = csv.read_text(encoding="utf-8").splitlines()
-    drop = lines[0].split(",").index("chol")
-    csv.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != drop)
-                             for line in lines) + "\n", encoding="utf-8")
+    csv = heart_csv_without("va", "chol", tmp_path / "va.csv")
     caplog.set_level("WARNING", logger="medfed.server")
     run = tmp_path / "run"
     settings = run_settings(HEART, FAST, run, heart_bundle, signing_key_path)

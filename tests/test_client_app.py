@@ -226,15 +226,9 @@ def test_cached_features_give_the_same_update_as_fresh_ones(app, payload, heart_
 def test_hospital_csv_missing_a_column_refuses_with_a_path_free_sentence(
         app, payload, heart_bundle, tmp_path, signing_pub_path) -> None:
     from client.node import DataRefused
-    from common.data.heart import export_site_csv
+    from tests.conftest import heart_csv_without
 
-    csv = tmp_path / "ward-7-oncology" / "cleveland.csv"
-    csv.parent.mkdir()
-    export_site_csv("cleveland", csv)
-    lines = csv.read_text(encoding="utf-8").splitlines()
-    drop = lines[0].split(",").index("chol")
-    csv.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != drop)
-                             for line in lines) + "\n", encoding="utf-8")
+    csv = heart_csv_without("cleveland", "chol", tmp_path / "ward-7-oncology" / "cleveland.csv")
     workdir = tmp_path / "work"
     node = {"site-name": "cleveland", "data-path": str(csv), "workdir": str(workdir),
             "signing-pub": str(signing_pub_path)}

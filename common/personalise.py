@@ -170,7 +170,8 @@ def personalise(
             state, steps = _fine_tune(candidate, site, names, trainable, ad, local, device,
                                       seed, metric)
             candidate.load_state_dict({**candidate.state_dict(), **state})
-            note = f"best of {steps} steps on validation"
+            note = (f"best on validation after {steps} of {ad.steps} steps" if steps
+                    else f"none of {ad.steps} steps improved on validation")
         c_val = score(logits64(candidate, site.x_val), site.y_val, OperatingPoint())
         ours, theirs = _selection(metric, c_val), _selection(metric, g_val_metrics)
         if method != "none" and _better(metric, ours, theirs, ad.min_improvement):

@@ -90,7 +90,7 @@ def test_progress_line_shows_na_for_an_undefined_metric(tmp_path) -> None:
 
 
 SITE_MODEL = {
-    "kept": "adapted", "method": "fine-tune", "reason": "best of 5 steps on validation",
+    "kept": "adapted", "method": "fine-tune", "reason": "best on validation after 5 of 25 steps",
     "steps": 5, "operating_point": {"threshold": 0.4, "temperature": 1.2},
     "site_model": {"validation": {"balanced_accuracy": 0.8},
                    "test": {"balanced_accuracy": 0.75, "auc": 0.81, "auc_lo": 0.7,
@@ -165,4 +165,4 @@ def test_table_shows_each_site_model_and_why() -> None:
     summary = {**_summary(0.5), "site_models": {"hungary": SITE_MODEL}}
     table = format_table(summary)
     assert "0.810 [0.700, 0.900]" in table
-    assert "hungary: kept the adapted model (fine-tune): best of 5 steps on validation" in table
+    assert "hungary: kept the adapted model (fine-tune): best on validation after 5 of 25 steps" in table

@@ -165,4 +165,5 @@ def test_table_shows_each_site_model_and_why() -> None:
     summary = {**_summary(0.5), "site_models": {"hungary": SITE_MODEL}}
     table = format_table(summary)
     assert "0.810 [0.700, 0.900]" in table
-    assert "hungary: kept the adapted model (fine-tune): best on validation after 5 of 25 steps" in table
+    assert ("hungary: kept the adapted model (fine-tune): best on validation after 5 of 25 "
+            "steps") in table

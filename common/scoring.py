@@ -87,12 +87,16 @@ def logits64(model: SplitModel, x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (clipped: never infinite)."""
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
+
+
 def score(logits: np.ndarray, y: np.ndarray, op: OperatingPoint) -> dict[str, float | None]:
     """Log-loss of the calibrated probabilities plus every clinical metric at `op`."""
     p = op.proba(logits)
     y = np.asarray(y, dtype=np.int64)
-    loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
-    return {"loss": loss, **compute_metrics(y, p, op.threshold)}
+    return {"loss": _log_loss(p, y), **compute_metrics(y, p, op.threshold)}
 
 
 def score_model(model: SplitModel, x: np.ndarray, y: np.ndarray, op: OperatingPoint
@@ -120,8 +124,7 @@ def score_with_intervals(logits: np.ndarray, y: np.ndarray, op: OperatingPoint, 
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    p = OperatingPoint(temperature=temperature).proba(logits)
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
+    return _log_loss(OperatingPoint(temperature=temperature).proba(logits), y)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -31,13 +31,12 @@ from flwr.serverapp import Grid
 
 from common import records as rk
 from common.config import ValidationConfig
-from common.names import printable
+from common.names import printable, sanitise_name
 from server.delegating_grid import DelegatingGrid
 from server.validation import (
     check_evaluate_reply,
     check_provision_reply,
     is_count,
-    sanitise_name,
     validate_train_replies,
 )
 

@@ -25,10 +25,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord
 
 from common import records as rk
+from common.bundle import BACKBONE_FILE, HEAD_FILE, SITE_STATS_FILE
 from common.data.splits import TEST_LABEL
-from common.names import sanitise_name
-
-__all__ = ["sanitise_name"]  # re-exported: the server's name check
 
 MAX_COUNT = 1e9  # rows a hospital may claim in any split: above is not a real cohort
 
@@ -230,7 +228,7 @@ def check_evaluate_reply(msg: Message, sizes: Mapping[str, int] | None) -> str |
 # --------------------------------------------------------------------- site-model replies
 
 
-SITE_MODEL_FILES = ("backbone.safetensors", "head.safetensors", "site_stats.json")
+SITE_MODEL_FILES = (BACKBONE_FILE, HEAD_FILE, SITE_STATS_FILE)
 _HEX64 = frozenset("0123456789abcdef")
 
 

@@ -119,7 +119,7 @@ def test_without_enrolment_a_configured_cap_then_the_round_median_bounds_the_wei
 
 
 def test_sanitised_names_cannot_fake_a_log_line_or_a_path() -> None:
-    from server.validation import sanitise_name
+    from common.names import sanitise_name
 
     assert sanitise_name("hospital-a\n12:00 medfed.server: round 9/9") == \
         "hospital-a_12_00_medfed.server__round_9_9"

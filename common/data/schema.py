@@ -9,6 +9,7 @@ may be patient data).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class Column:
     fill_value: float | None = None  # the value `missing: constant` fills in
     missing_values: tuple[float, ...] = ()  # codes that mean "not measured" (e.g. chol 0)
     missing_indicator: bool = False  # add a 0/1 feature "<name>:missing"
+
+
+_OPTIONAL_FIELDS = tuple(f for f in dataclasses.fields(Column) if f.name not in ("name", "type"))
 
 
 @dataclass(frozen=True)
@@ -116,22 +120,10 @@ class Schema:
         cols = []
         for c in self.columns:
             d: dict[str, Any] = {"name": c.name, "type": c.type}
-            if c.unit:
-                d["unit"] = c.unit
-            if c.min is not None:
-                d["min"] = c.min
-            if c.max is not None:
-                d["max"] = c.max
-            if c.categories:
-                d["categories"] = list(c.categories)
-            if c.missing is not None:
-                d["missing"] = c.missing
-            if c.fill_value is not None:
-                d["fill_value"] = c.fill_value
-            if c.missing_values:
-                d["missing_values"] = list(c.missing_values)
-            if c.missing_indicator:
-                d["missing_indicator"] = True
+            for f in _OPTIONAL_FIELDS:  # only what differs from the default
+                value = getattr(c, f.name)
+                if value != f.default:
+                    d[f.name] = list(value) if isinstance(value, tuple) else value
             cols.append(d)
         out: dict[str, Any] = {
             "columns": cols,

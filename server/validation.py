@@ -11,7 +11,8 @@ reply can raise inside the server:
   its aggregation weight is then capped by a bound the server sets (:func:`weight_bound`);
 - evaluate: numbers only (NaN allowed: an undefined metric), counts within what the site
   declared;
-- site model (`query.adapt`): numbers, words of bounded length, 64-hex file hashes.
+- site model (`query.adapt`): numbers, a 0/1 choice, counts of steps and rows, words of
+  bounded length, 64-hex file hashes.
 """
 
 from __future__ import annotations
@@ -243,6 +244,11 @@ def check_site_model_reply(msg: Message) -> str | None:
             return f"'{key}' is missing or not a number"
     if not all(is_number(v) for v in metrics.values()):
         return "a metric is not a number"
+    if metrics[rk.SITE_KEPT_ADAPTED] not in (0, 1):
+        return f"'{rk.SITE_KEPT_ADAPTED}' is not 0 or 1"
+    for key in ("steps", *(k for k in metrics if k.startswith("rows/"))):
+        if not is_count(metrics[key]):
+            return f"'{key}' is not a count of rows or steps"
     t, thr = float(metrics["temperature"]), float(metrics["threshold"])  # type: ignore[arg-type]
     if not (0.05 <= t <= 20.0 and 0.0 <= thr <= 1.0):
         return f"temperature {t:.3g} or threshold {thr:.3g} out of range"

@@ -126,3 +126,48 @@ def test_sanitised_names_cannot_fake_a_log_line_or_a_path() -> None:
     assert sanitise_name("../../etc") == "_.._etc"
     assert sanitise_name("\x1b[32mok") == "__32mok"
     assert len(sanitise_name("x" * 500)) == 64
+
+
+# --- site-model replies ------------------------------------------------------------------
+def site_model_reply(**metrics: float) -> Message:
+    from flwr.app import ConfigRecord
+
+    values = {rk.SITE_KEPT_ADAPTED: 1.0, "steps": 5.0, "temperature": 1.2, "threshold": 0.4,
+              "rows/train": 80.0, "site_model/validation/auc": 0.8,
+              "site_model/test/auc": math.nan, "global/validation/auc": 0.7, **metrics}
+    words = {"method": "fine-tune", "reason": "best on validation", "rule": "fixed:0.5",
+             **{f"sha256/{n}": "ab" * 32 for n in ("backbone.safetensors", "head.safetensors",
+                                                 "site_stats.json")}}
+    with task_identity(node_id=0):
+        out = Message(RecordDict({}), dst_node_id=3, message_type="query.adapt")
+    content = RecordDict({rk.METRICS: MetricRecord(values),
+                          rk.SITE_MODEL: ConfigRecord(words)})
+    with task_identity(node_id=3):
+        return Message(content, reply_to=out)
+
+
+def test_a_well_formed_site_model_reply_is_read() -> None:
+    from server.validation import check_site_model_reply, site_model_from_reply
+
+    msg = site_model_reply()
+    assert check_site_model_reply(msg) is None
+    site, files = site_model_from_reply(msg)
+    assert site["kept"] == "adapted" and site["steps"] == 5 and site["rows"] == {"train": 80}
+    assert site["site_model"]["test"]["auc"] is None  # NaN: undefined, not a number
+    assert set(files.values()) == {"ab" * 32}
+
+
+@pytest.mark.parametrize(("metrics", "fragment"), [
+    ({"steps": math.nan}, "'steps'"),
+    ({"steps": -1.0}, "'steps'"),
+    ({"steps": 2.5}, "'steps'"),
+    ({rk.SITE_KEPT_ADAPTED: math.nan}, f"'{rk.SITE_KEPT_ADAPTED}'"),
+    ({rk.SITE_KEPT_ADAPTED: 2.0}, f"'{rk.SITE_KEPT_ADAPTED}'"),
+    ({"rows/train": math.nan}, "'rows/train'"),
+    ({"rows/test": 1e12}, "'rows/test'"),
+])
+def test_a_site_model_reply_with_a_bad_count_or_flag_is_refused(metrics, fragment) -> None:
+    from server.validation import check_site_model_reply
+
+    problem = check_site_model_reply(site_model_reply(**metrics))
+    assert problem is not None and fragment in problem

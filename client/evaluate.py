@@ -41,7 +41,7 @@ def evaluate_file(model_dir: Path, data: Path, site_stats: Path | None = None,
     proba = op.proba(logits)
     intervals = bootstrap_intervals(y, proba, op.threshold, samples=samples, seed=seed)
     labels = [str(v) for v in manifest["labels"]]
-    pred = (proba[:, 1] > op.threshold).astype(int) if proba.shape[1] == 2 else proba.argmax(1)
+    pred = op.decide(proba)
     k = proba.shape[1]
     confusion = [[int(np.sum((y == t) & (pred == p))) for p in range(k)] for t in range(k)]
     report = json_metrics({

@@ -25,7 +25,6 @@ from common.manifest import model_from_manifest, spec_from_manifest
 from common.models import SplitModel, load_state
 from common.scoring import OperatingPoint, logits64
 
-SITE_STATS = "site_stats.json"  # a hospital's own statistics, next to its models
 ID_COLUMN = "id"  # an optional row identifier carried through to the predictions
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -87,7 +86,7 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
     proba = op.proba(logits64(model, site_stats.apply(x_raw)))
     labels = [csv_safe(str(name)) for name in manifest["labels"]]
     binary = proba.shape[1] == 2
-    predicted = (proba[:, 1] > op.threshold).astype(int) if binary else proba.argmax(axis=1)
+    predicted = op.decide(proba)
 
     buf = io.StringIO()
     writer = csv.writer(buf)

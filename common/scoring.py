@@ -47,6 +47,12 @@ class OperatingPoint:
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
 
+    def decide(self, p: np.ndarray) -> np.ndarray:
+        """Class decided per row from calibrated probabilities `p` (int64)."""
+        if p.shape[1] == 2:
+            return np.asarray(p[:, 1] > self.threshold, dtype=np.int64)
+        return np.asarray(p.argmax(axis=1), dtype=np.int64)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form stored in a manifest."""
         return {"temperature": self.temperature, "threshold": self.threshold, "rule": self.rule,
@@ -200,6 +206,4 @@ def fit_operating_point(logits: np.ndarray, y: np.ndarray, cfg: OperatingPointCo
 
 def predicts_one_class(logits: np.ndarray, op: OperatingPoint) -> bool:
     """True when every row gets the same decision at `op` (a constant predictor)."""
-    p = op.proba(logits)
-    decided = p[:, 1] > op.threshold if p.shape[1] == 2 else p.argmax(axis=1)
-    return len(np.unique(decided)) < 2
+    return len(np.unique(op.decide(op.proba(logits)))) < 2

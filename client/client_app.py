@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import node as ops
 from client.dp_clipping import clip_when_asked
+from client.events import emit
 from client.secagg_client import handle_legacy, is_legacy, make_legacy_app
 from common import records as rk
 from common.personalise import SiteModel
@@ -46,6 +50,29 @@ def site_model_record(result: SiteModel, hashes: dict[str, str]
             **{f"sha256/{name}": digest for name, digest in hashes.items()}}
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def _logged(kind: str, defaults: RunSettings | None) -> Callable[[Handler], Handler]:
+    """A handler whose failure is also written to the hospital's own log, as a sentence."""
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as err:
+                if isinstance(err, ops.DataRefused):
+                    raise  # `medfed client` reports the refusal itself, once
+                try:
+                    workdir = _node(context, defaults).workdir
+                except Exception:  # noqa: BLE001 - the settings themselves may be the error
+                    workdir = None
+                emit(workdir, "error", message=f"{kind} failed: {err}")
+                raise
+        return run
+    return wrap
+
+
 def _file_bytes(content: RecordDict, key: str) -> bytes | None:
     if key not in content.array_records:
         return None
@@ -57,6 +84,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.query(rk.QUERY_BACKBONE)
+    @_logged("receiving the backbone", defaults)
     def backbone(msg: Message, context: Context) -> Message:
         node = _node(context, defaults)
         meta = msg.content.config_records[rk.BUNDLE_META]
@@ -73,12 +101,15 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
             metrics[rk.NUM_TRAIN] = sizes["train"]
             metrics.update({f"rows/{k}": v for k, v in sizes.items()})
             content[rk.SITE] = _site_record(name)
+            emit(node.workdir, "backbone", site=name, sha256=sha, received=file_bytes is not None,
+                 **sizes)
         content[rk.METRICS] = MetricRecord(metrics)
         return Message(node.tampered("query.backbone", RecordDict(content)), reply_to=msg)
 
     legacy = make_legacy_app(lambda context: _node(context, defaults))  # SecAgg+ path
 
     @app.train(mods=[clip_when_asked])
+    @_logged("training", defaults)
     def train(msg: Message, context: Context) -> Message:
         if is_legacy(msg):
             return handle_legacy(legacy, msg, context)
@@ -92,43 +123,56 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         )
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
                                 "steps": result.steps})
+        emit(node.workdir, "train", site=site, round=server_round, rows=result.num_examples,
+             steps=result.steps, loss=result.loss)
         return Message(node.tampered("train", RecordDict({
             rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
             rk.SITE: _site_record(site)})), reply_to=msg)
 
     @app.evaluate()
+    @_logged("evaluating", defaults)
     def evaluate(msg: Message, context: Context) -> Message:
         if is_legacy(msg):
             return handle_legacy(legacy, msg, context)
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        server_round = int(config.get(rk.SERVER_ROUND, 0))  # type: ignore[arg-type]
+        server_round += int(config.get(rk.ROUND_OFFSET, 0))  # type: ignore[arg-type]
         metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]),
-                                              int(config.get(rk.SERVER_ROUND, 0)))  # type: ignore[arg-type]
+                                              server_round)
+        emit(node.workdir, "evaluate", site=site, round=server_round, rows=n,
+             auc=metrics.get("val-auc"), balanced_accuracy=metrics.get("val-balanced_accuracy"))
         return Message(node.tampered("evaluate", RecordDict({
             rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
             rk.SITE: _site_record(site)})), reply_to=msg)
 
     @app.query(rk.QUERY_ADAPT)
+    @_logged("building the site model", defaults)
     def adapt(msg: Message, context: Context) -> Message:
         node = _node(context, defaults)
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
         result, hashes, site = ops.personalise_site(node, arrays, str(config[rk.BACKBONE_SHA256]))
+        emit(node.workdir, "site-model", site=site, kept=result.kept, reason=result.reason,
+             balanced_accuracy=result.report["site_model"]["validation"].get("balanced_accuracy"))
         return Message(RecordDict({
             rk.METRICS: MetricRecord(site_model_metrics(result)),
             rk.SITE_MODEL: ConfigRecord(site_model_record(result, hashes)),
             rk.SITE: _site_record(site)}), reply_to=msg)
 
     @app.query(rk.QUERY_SAVE_SITE_MODEL)
+    @_logged("saving the site model", defaults)
     def save_site_model(msg: Message, context: Context) -> Message:
         node = _node(context, defaults)
         meta = msg.content.config_records[rk.BUNDLE_META]
         path = ops.save_site_model(node, str(meta[rk.MANIFEST_JSON]), str(meta[rk.MANIFEST_SIG]))
+        emit(node.workdir, "site-model-saved", site=node.site_name(), path=str(path))
         return Message(RecordDict({rk.METRICS: MetricRecord({"saved": 1}),
                                    rk.SITE: _site_record(path.parent.name)}), reply_to=msg)
 
     @app.query(rk.QUERY_SAVE_MODEL)
+    @_logged("receiving the model", defaults)
     def save_model(msg: Message, context: Context) -> Message:
         node = _node(context, defaults)
         meta = msg.content.config_records[rk.BUNDLE_META]
@@ -139,6 +183,8 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
                               str(meta[rk.MANIFEST_SIG]), head,
                               _file_bytes(msg.content, rk.BACKBONE_FILE))
         saved = MetricRecord({"saved-version": int(path.name[1:])})
+        emit(node.workdir, "model", site=node.site_name(), version=int(path.name[1:]),
+             path=str(path))
         return Message(RecordDict({rk.METRICS: saved}), reply_to=msg)
 
     return app

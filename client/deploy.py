@@ -1,47 +1,45 @@
 """`medfed client`: the hospital's Flower SuperNode with its node key, the federation CA and
-its node config (site name, data path, work directory, the server's signing key).
+its node config (site name, data path, work directory, the server's signing key), run like a
+service.
 
-Flower's own messages for the usual failures are turned into one sentence each: server not
-reachable, server certificate not trusted (wrong CA), node key not registered.
+Flower's own output goes to `<workdir>/supernode.log`; the terminal shows the hospital's
+events (`client/events.py`) and Flower's warnings. The usual failures each end in one
+sentence: not registered (after waiting for registration with backoff), wrong CA, TLS mode
+mismatch, server unreachable or gone (after a bounded wait), data that does not match the
+model. Every process the SuperNode starts is stopped with it, also when `medfed client` is
+killed (`common.processes`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
+from client import events
 from common import records as rk
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
-from common.processes import stop_group
+from common.processes import ProcessGroup, free_port, kill_stale_groups, port_taken
 from common.settings import medfed_home
 
-log = logging.getLogger("medfed.client")
-
-# Flower's log lines that mean the SuperNode will never get in, and what to tell the user.
-FATAL_PATTERNS = (
-    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by the federation CA "
-     "in {certs}/ca.crt (wrong CA or wrong server)"),
-    ("certificate verify failed", "the server's certificate is not signed by the federation CA "
-     "in {certs}/ca.crt (wrong CA or wrong server)"),
-    ("code: 2004", "the server refused this hospital's node key: it is not registered (send "
-     "{certs}/node_key.pub to the federation operator)"),
-    ("code: 2001", "the server requires a registered node key and none was offered"),
-    ("Failed to activate SuperNode", "the server refused this hospital's node key: it is not "
-     "registered (send {certs}/node_key.pub to the federation operator)"),
-)
-UNREACHABLE = "cannot reach the server at {server}: connection refused or no route"
+EXIT_DATA = 2  # bad input, like `medfed check-data`
+EXIT_FAILED = 3
+REGISTRATION_BACKOFF_S = (5.0, 10.0, 20.0, 30.0, 60.0)  # then 60 s until the wait is over
+SUPERNODE_LOG = "supernode.log"
+REFUSAL_LINGER_S = 45.0  # online this long after a data refusal was sent (see _watch_refusal)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -55,9 +53,13 @@ class ClientRequest:
     name: str
     device: str
     workdir: Path
-    port: int
+    port: int  # local ClientAppIo port; 0: pick a free one
     insecure: bool
     max_retries: int
+    model: Path | None = None  # a bundle to check the data against before joining
+    wait_registration: float = 600.0  # seconds to keep trying while not registered
+    give_up_after: float = 600.0  # seconds without the server before giving up (0: never)
+    verbose: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientRequest:
@@ -68,6 +70,8 @@ class ClientRequest:
             certs=args.certs, name=args.name,
             device=args.device, workdir=(args.workdir or medfed_home() / args.name).resolve(),
             port=args.port, insecure=args.insecure, max_retries=args.max_retries,
+            model=args.model, wait_registration=args.wait_registration,
+            give_up_after=args.give_up_after, verbose=args.verbose,
         )
 
 
@@ -86,12 +90,15 @@ def _node_config(req: ClientRequest, certs: HospitalPaths | None) -> str:
     return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
-def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None) -> list[str]:
+def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None, port: int | None = None
+                  ) -> list[str]:
     """The `flower-supernode` command line for this hospital."""
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", req.server,
-           "--node-config", _node_config(req, certs), "--port", str(req.port)]
+           "--node-config", _node_config(req, certs), "--port", str(port or req.port)]
     if req.max_retries > 0:
         cmd += ["--max-retries", str(req.max_retries)]
+    if req.give_up_after > 0:
+        cmd += ["--max-wait-time", str(req.give_up_after)]
     if certs is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(certs.ca_cert),
@@ -99,6 +106,7 @@ def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None) -> list[str]:
 
 
 def _check(req: ClientRequest) -> HospitalPaths | None:
+    """Everything that can be checked before a process starts; raises with one sentence."""
     if not req.data.exists():
         raise DataError(f"data file {req.data} does not exist")
     if req.test_data is not None and not req.test_data.exists():
@@ -106,6 +114,9 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     if req.certs is None and not req.insecure:
         raise ValueError("refusing to start without certificates: pass --certs DIR (made by "
                          "`medfed certs hospital`) or --insecure for a local test")
+    if req.port and port_taken("127.0.0.1", req.port):
+        raise ValueError(f"local port {req.port} (--port) is in use, perhaps by another "
+                         "hospital's client on this host; leave --port out to pick a free one")
     # the ClientApp would otherwise find an unknown or absent device only in round 1
     resolve_device(req.device)
     certs = None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]
@@ -117,78 +128,221 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     return certs
 
 
-def _watch(proc: subprocess.Popen[str], req: ClientRequest, verdict: list[str]) -> None:
-    """Relay the SuperNode's output; remember the first fatal condition seen."""
-    assert proc.stdout is not None
-    unreachable = 0
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        for pattern, message in FATAL_PATTERNS:
-            if pattern in line and not verdict:
-                verdict.append(message.format(certs=req.certs, server=req.server))
-                proc.terminate()
-        if "UNAVAILABLE" in line or "Connection refused" in line or "ConnectError" in line:
-            unreachable += 1
-    if not verdict and unreachable and proc.returncode not in (0, None):
-        verdict.append(UNREACHABLE.format(server=req.server))
+def _preflight(req: ClientRequest, certs: HospitalPaths | None) -> None:
+    """With `--model`: the data must pass `medfed check-data` before the node joins."""
+    if req.model is None:
+        return
+    from client.check_data import check_data  # imports torch: only when asked
+
+    result = check_data(req.model, req.data, "training", signing_pub(certs),
+                        test_data=req.test_data)
+    events.emit(req.workdir, "data-ok", name=req.name, model=str(req.model),
+                summary=result.summary())
+    for warning in result.warnings:
+        events.emit(req.workdir, "waiting", name=req.name, message=f"warning: {warning}")
 
 
-DATA_PREFIX = "its data does not match the model: "
-EXIT_DATA = 2  # bad input, like `medfed check-data`
+@dataclass(frozen=True)
+class Verdict:
+    """Why a SuperNode stopped: `kind` decides what happens next, `message` is the sentence."""
+
+    kind: str  # not-registered | no-key | wrong-ca | tls-mismatch | unreachable | lost | data
+    message: str
 
 
-def _watch_refusal(proc: subprocess.Popen[str], refused: Path,
-                   verdict: list[str]) -> None:
-    """Stop the SuperNode when the ClientApp found this hospital's data unusable."""
-    while proc.poll() is None:
-        if refused.exists():
-            try:
-                reason = json.loads(refused.read_text(encoding="utf-8"))["reason"]
-            except (OSError, ValueError, KeyError):
-                reason = "see the SuperNode's log above"
-            if not verdict:
-                verdict.append(DATA_PREFIX + str(reason))
+def classify(line: str, req: ClientRequest) -> Verdict | None:
+    """The fatal condition a SuperNode log line reveals, if any."""
+    certs = req.certs
+    if "code: 2004" in line or "Failed to activate SuperNode" in line:
+        return Verdict("not-registered", "the server refused this hospital's node key: it is not "
+                       f"registered (send {certs}/node_key.pub to the federation operator)")
+    if "code: 2001" in line:
+        return Verdict("no-key", "the server requires a registered node key and none was offered")
+    if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
+        return Verdict("wrong-ca", "the server's certificate is not signed by the federation CA "
+                       f"in {certs}/ca.crt (wrong CA or wrong server)")
+    if "WRONG_VERSION_NUMBER" in line:
+        return Verdict("tls-mismatch", f"the server at {req.server} does not use TLS but this "
+                       "hospital does: the operator must start it with --certs (or, for a "
+                       "local test only, both sides with --insecure)")
+    if req.insecure and "Server disconnected without sending a response" in line:
+        return Verdict("tls-mismatch", f"the server at {req.server} uses TLS but this hospital "
+                       "was started with --insecure: pass --certs DIR instead")
+    return None
+
+
+class Supervisor:
+    """One `flower-supernode` attempt: relay its output, classify why it stopped."""
+
+    def __init__(self, req: ClientRequest, certs: HospitalPaths | None, port: int) -> None:
+        self.req, self.certs, self.port = req, certs, port
+        self.verdict: Verdict | None = None
+        self.joined = False
+        self.unreachable = False
+        self.last_sent = 0.0  # wall-clock time of the SuperNode's last delivered reply
+        self._told_unreachable = False
+
+    def _relay(self, proc: subprocess.Popen[str], log_file: Path) -> None:
+        assert proc.stdout is not None
+        with log_file.open("a", encoding="utf-8") as log:
+            for raw in proc.stdout:
+                log.write(raw)
+                log.flush()
+                self._line(ANSI.sub("", raw.rstrip("\n")), proc)
+
+    def _line(self, line: str, proc: subprocess.Popen[str]) -> None:
+        req = self.req
+        if self.req.verbose:
+            print(line, flush=True)
+        if "Sent successfully" in line:
+            self.last_sent = time.time()
+        if self.verdict is not None:
+            return  # stopping already: later lines (Flower's SuperExec retrying) are noise
+        verdict = classify(line, req)
+        if verdict is not None:
+            self.verdict = verdict
             proc.terminate()
             return
-        time.sleep(0.5)
+        if "SuperNode ID:" in line and not self.joined:
+            self.joined = True
+            events.emit(req.workdir, "joined", name=req.name, node_id=line.split(":")[-1].strip())
+        elif "Connection refused" in line or "Errno 111" in line or "Connection attempt failed" \
+                in line or "Name or service not known" in line:
+            self.unreachable = True
+            if not self._told_unreachable:
+                self._told_unreachable = True
+                limit = (f"for up to {req.give_up_after:.0f} s" if req.give_up_after > 0
+                         else "until stopped")
+                what = "lost the server" if self.joined else "cannot reach the server"
+                events.emit(req.workdir, "waiting", name=req.name,
+                            message=f"{what} at {req.server}; retrying {limit}")
+        elif not req.verbose and line.startswith(("WARNING", "ERROR")) \
+                and "Exit Code" not in line and "ClientApp raised an exception" not in line:
+            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {req.name}: flower: {line}", flush=True)
+
+    def _watch_refusal(self, proc: subprocess.Popen[str], refused: Path,
+                       linger: float = REFUSAL_LINGER_S) -> None:
+        """Stop the SuperNode when the ClientApp found this hospital's data unusable.
+
+        It stays online `linger` seconds after its refusal was sent: the SuperLink answers
+        "Node Unavailable" for a node that is gone before the ServerApp pulled its reply, and
+        the operator would not learn why the hospital left.
+        """
+        while proc.poll() is None:
+            if refused.exists():
+                try:
+                    reason = json.loads(refused.read_text(encoding="utf-8"))["reason"]
+                except (OSError, ValueError, KeyError):
+                    reason = f"see {self.req.workdir / SUPERNODE_LOG}"
+                if self.verdict is None:
+                    self.verdict = Verdict("data", f"its data does not match the model: {reason}")
+                    events.emit(self.req.workdir, "waiting", name=self.req.name, message=(
+                        f"{self.verdict.message}; leaving once the server has the refusal"))
+                written = refused.stat().st_mtime
+                deadline = time.monotonic() + 2 * linger  # if no reply shows up at all
+                while proc.poll() is None and time.monotonic() < deadline and (
+                        self.last_sent < written or time.time() < self.last_sent + linger):
+                    time.sleep(0.2)
+                proc.terminate()
+                return
+            time.sleep(0.5)
+
+    def run(self, group: ProcessGroup) -> int:
+        """Start the SuperNode and wait for it; its exit code."""
+        req = self.req
+        refused = req.workdir / rk.DATA_REFUSED_FILE
+        refused.unlink(missing_ok=True)  # a refusal of an earlier start is not this one's
+        env = {"FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+               "FLWR_HOME": str(req.workdir / "flwr-home"),
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        proc = group.start(supernode_cmd(req, self.certs, self.port), env=env, capture=True)
+        relay = threading.Thread(target=self._relay, args=(proc, req.workdir / SUPERNODE_LOG),
+                                 daemon=True)
+        relay.start()
+        threading.Thread(target=self._watch_refusal, args=(proc, refused), daemon=True).start()
+        code = proc.wait()
+        relay.join(timeout=5)
+        if self.verdict is None and code not in (0, -signal.SIGTERM) and self.unreachable:
+            waited = f" for {req.give_up_after:.0f} s" if req.give_up_after > 0 else ""
+            self.verdict = Verdict(
+                "lost" if self.joined else "unreachable",
+                (f"lost the server at {req.server}: no answer{waited}" if self.joined else
+                 f"cannot reach the server at {req.server}{waited}: connection refused or no "
+                 "route (is it running, and are the address and port right?)"))
+        return int(code)
+
+
+def _print_events(follower: events.Follower, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for record in follower.new():
+            print(events.line(record), flush=True)
+        stop.wait(0.3)
+    for record in follower.new():
+        print(events.line(record), flush=True)
+
+
+def _next_wait(attempt: int) -> float:
+    return REGISTRATION_BACKOFF_S[min(attempt, len(REGISTRATION_BACKOFF_S) - 1)]
 
 
 def run_client(req: ClientRequest) -> int:
     """Run the SuperNode until it stops (or Ctrl-C); one sentence on known failures."""
     certs = _check(req)
-    if certs is None:
-        print("WARNING: medfed client is running INSECURE: no TLS, no node authentication.",
-              file=sys.stderr, flush=True)
     req.workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-           "FLWR_HOME": str(req.workdir / "flwr-home"),
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.Popen(supernode_cmd(req, certs), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    verdict: list[str] = []
-    refused = req.workdir / rk.DATA_REFUSED_FILE
-    refused.unlink(missing_ok=True)  # a refusal of an earlier start is not this one's
-    watcher = threading.Thread(target=_watch, args=(proc, req, verdict), daemon=True)
-    watcher.start()
-    threading.Thread(target=_watch_refusal, args=(proc, refused, verdict), daemon=True).start()
+    pid_file = req.workdir / "processes.pid"
+    kill_stale_groups(pid_file)  # a crashed earlier client; refuses if one is still running
+    follower = events.Follower(req.workdir / events.EVENTS_FILE)
+    stop = threading.Event()
+    printer = threading.Thread(target=_print_events, args=(follower, stop), daemon=True)
+    printer.start()
+    port = req.port or free_port()
+    mode = "INSECURE: no TLS, no node authentication" if certs is None else \
+        "TLS, node key " + str(certs.node_key)
+    events.emit(req.workdir, "start", name=req.name, server=req.server, data=str(req.data),
+                port=port, mode=mode)
+    group = ProcessGroup(pid_file)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    verdict: Verdict | None = None
+    code = 0
     try:
-        code = proc.wait()
-        watcher.join(timeout=5)
+        _preflight(req, certs)
+        deadline = time.monotonic() + req.wait_registration
+        attempt = 0
+        while True:
+            supervisor = Supervisor(req, certs, port)
+            code = supervisor.run(group)
+            group.stop_all()  # the SuperExec of this attempt, if Flower left it running
+            verdict = supervisor.verdict
+            wait = _next_wait(attempt)
+            if verdict is None or verdict.kind != "not-registered" \
+                    or time.monotonic() + wait > deadline:
+                break
+            events.emit(req.workdir, "waiting", name=req.name, message=(
+                f"not registered (yet) with the server at {req.server}; trying again in "
+                f"{wait:.0f} s (waiting up to {req.wait_registration:.0f} s for the operator)"))
+            time.sleep(wait)
+            attempt += 1
+    except (DataError, ValueError) as err:  # the --model pre-flight
+        verdict = Verdict("data", str(err))
     except KeyboardInterrupt:
-        code = 0
+        events.emit(req.workdir, "stopped", name=req.name, message="stopped by a signal")
+        verdict, code = None, 0
     finally:
-        stop_group(proc)  # type: ignore[arg-type]
-    if verdict:
-        print(f"medfed: error: hospital {req.name}: {verdict[0]}", file=sys.stderr)
-        return EXIT_DATA if verdict[0].startswith(DATA_PREFIX) else 3
+        group.stop_all()
+        stop.set()
+        printer.join(timeout=5)
+    if verdict is not None:
+        events.emit(req.workdir, "error", name=req.name, message=verdict.message)
+        for record in follower.new():
+            print(events.line(record), flush=True)
+        print(f"medfed: error: hospital {req.name}: {verdict.message}", file=sys.stderr)
+        return EXIT_DATA if verdict.kind == "data" else EXIT_FAILED
     if code not in (0, -signal.SIGTERM):
         print(f"medfed: error: hospital {req.name}: flower-supernode exited with code {code}; "
-              f"is the server at {req.server} running?", file=sys.stderr)
-        return 3
+              f"see {req.workdir / SUPERNODE_LOG}", file=sys.stderr)
+        return EXIT_FAILED
     return 0

@@ -1,21 +1,30 @@
 """Start Flower's own processes and make sure every one of them is stopped again.
 
-Each child leads its own process group, so whatever it starts (a ServerApp, ClientApps, Ray)
-is stopped with it: SIGTERM to the group, then SIGKILL to what is left.
+Flower detaches some of its children (the SuperLink starts `flower-superexec` in a new session,
+which starts `flwr-serverapp`), so a process group does not hold them all. Every process a
+:class:`ProcessGroup` starts therefore carries one environment marker, inherited by all its
+descendants; stopping means: SIGTERM to each child's group, then every process that still
+carries the marker is sent SIGTERM, then SIGKILL. A small watchdog process (`common.watchdog`)
+does the same sweep when the medfed parent dies without stopping them, even by `kill -9`, and
+keeps the pid file listing every marked process for cleanup after a crash of both.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 STOP_GRACE_S = 10.0
+SWEEP_GRACE_S = 4.0  # marked stragglers get this long after SIGTERM before SIGKILL
+MARKER_ENV = "MEDFED_PROCESS_GROUP"
 PR_SET_PDEATHSIG = 1
 
 
@@ -25,23 +34,93 @@ def die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the pid-file cleanup in `kill_stale_groups` still applies
+    except OSError:  # not Linux: the watchdog and the pid-file cleanup still apply
         pass
 
 
+def marked_pids(token: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries `MEDFED_PROCESS_GROUP=token`."""
+    needle = f"{MARKER_ENV}={token}".encode()
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def sweep(token: str, grace: float = SWEEP_GRACE_S) -> None:
+    """SIGTERM every process marked with `token`; SIGKILL what is left after `grace`."""
+    deadline = time.monotonic() + grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = marked_pids(token)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+        while pids and sig == signal.SIGTERM and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = marked_pids(token)
+        if not pids:
+            return
+
+
+def write_pid_file(pid_file: Path, token: str, owner: int, pids: Sequence[int]) -> None:
+    """`marker TOKEN`, `owner PID` (the medfed command), then one pid per line; atomic."""
+    tmp = pid_file.with_name(f"{pid_file.name}.{os.getpid()}.tmp")  # one per writer
+    tmp.write_text(f"marker {token}\nowner {owner}\n" + "".join(f"{p}\n" for p in pids),
+                   encoding="utf-8")
+    os.replace(tmp, pid_file)
+
+
+class DirectoryInUse(FileExistsError):
+    """Another live medfed command owns the processes recorded in a pid file."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        text = stat.read_text(errors="replace")
+    except OSError:
+        return True  # not Linux, or gone meanwhile: kill(0) said alive
+    return text[text.rfind(")") + 2:].split()[0] not in ("Z", "X")
+
+
 def kill_stale_groups(pid_file: Path) -> None:
-    """Stop process groups a previous, crashed incarnation recorded in `pid_file`."""
+    """Stop what a previous, crashed incarnation recorded in `pid_file` (its marker).
+
+    Raises DirectoryInUse when the command that wrote it is still running.
+    """
     if not pid_file.exists():
         return
-    for text in pid_file.read_text(encoding="utf-8").split():
-        try:
-            os.killpg(int(text), signal.SIGKILL)
-        except (ValueError, ProcessLookupError, PermissionError):
-            continue
+    fields = dict(line.split(" ", 1) for line in pid_file.read_text(encoding="utf-8")
+                  .splitlines() if " " in line)
+    owner = fields.get("owner", "")
+    if owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)) \
+            and marked_pids(fields.get("marker", "")):
+        raise DirectoryInUse(f"{pid_file.parent} is in use by a running medfed command "
+                             f"(pid {owner}); stop it first or choose another directory")
+    if "marker" in fields:
+        sweep(fields["marker"])
     pid_file.unlink(missing_ok=True)
 
 
-def _group_empty(proc: subprocess.Popen[bytes], pgid: int, wait: float) -> bool:
+def _group_empty(proc: subprocess.Popen[Any], pgid: int, wait: float) -> bool:
     deadline = time.monotonic() + wait
     while True:
         proc.poll()  # reap the leader so the group can empty
@@ -54,7 +133,7 @@ def _group_empty(proc: subprocess.Popen[bytes], pgid: int, wait: float) -> bool:
         time.sleep(0.1)
 
 
-def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> None:
+def stop_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE_S) -> None:
     """SIGTERM the child's process group, wait up to `grace`, then SIGKILL what is left."""
     pgid = proc.pid  # started with start_new_session: the child's pid is its group id
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -74,37 +153,63 @@ class ProcessGroup:
     """The processes one `medfed` command started; `stop_all` is safe to call twice."""
 
     def __init__(self, pid_file: Path | None = None) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[Any]] = []
         self._logs: list[IO[bytes]] = []
-        self.pid_file = pid_file  # process-group ids, for cleanup after a crash
+        self.pid_file = pid_file  # every marked process, for cleanup after a crash
+        self.token = secrets.token_hex(8)
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def start(self, cmd: Sequence[str], log_file: Path | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start `cmd` in a new session; output goes to `log_file` (or is inherited)."""
-        out: IO[bytes] | None = None
-        if log_file is not None:
+              env: dict[str, str] | None = None, capture: bool = False
+              ) -> subprocess.Popen[Any]:
+        """Start `cmd` in a new session; output goes to `log_file`, to a text pipe
+        (`capture`) or is inherited."""
+        self._start_watchdog()
+        out: IO[bytes] | int | None = None
+        if capture:
+            out = subprocess.PIPE
+        elif log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             out = log_file.open("ab")
             self._logs.append(out)
         proc = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-            preexec_fn=die_with_parent,
+            list(cmd), stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+            env={**os.environ, **(env or {}), MARKER_ENV: self.token},
+            start_new_session=True, preexec_fn=die_with_parent, text=capture,
         )
         self.procs.append(proc)
-        self._record()
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file, self.token, os.getpid(), [p.pid for p in self.procs])
         return proc
 
-    def _record(self) -> None:
-        if self.pid_file is not None:
-            text = " ".join(str(p.pid) for p in self.procs)
-            self.pid_file.write_text(text + "\n", encoding="utf-8")
+    def _start_watchdog(self) -> None:
+        if self._watchdog is not None:
+            return
+        cmd = [sys.executable, "-m", "common.watchdog", self.token, str(self.pid_file or "")]
+        # its own session: a Ctrl-C for medfed is medfed's to handle, not the watchdog's
+        self._watchdog = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True,
+                                          env={k: v for k, v in os.environ.items()
+                                               if k != MARKER_ENV})
 
     def stop_all(self) -> None:
-        """Stop every process started here, newest first."""
+        """Stop every process started here (newest first), then anything that carries the
+        marker; the watchdog is told to leave."""
         for proc in reversed(self.procs):
             stop_group(proc)
+        sweep(self.token)
         self.procs.clear()
+        if self._watchdog is not None:
+            try:
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.write(b"exit\n")
+                self._watchdog.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self._watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+            self._watchdog = None
         if self.pid_file is not None:
             self.pid_file.unlink(missing_ok=True)
         for fh in self._logs:
@@ -112,8 +217,20 @@ class ProcessGroup:
         self._logs.clear()
 
 
+def port_taken(host: str, port: int) -> bool:
+    """True when `port` cannot be bound on `host` (another process listens there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_for_port(host: str, port: int, timeout: float,
-                  proc: subprocess.Popen[bytes] | None = None) -> bool:
+                  proc: subprocess.Popen[Any] | None = None) -> bool:
     """True once something accepts TCP connections on host:port; False on timeout/exit."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--exit-after-run", action="store_true",
                    help="stop once the run has finished instead of serving the registry")
+    p.add_argument("--health-port", type=int, default=0,
+                   help="serve the SuperLink's gRPC health check on this port (for container "
+                   "healthchecks: `medfed healthcheck`)")
+
+    p = add("healthcheck", c.cmd_healthcheck,
+            "exit 0 when a medfed server is up and its hospitals are registered (for Docker)",
+            "medfed healthcheck --port 8081 --run-dir /runs/server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="the server's --health-port")
+    p.add_argument("--run-dir", type=Path, required=True, help="the server's --run-dir")
 
     p = add("client", c.cmd_client, "run a hospital's Flower SuperNode with its key and data",
             "medfed client --server fl.example.org:8000 --data /data/heart.csv "
@@ -149,9 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--workdir", type=Path, default=None,
                    help="cache and model directory (default ~/.medfed/<name>)")
-    p.add_argument("--port", type=int, default=9094, help="local ClientApp IO port")
+    p.add_argument("--port", type=int, default=0,
+                   help="local port for the SuperNode's ClientApps (default: a free one, so "
+                   "several hospitals can share a host)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a bundle (e.g. the pretrained one) to check --data against before "
+                   "joining, as `medfed check-data` does")
+    p.add_argument("--wait-registration", type=float, default=600.0, metavar="SECONDS",
+                   help="while the server does not know this hospital's key, try again with "
+                   "backoff for this long (default 600)")
+    p.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
+                   help="stop when the server cannot be reached for this long (default 600; "
+                   "0: keep trying)")
     p.add_argument("--max-retries", type=int, default=0,
-                   help="give up after N failed connection attempts (default: keep trying)")
+                   help="also give up after N failed connection attempts (default: no limit)")
     p.add_argument("--insecure", action="store_true")
 
     p = add("pull", c.cmd_pull, "download a global model version and verify its signature",

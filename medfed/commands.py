@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common.settings import default_keys_path
@@ -199,6 +200,18 @@ def cmd_server(args: argparse.Namespace) -> int:
     from server.deploy import ServerRequest, run_server
 
     return run_server(ServerRequest.from_args(args))
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """`medfed healthcheck`."""
+    from server.health import check_health
+
+    problem = check_health(args.host, args.port, args.run_dir)
+    if problem:
+        print(f"medfed: unhealthy: {problem}", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:

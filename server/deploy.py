@@ -9,6 +9,7 @@ process started here is stopped on exit, error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,10 @@ from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
 from common.config import ConfigError, safe_yaml, show, yaml_problem
 from common.config_check import load_config
 from common.names import printable
-from common.processes import ProcessGroup, kill_stale_groups, wait_for_port
-from common.settings import PROJECT_ROOT, RunSettings
+from common.processes import ProcessGroup, kill_stale_groups, port_taken, wait_for_port
+from common.settings import RunSettings
 from common.signing import load_private_key
+from server.health import READY_FILE
 from server.heldout import preflight
 from server.provisioning import Enrolment
 
@@ -108,6 +111,7 @@ class ServerRequest:
     insecure: bool
     resume: bool
     exit_after_run: bool
+    health_port: int = 0  # gRPC health of the SuperLink (container healthchecks); 0: none
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerRequest:
@@ -117,6 +121,7 @@ class ServerRequest:
             certs=args.certs, host=args.host, port=args.port, registry_port=args.registry_port,
             hospitals=args.hospitals, run_dir=args.run_dir.resolve(), insecure=args.insecure,
             resume=args.resume, exit_after_run=args.exit_after_run,
+            health_port=args.health_port,
         )
 
 
@@ -189,15 +194,60 @@ def enrol(hospitals: list[Hospital], run_dir: Path, env: dict[str, str]) -> Enro
     return enrolment
 
 
-def _run_config_file(req: ServerRequest, keys: Path, expected_nodes: int) -> Path:
+APP_PYPROJECT = """\
+# Written by `medfed server` for this run: the Flower app is the medfed package installed on
+# the server and at each hospital; the FAB carries only this file (the run's settings).
+[project]
+name = "medfed"
+version = "{version}"
+description = "medfed federated run"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "server.server_app:app"
+clientapp = "client.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def write_app_dir(req: ServerRequest, keys: Path, expected_nodes: int) -> Path:
+    """The directory `flwr run` submits: a pyproject.toml naming the installed apps and this
+    run's settings as the app config (so it works from a non-editable install, too)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     settings = RunSettings(config_path=req.config.resolve(), overrides=req.overrides,
                            run_dir=req.run_dir, bundle=req.bundle.resolve(), keys=keys,
                            resume=req.resume, expected_nodes=expected_nodes)
-    values = settings.to_run_config()
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = req.run_dir / "run-config.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    try:
+        medfed_version = version("medfed")
+    except PackageNotFoundError:
+        medfed_version = "0.0.0"
+    # JSON scalars are valid TOML values (strings, integers, booleans)
+    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.to_run_config().items())
+    app = req.run_dir / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(
+        APP_PYPROJECT.format(version=medfed_version, config=config), encoding="utf-8")
+    return app
+
+
+def _ports_free(req: ServerRequest, certs: FederationPaths | None) -> None:
+    """Refuse, before anything starts or is registered, when a port we need is taken."""
+    wanted = [("--port", req.port)]
+    if certs is not None:
+        wanted.append(("--registry-port", req.registry_port))
+    if req.health_port:
+        wanted.append(("--health-port", req.health_port))
+    for flag, port in wanted:
+        if port_taken(req.host, port):
+            raise ConfigError(f"port {port} on {req.host} ({flag}) is in use, perhaps by another "
+                              "medfed server; stop it or choose another port")
 
 
 def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospital]]:
@@ -220,6 +270,7 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospi
     if (req.run_dir / "checkpoint").exists() and not req.resume:
         raise FileExistsError(f"run directory {req.run_dir} holds a started run; continue it "
                               "with --resume or choose another --run-dir")
+    _ports_free(req, certs)
     return certs, keys, hospitals
 
 
@@ -227,6 +278,8 @@ def _superlink_cmd(req: ServerRequest, certs: FederationPaths | None) -> list[st
     cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", req.host,
            "--port", str(req.port), "--database", str(req.run_dir / "superlink.db"),
            "--disable-runtime-dependency-installation"]
+    if req.health_port:
+        cmd += ["--health-server-address", f"{req.host}:{req.health_port}"]
     if certs is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
@@ -247,6 +300,8 @@ def run_server(req: ServerRequest) -> int:
     kill_stale_groups(req.run_dir / "processes.pid")  # left by a crashed `medfed server`
     group = ProcessGroup(req.run_dir / "processes.pid")
     registry = None
+    ready = req.run_dir / READY_FILE
+    ready.unlink(missing_ok=True)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -259,6 +314,8 @@ def run_server(req: ServerRequest) -> int:
             raise RuntimeError(f"flower-superlink did not start; see {req.run_dir}/superlink.log")
         log.info("SuperLink listening on %s:%d (%s)", req.host, req.port,
                  "INSECURE" if certs is None else "TLS, registered hospitals only")
+        threading.Thread(target=_report_refused_joins,
+                         args=(req.run_dir / "superlink.log", superlink), daemon=True).start()
         enrol(hospitals, req.run_dir, env)
         if certs is not None:
             from server.registry_http import start_registry_server
@@ -268,6 +325,9 @@ def run_server(req: ServerRequest) -> int:
                 certs.server_key, certs.ca_cert)
             log.info("model registry on https://%s:%d (client certificates required)",
                      req.host, req.registry_port)
+        ready.write_text(json.dumps({"pid": os.getpid(), "port": req.port,
+                                     "hospitals": [h.name for h in hospitals]}) + "\n",
+                         encoding="utf-8")
         code = _submit_and_stream(req, keys, env, group, len(hospitals))
         if code != 0 or req.exit_after_run:
             return code
@@ -279,21 +339,62 @@ def run_server(req: ServerRequest) -> int:
         log.info("stopping")
         return 0
     finally:
+        ready.unlink(missing_ok=True)
         if registry is not None:
             registry.stop()
         group.stop_all()
 
 
+REFUSED = re.compile(r"ApiError:(2004|2001)\]")
+KEY_BODY = re.compile(r"BEGIN PUBLIC KEY-----(?:\\n|\s)*(.+?)(?:\\n|\s)*-----END")
+
+
+def refused_join(line: str) -> str | None:
+    """The operator's sentence for a SuperLink log line that refused a node, if it is one."""
+    match = REFUSED.search(line)
+    if match is None:
+        return None
+    if match.group(1) == "2001":
+        return "refused a join: a node offered no node key (authentication is required)"
+    key = KEY_BODY.search(line)
+    if key is None:
+        return "refused a join: a node key that is not registered"
+    body = re.sub(r"\\n|\s", "", key.group(1))
+    digest = hashlib.sha256(body.encode("ascii", errors="replace")).hexdigest()[:16]
+    return (f"refused a join: a node key that is not registered (key fingerprint {digest}); "
+            "add the hospital to --hospitals if it belongs to the federation")
+
+
+def _report_refused_joins(log_file: Path, superlink: subprocess.Popen[bytes]) -> None:
+    """Follow the SuperLink's log; name every refused join once per key in our log."""
+    seen: set[str] = set()
+    offset = log_file.stat().st_size if log_file.exists() else 0
+    while superlink.poll() is None:
+        try:
+            with log_file.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            data = b""
+        complete = data[:data.rfind(b"\n") + 1]
+        offset += len(complete)
+        for raw in complete.decode(errors="replace").splitlines():
+            sentence = refused_join(raw)
+            if sentence is not None and sentence not in seen:
+                seen.add(sentence)
+                log.warning("%s", sentence)
+        time.sleep(1.0)
+
+
 def _submit_and_stream(req: ServerRequest, keys: Path, env: dict[str, str],
                        group: ProcessGroup, expected_nodes: int) -> int:
     """`flwr run` the app with our run config and stream its log; exit code of the run."""
-    run_config = _run_config_file(req, keys, expected_nodes)
+    app = write_app_dir(req, keys, expected_nodes)
     flwr = str(Path(sys.executable).parent / "flwr")
     started = time.time()
     log_file = req.run_dir / "flwr-run.log"
     offset = log_file.stat().st_size if log_file.exists() else 0  # a resumed run appends
-    submit = group.start([flwr, "run", str(PROJECT_ROOT), CONNECTION, "--run-config",
-                          str(run_config), "--stream"], log_file, env)
+    submit = group.start([flwr, "run", str(app), CONNECTION, "--stream"], log_file, env)
     run_id = _follow(submit, log_file, offset)
     status = _run_status(env, run_id)
     log.info("federated run %s status: %s", run_id, status or "unknown")

@@ -384,6 +384,21 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
     return checkpoint.round
 
 
+class FederationRounds(logging.Filter):
+    """Flower's "[ROUND i/n]" counts the rounds of this start; after a resume, say the
+    federation's round (i + rounds done before) of its total."""
+
+    def __init__(self, offset: int, total: int) -> None:
+        super().__init__()
+        self.offset, self.total = offset, total
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "[ROUND %s/%s]" and isinstance(record.args, tuple) \
+                and len(record.args) == 2:
+            record.args = (int(record.args[0]) + self.offset, self.total)  # type: ignore[call-overload]
+        return True
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     """The whole run: rounds, checks, publication, delivery, site models, summary."""
     fed = prepare(grid, settings)
@@ -404,13 +419,18 @@ def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors), "
              "validation: %s", cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
              cfg.model.trainable, len(fed.trainable), fed.heldout.label)
-    strategy.start(
-        grid=fed.grid, initial_arrays=initial, num_rounds=remaining,
-        timeout=cfg.federation.strategy.round_timeout, train_config=round_config,
-        evaluate_config=ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
-                                      rk.ROUND_OFFSET: fed.round_offset}),
-        evaluate_fn=fed.evaluate_round,
-    )
+    rounds = FederationRounds(fed.round_offset, cfg.federation.rounds)
+    logging.getLogger("flwr").addFilter(rounds)
+    try:
+        strategy.start(
+            grid=fed.grid, initial_arrays=initial, num_rounds=remaining,
+            timeout=cfg.federation.strategy.round_timeout, train_config=round_config,
+            evaluate_config=ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
+                                          rk.ROUND_OFFSET: fed.round_offset}),
+            evaluate_fn=fed.evaluate_round,
+        )
+    finally:
+        logging.getLogger("flwr").removeFilter(rounds)
     if not fed.registry.versions():
         raise RunStopped("no global model was published")
     fed.finish(extra=privacy_summary(cfg, max(fed.registry.versions()), hint))

@@ -128,6 +128,19 @@ def _with_metrics(reply: Message, metrics: dict[str, float]) -> Message:
     return out
 
 
+def _attribute_errors(messages: list[Message], replies: list[Message]) -> None:
+    """An error the SuperLink writes itself ("Node Unavailable") comes from the SuperLink's
+    node id, not the hospital's: give it the id of the node the message went to, so every
+    log line and record names that hospital."""
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+              if m.metadata.message_id}
+    for reply in replies:
+        node = dst_of.get(reply.metadata.reply_to_message_id)
+        if node is not None and reply.has_error() and reply.metadata.src_node_id != node:
+            # Flower's Metadata has no setter; its fields live in __dict__ (flwr 1.42)
+            reply.metadata.__dict__["_src_node_id"] = node
+
+
 @dataclass
 class ProvisioningGrid(DelegatingGrid):
     """Delegates to Flower's Grid; adds provisioning, reply checks, traffic counts, audit."""
@@ -149,6 +162,13 @@ class ProvisioningGrid(DelegatingGrid):
     gone: set[int] = field(default_factory=set)  # hospitals that left (data refused)
 
     # --- names ----------------------------------------------------------------------------
+    def get_node_ids(self) -> Iterable[int]:
+        """Online nodes. One that left (data refused) and went offline since gets a fresh
+        look when it comes back: its hospital may have fixed the file."""
+        live = list(self.inner.get_node_ids())
+        self.gone &= set(live)
+        return live
+
     def site(self, node: int) -> str:
         """The hospital's name: enrolled, else reported (unique), else `node-<id>`."""
         if node in self.enrolment.names:
@@ -214,7 +234,9 @@ class ProvisioningGrid(DelegatingGrid):
         if node in self.gone:
             return
         self.gone.add(node)
-        detail = printable(reason.split(f"{rk.DATA_REFUSED}: ", 1)[-1])
+        detail = reason.split(f"{rk.DATA_REFUSED}: ", 1)[-1]
+        # Flower wraps a ClientApp's exception as "<class '...'>:<'message'>"
+        detail = printable(detail.removesuffix("'>"))
         log.warning("%s left: its data does not match the model's schema (%s)",
                     self.site(node), detail)
         self.excluded[self.site(node)] = f"left: {detail}"
@@ -248,9 +270,14 @@ class ProvisioningGrid(DelegatingGrid):
                 self._learn_name(node, site[rk.SITE_NAME])
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        # a hospital that left still counts as available for Flower, but gets nothing more
+        messages = [m for m in messages if m.metadata.dst_node_id not in self.gone]
+        if not messages:
+            return []
         self._count_out(messages)
         wait = self.timeout if timeout is None else timeout
         replies = list(self.inner.send_and_receive(messages, timeout=wait))
+        _attribute_errors(messages, replies)
         self._count_in(replies)
         return replies
 
@@ -428,7 +455,9 @@ class ProvisioningGrid(DelegatingGrid):
         need = self.validation.min_valid_replies
         while sum(1 for r in kept if not r.has_error()) < need:
             if tries >= self.validation.max_round_retries:
-                server_round = messages[0].content.config_records[rk.CONFIG].get(rk.SERVER_ROUND)
+                config = messages[0].content.config_records[rk.CONFIG]
+                server_round = int(config.get(rk.SERVER_ROUND, 0))  # type: ignore[arg-type]
+                server_round += int(config.get(rk.ROUND_OFFSET, 0))  # type: ignore[arg-type]
                 raise RunStopped(
                     f"round {server_round!s}:"
                     f" only {sum(1 for r in kept if not r.has_error())} valid updates, at least "

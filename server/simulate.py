@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from common.config_check import load_config
 from common.data.federated import data_key_prefix, raw_sites
 from common.data.splits import SiteSplit
 from common.names import sanitise_name
-from common.processes import die_with_parent, stop_group
+from common.processes import ProcessGroup, kill_stale_groups
 from common.signing import load_or_create_signing_key, public_key_path
 from server.heldout import preflight
 from server.history import format_table
@@ -78,6 +77,7 @@ def simulate(request: SimulateRequest) -> int:
     if created:
         print(f"created bundle-signing key {request.keys} (public key: "
               f"{public_key_path(request.keys)})")
+    kill_stale_groups(request.run_dir / "processes.pid")  # left by a crashed simulation
     request.run_dir.mkdir(parents=True, exist_ok=True)
     enrol_simulated(request.run_dir, sites)
     (request.run_dir / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
@@ -90,11 +90,11 @@ def simulate(request: SimulateRequest) -> int:
         sizes = site.sizes()
         print(f"  {site.name}: {sizes['train']} train, {sizes['validation']} validation, "
               f"{sizes['test']} test rows", flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=die_with_parent)
+    group = ProcessGroup(request.run_dir / "processes.pid")
     try:
-        code = proc.wait()
+        code = group.start(cmd, env=env).wait()
     finally:
-        stop_group(proc)
+        group.stop_all()
     summary_path = request.run_dir / "summary.json"
     if code != 0 or not summary_path.exists():
         print(f"medfed: error: simulation failed (exit code {code}); see the log above",

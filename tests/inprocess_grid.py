@@ -72,7 +72,9 @@ class InProcessGrid(Grid):
             try:
                 reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 (Flower's runtime does the same)
-                reply = Message(Error(code=0, reason=str(err)), reply_to=delivered)
+                # the reason as Flower's runtime writes it (flwr/supernode/runtime/run_clientapp.py)
+                reason = str(type(err)) + ":<'" + str(err) + "'>"
+                reply = Message(Error(code=0, reason=reason), reply_to=delivered)
             replies.append(reply)
         self.received += replies
         return replies

@@ -168,3 +168,7 @@ def test_a_hospital_whose_csv_lacks_a_column_leaves_and_the_run_goes_on(
     assert said == ["va left: its data does not match the model's schema "
                     "(its data file: missing column(s) 'chol')"]
     assert str(tmp_path) not in caplog.text  # the server never sees the hospital's path
+    # once it left, nothing more is sent to it
+    sent_to_va = [m.metadata.message_type for m in grid.received
+                  if m.metadata.src_node_id == va]
+    assert sent_to_va == ["query.backbone"] * len(sent_to_va) and len(sent_to_va) <= 2

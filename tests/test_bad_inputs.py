@@ -885,17 +885,22 @@ def test_medfed_client_stops_its_supernode_when_the_data_is_refused(tmp_path) ->
     import subprocess
     import sys
 
-    from client.deploy import DATA_PREFIX, _watch_refusal
+    from client.deploy import ClientRequest, Supervisor
     from common import records as rk
 
+    req = ClientRequest(server="127.0.0.1:9", data=tmp_path / "x.csv", test_data=None,
+                        certs=None, name="a", device="cpu", workdir=tmp_path, port=0,
+                        insecure=True, max_retries=0)
     refused = tmp_path / rk.DATA_REFUSED_FILE
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], text=True)
     try:
         refused.write_text(json.dumps({"time": 0, "reason": "x.csv: missing column(s) 'chol'"}))
-        verdict: list[str] = []
-        _watch_refusal(proc, refused, verdict)  # returns once it has stopped the process
+        supervisor = Supervisor(req, None, 0)
+        supervisor._watch_refusal(proc, refused, linger=0.5)  # stops the process
         assert proc.wait(timeout=60) != 0
-        assert verdict == [DATA_PREFIX + "x.csv: missing column(s) 'chol'"]
+        assert supervisor.verdict is not None and supervisor.verdict.kind == "data"
+        assert supervisor.verdict.message == \
+            "its data does not match the model: x.csv: missing column(s) 'chol'"
     finally:
         proc.kill()
         proc.wait()

@@ -1,6 +1,9 @@
 """Real deployment on 127.0.0.1: `medfed certs` -> `medfed server` (flower-superlink with TLS and
-node auth) -> three `medfed client` processes (flower-supernode) with the heart hospitals ->
-2 rounds -> `medfed pull` over mutual TLS -> `medfed predict`. Plus the refusals.
+node auth) -> `medfed client` processes (flower-supernode) with the heart hospitals, on one host
+without `--port` -> 2 rounds -> `medfed pull` over mutual TLS -> `medfed predict`. A fourth
+hospital whose CSV lacks a column leaves with one sentence while the others finish. Plus the
+refusals (unregistered key, wrong CA, TLS mode mismatch, taken ports, unreachable server), a
+client that starts before its registration, the hospital's own log, and SIGKILL of a client.
 
 Every process is started in its own process group and stopped in a finalizer, also when a
 test fails.
@@ -12,6 +15,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +39,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("cleveland", "hungary", "va")
 MALICIOUS = "va"  # in the full run its SuperNode claims 1e300 training rows (client/faults.py)
+BAD_DATA = "switzerland"  # registered, but its CSV lacks the column 'chol'
 VA_ENROLLED = 60
 RUN_TIMEOUT_S = 420
 
@@ -97,6 +102,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
         entries.append(f"- name: {site}\n  public_key: {paths.node_pub}\n"
                        # the operator knows VA's size: whatever VA claims, it weighs <= 60
                        + (f"  max_examples: {VA_ENROLLED}\n" if site == MALICIOUS else ""))
+    paths = init_hospital(BAD_DATA, certs / "hospitals", certs)
+    entries.append(f"- name: {BAD_DATA}\n  public_key: {paths.node_pub}\n")
     init_hospital("intruder", certs / "hospitals", certs)  # has a key, but never registered
     hospitals = tmp / "hospitals.yaml"
     hospitals.write_text("".join(entries), encoding="utf-8")
@@ -106,6 +113,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     data = tmp / "data"
     for site in SITES:
         export_site_csv(site, data / f"{site}.csv")
+    export_site_csv(BAD_DATA, data / f"{BAD_DATA}.csv")
+    with (data / f"{BAD_DATA}.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    with (data / f"{BAD_DATA}.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, [k for k in rows[0] if k != "chol"])
+        writer.writeheader()
+        writer.writerows([{k: v for k, v in r.items() if k != "chol"} for r in rows])
     return Federation(tmp, certs, hospitals, bundle, data, free_port(), free_port(),
                       tmp / "server-run", _env(tmp / "home"))
 
@@ -147,16 +161,46 @@ def _malicious_client(f: Federation, name: str, certs: Path) -> subprocess.Popen
                             start_new_session=True)
 
 
-def _client(f: Federation, name: str, certs: Path, extra: tuple[str, ...] = ()
-            ) -> subprocess.Popen[bytes]:
+def _client(f: Federation, name: str, certs: Path, extra: tuple[str, ...] = (),
+            server: str | None = None) -> subprocess.Popen[bytes]:
+    """`medfed client` as a hospital runs it: no --port (several hospitals share this host)."""
     log = f.tmp / f"client-{name}.log"
     out = log.open("wb")
-    cmd = medfed("client", "--server", f"127.0.0.1:{f.port}", "--data",
-                 str(f.data / f"{SITES[0]}.csv" if name not in SITES else f.data / f"{name}.csv"),
-                 "--certs", str(certs), "--name", name, "--port", str(free_port()),
+    data = f.data / f"{name}.csv"
+    cmd = medfed("client", "--server", server or f"127.0.0.1:{f.port}", "--data",
+                 str(data if data.exists() else f.data / f"{SITES[0]}.csv"),
+                 "--certs", str(certs), "--name", name,
                  "--workdir", str(f.tmp / "nodes" / name), *extra)
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=f.env,
                             start_new_session=True)
+
+
+def _finished(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        _stop(proc)
+
+
+def _pids_in(pid_file: Path) -> list[int]:
+    """The processes a medfed command recorded (its watchdog keeps the list current)."""
+    return [int(line) for line in pid_file.read_text().splitlines() if line.isdigit()]
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("Z", "X"):
+                alive.append(pid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def test_server_refuses_to_start_without_certificates(federation: Federation) -> None:
@@ -174,15 +218,18 @@ def test_server_refuses_to_start_without_certificates(federation: Federation) ->
 def test_client_with_unregistered_key_is_refused(federation: Federation,
                                                  server: subprocess.Popen[bytes]) -> None:
     f = federation
-    proc = _client(f, "intruder", f.certs / "hospitals" / "intruder")
-    try:
-        proc.wait(timeout=90)
-    finally:
-        _stop(proc)
+    proc = _client(f, "intruder", f.certs / "hospitals" / "intruder",
+                   ("--wait-registration", "0"))
+    code = _finished(proc, 90)
     text = (f.tmp / "client-intruder.log").read_text(errors="replace")
-    assert proc.returncode not in (0, None)
-    assert "not registered" in text
+    assert code == 3
+    assert "medfed: error: hospital intruder: the server refused this hospital's node key: it " \
+        "is not registered" in text
+    assert "Traceback" not in text
     assert not (f.tmp / "nodes" / "intruder" / "models").exists()
+    # the operator sees the refused join in the server's own log
+    assert _wait_for(f.tmp / "server.log", "refused a join: a node key that is not registered",
+                     30, server)
 
 
 def test_client_with_wrong_ca_is_refused(federation: Federation,
@@ -192,13 +239,59 @@ def test_client_with_wrong_ca_is_refused(federation: Federation,
     init_federation(other, ["localhost"], [])
     stranger = init_hospital("stranger", other / "hospitals", other)
     proc = _client(f, "stranger", stranger.out, ("--max-retries", "3"))
-    try:
-        proc.wait(timeout=120)
-    finally:
-        _stop(proc)
+    code = _finished(proc, 120)
     text = (f.tmp / "client-stranger.log").read_text(errors="replace")
-    assert proc.returncode not in (0, None)
+    assert code == 3
     assert "federation CA" in text, text[-2000:]
+    assert "Traceback" not in text  # Flower's own output stays in supernode.log
+
+
+def test_insecure_client_against_tls_server_names_the_mismatch(
+        federation: Federation, server: subprocess.Popen[bytes]) -> None:
+    f = federation
+    home = Path(f.env["MEDFED_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(f.certs / "signing.pub", home / "signing.pub")
+    name = "plain"
+    log = f.tmp / f"client-{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            medfed("client", "--server", f"127.0.0.1:{f.port}", "--data",
+                   str(f.data / "cleveland.csv"), "--name", name, "--insecure",
+                   "--workdir", str(f.tmp / "nodes" / name), "--give-up-after", "30"),
+            stdout=out, stderr=subprocess.STDOUT, env=f.env, start_new_session=True)
+    code = _finished(proc, 120)
+    text = log.read_text(errors="replace")
+    assert code == 3
+    assert "uses TLS but this hospital was started with --insecure" in text, text[-2000:]
+
+
+def test_unreachable_server_gives_up_after_the_bounded_wait(federation: Federation) -> None:
+    f = federation
+    proc = _client(f, "cleveland-offline", f.certs / "hospitals" / "cleveland",
+                   ("--give-up-after", "8"), server=f"127.0.0.1:{free_port()}")
+    code = _finished(proc, 120)
+    text = (f.tmp / "client-cleveland-offline.log").read_text(errors="replace")
+    assert code == 3
+    assert "cannot reach the server at 127.0.0.1:" in text and "for 8 s" in text, text[-2000:]
+    assert "Traceback" not in text
+
+
+def test_second_server_on_taken_ports_refuses_before_registering(
+        federation: Federation, server: subprocess.Popen[bytes]) -> None:
+    f = federation
+    run_dir = f.tmp / "second-server"
+    result = subprocess.run(
+        medfed("server", "--config", str(ROOT / "configs" / "heart.yaml"), "--bundle",
+               str(f.bundle), "--certs", str(f.certs), "--hospitals", str(f.hospitals),
+               "--port", str(f.port), "--registry-port", str(free_port()),
+               "--run-dir", str(run_dir)),
+        capture_output=True, text=True, env=f.env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"port {f.port} on 127.0.0.1 (--port) is in use" in result.stderr
+    assert "registered" not in result.stdout + result.stderr
+    assert not run_dir.exists()
+    assert server.poll() is None  # the first server is untouched
 
 
 def test_full_run_pull_and_predict(federation: Federation,
@@ -206,10 +299,20 @@ def test_full_run_pull_and_predict(federation: Federation,
     f = federation
     clients = [(_malicious_client if site == MALICIOUS else _client)(
         f, site, f.certs / "hospitals" / site) for site in SITES]
+    bad = _client(f, BAD_DATA, f.certs / "hospitals" / BAD_DATA)
+    clients.append(bad)
     try:
         log = f.tmp / "server.log"
         assert _wait_for(log, "still serving the registry", RUN_TIMEOUT_S, server), \
             log.read_text(errors="replace")[-4000:]
+        # the hospital with a bad CSV left with one sentence, named by its registered name
+        assert bad.wait(timeout=60) == 2
+        bad_text = (f.tmp / f"client-{BAD_DATA}.log").read_text(errors="replace")
+        assert f"medfed: error: hospital {BAD_DATA}: its data does not match the model: " \
+            in bad_text and "missing column(s) 'chol'" in bad_text, bad_text[-2000:]
+        assert "Traceback" not in bad_text
+        assert f"{BAD_DATA} left: its data does not match the model's schema (its data file: " \
+            "missing column(s) 'chol')" in log.read_text(errors="replace")
         # the liar's updates count, with the weight its enrolment allows
         assert f"capped the weight of {MALICIOUS}: it claimed 1e+300 training rows, the bound " \
             f"is {VA_ENROLLED}" in log.read_text(errors="replace")
@@ -251,9 +354,58 @@ def test_full_run_pull_and_predict(federation: Federation,
             manifest = json.loads((node / "personalised" / "manifest.json").read_text())
             assert manifest["site"]["name"] == site
         check_what_left_the_sites(f.run_dir / "audit.jsonl")
+        check_hospital_log(f, SITES[0], delivered)
+        # SIGKILL of `medfed client`: its SuperNode and everything under it go too
+        node = f.tmp / "nodes" / SITES[0]
+        pids = _pids_in(node / "processes.pid")
+        assert len(pids) >= 2  # the SuperNode and Flower's detached SuperExec at least
+        os.kill(clients[0].pid, signal.SIGKILL)
+        assert _gone_within(pids, 10.0) == [], "processes outlived `medfed client`"
     finally:
         for proc in clients:
             _stop(proc)
+
+
+def check_hospital_log(f: Federation, site: str, delivered: int) -> None:
+    """The hospital's terminal: timestamped sentences for what happened; the same events in
+    `<workdir>/events.jsonl`."""
+    text = (f.tmp / f"client-{site}.log").read_text(errors="replace")
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d " + re.escape(site) + ": "
+    for sentence in (r"starting hospital .*TLS", r"joined the federation as node \d+",
+                     r"backbone [0-9a-f]{12} received and verified \(signed manifest\)",
+                     r"round 1: trained on \d+ local rows, \d+ steps, loss \d",
+                     r"round 2: local validation \(\d+ rows\) AUC \d\.\d{3}",
+                     rf"model v{delivered:04d} delivered and verified"):
+        assert re.search(stamp + sentence, text), (sentence, text[-3000:])
+    assert "Receiving:" not in text  # Flower's chatter is in supernode.log
+    events = [json.loads(line) for line in
+              (f.tmp / "nodes" / site / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert {"start", "joined", "backbone", "train", "evaluate", "model"} <= set(kinds)
+    assert all(e["time"].endswith("+00:00") for e in events)
+    trained = [e for e in events if e["event"] == "train"]
+    assert sorted({e["round"] for e in trained}) == [1, 2]
+    assert all(e["rows"] > 0 and e["steps"] > 0 for e in trained)
+
+
+def test_client_started_before_its_registration_joins_once_registered(
+        federation: Federation, server: subprocess.Popen[bytes]) -> None:
+    f = federation
+    late = init_hospital("late", f.certs / "hospitals", f.certs)
+    proc = _client(f, "late", late.out)
+    log = f.tmp / "client-late.log"
+    try:
+        assert _wait_for(log, "not registered (yet)", 90, proc), log.read_text()
+        # the operator registers it now, with the server's own Flower connection
+        flwr_env = {**f.env, "FLWR_HOME": str(f.run_dir / "flwr-home")}
+        registered = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "supernode", "register",
+             str(late.node_pub), "medfed", "--name", "late"],
+            capture_output=True, text=True, env=flwr_env, timeout=60)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        assert _wait_for(log, "joined the federation as node", 120, proc), log.read_text()
+    finally:
+        _stop(proc)
 
 
 ALLOWED_METRICS = {
@@ -278,7 +430,9 @@ def check_what_left_the_sites(audit: Path) -> None:
     assert {"train", "evaluate", "query.backbone", "query.save_model", "query.adapt",
             "query.save_site_model"} <= kinds
     for e in entries:
-        assert "error" not in e, e  # nothing failed in this run
+        if "error" in e:  # nothing failed in this run but the refusal of the bad CSV
+            assert e["type"] == "query.backbone" and "data-refused" in e["error"], e
+            continue
         arrays = e["arrays"]
         if e["type"] == "train":
             assert {k: v["shape"] for k, v in arrays.items()} == {

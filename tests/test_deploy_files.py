@@ -18,7 +18,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 
 # The medfed sub-commands the deploy files may run; flags are checked by medfed's own parser.
 MEDFED_SUBCOMMANDS = {"certs init", "certs hospital", "pretrain", "server", "client", "pull",
-                      "predict", "evaluate"}  # fmt: skip
+                      "predict", "evaluate", "healthcheck"}  # fmt: skip
 # Flower options and ports that 1.42 no longer uses (one SuperLink port now).
 RETIRED_FLOWER = ["--fleet-api-address", "--control-api-address", "--fleet-api-type",
                   "9091", "9092", "9093"]  # fmt: skip
@@ -173,6 +173,46 @@ def test_hospitals_file_lists_every_compose_hospital() -> None:
     assert {(e["name"], e["public_key"]) for e in entries} == {
         (h, f"/certs/hospitals/{h}/node_key.pub") for h in ("hospital-a", "hospital-b")
     }
+
+
+def _hospital_services() -> list[str]:
+    return sorted(n for n, s in _services().items() if s["command"][:1] == ["client"])
+
+
+def _server_options() -> tuple[list[str], dict[str, str]]:
+    command = [_interpolate(a) for a in _services()["superlink"]["command"]]
+    return command, dict(zip(command[1::2], command[2::2], strict=False))
+
+
+def test_compose_min_nodes_matches_the_hospitals_it_runs() -> None:
+    """The server waits for min_nodes hospitals: exactly those the file starts and admits."""
+    from common.config_check import load_config
+
+    command, options = _server_options()
+    overrides = [command[i + 1] for i, a in enumerate(command) if a == "--set"]
+    cfg = load_config(ROOT / options["--config"], overrides)
+    admitted = yaml.safe_load((DEPLOY / "hospitals.yaml").read_text())
+    assert cfg.federation.strategy.min_nodes == len(_hospital_services()) == len(admitted)
+
+
+def test_compose_hospitals_start_once_the_server_is_healthy() -> None:
+    server = _services()["superlink"]
+    _, options = _server_options()
+    health = server["healthcheck"]["test"]
+    assert health[0] == "CMD" and health[1] == "medfed"
+    _check_medfed_args(health[2:], "superlink healthcheck")
+    checked = dict(zip(health[3::2], health[4::2], strict=False))
+    assert checked["--port"] == options["--health-port"]  # the port the SuperLink serves
+    assert checked["--run-dir"] == options["--run-dir"]
+    for name in _hospital_services():
+        assert _services()[name]["depends_on"] == {"superlink": {"condition": "service_healthy"}}
+
+
+def test_compose_server_restart_resumes_its_run() -> None:
+    server = _services()["superlink"]
+    command, _ = _server_options()
+    assert server["restart"] in ("unless-stopped", "always", "on-failure")
+    assert "--resume" in command
 
 
 # ---------------------------------------------------------------------------- Dockerfile

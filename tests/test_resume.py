@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,16 @@ import pytest
 from common.bundle import load_bundle
 from common.processes import free_port
 from common.signing import load_public_key
-from tests.test_deploy_e2e import SITES, Federation, _client, _stop, _wait_for, federation  # noqa: F401
+from tests.test_deploy_e2e import (  # noqa: F401
+    SITES,
+    Federation,
+    _client,
+    _gone_within,
+    _pids_in,
+    _stop,
+    _wait_for,
+    federation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +117,12 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
         while not (run_dir / "registry" / "v0001" / "manifest.sig").exists():
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
+        pids = _pids_in(run_dir / "processes.pid")  # SuperLink, flwr run, ServerApp, ...
+        assert len(pids) >= 3, pids
         os.kill(server.pid, signal.SIGKILL)  # the server's main process, mid-run
         server.wait(timeout=10)
+        # nothing it started outlives it: not the SuperLink, nor Flower's detached ServerApp
+        assert _gone_within(pids, 10.0) == [], "processes outlived `medfed server`"
         committed = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
         assert committed >= 1
 
@@ -119,6 +133,12 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
         assert _wait_for(log2, "still serving the registry", 480, second), \
             log2.read_text(errors="replace")[-4000:]
         _check_run(run_dir, 3, f.certs / "signing.pub")
+        # after the resume every log counts the federation's rounds, not this start's
+        text = log2.read_text(errors="replace")
+        flower_rounds = [tuple(map(int, m)) for m in re.findall(r"\[ROUND (\d+)/(\d+)\]", text)]
+        assert flower_rounds and all(total == 3 for _, total in flower_rounds), flower_rounds
+        assert min(r for r, _ in flower_rounds) == committed + 1, (committed, flower_rounds)
+        assert re.search(rf"round {committed + 1}/3 ", text), text[-3000:]
     finally:
         for proc in [*clients, server, *([second] if second else [])]:
             _stop(proc)

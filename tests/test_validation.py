@@ -171,3 +171,39 @@ def test_a_site_model_reply_with_a_bad_count_or_flag_is_refused(metrics, fragmen
 
     problem = check_site_model_reply(site_model_reply(**metrics))
     assert problem is not None and fragment in problem
+
+
+def test_an_error_the_superlink_writes_is_named_after_the_node_it_was_for() -> None:
+    """"Node Unavailable" comes from the SuperLink's own node id: the log must still say which
+    hospital did not answer."""
+    from flwr.app import Error, Message, RecordDict
+
+    from server.provisioning import _attribute_errors
+    from tests.flower_helpers import task_identity
+
+    with task_identity():
+        sent = [Message(RecordDict(), dst_node_id=node, message_type="train")
+                for node in (101, 202)]
+        for i, msg in enumerate(sent):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's push sets it
+        error = Message(Error(code=3, reason="Node Unavailable"), reply_to=sent[1])
+        error.metadata.__dict__["_src_node_id"] = 1  # the SuperLink, not node 202
+        _attribute_errors(sent, [error])
+    assert error.metadata.src_node_id == 202
+
+
+def test_a_run_stopped_on_purpose_is_one_sentence_not_a_traceback() -> None:
+    import logging
+
+    from server.provisioning import RunStopped
+    from server.server_app import StopWithoutTraceback
+
+    try:
+        raise RunStopped("round 3: only 1 valid updates, at least 2 needed")
+    except RunStopped as err:
+        record = logging.LogRecord("flwr", logging.ERROR, __file__, 1,
+                                   "%s raised an exception", ("ServerApp",),
+                                   (type(err), err, err.__traceback__))
+    assert StopWithoutTraceback().filter(record)
+    text = logging.Formatter().format(record)
+    assert text == "run stopped: round 3: only 1 valid updates, at least 2 needed"

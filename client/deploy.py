@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from common import records as rk
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
-from common.processes import ProcessGroup, free_port, kill_stale_groups, port_taken
+from common.processes import ProcessGroup, flwr_env, free_port, kill_stale_groups, port_taken
 from common.settings import medfed_home
 
 EXIT_DATA = 2  # bad input, like `medfed check-data`
@@ -252,10 +251,8 @@ class Supervisor:
         req = self.req
         refused = req.workdir / rk.DATA_REFUSED_FILE
         refused.unlink(missing_ok=True)  # a refusal of an earlier start is not this one's
-        env = {"FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-               "FLWR_HOME": str(req.workdir / "flwr-home"),
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        proc = group.start(supernode_cmd(req, self.certs, self.port), env=env, capture=True)
+        proc = group.start(supernode_cmd(req, self.certs, self.port),
+                           env=flwr_env(req.workdir / "flwr-home"), capture=True)
         relay = threading.Thread(target=self._relay, args=(proc, req.workdir / SUPERNODE_LOG),
                                  daemon=True)
         relay.start()

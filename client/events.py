@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.follow import TailReader
+
 EVENTS_FILE = "events.jsonl"
 
 
@@ -101,23 +103,12 @@ class Follower:
     """Reads the events appended to a file since it was created (by any process)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
-        self._partial = b""
+        self._tail = TailReader(path)
 
     def new(self) -> list[dict[str, Any]]:
         """Events written since the last call; a half-written last line waits for the rest."""
-        try:
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except OSError:
-            return []
-        self.offset += len(data)
-        data = self._partial + data
-        *complete, self._partial = data.split(b"\n")
         out = []
-        for raw in complete:
+        for raw in self._tail.lines():
             try:
                 value = json.loads(raw)
             except ValueError:

@@ -38,6 +38,28 @@ def die_with_parent() -> None:
         pass
 
 
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: private FLWR_HOME, our venv's tools first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+def _state(pid: int | str) -> str | None:
+    """The process state letter from /proc (None: gone or unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()[0]  # the name in parentheses may hold spaces
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return _state(pid) not in (None, "Z", "X")
+
+
 def marked_pids(token: str) -> list[int]:
     """Live processes (not zombies) whose environment carries `MEDFED_PROCESS_GROUP=token`."""
     needle = f"{MARKER_ENV}={token}".encode()
@@ -49,10 +71,9 @@ def marked_pids(token: str) -> list[int]:
         try:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            stat = (entry / "stat").read_text(errors="replace")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X"):
+        if alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -86,19 +107,14 @@ class DirectoryInUse(FileExistsError):
     """Another live medfed command owns the processes recorded in a pid file."""
 
 
-def _alive(pid: int) -> bool:
+def _owner_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        text = stat.read_text(errors="replace")
-    except OSError:
-        return True  # not Linux, or gone meanwhile: kill(0) said alive
-    return text[text.rfind(")") + 2:].split()[0] not in ("Z", "X")
+        return True  # another user's, alive
+    return _state(pid) not in ("Z", "X")  # None: not Linux, and kill(0) said alive
 
 
 def kill_stale_groups(pid_file: Path) -> None:
@@ -111,7 +127,7 @@ def kill_stale_groups(pid_file: Path) -> None:
     fields = dict(line.split(" ", 1) for line in pid_file.read_text(encoding="utf-8")
                   .splitlines() if " " in line)
     owner = fields.get("owner", "")
-    if owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)) \
+    if owner.isdigit() and int(owner) != os.getpid() and _owner_alive(int(owner)) \
             and marked_pids(fields.get("marker", "")):
         raise DirectoryInUse(f"{pid_file.parent} is in use by a running medfed command "
                              f"(pid {owner}); stop it first or choose another directory")

@@ -29,8 +29,15 @@ from common.bundle import load_bundle
 from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
 from common.config import ConfigError, safe_yaml, show, yaml_problem
 from common.config_check import load_config
+from common.follow import TailReader
 from common.names import printable
-from common.processes import ProcessGroup, kill_stale_groups, port_taken, wait_for_port
+from common.processes import (
+    ProcessGroup,
+    flwr_env,
+    kill_stale_groups,
+    port_taken,
+    wait_for_port,
+)
 from common.settings import RunSettings
 from common.signing import load_private_key
 from server.health import READY_FILE
@@ -123,14 +130,6 @@ class ServerRequest:
             resume=args.resume, exit_after_run=args.exit_after_run,
             health_port=args.health_port,
         )
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's processes: private FLWR_HOME, our venv's tools first on PATH."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 
 def _write_connection(flwr_home: Path, port: int, certs: FederationPaths | None) -> None:
@@ -368,18 +367,10 @@ def refused_join(line: str) -> str | None:
 def _report_refused_joins(log_file: Path, superlink: subprocess.Popen[bytes]) -> None:
     """Follow the SuperLink's log; name every refused join once per key in our log."""
     seen: set[str] = set()
-    offset = log_file.stat().st_size if log_file.exists() else 0
+    tail = TailReader(log_file)
     while superlink.poll() is None:
-        try:
-            with log_file.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read()
-        except OSError:
-            data = b""
-        complete = data[:data.rfind(b"\n") + 1]
-        offset += len(complete)
-        for raw in complete.decode(errors="replace").splitlines():
-            sentence = refused_join(raw)
+        for raw in tail.lines():
+            sentence = refused_join(raw.decode(errors="replace"))
             if sentence is not None and sentence not in seen:
                 seen.add(sentence)
                 log.warning("%s", sentence)

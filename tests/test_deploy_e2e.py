@@ -31,7 +31,7 @@ from common.certs import check_hospital_certs, init_federation, init_hospital
 from common.config_check import load_config
 from common.data.heart import export_site_csv
 from common.pretrain import pretrain
-from common.processes import free_port
+from common.processes import alive, free_port
 from common.signing import load_private_key
 
 pytestmark = pytest.mark.slow
@@ -189,18 +189,9 @@ def _pids_in(pid_file: Path) -> list[int]:
 
 def _gone_within(pids: list[int], seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state not in ("Z", "X"):
-                alive.append(pid)
-        if not alive or time.monotonic() > deadline:
-            return alive
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return left
 
 
 def test_server_refuses_to_start_without_certificates(federation: Federation) -> None:

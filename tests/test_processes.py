@@ -17,6 +17,7 @@ import pytest
 from common.processes import (
     DirectoryInUse,
     ProcessGroup,
+    alive,
     kill_stale_groups,
     marked_pids,
     port_taken,
@@ -47,14 +48,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _wait_file(path: Path, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,7 +59,7 @@ def _wait_file(path: Path, timeout: float = 60.0) -> str:
 
 def _gone(pids: list[int], timeout: float = GONE_WITHIN_S) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
@@ -82,7 +75,7 @@ def test_stop_all_stops_a_detached_grandchild(tmp_path: Path) -> None:
         assert not (tmp_path / "processes.pid").exists()
     finally:
         for pid in (child.pid, grandchild):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -108,7 +101,7 @@ def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
         assert _gone(children + [grandchild]) == [], "a process outlived its medfed parent"
     finally:
         parent.kill()
-        if grandchild and _alive(grandchild):
+        if grandchild and alive(grandchild):
             os.kill(grandchild, signal.SIGKILL)
 
 

@@ -122,8 +122,8 @@ def test_30_percent_failing_hospitals_do_not_stop_the_run(
     faulty = simulate(runs_dir, heart_bundle, medfed_home, "fail-mixed",
                       "--set", "federation.faults.fail_fraction=0.3",
                       "--set", "federation.faults.fail_mode=mixed",
-                      "--set", "federation.faults.hang_seconds=7",
-                      "--set", "federation.strategy.round_timeout=5", yardstick=yardstick)
+                      "--set", "federation.faults.hang_seconds=12",
+                      "--set", "federation.strategy.round_timeout=10", yardstick=yardstick)
     assert faulty["rounds"] == 20
     assert "replied with an error" in faulty["log"]
     assert abs(accuracy(faulty) - accuracy(clean_fedavg)) <= 0.01

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medfed-installed
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast test-load bench lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the whole suite beside CPU hogs (1.5 per core): it must pass on a busy laptop too
+test-load: install
+	$(BIN)/python -m tests.under_load
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)

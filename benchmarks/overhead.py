@@ -2,19 +2,25 @@
 
 Both sides use the SYNTHETIC source (federation.data.source=synthetic, N hospitals), the same
 pretrained MLP bundle, the same local steps and seeds, and per round do the same work: every
-hospital trains the head (`train_local`), every hospital evaluates the new global model on its
-local test split, and the server evaluates it on the held-out set. The bare loop runs in one
-process, one thread, hospitals one after another; the simulation runs Flower's runtime with
-Ray (one CPU per simulated node, so 2 nodes at a time on 2 cores) and adds what the product
-does (messages, backbone provisioning, reply checks, signed registry versions, final model
-delivery). Wall time is reported with and without the one-time start (Python, Ray, first
-round's provisioning); peak RSS is summed over the whole process tree (psutil).
+sampled hospital trains the head (`train_local`), every hospital evaluates the new global model
+on its local validation and test splits, and the server evaluates it on the held-out set. The
+bare loop runs in one process, hospitals one after another; the simulation runs Flower's
+runtime with Ray (one CPU per simulated node) and adds what the product does (messages,
+backbone provisioning, reply checks, signed registry versions, final model delivery). Both
+sides run with one thread per process (OMP/MKL/torch), so CPU time compares work, not idle
+spinning. Sides alternate (bare, simulate, simulate, bare, ...), three times per size.
+
+CPU time is summed over the whole process tree (psutil, every 0.1 s); 'per round' compares
+rounds 2+ (round 1 carries Ray's start, actor warm-up and backbone provisioning): the tree's
+CPU between the end of round 1 and the end of the last round, found as metrics.jsonl grows.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,22 +30,11 @@ from benchmarks import emulate
 from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, require_ok, run_cmd
 
 CONFIG = ROOT / "configs" / "heart.yaml"
-SIZES_FULL = ((10, 5), (100, 5), (1000, 3))  # (hospitals, rounds)
+SIZES_FULL = ((10, 10), (100, 5), (1000, 3))  # (hospitals, rounds)
 SIZES_QUICK = ((100, 3),)
+REPEATS_FULL, REPEATS_QUICK = 3, 1
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 ROWS_PER_SITE = 40  # synthetic rows per hospital on average (geometric sizes, >= 4 each)
-EXTRA_NOTES = (
-    "Where the time goes (cProfile of one simulated node's train message, done once while "
-    "writing this benchmark, 100 and 1000 hospitals): the node's own work is about 24 ms per "
-    "message whatever the number of hospitals, and about 18 ms of it re-reads and re-validates "
-    "the experiment YAML (`RunSettings.load_config()` on every message: 13 `yaml.safe_load` "
-    "calls, the file plus one per override); the training itself is about 5 ms. Caching the "
-    "parsed config per worker process would remove most of the node-side overhead. The growth "
-    "of the ratio from 100 to 1000 hospitals is not on the node side but in the runtime and "
-    "server path per message (Flower's in-memory state, the ServerApp's bookkeeping); it was "
-    "not profiled further. The load averages above show how busy the machine was."
-)
-
-
 def overrides(hospitals: int, rounds: int) -> list[str]:
     """The synthetic-source run: N hospitals, all sampled every round, no adaptation."""
     return [
@@ -75,9 +70,9 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
     current = {n: state[n].clone() for n in names}
     aggregate = emulate.Aggregator(cfg)
     device = torch.device("cpu")
-    rounds = []
+    rounds, cpu = [], []
     for rnd in range(1, cfg.federation.rounds + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         replies = []
         for pid, inp in enumerate(inputs):
             local = copy.deepcopy(model)
@@ -94,92 +89,162 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
             score_model(model, inp.site.x_val, inp.site.y_val, OperatingPoint())
             score_model(model, inp.site.x_test, inp.site.y_test, OperatingPoint())
         rounds.append(time.perf_counter() - start)
-    return {"round_s": rounds}
+        cpu.append(time.process_time() - cpu_start)
+    return {"round_s": rounds, "round_cpu_s": cpu}
 
 
 def _per_round_after_start(times: list[float]) -> float:
-    """Mean round time without round 1 (start-up, provisioning, warm-up)."""
+    """Mean per round without round 1 (start-up, provisioning, warm-up)."""
     later = times[1:] if len(times) > 1 else times
     return sum(later) / len(later)
 
 
-def measure(hospitals: int, rounds: int, home: Path) -> dict[str, Any]:
-    """Both sides for one size; the figures of the table."""
-    from common.config_check import load_config
-
-    ovr = overrides(hospitals, rounds)
-    cfg = load_config(CONFIG, ovr)
-    bundle = emulate.bundle_for(cfg, home / "bundles", home / "signing.key")
-    tag = f"{hospitals}x{rounds}"
-    logs = WORK / "logs"
+def _bare(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, Any]:
     request = json.dumps({"overrides": ovr, "bundle": str(bundle), "home": str(home)})
-    bare_log = logs / f"overhead-bare-{tag}.log"
-    bare_res = run_cmd([sys.executable, "-m", "benchmarks.overhead", "bare", request],
-                       bench_env(home), bare_log)
-    require_ok(bare_res, bare_log)
-    bare_rounds = json.loads(bare_log.read_text().strip().splitlines()[-1])["round_s"]
+    log = WORK / "logs" / f"overhead-bare-{tag}.log"
+    res = run_cmd([sys.executable, "-m", "benchmarks.overhead", "bare", request],
+                  {**bench_env(home), **ONE_THREAD}, log, interval=0.1)
+    require_ok(res, log)
+    inner = json.loads(log.read_text().strip().splitlines()[-1])
+    return {"wall_s": res.wall_s, "cpu_s": res.cpu_s, "peak_rss_gb": res.peak_rss_bytes / 2**30,
+            "round_s": inner["round_s"], "round_cpu_s": inner["round_cpu_s"],
+            "per_round_wall_s": _per_round_after_start(inner["round_s"]),
+            "per_round_cpu_s": _per_round_after_start(inner["round_cpu_s"])}
 
+
+def _simulate(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, Any]:
     run_dir = WORK / "overhead" / tag
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
     sets = [a for o in ovr for a in ("--set", o)]
-    sim_log = logs / f"overhead-sim-{tag}.log"
-    sim = run_cmd(medfed("simulate", "--config", str(CONFIG), *sets, "--bundle", str(bundle),
-                         "--out", str(run_dir)), bench_env(home), sim_log)
-    require_ok(sim, sim_log)
+    log = WORK / "logs" / f"overhead-sim-{tag}.log"
+    res = run_cmd(medfed("simulate", "--config", str(CONFIG), *sets, "--bundle", str(bundle),
+                         "--out", str(run_dir)), {**bench_env(home), **ONE_THREAD}, log,
+                  progress=run_dir / "metrics.jsonl", interval=0.1)
+    require_ok(res, log)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     elapsed = [json.loads(line)["elapsed_s"] for line in lines]  # rounds 0..R
-    sim_rounds = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
-    sim_after, bare_after = _per_round_after_start(sim_rounds), _per_round_after_start(bare_rounds)
+    rounds = len(elapsed) - 1
+    # line 1 is round 0 (the initial model), line r+1 ends round r
+    cpu_marks = res.cpu_at_line
+    per_round_cpu = ((cpu_marks[rounds] - cpu_marks[1]) / (rounds - 1)
+                     if rounds > 1 and len(cpu_marks) > rounds else None)
+    wall_rounds = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    return {"wall_s": res.wall_s, "cpu_s": res.cpu_s, "peak_rss_gb": res.peak_rss_bytes / 2**30,
+            "round_s": wall_rounds, "per_round_wall_s": _per_round_after_start(wall_rounds),
+            "per_round_cpu_s": per_round_cpu}
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
+
+
+def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, Any]:
+    """Both sides for one size, alternated `repeats` times; the figures of the table."""
+    from common.config_check import load_config
+
+    ovr = overrides(hospitals, rounds)
+    cfg = load_config(CONFIG, ovr)
+    bundle = emulate.bundle_for(cfg, home / "bundles", home / "signing.key")
+    reps: list[dict[str, Any]] = []
+    for rep in range(repeats):
+        tag = f"{hospitals}x{rounds}-r{rep}"
+        order = ("bare", "sim") if rep % 2 == 0 else ("sim", "bare")
+        load = [round(v, 2) for v in os.getloadavg()]
+        sides = {side: (_bare if side == "bare" else _simulate)(ovr, bundle, home, tag)
+                 for side in order}
+        reps.append({"order": list(order), "load_average_at_start": load, **sides})
+        b, s = sides["bare"], sides["sim"]
+        print(f"    {hospitals} hospitals, repeat {rep + 1}: CPU {s['cpu_s']:.1f} s vs "
+              f"{b['cpu_s']:.1f} s; per round (2+) CPU {fmt(s['per_round_cpu_s'], 2)} s vs "
+              f"{b['per_round_cpu_s']:.2f} s", flush=True)
+
+    def ratio(key: str, r: dict[str, Any]) -> float | None:
+        sim, bare = r["sim"][key], r["bare"][key]
+        return sim / bare if sim is not None and bare else None
+
     return {
-        "hospitals": hospitals, "rounds": rounds,
-        "sim_wall_s": sim.wall_s, "sim_round_s": sim_rounds,
-        "sim_per_round_after_start_s": sim_after, "sim_peak_rss_gb": sim.peak_rss_bytes / 2**30,
-        "bare_wall_s": bare_res.wall_s, "bare_round_s": bare_rounds,
-        "bare_per_round_after_start_s": bare_after,
-        "bare_peak_rss_gb": bare_res.peak_rss_bytes / 2**30,
-        "ratio_with_start": sim.wall_s / bare_res.wall_s,
-        "ratio_after_start": sim_after / bare_after,
+        "hospitals": hospitals, "rounds": rounds, "repeats": reps,
+        "cpu_ratio": _spread([ratio("cpu_s", r) for r in reps]),
+        "cpu_ratio_per_round": _spread([ratio("per_round_cpu_s", r) for r in reps]),
+        "wall_ratio": _spread([ratio("wall_s", r) for r in reps]),
+        "wall_ratio_per_round": _spread([ratio("per_round_wall_s", r) for r in reps]),
+        "sim_cpu_s": _spread([r["sim"]["cpu_s"] for r in reps]),
+        "bare_cpu_s": _spread([r["bare"]["cpu_s"] for r in reps]),
+        "sim_per_round_cpu_s": _spread([r["sim"]["per_round_cpu_s"] for r in reps]),
+        "bare_per_round_cpu_s": _spread([r["bare"]["per_round_cpu_s"] for r in reps]),
+        "sim_wall_s": _spread([r["sim"]["wall_s"] for r in reps]),
+        "bare_wall_s": _spread([r["bare"]["wall_s"] for r in reps]),
+        "sim_peak_rss_gb": max(r["sim"]["peak_rss_gb"] for r in reps),
+        "bare_peak_rss_gb": max(r["bare"]["peak_rss_gb"] for r in reps),
     }
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """All sizes; quick mode runs 100 hospitals x 3 rounds only."""
+    """All sizes; quick mode runs 100 hospitals x 3 rounds once."""
     home = WORK / "home"
     sizes = SIZES_QUICK if quick else SIZES_FULL
+    repeats = REPEATS_QUICK if quick else REPEATS_FULL
+    only = os.environ.get("MEDFED_BENCH_HOSPITALS")  # e.g. "10,100": a subset of the sizes
+    if only:
+        keep = {int(h) for h in only.split(",")}
+        sizes = tuple(sz for sz in sizes if sz[0] in keep)
     rows = []
     for hospitals, rounds in sizes:
-        rows.append(measure(hospitals, rounds, home))
+        rows.append(measure(hospitals, rounds, home, repeats))
         r = rows[-1]
-        print(f"  overhead {hospitals} hospitals: ratio after start "
-              f"{r['ratio_after_start']:.2f}, peak RSS {r['sim_peak_rss_gb']:.2f} GB", flush=True)
-    at100 = next((r for r in rows if r["hospitals"] == 100), None)
+        print(f"  overhead {hospitals} hospitals: CPU ratio per round (2+) median "
+              f"{fmt(r['cpu_ratio_per_round']['median'], 2)}, whole run "
+              f"{fmt(r['cpu_ratio']['median'], 2)}; peak RSS {r['sim_peak_rss_gb']:.2f} GB",
+              flush=True)
+    by_size = {r["hospitals"]: r for r in rows}
     biggest = max(rows, key=lambda r: r["hospitals"])
+
+    def per_round(h: int) -> float | None:
+        return by_size[h]["cpu_ratio_per_round"]["median"] if h in by_size else None
+
     return {
         "rows": rows, "rows_per_site": ROWS_PER_SITE, "config": str(CONFIG.relative_to(ROOT)),
         "headline": {
-            "sim_overhead_ratio_100": at100["ratio_after_start"] if at100 else None,
-            "max_hospitals_simulated": biggest["hospitals"],
-            "peak_rss_gb_max_hospitals": biggest["sim_peak_rss_gb"],
+            "sim_cpu_ratio_100": per_round(100),
+            "sim_cpu_ratio_1000": per_round(1000),
         },
+        "biggest": {"hospitals": biggest["hospitals"], "peak_rss_gb": biggest["sim_peak_rss_gb"]},
     }
+
+
+def _cell(spread: dict[str, Any], digits: int = 2, unit: str = "") -> str:
+    if spread["median"] is None:
+        return "undef."
+    med, lo, hi = (f"{spread[k]:.{digits}f}" for k in ("median", "min", "max"))
+    return f"{med}{unit} [{lo}, {hi}]" if spread["n"] > 1 else f"{med}{unit}"
 
 
 def markdown(res: dict[str, Any]) -> str:
     """Table for RESULTS.md."""
-    table = [[str(r["hospitals"]), str(r["rounds"]), f"{r['sim_wall_s']:.1f} s",
-              f"{r['bare_wall_s']:.1f} s", fmt(r["ratio_with_start"], 1),
-              f"{r['sim_per_round_after_start_s']:.2f} s",
-              f"{r['bare_per_round_after_start_s']:.2f} s", fmt(r["ratio_after_start"], 2),
-              fmt(r["sim_peak_rss_gb"], 2), fmt(r["bare_peak_rss_gb"], 2)] for r in res["rows"]]
+    table = [[str(r["hospitals"]), str(r["rounds"]), str(len(r["repeats"])),
+              _cell(r["sim_per_round_cpu_s"], 2, " s"), _cell(r["bare_per_round_cpu_s"], 2, " s"),
+              _cell(r["cpu_ratio_per_round"]), _cell(r["sim_cpu_s"], 1, " s"),
+              _cell(r["bare_cpu_s"], 1, " s"), _cell(r["cpu_ratio"]),
+              _cell(r["wall_ratio_per_round"]), _cell(r["wall_ratio"]),
+              fmt(r["sim_peak_rss_gb"], 2),
+              ", ".join(str(x["load_average_at_start"][0]) for x in r["repeats"])]
+             for r in res["rows"]]
     return "\n\n".join([
         f"Synthetic source, about {res['rows_per_site']} rows per hospital, MLP of "
-        f"`{res['config']}` (head trains), every hospital sampled every round.",
-        md_table(["hospitals", "rounds", "simulate wall", "bare wall", "ratio (with start)",
-                  "simulate s/round (rounds 2+)", "bare s/round (rounds 2+)",
-                  "ratio (after start)", "simulate peak RSS GB", "bare peak RSS GB"], table),
+        f"`{res['config']}` (head trains), every hospital sampled every round. Median "
+        "[min, max] over the repeats; ratios are simulate / bare, each repeat's pair side by "
+        "side.",
+        md_table(["hospitals", "rounds", "repeats", "simulate CPU / round (2+)",
+                  "bare CPU / round (2+)", "CPU ratio / round (2+)", "simulate CPU, whole run",
+                  "bare CPU, whole run", "CPU ratio, whole run", "wall ratio / round (2+)",
+                  "wall ratio, whole run", "simulate peak RSS GB",
+                  "1-min load at each repeat's start"], table),
     ])
 
 

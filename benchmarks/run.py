@@ -22,8 +22,8 @@ from typing import Any
 from benchmarks import report
 from benchmarks.util import RESULTS, WORK, machine
 
-BENCHMARKS = ("heart", "breast", "overhead", "communication", "feature_cache", "deployment",
-              "defences")
+BENCHMARKS = ("heart", "breast", "overhead", "scale", "communication", "feature_cache",
+              "deployment", "defences", "test_suite")
 
 
 def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:

@@ -99,22 +99,58 @@ def tree_rss(pid: int) -> int:
 
 
 class PeakRss:
-    """Samples :func:`tree_rss` of `pid` in a thread; `peak` is the largest sum seen.
+    """Samples the process tree of `pid` in a thread: `peak` is the largest summed RSS seen,
+    `cpu_s` the CPU time (user + system) of every process seen in the tree.
 
     Summed RSS counts pages shared between processes (libraries, Ray's shared object store)
-    once per process, so it is an upper bound on the memory the tree really uses.
+    once per process, so it is an upper bound on the memory the tree really uses. CPU time is
+    the sum of each process's own last sampled total; what a process spends in its last
+    interval before it exits is missed (at most `interval` of CPU per process).
     """
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
+    def __init__(self, pid: int, interval: float = 0.25, progress: Path | None = None) -> None:
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[tuple[int, float], float] = {}
+        self.progress = progress  # a file the command appends one line to per step
+        self.cpu_at_line: list[float] = []  # tree CPU seconds when line i+1 was first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the whole tree so far."""
+        return sum(self._cpu.values())
+
+    def _sample(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    total += proc.memory_info().rss
+                    t = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            self._cpu[key] = t.user + t.system  # own time only: children are sampled too
+        self.peak = max(self.peak, total)
+        if self.progress is not None:
+            try:
+                lines = self.progress.read_bytes().count(b"\n")
+            except OSError:
+                lines = 0
+            while len(self.cpu_at_line) < lines:
+                self.cpu_at_line.append(self.cpu_s)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRss:
@@ -128,11 +164,13 @@ class PeakRss:
 
 @dataclass(frozen=True)
 class CmdResult:
-    """Exit code, wall time and peak process-tree RSS of one command."""
+    """Exit code, wall time, peak process-tree RSS and tree CPU time of one command."""
 
     code: int
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float = 0.0
+    cpu_at_line: tuple[float, ...] = ()  # see PeakRss.cpu_at_line
 
 
 def bench_env(home: Path) -> dict[str, str]:
@@ -160,20 +198,21 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def run_cmd(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 3600.0
-            ) -> CmdResult:
-    """Run `cmd` in its own process group, log to `log`, sample its tree's RSS."""
+def run_cmd(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 3600.0,
+            progress: Path | None = None, interval: float = 0.25) -> CmdResult:
+    """Run `cmd` in its own process group, log to `log`, sample its tree's RSS and CPU."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
         try:
-            with PeakRss(proc.pid) as rss:
+            with PeakRss(proc.pid, interval, progress) as rss:
                 code = proc.wait(timeout=timeout)
         finally:
             stop_group(proc)
-    return CmdResult(code, time.perf_counter() - start, rss.peak)
+    return CmdResult(code, time.perf_counter() - start, rss.peak, rss.cpu_s,
+                     tuple(rss.cpu_at_line))
 
 
 def require_ok(result: CmdResult, log: Path) -> None:

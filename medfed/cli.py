@@ -32,6 +32,16 @@ def _add_keys_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
 def _example(text: str) -> str:
     return f"example:\n  {text}"
 
@@ -89,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--cpus-per-client", type=float, default=1.0,
                    help="CPU cores reserved per simulated ClientApp (default 1)")
+    p.add_argument("--runtime-start-timeout", type=_positive_seconds, default=120.0,
+                   metavar="SECONDS",
+                   help="give up when Flower's simulation runtime (Ray) has not started "
+                        "within this time (default 120)")
     _add_keys_arg(p)
 
     p = sub.add_parser(

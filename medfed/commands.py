@@ -76,6 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         resume=args.resume,
         cpus_per_client=args.cpus_per_client,
         verbose=args.verbose,
+        runtime_start_timeout=args.runtime_start_timeout,
     )
     return simulate(request)
 

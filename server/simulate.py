@@ -23,6 +23,9 @@ from server.heldout import preflight
 from server.history import format_table
 from server.provisioning import Enrolment
 
+RUNTIME_DID_NOT_START = 4  # the worker's exit code when Ray did not start (it said why)
+RUNTIME_START_TIMEOUT_S = 120.0
+
 
 @dataclass(frozen=True)
 class SimulateRequest:
@@ -36,6 +39,7 @@ class SimulateRequest:
     resume: bool = False
     cpus_per_client: float = 1.0
     verbose: bool = False
+    runtime_start_timeout: float = RUNTIME_START_TIMEOUT_S
 
     def to_json(self) -> str:
         """Serialise for the child's command line."""
@@ -51,6 +55,7 @@ class SimulateRequest:
             bundle=Path(raw["bundle"]), run_dir=Path(raw["run_dir"]), keys=Path(raw["keys"]),
             resume=bool(raw["resume"]), cpus_per_client=float(raw["cpus_per_client"]),
             verbose=bool(raw["verbose"]),
+            runtime_start_timeout=float(raw["runtime_start_timeout"]),
         )
 
 
@@ -96,6 +101,8 @@ def simulate(request: SimulateRequest) -> int:
     finally:
         group.stop_all()
     summary_path = request.run_dir / "summary.json"
+    if code == RUNTIME_DID_NOT_START:
+        return code  # the worker printed the sentence; its processes are stopped
     if code != 0 or not summary_path.exists():
         print(f"medfed: error: simulation failed (exit code {code}); see the log above",
               file=sys.stderr)

@@ -12,11 +12,53 @@ import logging
 import os
 import signal
 import sys
+import threading
+from typing import Any
 
 from common.config_check import load_config
 from common.data.federated import raw_sites
 from common.settings import RunSettings
-from server.simulate import SimulateRequest
+from server.simulate import RUNTIME_DID_NOT_START, SimulateRequest
+
+
+def start_ray(init_args: dict[str, Any], timeout_s: float) -> str | None:
+    """Start Ray ourselves, bounded: None when up, else why not (one line).
+
+    Flower's backend calls `ray.init` without a time limit and, when it fails, the ServerApp
+    waits for nodes that never come. Started here first, Flower finds Ray initialised and
+    uses it; arguments and PYTHONPATH as Flower's RayBackend would pass them. `ray.init` runs
+    in the main thread: Ray's processes are tied to the thread that started them (they get
+    SIGKILL when it ends), so only the clock runs in a helper thread; when time is up it says
+    why and ends this process, and `medfed simulate` stops the rest of the group.
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    started = threading.Event()
+
+    def clock() -> None:
+        if not started.wait(timeout_s):
+            _runtime_failed(timeout_s, "no answer from Ray's processes (the machine may be too "
+                                       "busy; raise --runtime-start-timeout)")
+
+    threading.Thread(target=clock, name="ray-start-clock", daemon=True).start()
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    except Exception as err:  # noqa: BLE001 - reported as one sentence
+        started.set()
+        first = (str(err).strip().splitlines() or [""])[0]
+        return f"{type(err).__name__}: {first[:300]}"
+    started.set()
+    return None
+
+
+def _runtime_failed(timeout_s: float, why: str) -> None:
+    print(f"medfed: error: the simulation runtime did not start within {timeout_s:g} s: {why}",
+          file=sys.stderr, flush=True)
+    os._exit(RUNTIME_DID_NOT_START)  # Ray's start-up may still block the main thread
 
 
 def main(argv: list[str]) -> int:
@@ -46,13 +88,20 @@ def main(argv: list[str]) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from server import flower_speedups
     from server.server_app import make_server_app
 
+    flower_speedups.install()
+
     cpus = os.cpu_count() or 1
+    init_args = {"num_cpus": cpus, "include_dashboard": False,
+                 "logging_level": logging.WARNING, "log_to_driver": True}
+    why = start_ray(init_args, request.runtime_start_timeout)
+    if why is not None:
+        _runtime_failed(request.runtime_start_timeout, why)
     backend_config = {
         "client_resources": {"num_cpus": request.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": True},
+        "init_args": init_args,
     }
     run_simulation(
         server_app=make_server_app(settings),

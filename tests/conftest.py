@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.config_check import load_config
 from common.pretrain import pretrain
 from common.signing import load_or_create_signing_key, public_key_path
+from tests.limits import TEST_S
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEART = PROJECT / "configs" / "heart.yaml"
@@ -24,6 +25,13 @@ BREAST = PROJECT / "configs" / "breast.yaml"
 SYNTHETIC = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 # 5 epochs over Cleveland's 199 rows: a real, verifying bundle in about a second
 FAST_PRETRAIN = ("pretrain.optim.epochs=5",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets pytest-timeout's limit from tests/limits.py (a hang fails one test)."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_S))
 
 
 @pytest.fixture(scope="session")

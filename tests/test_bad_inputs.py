@@ -48,6 +48,7 @@ from common.models import build_model, model_args, split_state
 from common.signing import sign
 from medfed.cli import EXIT_BAD_INPUT, main
 from tests.conftest import HEART
+from tests.limits import COMMAND_S
 
 IMAGE_ROWS = 6  # images per bad npz: small, and more than one
 
@@ -897,7 +898,7 @@ def test_medfed_client_stops_its_supernode_when_the_data_is_refused(tmp_path) ->
         refused.write_text(json.dumps({"time": 0, "reason": "x.csv: missing column(s) 'chol'"}))
         supervisor = Supervisor(req, None, 0)
         supervisor._watch_refusal(proc, refused, linger=0.5)  # stops the process
-        assert proc.wait(timeout=60) != 0
+        assert proc.wait(timeout=COMMAND_S) != 0
         assert supervisor.verdict is not None and supervisor.verdict.kind == "data"
         assert supervisor.verdict.message == \
             "its data does not match the model: x.csv: missing column(s) 'chol'"

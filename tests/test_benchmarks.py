@@ -21,8 +21,9 @@ from benchmarks import run as bench_run
 HEADLINE_KEYS = {
     "heart_mean_centre_acc_global", "heart_mean_centre_acc_personalised",
     "heart_mean_centre_balanced_acc_personalised", "heart_min_site_balanced_acc_gain",
-    "breast_auc_federated", "breast_auc_gain_pretrained_vs_scratch", "sim_overhead_ratio_100",
-    "max_hospitals_simulated",
+    "breast_auc_federated", "breast_auc_gain_pretrained_vs_scratch", "sim_cpu_ratio_100",
+    "sim_cpu_ratio_1000", "max_hospitals_simulated", "deploy_round_ratio_vs_flower",
+    "make_test_seconds_idle", "make_test_seconds_loaded",
     "peak_rss_gb_max_hospitals", "upload_bytes_ratio", "backbone_sends_per_node",
     "feature_cache_speedup", "tls_latency_ratio", "defence_cost_share_of_round", "date",
     "machine", "command",

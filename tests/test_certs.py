@@ -30,8 +30,9 @@ from common.certs import (
     load_certificate,
     verify_signed_by,
 )
+from tests.limits import SOCKET_S
 
-TIMEOUT = 10.0  # seconds for any socket operation in the handshake tests
+TIMEOUT = SOCKET_S
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from common.data.heart import export_site_csv
 from common.pretrain import pretrain
 from common.processes import alive, free_port
 from common.signing import load_private_key
+from tests.limits import COMMAND_S, RUN_S, STOP_S
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ SITES = ("cleveland", "hungary", "va")
 MALICIOUS = "va"  # in the full run its SuperNode claims 1e300 training rows (client/faults.py)
 BAD_DATA = "switzerland"  # registered, but its CSV lacks the column 'chol'
 VA_ENROLLED = 60
-RUN_TIMEOUT_S = 420
+RUN_TIMEOUT_S = RUN_S
 
 
 def medfed(*args: str) -> list[str]:
@@ -60,7 +61,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
             continue
         # the leader is gone; make sure nobody else of its group is left
@@ -138,7 +139,7 @@ def server(federation: Federation) -> Iterator[subprocess.Popen[bytes]]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=f.env,
                                 start_new_session=True)
     try:
-        assert _wait_for(log, "model registry on", 120, proc), log.read_text(errors="replace")
+        assert _wait_for(log, "model registry on", COMMAND_S, proc), log.read_text(errors="replace")
         yield proc
     finally:
         _stop(proc)
@@ -200,7 +201,7 @@ def test_server_refuses_to_start_without_certificates(federation: Federation) ->
     result = subprocess.run(
         medfed("server", "--config", str(ROOT / "configs" / "heart.yaml"), "--bundle",
                str(f.bundle), "--port", str(free_port()), "--run-dir", str(run_dir)),
-        capture_output=True, text=True, env=f.env, timeout=60)
+        capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
     assert result.returncode == 2
     assert "refusing to start without certificates" in result.stderr
     assert not run_dir.exists()  # nothing written
@@ -211,7 +212,7 @@ def test_client_with_unregistered_key_is_refused(federation: Federation,
     f = federation
     proc = _client(f, "intruder", f.certs / "hospitals" / "intruder",
                    ("--wait-registration", "0"))
-    code = _finished(proc, 90)
+    code = _finished(proc, COMMAND_S)
     text = (f.tmp / "client-intruder.log").read_text(errors="replace")
     assert code == 3
     assert "medfed: error: hospital intruder: the server refused this hospital's node key: it " \
@@ -230,7 +231,7 @@ def test_client_with_wrong_ca_is_refused(federation: Federation,
     init_federation(other, ["localhost"], [])
     stranger = init_hospital("stranger", other / "hospitals", other)
     proc = _client(f, "stranger", stranger.out, ("--max-retries", "3"))
-    code = _finished(proc, 120)
+    code = _finished(proc, COMMAND_S)
     text = (f.tmp / "client-stranger.log").read_text(errors="replace")
     assert code == 3
     assert "federation CA" in text, text[-2000:]
@@ -249,9 +250,9 @@ def test_insecure_client_against_tls_server_names_the_mismatch(
         proc = subprocess.Popen(
             medfed("client", "--server", f"127.0.0.1:{f.port}", "--data",
                    str(f.data / "cleveland.csv"), "--name", name, "--insecure",
-                   "--workdir", str(f.tmp / "nodes" / name), "--give-up-after", "30"),
+                   "--workdir", str(f.tmp / "nodes" / name), "--give-up-after", "10"),
             stdout=out, stderr=subprocess.STDOUT, env=f.env, start_new_session=True)
-    code = _finished(proc, 120)
+    code = _finished(proc, COMMAND_S)
     text = log.read_text(errors="replace")
     assert code == 3
     assert "uses TLS but this hospital was started with --insecure" in text, text[-2000:]
@@ -261,7 +262,7 @@ def test_unreachable_server_gives_up_after_the_bounded_wait(federation: Federati
     f = federation
     proc = _client(f, "cleveland-offline", f.certs / "hospitals" / "cleveland",
                    ("--give-up-after", "8"), server=f"127.0.0.1:{free_port()}")
-    code = _finished(proc, 120)
+    code = _finished(proc, COMMAND_S)
     text = (f.tmp / "client-cleveland-offline.log").read_text(errors="replace")
     assert code == 3
     assert "cannot reach the server at 127.0.0.1:" in text and "for 8 s" in text, text[-2000:]
@@ -277,7 +278,7 @@ def test_second_server_on_taken_ports_refuses_before_registering(
                str(f.bundle), "--certs", str(f.certs), "--hospitals", str(f.hospitals),
                "--port", str(f.port), "--registry-port", str(free_port()),
                "--run-dir", str(run_dir)),
-        capture_output=True, text=True, env=f.env, timeout=120)
+        capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
     assert result.returncode == 2, result.stderr
     assert f"port {f.port} on 127.0.0.1 (--port) is in use" in result.stderr
     assert "registered" not in result.stdout + result.stderr
@@ -297,7 +298,7 @@ def test_full_run_pull_and_predict(federation: Federation,
         assert _wait_for(log, "still serving the registry", RUN_TIMEOUT_S, server), \
             log.read_text(errors="replace")[-4000:]
         # the hospital with a bad CSV left with one sentence, named by its registered name
-        assert bad.wait(timeout=60) == 2
+        assert bad.wait(timeout=COMMAND_S) == 2
         bad_text = (f.tmp / f"client-{BAD_DATA}.log").read_text(errors="replace")
         assert f"medfed: error: hospital {BAD_DATA}: its data does not match the model: " \
             in bad_text and "missing column(s) 'chol'" in bad_text, bad_text[-2000:]
@@ -314,7 +315,7 @@ def test_full_run_pull_and_predict(federation: Federation,
         pulled = subprocess.run(
             medfed("pull", "--server", f"127.0.0.1:{f.registry_port}", "--certs",
                    str(f.certs / "hospitals" / "va"), "--version", "latest", "--out", str(out)),
-            capture_output=True, text=True, env=f.env, timeout=60)
+            capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
         assert pulled.returncode == 0, pulled.stderr
         assert "v0002" in pulled.stdout
 
@@ -327,7 +328,7 @@ def test_full_run_pull_and_predict(federation: Federation,
                 medfed("predict", "--model", str(model), "--data", str(f.data / "va.csv"),
                        "--out", str(preds), "--public-key", str(f.certs / "signing.pub"),
                        *extra),
-                capture_output=True, text=True, env=f.env, timeout=60)
+                capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
             assert predicted.returncode == 0, predicted.stderr
             with (f.data / "va.csv").open() as fh:
                 n_input = sum(1 for _ in fh) - 1
@@ -386,15 +387,15 @@ def test_client_started_before_its_registration_joins_once_registered(
     proc = _client(f, "late", late.out)
     log = f.tmp / "client-late.log"
     try:
-        assert _wait_for(log, "not registered (yet)", 90, proc), log.read_text()
+        assert _wait_for(log, "not registered (yet)", COMMAND_S, proc), log.read_text()
         # the operator registers it now, with the server's own Flower connection
         flwr_env = {**f.env, "FLWR_HOME": str(f.run_dir / "flwr-home")}
         registered = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "supernode", "register",
              str(late.node_pub), "medfed", "--name", "late"],
-            capture_output=True, text=True, env=flwr_env, timeout=60)
+            capture_output=True, text=True, env=flwr_env, timeout=COMMAND_S)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-        assert _wait_for(log, "joined the federation as node", 120, proc), log.read_text()
+        assert _wait_for(log, "joined the federation as node", COMMAND_S, proc), log.read_text()
     finally:
         _stop(proc)
 
@@ -451,7 +452,7 @@ def test_pull_without_client_certificate_is_refused(federation: Federation,
     result = subprocess.run(
         medfed("pull", "--server", f"127.0.0.1:{f.registry_port}", "--certs", str(f.certs),
                "--version", "latest", "--out", str(out)),
-        capture_output=True, text=True, env=f.env, timeout=60)
+        capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
     assert result.returncode == 2
     assert "client.pem" in result.stderr
     assert not out.exists()
@@ -466,7 +467,7 @@ def test_bundle_with_wrong_signature_is_refused(federation: Federation,
     result = subprocess.run(
         medfed("pull", "--registry", str(f.run_dir / "registry"), "--version", "latest",
                "--out", str(out), "--public-key", str(other / "signing.pub")),
-        capture_output=True, text=True, env=f.env, timeout=60)
+        capture_output=True, text=True, env=f.env, timeout=COMMAND_S)
     assert result.returncode == 2
     assert "signature" in result.stderr
     assert not out.exists()

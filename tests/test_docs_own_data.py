@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT
+from tests.limits import RUN_S
 
 DOC = PROJECT / "docs" / "own-data.md"
 BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
@@ -51,7 +52,6 @@ def _config_classes() -> list[type]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_the_walk_through_runs_as_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
     shutil.copytree(PROJECT / "configs", tmp_path / "configs")
     blocks = _blocks()
@@ -59,7 +59,7 @@ def test_the_walk_through_runs_as_written(tmp_path: Path, cli_env: dict[str, str
     outputs = []
     for block in blocks:
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path,
-                              env=cli_env, capture_output=True, text=True, timeout=600)
+                              env=cli_env, capture_output=True, text=True, timeout=RUN_S)
         assert done.returncode == 0, f"{block}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         outputs.append(done.stdout)
     text = "\n".join(outputs)

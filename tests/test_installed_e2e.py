@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import COMMAND_S, INSTALL_S, RUN_S
 from tests.test_deploy_e2e import _stop, _wait_for
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL_TIMEOUT_S = 300
-RUN_TIMEOUT_S = 420
+INSTALL_TIMEOUT_S = INSTALL_S
+RUN_TIMEOUT_S = RUN_S
 HOSPITALS = ("hospital-a", "hospital-b")
 
 
@@ -106,11 +107,11 @@ def test_one_round_from_a_non_editable_install(tmp_path: Path) -> None:
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     clients: list[subprocess.Popen[bytes]] = []
     try:
-        assert _wait_for(server_log, "model registry on", 120, server), server_log.read_text()
-        deadline = time.monotonic() + 60
+        assert _wait_for(server_log, "model registry on", COMMAND_S, server), server_log.read_text()
+        deadline = time.monotonic() + COMMAND_S
         while (check := subprocess.run(
                 [medfed, "healthcheck", "--port", str(health), "--run-dir", "server-run"],
-                cwd=work, env=env, capture_output=True, text=True, timeout=60)).returncode:
+                cwd=work, env=env, capture_output=True, text=True, timeout=COMMAND_S)).returncode:
             assert time.monotonic() < deadline, check.stderr
             time.sleep(1)
         assert check.stdout.strip() == "ok"
@@ -134,7 +135,7 @@ def test_one_round_from_a_non_editable_install(tmp_path: Path) -> None:
         # once the server has stopped, its healthcheck says so
         gone = subprocess.run([medfed, "healthcheck", "--port", str(health), "--run-dir",
                                "server-run"], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=COMMAND_S)
         assert gone.returncode == 1 and "unhealthy" in gone.stderr
     finally:
         for proc in [*clients, server]:

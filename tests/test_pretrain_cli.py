@@ -13,6 +13,7 @@ from common.bundle import load_bundle
 from common.signing import load_public_key
 from medfed.cli import EXIT_BAD_INPUT, build_parser, main
 from tests.conftest import BREAST, HEART, PROJECT
+from tests.limits import COMMAND_S
 
 FAST = ["--set", "pretrain.optim.epochs=1"]
 
@@ -46,7 +47,7 @@ def test_help_exits_0_and_shows_an_example(command, capsys) -> None:
 
 def test_console_entry_point_runs_help() -> None:
     done = subprocess.run([sys.executable, "-m", "medfed.cli", "--help"], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=COMMAND_S)
     assert done.returncode == 0
     assert "example:" in done.stdout
 
@@ -57,7 +58,7 @@ def test_pretrain_breast_writes_a_verifying_bundle(tmp_path, cli_env) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "medfed.cli", "pretrain", "--config", str(BREAST), *FAST,
          "--out", str(out), "--keys", str(keys)],
-        cwd=PROJECT, env=cli_env, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT, env=cli_env, capture_output=True, text=True, timeout=COMMAND_S,
     )
     assert done.returncode == 0, done.stderr
     bundle = load_bundle(out, load_public_key(keys.with_suffix(".pub")), require_signature=True)

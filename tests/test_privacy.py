@@ -35,6 +35,7 @@ from server.privacy import privacy_report, wrap_privacy
 from tests.conftest import HEART
 from tests.flower_helpers import call_client_app, task_identity
 from tests.inprocess_grid import InProcessGrid, run_settings
+from tests.limits import RUN_S
 
 FAST = ("federation.adaptation.enabled=false",)  # adaptation is not what these tests check
 
@@ -246,7 +247,7 @@ def test_simulate_with_server_dp_reports_epsilon(tmp_path, heart_bundle, signing
         [medfed, "simulate", "--config", str(HEART), "--bundle", str(heart_bundle),
          "--out", str(out), "--rounds", "2", "--set", "federation.privacy.dp=server",
          *[a for o in FAST for a in ("--set", o)]],
-        env=cli_env, capture_output=True, text=True, timeout=90, check=False)
+        env=cli_env, capture_output=True, text=True, timeout=RUN_S, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["privacy"]["epsilon"] == pytest.approx(_eps(2))

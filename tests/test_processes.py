@@ -22,9 +22,9 @@ from common.processes import (
     marked_pids,
     port_taken,
 )
+from tests.limits import GONE_WITHIN_S, STOP_S
 
 ROOT = Path(__file__).resolve().parents[1]
-GONE_WITHIN_S = 10.0
 
 # A child that starts a grandchild in a new session (escaping the child's process group,
 # as flower-superlink does with flower-superexec) and writes the grandchild's pid.
@@ -48,7 +48,7 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _wait_file(path: Path, timeout: float = 60.0) -> str:
+def _wait_file(path: Path, timeout: float = STOP_S) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().strip():
@@ -89,7 +89,7 @@ def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
     try:
         grandchild = int(_wait_file(tmp_path / "grandchild"))
         # the watchdog lists every marked process, the detached grandchild too
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STOP_S
         while str(grandchild) not in pid_file.read_text().split() \
                 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -97,7 +97,7 @@ def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
         assert str(grandchild) in listed
         children = [int(p) for p in pid_file.read_text().splitlines()[2:]]
         os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(timeout=10)
+        parent.wait(timeout=STOP_S)
         assert _gone(children + [grandchild]) == [], "a process outlived its medfed parent"
     finally:
         parent.kill()

@@ -16,8 +16,9 @@ from common.certs import FederationPaths, HospitalPaths, init_federation, init_h
 from common.registry import Registry
 from common.signing import load_or_create_signing_key, load_private_key, public_key_path
 from server.registry_http import RegistryServerHandle, start_registry_server
+from tests.limits import SOCKET_S
 
-TIMEOUT = 5.0  # seconds for any socket operation
+TIMEOUT = SOCKET_S
 BUNDLE_FILES = ("manifest.json", "manifest.sig", "backbone.safetensors", "head.safetensors")
 
 

@@ -16,6 +16,7 @@ from common.certs import CertError, FederationPaths, HospitalPaths, init_federat
 from common.registry import Registry
 from common.signing import load_private_key
 from server.registry_http import RegistryServerHandle, create_app, start_registry_server
+from tests.limits import SOCKET_S
 
 TIMEOUT = 5.0  # seconds for any socket operation
 
@@ -226,6 +227,6 @@ def test_an_idle_tls_handshake_is_dropped(server: RegistryServerHandle) -> None:
 
     from server.registry_http import HANDSHAKE_TIMEOUT_S
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_S) as sock:
         sock.settimeout(HANDSHAKE_TIMEOUT_S * 6)  # generous: a busy machine is slow
         assert sock.recv(1) == b""  # closed by the server, well before 60 s

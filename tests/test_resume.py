@@ -18,6 +18,7 @@ import pytest
 from common.bundle import load_bundle
 from common.processes import free_port
 from common.signing import load_public_key
+from tests.limits import COMMAND_S, GONE_WITHIN_S, RUN_S, STOP_S
 from tests.test_deploy_e2e import (  # noqa: F401
     SITES,
     Federation,
@@ -32,6 +33,7 @@ from tests.test_deploy_e2e import (  # noqa: F401
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUNDS_DEPLOYED = 2  # killed once v0001 is published, resumed for the last round
 ROUNDS = 5
 
 
@@ -72,10 +74,10 @@ def test_simulate_resumes_after_kill_9(tmp_path: Path, heart_bundle: Path, medfe
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     try:
-        assert _wait_for(log, f"round 2/{ROUNDS}", 240, proc), log.read_text()
+        assert _wait_for(log, f"round 2/{ROUNDS}", RUN_S, proc), log.read_text()
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 20
+        proc.wait(timeout=STOP_S)
+        deadline = time.monotonic() + STOP_S
         while _alive_in_group(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not _alive_in_group(proc.pid), "simulation processes outlived `kill -9`"
@@ -85,7 +87,7 @@ def test_simulate_resumes_after_kill_9(tmp_path: Path, heart_bundle: Path, medfe
     assert 2 <= committed < ROUNDS
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
-                             timeout=600)
+                             timeout=RUN_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"round {committed + 1}/{ROUNDS}" in resumed.stdout + resumed.stderr
     assert f"round {committed}/{ROUNDS}" not in resumed.stdout + resumed.stderr
@@ -97,7 +99,7 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
     run_dir = f.tmp / "resume-run"
     port, registry_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "medfed.cli", "server", "--config",
-           str(ROOT / "configs" / "heart.yaml"), "--set", f"federation.rounds={3}",
+           str(ROOT / "configs" / "heart.yaml"), "--set", f"federation.rounds={ROUNDS_DEPLOYED}",
            "--set", "federation.strategy.min_nodes=3",
            "--set", "federation.adaptation.enabled=false", "--bundle", str(f.bundle),
            "--certs", str(f.certs), "--hospitals", str(f.hospitals), "--port", str(port),
@@ -111,34 +113,35 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
     clients: list[subprocess.Popen[bytes]] = []
     second = None
     try:
-        assert _wait_for(log, "model registry on", 120, server), log.read_text()
+        assert _wait_for(log, "model registry on", COMMAND_S, server), log.read_text()
         clients += [_client(f_local, site, f.certs / "hospitals" / site) for site in SITES]
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + RUN_S
         while not (run_dir / "registry" / "v0001" / "manifest.sig").exists():
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
         pids = _pids_in(run_dir / "processes.pid")  # SuperLink, flwr run, ServerApp, ...
         assert len(pids) >= 3, pids
         os.kill(server.pid, signal.SIGKILL)  # the server's main process, mid-run
-        server.wait(timeout=10)
+        server.wait(timeout=STOP_S)
         # nothing it started outlives it: not the SuperLink, nor Flower's detached ServerApp
-        assert _gone_within(pids, 10.0) == [], "processes outlived `medfed server`"
+        assert _gone_within(pids, GONE_WITHIN_S) == [], "processes outlived `medfed server`"
         committed = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
-        assert committed >= 1
+        assert 1 <= committed < ROUNDS_DEPLOYED  # killed during round 2 (a round takes ~30 s)
 
         log2 = f.tmp / "resume-server-2.log"
         with log2.open("wb") as out:
             second = subprocess.Popen([*cmd, "--resume"], stdout=out, stderr=subprocess.STDOUT,
                                       env=f.env, start_new_session=True)
-        assert _wait_for(log2, "still serving the registry", 480, second), \
+        assert _wait_for(log2, "still serving the registry", RUN_S, second), \
             log2.read_text(errors="replace")[-4000:]
-        _check_run(run_dir, 3, f.certs / "signing.pub")
+        _check_run(run_dir, ROUNDS_DEPLOYED, f.certs / "signing.pub")
         # after the resume every log counts the federation's rounds, not this start's
         text = log2.read_text(errors="replace")
         flower_rounds = [tuple(map(int, m)) for m in re.findall(r"\[ROUND (\d+)/(\d+)\]", text)]
-        assert flower_rounds and all(total == 3 for _, total in flower_rounds), flower_rounds
+        assert flower_rounds and all(total == ROUNDS_DEPLOYED for _, total in flower_rounds), \
+            flower_rounds
         assert min(r for r, _ in flower_rounds) == committed + 1, (committed, flower_rounds)
-        assert re.search(rf"round {committed + 1}/3 ", text), text[-3000:]
+        assert re.search(rf"round {committed + 1}/{ROUNDS_DEPLOYED} ", text), text[-3000:]
     finally:
         for proc in [*clients, server, *([second] if second else [])]:
             _stop(proc)

@@ -32,6 +32,7 @@ from server.secagg import run_secagg
 from tests.conftest import HEART
 from tests.flower_helpers import task_identity
 from tests.inprocess_grid import InProcessGrid, run_settings, server_context
+from tests.limits import RUN_S
 
 SITES = 4
 ONE_ROUND = ("federation.rounds=1", "federation.adaptation.enabled=false",
@@ -172,7 +173,7 @@ def test_simulate_with_secure_aggregation(tmp_path, heart_bundle, cli_env) -> No
         [medfed, "simulate", "--config", str(HEART), "--bundle", str(heart_bundle),
          "--out", str(out), "--rounds", "2", "--set", "federation.privacy.secure_aggregation=true",
          "--set", "federation.adaptation.enabled=false"],
-        env=cli_env, capture_output=True, text=True, timeout=150, check=False)
+        env=cli_env, capture_output=True, text=True, timeout=RUN_S, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["latest"]["version"] == 2

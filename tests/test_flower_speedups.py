@@ -1,0 +1,135 @@
+"""The simulation engine's message loop (`server/flower_speedups.py`) delivers what Flower's
+own loop delivers: same messages, same nodes, same order, one per node per tick.
+
+Both loops run against Flower's real in-memory LinkState and InMemoryGrid, set up as
+`flwr.simulation.run_simulation` sets them up (pre-registered run, registered nodes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from queue import Empty, Queue
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from server import flower_speedups
+from tests.flower_helpers import RUN_ID, task_identity
+from tests.limits import STOP_S
+
+PRIMARY_TASK = 11
+Loop = Callable[[Any, "Queue[Message]", dict[int, int], threading.Event], None]
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    with task_identity(node_id=SUPERLINK_NODE_ID, task_id=PRIMARY_TASK):  # as the ServerApp
+        yield
+
+
+def _federation(num_nodes: int) -> tuple[Any, InMemoryGrid, dict[int, int]]:
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=RUN_ID)
+    run.primary_task_id = PRIMARY_TASK
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[PRIMARY_TASK] = Task(task_id=PRIMARY_TASK, run_id=run.run_id)
+    mapping = vce_api._register_nodes(num_nodes, factory)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, grid, mapping
+
+
+def _push(grid: InMemoryGrid, mapping: dict[int, int], per_node: int) -> None:
+    """`per_node` messages to each node, tagged with (partition, n), interleaved by node."""
+    messages = [
+        grid.create_message(RecordDict({"tag": ConfigRecord({"pid": pid, "n": n})}),
+                            "train", node_id, "round")
+        for n in range(per_node) for node_id, pid in mapping.items()]
+    grid.push_messages(messages)
+
+
+def _deliveries(loop: Loop, nodes: int, per_node: int) -> list[list[tuple[int, int]]]:
+    """What `loop` puts in the queue, tick by tick (tags of the messages)."""
+    state, grid, mapping = _federation(nodes)
+    _push(grid, mapping, per_node)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, args=(state, queue, mapping, stop), daemon=True)
+    thread.start()
+    seen: list[list[tuple[int, int]]] = []
+    deadline = time.monotonic() + STOP_S
+    while len(seen) < per_node and time.monotonic() < deadline:
+        batch = []
+        try:
+            while len(batch) < nodes:  # a tick hands out at most one message per node
+                msg = queue.get(timeout=STOP_S)
+                tag = msg.content.config_records["tag"]
+                batch.append((int(tag["pid"]), int(tag["n"])))  # type: ignore[arg-type]
+        except Empty:
+            break
+        seen.append(sorted(batch))
+    time.sleep(3 * flower_speedups.TICK_S)  # nothing more comes on later ticks
+    seen += [[] for _ in range(queue.qsize())]
+    stop.set()
+    thread.join(timeout=STOP_S)
+    return seen
+
+
+def test_the_loop_delivers_what_flowers_loop_delivers() -> None:
+    nodes, per_node = 6, 3
+    ours = _deliveries(flower_speedups.add_messages_to_queue, nodes, per_node)
+    theirs = _deliveries(vce_api.add_messages_to_queue, nodes, per_node)
+    assert ours == theirs
+    # one message per node per tick, oldest first, until each node has all of its own
+    assert ours == [[(pid, n) for pid in range(nodes)] for n in range(per_node)]
+
+
+def test_nodes_with_nothing_to_receive_are_not_asked(monkeypatch) -> None:
+    state, grid, mapping = _federation(50)
+    first = next(iter(mapping))
+    grid.push_messages([grid.create_message(RecordDict(), "train", first, "round")])
+    asked: list[int] = []
+    original = state.get_message_ins
+
+    def counting(node_id: int, limit: int | None, **kw: Any) -> list[Message]:
+        asked.append(node_id)
+        return original(node_id=node_id, limit=limit, **kw)
+
+    monkeypatch.setattr(state, "get_message_ins", counting)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=flower_speedups.add_messages_to_queue,
+                              args=(state, queue, mapping, stop), daemon=True)
+    thread.start()
+    got = queue.get(timeout=STOP_S)
+    time.sleep(3 * flower_speedups.TICK_S)  # a few idle ticks: nobody is asked any more
+    stop.set()
+    thread.join(timeout=STOP_S)
+    assert got.metadata.dst_node_id == first
+    assert asked == [first]
+
+
+def test_install_replaces_flowers_loop_unless_told_not_to(monkeypatch) -> None:
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setenv("MEDFED_STOCK_FLOWER", "1")
+    stock = vce_api.add_messages_to_queue
+    assert flower_speedups.install() is False and vce_api.add_messages_to_queue is stock
+    monkeypatch.delenv("MEDFED_STOCK_FLOWER")
+    assert flower_speedups.install() is True
+    assert vce_api.add_messages_to_queue is flower_speedups.add_messages_to_queue

@@ -36,6 +36,7 @@ TITLES = {
     "communication": "4. Communication",
     "feature_cache": "5. Feature cache",
     "deployment": "6. Deployment on loopback",
+    "deploy_vs_flower": "6b. A deployment round against a plain Flower app's",
     "defences": "7. Defences: what the reply checks cost",
     "test_suite": "8. The test suite, idle and under load",
 }

@@ -23,7 +23,7 @@ from benchmarks import report
 from benchmarks.util import RESULTS, WORK, machine
 
 BENCHMARKS = ("heart", "breast", "overhead", "scale", "communication", "feature_cache",
-              "deployment", "defences", "test_suite")
+              "deployment", "deploy_vs_flower", "defences", "test_suite")
 
 
 def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:

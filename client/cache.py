@@ -4,12 +4,18 @@ Backbones arrive once per node (see `server/provisioning.py`). A file whose hash
 the hash the server announced is refused, and with the server's public key the manifest's
 signature is checked too. Features of a frozen backbone are computed once per
 (backbone, trainable mode, local data) and reused every round.
+
+One process serves many messages (a simulation worker serves many virtual hospitals), so what
+was read and verified is kept per process: a backbone entry is re-read, re-hashed and
+re-verified only when one of its files changed on disk (size, mtime or inode), and features
+stay in memory beside their file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,26 @@ from common import records as rk
 from common.atomic import atomic_dir, atomic_write_bytes
 from common.bundle import BundleError
 from common.signing import load_public_key, verify
+
+ENTRY_FILES = ("backbone.safetensors", "manifest.json", "manifest.sig")
+MEMORY_ENTRIES = 4096  # features kept in memory per process (a simulated node's are small)
+
+Stamp = tuple[tuple[int, int, int], ...]
+# (entry directory, sha256) -> (stamp of its files, file bytes, verified manifest)
+_verified: dict[tuple[str, str], tuple[Stamp, bytes, dict[str, Any]]] = {}
+_features: OrderedDict[str, np.ndarray] = OrderedDict()
+
+
+def _stamp(entry: Path) -> Stamp | None:
+    """Size, mtime and inode of an entry's files; None if one is missing."""
+    out = []
+    for name in ENTRY_FILES:
+        try:
+            st = (entry / name).stat()
+        except OSError:
+            return None
+        out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
 
 
 class MissingBackbone(RuntimeError):
@@ -80,15 +106,26 @@ class BackboneCache:
             (tmp / "manifest.sig").write_bytes(bytes.fromhex(sig_hex))
 
     def load(self, sha256: str) -> tuple[bytes, dict[str, Any]]:
-        """The backbone file bytes and manifest; MissingBackbone if absent or altered."""
-        if not self.has(sha256):
+        """The backbone file bytes and manifest; MissingBackbone if absent or altered.
+
+        Verified once per process and file version (see the module notes)."""
+        entry = self.entry(sha256)
+        stamp = _stamp(entry)
+        key = (str(entry.resolve()), sha256)
+        seen = _verified.get(key)
+        if stamp is not None and seen is not None and seen[0] == stamp:
+            return seen[1], seen[2]
+        _verified.pop(key, None)
+        file_bytes = (entry / "backbone.safetensors").read_bytes() if stamp else b""
+        if not stamp or hashlib.sha256(file_bytes).hexdigest() != sha256:
             raise MissingBackbone(f"{rk.MISSING_BACKBONE}: backbone {sha256[:12]}… is not in this "
                                   "node's cache")
-        entry = self.entry(sha256)
         manifest_json = (entry / "manifest.json").read_text(encoding="utf-8")
         sig_hex = (entry / "manifest.sig").read_bytes().hex()
         manifest = self._check_manifest(sha256, manifest_json, sig_hex)
-        return (entry / "backbone.safetensors").read_bytes(), manifest
+        if _stamp(entry) == stamp:  # unchanged while we read it
+            _verified[key] = (stamp, file_bytes, manifest)
+        return file_bytes, manifest
 
 
 class FeatureCache:
@@ -106,13 +143,27 @@ class FeatureCache:
     def get(self, key: str) -> np.ndarray | None:
         """Cached training features, or None."""
         path = self.root / f"{key}.npz"
+        memo = str(path.resolve())
+        if memo in _features:
+            _features.move_to_end(memo)
+            return _features[memo]
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return np.asarray(npz["train"])
+                train = np.asarray(npz["train"])
         except (OSError, ValueError, KeyError):
             return None  # a damaged cache entry is recomputed, never trusted
+        self._remember(memo, train)
+        return train
+
+    @staticmethod
+    def _remember(memo: str, train: np.ndarray) -> None:
+        # shared by every message of this node in this process; nothing writes to it
+        _features[memo] = train
+        _features.move_to_end(memo)
+        while len(_features) > MEMORY_ENTRIES:
+            _features.popitem(last=False)
 
     def put(self, key: str, train: np.ndarray) -> None:
         """Store features atomically."""
@@ -121,4 +172,6 @@ class FeatureCache:
         buf = io.BytesIO()
         np.savez(buf, train=train)
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / f"{key}.npz", buf.getvalue())
+        path = self.root / f"{key}.npz"
+        atomic_write_bytes(path, buf.getvalue())
+        self._remember(str(path.resolve()), train)

@@ -7,6 +7,7 @@ and hashes; error texts hold counts, shapes and names.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -55,6 +56,11 @@ from common.scoring import OperatingPoint, score_model
 from common.settings import NodeSettings, RunSettings
 from common.signing import load_public_key
 from common.training import TrainResult, train_local
+
+BUILT_MODELS = 8  # backbones kept built per process
+# (sha256, id of the verified bytes, trainable) -> (those bytes, built model, trainable names);
+# holding the bytes keeps their id from being reused while the entry lives
+_built_models: dict[tuple[str, int, str], tuple[bytes, SplitModel, list[str]]] = {}
 
 SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
 PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
@@ -113,12 +119,23 @@ class Node:
         return resolve_device(self.settings.device or self.cfg.device)
 
     def model(self, backbone_sha: str) -> tuple[SplitModel, dict[str, Any], list[str]]:
-        """Model with the cached backbone; returns (model, manifest, trainable names)."""
+        """Model with the cached backbone; returns (model, manifest, trainable names).
+
+        Built once per process and backbone file (the verified bytes are the key); each
+        message gets its own copy to train."""
         file_bytes, manifest = self.backbones.load(backbone_sha)
-        model = model_from_manifest(manifest)
-        load_state(model, state_from_bytes(file_bytes, "cached backbone"), where="cached backbone")
-        names = set_trainable(model, self.cfg.model.trainable)
-        return model, manifest, names
+        key = (backbone_sha, id(file_bytes), self.cfg.model.trainable)
+        built = _built_models.get(key)
+        if built is None or built[0] is not file_bytes:
+            model = model_from_manifest(manifest)
+            load_state(model, state_from_bytes(file_bytes, "cached backbone"),
+                       where="cached backbone")
+            names = set_trainable(model, self.cfg.model.trainable)
+            built = (file_bytes, model, names)
+            _built_models[key] = built
+            while len(_built_models) > BUILT_MODELS:
+                _built_models.pop(next(iter(_built_models)))
+        return copy.deepcopy(built[1]), manifest, list(built[2])
 
     def site(self, manifest: dict[str, Any]) -> SiteSplit:
         """This node's local splits, preprocessed with its own statistics."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import rankdata
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
@@ -80,6 +79,35 @@ def expected_calibration_error(hit: np.ndarray, confidence: np.ndarray) -> float
     return float(np.sum(np.abs(gap)) / len(hit))
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values` along the last axis, ties sharing their average rank.
+
+    The same as scipy's `rankdata(values, axis=-1)` (tested); numpy only, so a ClientApp
+    process that scores a round does not import scipy.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None, :]
+    order = np.argsort(flat, axis=1, kind="mergesort")
+    ordered = np.take_along_axis(flat, order, axis=1)
+    n = flat.shape[1]
+    # a tie group starts where the sorted value changes; its members get the mean of its
+    # positions: (first + last) / 2, 1-based
+    new_group = np.ones_like(ordered, dtype=bool)
+    new_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = np.cumsum(new_group, axis=1) - 1
+    positions = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), ordered.shape)
+    rows = np.arange(flat.shape[0])[:, None]
+    offset = group + rows * n  # group ids unique per row
+    first = np.full(flat.shape[0] * n, np.inf)
+    last = np.full(flat.shape[0] * n, -np.inf)
+    np.minimum.at(first, offset.ravel(), positions.ravel())
+    np.maximum.at(last, offset.ravel(), positions.ravel())
+    ranks_sorted = (first[offset] + last[offset]) / 2.0
+    ranks = np.empty_like(ranks_sorted)
+    np.put_along_axis(ranks, order, ranks_sorted, axis=1)
+    return ranks.reshape(x.shape)
+
+
 def binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
     """ROC AUC of `score` for labels `y` (0/1); None when one class is absent."""
     pos = y == 1
@@ -87,7 +115,7 @@ def binary_auc(y: np.ndarray, score: np.ndarray) -> float | None:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = rankdata(score)  # average ranks: a tie counts one half
+    ranks = average_ranks(score)  # a tie counts one half
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -206,7 +234,7 @@ def _binary_draws(y: np.ndarray, pos: np.ndarray, threshold: float, idx: np.ndar
         npv = tn / (tn + fn)
         f1 = 2 * tp / (2 * tp + fp + fn)
         n_pos = truth.sum(axis=1).astype(np.float64)
-        ranks = rankdata(score, axis=1)
+        ranks = average_ranks(score)
         auc = ((ranks * truth).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
     balanced = np.nanmean(np.stack([sens, spec]), axis=0)
     conf = score

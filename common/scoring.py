@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 
 from common.config import OperatingPointConfig
 from common.metrics import bootstrap_intervals, compute_metrics
@@ -136,6 +135,8 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The temperature minimising validation log-loss, within :data:`TEMPERATURE_RANGE`."""
     lo, hi = TEMPERATURE_RANGE
+    from scipy.optimize import minimize_scalar  # only when calibrating: keeps imports light
+
     res = minimize_scalar(lambda u: _nll(logits, y, math.exp(u)),
                           bounds=(math.log(lo), math.log(hi)), method="bounded",
                           options={"xatol": 1e-6})

@@ -25,6 +25,7 @@ from server.provisioning import Enrolment
 
 RUNTIME_DID_NOT_START = 4  # the worker's exit code when Ray did not start (it said why)
 RUNTIME_START_TIMEOUT_S = 120.0
+LISTED_SITES = 50  # sites listed with their split sizes at the start
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,13 @@ def simulate(request: SimulateRequest) -> int:
            "PYTHONUNBUFFERED": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     print(f"simulating {cfg.name}: {len(sites)} hospitals, {cfg.federation.rounds} rounds, "
           f"run directory {request.run_dir}", flush=True)
-    for site in sites:
+    for site in sites[:LISTED_SITES]:
         sizes = site.sizes()
         print(f"  {site.name}: {sizes['train']} train, {sizes['validation']} validation, "
               f"{sizes['test']} test rows", flush=True)
+    if len(sites) > LISTED_SITES:
+        print(f"  ... and {len(sites) - LISTED_SITES} more (every site's rows: "
+              f"{request.run_dir / 'splits.json'})", flush=True)
     group = ProcessGroup(request.run_dir / "processes.pid")
     try:
         code = group.start(cmd, env=env).wait()

@@ -11,13 +11,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+# One thread per process for the whole suite (this process and every `medfed`/Flower process it
+# starts inherit it): the models here are tiny, so one thread is as fast, and on a busy machine
+# spinning OpenMP threads made in-process runs about 10x slower (tests/test_robustness.py beside
+# three busy loops on 2 cores: ~10 minutes with torch's 2 threads, 52 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from common.config_check import load_config
-from common.pretrain import pretrain
-from common.signing import load_or_create_signing_key, public_key_path
-from tests.limits import TEST_S
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from common.config_check import load_config  # noqa: E402
+from common.pretrain import pretrain  # noqa: E402
+from common.signing import load_or_create_signing_key, public_key_path  # noqa: E402
+from tests.limits import TEST_S  # noqa: E402
+
+torch.set_num_threads(1)
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEART = PROJECT / "configs" / "heart.yaml"

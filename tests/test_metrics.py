@@ -17,6 +17,7 @@ from common.metrics import (
     METRIC_NAMES,
     MULTICLASS_METRIC_NAMES,
     MetricError,
+    average_ranks,
     bootstrap_intervals,
     compute_metrics,
 )
@@ -205,3 +206,14 @@ def test_vectorised_bootstrap_draws_equal_the_per_resample_metrics() -> None:
                 assert np.isnan(got), key
             else:
                 assert got == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (40,), (5, 13), (200, 31)])
+def test_average_ranks_equal_scipys_with_ties(shape: tuple[int, ...]) -> None:
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(sum(shape))
+    values = rng.integers(0, 4, size=shape).astype(np.float64) / 3  # many ties
+    np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=-1))
+    smooth = rng.normal(size=shape)  # no ties
+    np.testing.assert_array_equal(average_ranks(smooth), rankdata(smooth, axis=-1))

@@ -1,0 +1,123 @@
+"""Per-process caches of a node (client/cache.py, client/node.py, common/settings.py): what was
+read, verified or built once is reused, and a changed file is read again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import client.cache
+from client.cache import BackboneCache, FeatureCache, MissingBackbone
+from client.node import Node
+from common.settings import NodeSettings, RunSettings
+from server.federation import load_payload
+from server.provisioning import BackbonePayload
+from tests.conftest import HEART
+
+
+@pytest.fixture
+def stored(tmp_path: Path, heart_bundle: Path, signing_pub_path: Path
+           ) -> tuple[BackboneCache, BackbonePayload]:
+    payload = load_payload(heart_bundle)
+    cache = BackboneCache(tmp_path / "backbones", signing_pub_path)
+    cache.store(payload.sha256, payload.file_bytes, payload.manifest_json, payload.manifest_sig)
+    return cache, payload
+
+
+def _count_verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = client.cache.verify
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client.cache, "verify", counting)
+    return calls
+
+
+def test_a_backbone_is_verified_once_per_file_version(stored, monkeypatch) -> None:
+    cache, payload = stored
+    calls = _count_verifications(monkeypatch)
+    first = cache.load(payload.sha256)
+    second = cache.load(payload.sha256)
+    assert first[0] == payload.file_bytes and second[0] is first[0]
+    assert len(calls) <= 1  # 0 when `store` already left it verified in this process
+    # the same size, other bytes, a newer file: read, hashed and refused
+    path = cache.entry(payload.sha256) / "backbone.safetensors"
+    tampered = bytearray(payload.file_bytes)
+    tampered[-1] ^= 0xFF
+    path.write_bytes(bytes(tampered))
+    with pytest.raises(MissingBackbone):
+        cache.load(payload.sha256)
+    path.write_bytes(payload.file_bytes)  # put back: verified again, then served
+    before = len(calls)
+    assert cache.load(payload.sha256)[0] == payload.file_bytes
+    assert len(calls) == before + 1
+
+
+def test_a_changed_manifest_is_checked_again(stored) -> None:
+    cache, payload = stored
+    cache.load(payload.sha256)
+    manifest = cache.entry(payload.sha256) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"', "'", 1))  # no longer JSON
+    with pytest.raises(Exception, match="manifest"):
+        cache.load(payload.sha256)
+
+
+def test_the_config_is_parsed_once_per_file_version(tmp_path: Path, heart_bundle: Path,
+                                                     signing_key_path: Path) -> None:
+    config = tmp_path / "heart.yaml"
+    config.write_text(HEART.read_text())
+    run = RunSettings(config_path=config, overrides=("federation.rounds=3",),
+                      run_dir=tmp_path / "run", bundle=heart_bundle, keys=signing_key_path)
+    first = run.load_config()
+    assert run.load_config() is first
+    text = config.read_text().replace("name: heart", "name: heart-edited", 1)
+    assert text != config.read_text()
+    config.write_text(text)
+    st = config.stat()
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible new version
+    second = run.load_config()
+    assert second is not first and second.name == "heart-edited"
+    assert second.federation.rounds == 3
+
+
+def test_each_message_gets_its_own_copy_of_the_built_model(tmp_path: Path, stored) -> None:
+    cache, payload = stored
+    run = RunSettings(config_path=HEART, overrides=(), run_dir=tmp_path / "run",
+                      bundle=None, keys=tmp_path / "unused.key")
+    settings = NodeSettings(site_name="cleveland", partition_id=None, num_partitions=0,
+                            data_path=None, workdir=tmp_path, device="cpu",
+                            signing_pub=cache.signing_pub)
+    node = Node(run.load_config(), run, settings)
+    one, _, names = node.model(payload.sha256)
+    two, _, names2 = node.model(payload.sha256)
+    assert one is not two and names == names2
+    with torch.no_grad():
+        for p in one.parameters():
+            p.add_(1.0)
+    three, _, _ = node.model(payload.sha256)
+    for a, b in zip(two.state_dict().values(), three.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in
+                   zip(one.state_dict().values(), three.state_dict().values(), strict=True))
+
+
+def test_features_stay_in_memory_after_they_are_written(tmp_path: Path, monkeypatch) -> None:
+    cache = FeatureCache(tmp_path / "features")
+    features = np.arange(12, dtype=np.float32).reshape(3, 4)
+    key = FeatureCache.key("a" * 64, "head", "fingerprint")
+    cache.put(key, features)
+
+    def no_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("features were read from disk again")
+
+    monkeypatch.setattr(np, "load", no_disk)
+    np.testing.assert_array_equal(cache.get(key), features)
+    other = FeatureCache(tmp_path / "other-node" / "features")
+    assert other.get(key) is None  # another node's cache is another file

@@ -12,36 +12,24 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
-from benchmarks.util import ROOT, WORK, md_table
+from benchmarks.util import ROOT, WORK, LoadSampler, md_table
 
 
 def _pytest(cmd: list[str], log_name: str) -> dict[str, Any]:
     log = WORK / "logs" / log_name
     log.parent.mkdir(parents=True, exist_ok=True)
-    samples: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(15.0):
-            samples.append(os.getloadavg()[0])
-
-    thread = threading.Thread(target=sample, daemon=True)
     start = time.monotonic()
-    thread.start()
-    with log.open("wb") as out:
+    with LoadSampler() as load, log.open("wb") as out:
         code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    done.set()
     wall = time.monotonic() - start
     tail = log.read_text(errors="replace").strip().splitlines()
     summary = next((line for line in reversed(tail) if " passed" in line or " failed" in line),
                    tail[-1] if tail else "")
     return {"exit_code": code, "wall_s": round(wall, 1), "summary": summary.strip("= "),
-            "load_1min_mean": round(sum(samples) / len(samples), 2) if samples else None,
-            "load_1min_max": max(samples, default=None), "log": str(log)}
+            **load.figures(), "log": str(log)}
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -162,6 +162,34 @@ class PeakRss:
         self._thread.join()
 
 
+class LoadSampler:
+    """The 1-minute load average every `interval` seconds while the `with` block runs."""
+
+    def __init__(self, interval: float = 15.0) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def figures(self) -> dict[str, float | None]:
+        """Mean, max and min of the samples (None before the first one)."""
+        s = self.samples
+        return {"load_1min_mean": round(sum(s) / len(s), 2) if s else None,
+                "load_1min_max": max(s, default=None), "load_1min_min": min(s, default=None)}
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass(frozen=True)
 class CmdResult:
     """Exit code, wall time, peak process-tree RSS and tree CPU time of one command."""

@@ -16,8 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+
+from benchmarks.util import LoadSampler
 
 BUSY_LOOP = "while True:\n    pass\n"
 
@@ -31,28 +32,17 @@ def main(argv: list[str]) -> int:
     args, pytest_args = parser.parse_known_args(argv)
     hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True)
             for _ in range(args.hogs)]
-    samples: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(15.0):
-            samples.append(os.getloadavg()[0])
-
-    sampler = threading.Thread(target=sample, daemon=True)
     start = time.monotonic()
     try:
-        sampler.start()
-        code = subprocess.call([sys.executable, "-m", "pytest", "-q", *pytest_args])
+        with LoadSampler() as load:
+            code = subprocess.call([sys.executable, "-m", "pytest", "-q", *pytest_args])
     finally:
-        done.set()
         for hog in hogs:
             os.killpg(hog.pid, signal.SIGKILL)
             hog.wait()
     wall = time.monotonic() - start
     figures = {"pytest_exit_code": code, "wall_s": round(wall, 1), "cores": cores,
-               "hogs": args.hogs, "load_1min_mean": round(sum(samples) / len(samples), 2)
-               if samples else None, "load_1min_max": max(samples, default=None),
-               "load_1min_min": min(samples, default=None)}
+               "hogs": args.hogs, **load.figures()}
     print("under load: " + json.dumps(figures), flush=True)
     return code
 

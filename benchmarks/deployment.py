@@ -104,6 +104,9 @@ def deploy_run(hospitals: int, tls: bool, root: Path, rounds: int = ROUNDS) -> d
         # line comes after the last registration, so no client is refused for being early
         _wait_text(server_log, "model registry on" if tls else "SuperLink listening", server,
                    120)
+        if not tls:  # no TLS, but models are still verified: with $MEDFED_HOME/signing.pub
+            (root / "home").mkdir(parents=True, exist_ok=True)
+            shutil.copy(setup["certs"] / "signing.pub", root / "home" / "signing.pub")
         for name in setup["names"]:
             creds = (["--certs", str(setup["certs"] / "hospitals" / name)] if tls
                      else ["--insecure"])

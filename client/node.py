@@ -58,9 +58,9 @@ from common.signing import load_public_key
 from common.training import TrainResult, train_local
 
 BUILT_MODELS = 8  # backbones kept built per process
-# (sha256, id of the verified bytes, trainable) -> (those bytes, built model, trainable names);
-# holding the bytes keeps their id from being reused while the entry lives
-_built_models: dict[tuple[str, int, str], tuple[bytes, SplitModel, list[str]]] = {}
+# (backbone sha256, trainable) -> (the verified bytes it was built from, model, trainable
+# names); BackboneCache.load hands out the same bytes object until the file changes
+_built_models: dict[tuple[str, str], tuple[bytes, SplitModel, list[str]]] = {}
 
 SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
 PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
@@ -124,7 +124,7 @@ class Node:
         Built once per process and backbone file (the verified bytes are the key); each
         message gets its own copy to train."""
         file_bytes, manifest = self.backbones.load(backbone_sha)
-        key = (backbone_sha, id(file_bytes), self.cfg.model.trainable)
+        key = (backbone_sha, self.cfg.model.trainable)
         built = _built_models.get(key)
         if built is None or built[0] is not file_bytes:
             model = model_from_manifest(manifest)

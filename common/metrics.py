@@ -90,21 +90,16 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     order = np.argsort(flat, axis=1, kind="mergesort")
     ordered = np.take_along_axis(flat, order, axis=1)
     n = flat.shape[1]
-    # a tie group starts where the sorted value changes; its members get the mean of its
-    # positions: (first + last) / 2, 1-based
-    new_group = np.ones_like(ordered, dtype=bool)
-    new_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    group = np.cumsum(new_group, axis=1) - 1
     positions = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), ordered.shape)
-    rows = np.arange(flat.shape[0])[:, None]
-    offset = group + rows * n  # group ids unique per row
-    first = np.full(flat.shape[0] * n, np.inf)
-    last = np.full(flat.shape[0] * n, -np.inf)
-    np.minimum.at(first, offset.ravel(), positions.ravel())
-    np.maximum.at(last, offset.ravel(), positions.ravel())
-    ranks_sorted = (first[offset] + last[offset]) / 2.0
-    ranks = np.empty_like(ranks_sorted)
-    np.put_along_axis(ranks, order, ranks_sorted, axis=1)
+    # in sorted order a tie group is a run; each member gets (first + last position) / 2
+    starts = np.ones_like(ordered, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = np.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, positions, 0.0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, positions, np.inf)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty_like(first)
+    np.put_along_axis(ranks, order, (first + last) / 2.0, axis=1)
     return ranks.reshape(x.shape)
 
 

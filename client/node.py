@@ -121,12 +121,12 @@ class Node:
     def model(self, backbone_sha: str) -> tuple[SplitModel, dict[str, Any], list[str]]:
         """Model with the cached backbone; returns (model, manifest, trainable names).
 
-        Built once per process and backbone file (the verified bytes are the key); each
-        message gets its own copy to train."""
+        Built once per process and backbone (hospitals simulated in one process share it:
+        equal verified bytes); each message gets its own copy to train."""
         file_bytes, manifest = self.backbones.load(backbone_sha)
         key = (backbone_sha, self.cfg.model.trainable)
         built = _built_models.get(key)
-        if built is None or built[0] is not file_bytes:
+        if built is None or built[0] != file_bytes:
             model = model_from_manifest(manifest)
             load_state(model, state_from_bytes(file_bytes, "cached backbone"),
                        where="cached backbone")

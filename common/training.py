@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import OptimConfig
+from common.device import seed_torch
 from common.metrics import compute_metrics
 from common.models import SplitModel, forward_from, frozen_prefix_blocks, set_trainable
 
@@ -194,7 +195,7 @@ def train_local(
             return check(done)
 
     with _kept_modes(model), torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)  # dropout masks depend on the seed only
+        seed_torch(seed)  # dropout masks depend on the seed only
         model.train()
         frozen.eval()  # frozen blocks are feature extractors: no dropout
         for idx in _batches(len(inputs), cfg.batch_size, steps, seed):

@@ -87,11 +87,11 @@ def main(argv: list[str]) -> int:
 
     from flwr.simulation import run_simulation
 
-    from client.client_app import make_client_app
+    from client.client_app import ClientAppLoader, make_client_app
     from server import flower_speedups
     from server.server_app import make_server_app
 
-    flower_speedups.install()
+    flower_speedups.install(ClientAppLoader(settings))
 
     cpus = os.cpu_count() or 1
     init_args = {"num_cpus": cpus, "include_dashboard": False,

@@ -7,14 +7,17 @@ Both loops run against Flower's real in-memory LinkState and InMemoryGrid, set u
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.server.superlink.fleet.vce import vce_api
@@ -26,6 +29,8 @@ from flwr.supercore.run import Run
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
+from client.client_app import ClientAppLoader
+from common.settings import RunSettings
 from server import flower_speedups
 from tests.flower_helpers import RUN_ID, task_identity
 from tests.limits import STOP_S
@@ -133,3 +138,37 @@ def test_install_replaces_flowers_loop_unless_told_not_to(monkeypatch) -> None:
     monkeypatch.delenv("MEDFED_STOCK_FLOWER")
     assert flower_speedups.install() is True
     assert vce_api.add_messages_to_queue is flower_speedups.add_messages_to_queue
+
+
+def _settings(tmp_path: Path) -> RunSettings:
+    return RunSettings(config_path=tmp_path / "c.yaml", overrides=("federation.rounds=2",),
+                       run_dir=tmp_path / "run", bundle=None, keys=tmp_path / "k")
+
+
+def test_the_app_loader_travels_by_reference_and_builds_the_app_once(tmp_path) -> None:
+    loader = ClientAppLoader(_settings(tmp_path))
+    wire = pickle.dumps(loader)  # plain pickle: it cannot carry a closure by value
+    assert len(wire) < 1000
+    again = pickle.loads(wire)
+    assert again == loader and isinstance(again(), ClientApp)
+    assert again() is loader() is loader()  # one app per settings in a process
+    other = ClientAppLoader(_settings(tmp_path / "other"))
+    assert other() is not loader()
+
+
+def test_rays_backend_is_built_with_the_loader_not_flowers_closure(monkeypatch, tmp_path) -> None:
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    built: list[Any] = []
+    monkeypatch.setattr(raybackend.RayBackend, "build",
+                        lambda self, app_fn: built.append(app_fn))
+    loader = ClientAppLoader(_settings(tmp_path))
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert flower_speedups.install(loader) is True
+    flower_speedups.install(loader)  # twice in one process: still one wrapper deep
+
+    def flowers_closure() -> None:
+        raise AssertionError("Flower's closure reached the backend")
+
+    raybackend.RayBackend.build(object(), flowers_closure)
+    assert built == [loader]

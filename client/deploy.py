@@ -23,14 +23,20 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 
 from client import events
 from common import records as rk
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
-from common.processes import ProcessGroup, flwr_env, free_port, kill_stale_groups, port_taken
+from common.processes import (
+    ProcessGroup,
+    flwr_env,
+    free_port,
+    interrupt_on_sigterm,
+    kill_stale_groups,
+    port_taken,
+)
 from common.settings import medfed_home
 
 EXIT_DATA = 2  # bad input, like `medfed check-data`
@@ -299,10 +305,7 @@ def run_client(req: ClientRequest) -> int:
                 port=port, mode=mode)
     group = ProcessGroup(pid_file)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     verdict: Verdict | None = None
     code = 0
     try:

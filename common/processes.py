@@ -5,8 +5,10 @@ which starts `flwr-serverapp`), so a process group does not hold them all. Every
 :class:`ProcessGroup` starts therefore carries one environment marker, inherited by all its
 descendants; stopping means: SIGTERM to each child's group, then every process that still
 carries the marker is sent SIGTERM, then SIGKILL. A small watchdog process (`common.watchdog`)
-does the same sweep when the medfed parent dies without stopping them, even by `kill -9`, and
-keeps the pid file listing every marked process for cleanup after a crash of both.
+does the same (groups, then marker) when the medfed parent dies without stopping them, even
+by `kill -9`, and keeps the pid file listing every marked process for cleanup after a crash of
+both. Groups matter because not every descendant keeps the marker: Ray's raylet starts its
+agents with an environment of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 STOP_GRACE_S = 10.0
@@ -36,6 +39,17 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: the watchdog and the pid-file cleanup still apply
         pass
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, systemd, `docker stop`) takes the Ctrl-C path: the command's own
+    cleanup stops what it started. Without a handler Python dies on the spot, and only the
+    watchdog's sweep is left to stop its processes."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -194,6 +208,7 @@ class ProcessGroup:
             start_new_session=True, preexec_fn=die_with_parent, text=capture,
         )
         self.procs.append(proc)
+        self._tell_watchdog(f"group {proc.pid}\n")  # its own session: pid = process group
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self.token, os.getpid(), [p.pid for p in self.procs])
         return proc
@@ -207,6 +222,15 @@ class ProcessGroup:
                                           env={k: v for k, v in os.environ.items()
                                                if k != MARKER_ENV})
 
+    def _tell_watchdog(self, line: str) -> bool:
+        try:
+            assert self._watchdog is not None and self._watchdog.stdin is not None
+            self._watchdog.stdin.write(line.encode())
+            self._watchdog.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
     def stop_all(self) -> None:
         """Stop every process started here (newest first), then anything that carries the
         marker; the watchdog is told to leave."""
@@ -215,12 +239,12 @@ class ProcessGroup:
         sweep(self.token)
         self.procs.clear()
         if self._watchdog is not None:
-            try:
-                assert self._watchdog.stdin is not None
-                self._watchdog.stdin.write(b"exit\n")
-                self._watchdog.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
+            if self._tell_watchdog("exit\n"):
+                try:
+                    assert self._watchdog.stdin is not None
+                    self._watchdog.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass
             try:
                 self._watchdog.wait(timeout=10)
             except subprocess.TimeoutExpired:

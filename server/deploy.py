@@ -14,14 +14,12 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import yaml
 
@@ -34,6 +32,7 @@ from common.names import printable
 from common.processes import (
     ProcessGroup,
     flwr_env,
+    interrupt_on_sigterm,
     kill_stale_groups,
     port_taken,
     wait_for_port,
@@ -302,10 +301,7 @@ def run_server(req: ServerRequest) -> int:
     ready = req.run_dir / READY_FILE
     ready.unlink(missing_ok=True)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     try:
         superlink = group.start(_superlink_cmd(req, certs), req.run_dir / "superlink.log", env)
         probe_host = "127.0.0.1" if req.host in ("0.0.0.0", "::") else req.host

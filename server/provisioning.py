@@ -141,6 +141,18 @@ def _attribute_errors(messages: list[Message], replies: list[Message]) -> None:
             reply.metadata.__dict__["_src_node_id"] = node
 
 
+def _round_of(messages: list[Message]) -> int | None:
+    """The federation round a batch of our messages belongs to (their config says; a
+    resumed run adds the rounds done before), None for messages outside the rounds."""
+    for msg in messages[:1]:
+        for record in msg.content.config_records.values():
+            rnd = record.get(rk.SERVER_ROUND)
+            if isinstance(rnd, int) and not isinstance(rnd, bool):
+                offset = record.get(rk.ROUND_OFFSET, 0)
+                return rnd + (offset if isinstance(offset, int) else 0)
+    return None
+
+
 @dataclass
 class ProvisioningGrid(DelegatingGrid):
     """Delegates to Flower's Grid; adds provisioning, reply checks, traffic counts, audit."""
@@ -201,12 +213,14 @@ class ProvisioningGrid(DelegatingGrid):
         with self.audit_path.open("a", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(e, default=str) + "\n" for e in entries))
 
-    def _audit(self, replies: list[Message]) -> None:
-        """Record the shape of everything each site sent (names, shapes, scalars, errors)."""
+    def _audit(self, replies: list[Message], server_round: int | None) -> None:
+        """Record the shape of everything each site sent (names, shapes, scalars, errors),
+        with the site's name and the federation round (None: provisioning, delivery)."""
         lines = []
         for msg in replies:
             entry: dict[str, object] = {
                 "time": round(time.time(), 3), "node": msg.metadata.src_node_id,
+                "site": self.site(msg.metadata.src_node_id), "round": server_round,
                 "type": msg.metadata.message_type,
             }
             if msg.has_error():
@@ -250,8 +264,7 @@ class ProvisioningGrid(DelegatingGrid):
         self._write_audit([{"time": round(time.time(), 3), "node": node, "site": site,
                             "type": message_type, "excluded": reason}])
 
-    def _count_in(self, replies: list[Message]) -> None:
-        self._audit(replies)
+    def _count_in(self, replies: list[Message], server_round: int | None) -> None:
         for msg in replies:
             node = msg.metadata.src_node_id
             t = self.traffic.setdefault(node, NodeTraffic())
@@ -268,6 +281,7 @@ class ProvisioningGrid(DelegatingGrid):
             site = msg.content.config_records.get(rk.SITE)
             if site is not None and rk.SITE_NAME in site:
                 self._learn_name(node, site[rk.SITE_NAME])
+        self._audit(replies, server_round)  # after: a name given in this reply is used
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         # a hospital that left still counts as available for Flower, but gets nothing more
@@ -278,7 +292,7 @@ class ProvisioningGrid(DelegatingGrid):
         wait = self.timeout if timeout is None else timeout
         replies = list(self.inner.send_and_receive(messages, timeout=wait))
         _attribute_errors(messages, replies)
-        self._count_in(replies)
+        self._count_in(replies, _round_of(messages))
         return replies
 
     # --- provisioning ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from common.config_check import load_config
 from common.data.federated import data_key_prefix, raw_sites
 from common.data.splits import SiteSplit
 from common.names import sanitise_name
-from common.processes import ProcessGroup, kill_stale_groups
+from common.processes import ProcessGroup, interrupt_on_sigterm, kill_stale_groups
 from common.signing import load_or_create_signing_key, public_key_path
 from server.heldout import preflight
 from server.history import format_table
@@ -100,6 +100,7 @@ def simulate(request: SimulateRequest) -> int:
         print(f"  ... and {len(sites) - LISTED_SITES} more (every site's rows: "
               f"{request.run_dir / 'splits.json'})", flush=True)
     group = ProcessGroup(request.run_dir / "processes.pid")
+    interrupt_on_sigterm()
     try:
         code = group.start(cmd, env=env).wait()
     finally:

@@ -60,6 +60,7 @@ class Proc:
     pid: int
     start: int  # start time in clock ticks since boot (with pid: unique)
     state: str
+    ppid: int
     cmdline: str
     environ: str  # "" when unreadable
 
@@ -83,11 +84,31 @@ def processes() -> list[Proc]:
         # the command name in parentheses may hold spaces: split after the last ')'
         fields = stat[stat.rfind(")") + 2:].split()
         out.append(Proc(
-            pid=int(entry.name), start=int(fields[19]), state=fields[0],
+            pid=int(entry.name), start=int(fields[19]), state=fields[0], ppid=int(fields[1]),
             cmdline=_read(entry / "cmdline").replace(b"\0", b" ").decode(errors="replace"),
             environ=_read(entry / "environ").replace(b"\0", b"\n").decode(errors="replace"),
         ))
     return out
+
+
+def descendants(root: int) -> set[tuple[int, int]]:
+    """(pid, start) of every live process below `root` now, whatever its environment."""
+    children: dict[int, list[Proc]] = {}
+    for p in processes():
+        if p.state not in ("Z", "X"):
+            children.setdefault(p.ppid, []).append(p)
+    found, todo = set(), [root]
+    while todo:
+        for p in children.get(todo.pop(), []):
+            found.add((p.pid, p.start))
+            todo.append(p.pid)
+    return found
+
+
+def still_alive(procs: set[tuple[int, int]]) -> list[str]:
+    """Those of `procs` (pid, start) that are alive, as 'pid [state] cmdline'."""
+    return [f"{p.pid} [{p.state}] {p.cmdline[:160]}" for p in processes()
+            if (p.pid, p.start) in procs and p.state not in ("Z", "X")]
 
 
 def snapshot() -> set[tuple[int, int]]:

@@ -36,6 +36,17 @@ CHILD = textwrap.dedent("""
     time.sleep(600)
 """)
 
+# A child that starts a grandchild in its own process group whose environment lacks the
+# marker (as Ray's raylet starts its dashboard and runtime-env agents), and writes its pid.
+CHILD_UNMARKED = textwrap.dedent("""
+    import os, subprocess, sys, time
+    env = {k: v for k, v in os.environ.items() if k != "MEDFED_PROCESS_GROUP"}
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                  env=env)
+    open(sys.argv[1], "w").write(str(grandchild.pid))
+    time.sleep(600)
+""")
+
 # A medfed-like parent: one ProcessGroup, one child, then it waits to be killed.
 PARENT = textwrap.dedent("""
     import sys, time
@@ -79,22 +90,23 @@ def test_stop_all_stops_a_detached_grandchild(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("child", [CHILD, CHILD_UNMARKED], ids=["detached", "unmarked"])
+def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path, child: str) -> None:
     pid_file = tmp_path / "processes.pid"
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(pid_file), CHILD, str(tmp_path / "grandchild")],
+        [sys.executable, "-c", PARENT, str(pid_file), child, str(tmp_path / "grandchild")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     grandchild = 0
     try:
         grandchild = int(_wait_file(tmp_path / "grandchild"))
-        # the watchdog lists every marked process, the detached grandchild too
-        deadline = time.monotonic() + STOP_S
-        while str(grandchild) not in pid_file.read_text().split() \
-                and time.monotonic() < deadline:
-            time.sleep(0.2)
-        listed = pid_file.read_text().split()
-        assert str(grandchild) in listed
+        if child == CHILD:  # the watchdog lists every marked process, detached ones too
+            deadline = time.monotonic() + STOP_S
+            while str(grandchild) not in pid_file.read_text().split() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            listed = pid_file.read_text().split()
+            assert str(grandchild) in listed
         children = [int(p) for p in pid_file.read_text().splitlines()[2:]]
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=STOP_S)

@@ -56,6 +56,14 @@ def test_too_few_valid_updates_retries_then_stops(tmp_path: Path, heart_bundle: 
              .splitlines()]
     train_errors = [e for e in audit if e["type"] == "train" and "error" in e]
     assert len(train_errors) == 2  # the round and its one retry
+    # each entry names the hospital and the federation round (None outside the rounds)
+    assert {e["round"] for e in train_errors} == {1}
+    assert len({e["site"] for e in train_errors}) == 1
+    # (a first backbone query is answered before the hospital has said its name)
+    assert {e["site"] for e in audit if not e["type"].startswith("query.")} == {
+        "cleveland", "hungary", "switzerland", "va"}
+    assert {e["round"] for e in audit if e["type"] == "evaluate"} == {0}
+    assert {e["round"] for e in audit if e["type"].startswith("query.")} == {None}
 
 
 def test_enough_valid_updates_finish_the_run(tmp_path: Path, heart_bundle: Path,

@@ -33,7 +33,7 @@ from common.settings import NodeSettings, RunSettings
 from common.signing import load_public_key
 from server.federation import load_payload
 from tests.conftest import HEART, PROJECT, SYNTHETIC
-from tests.flower_helpers import leftovers, processes, snapshot
+from tests.flower_helpers import descendants, leftovers, processes, snapshot, still_alive
 from tests.limits import RUN_S, STOP_S
 
 pytestmark = pytest.mark.slow
@@ -263,15 +263,18 @@ def test_six_kinds_of_malicious_hospital_cannot_stop_or_take_over_a_run(
                if not isinstance(v, str))
 
 
-# --- (d) Ctrl-C ------------------------------------------------------------------------------
-def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path, heart_bundle,
-                                                               cli_env) -> None:
+# --- (d) Ctrl-C, SIGTERM ---------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_stops_the_simulation_and_everything_it_started(tmp_path, heart_bundle,
+                                                                     cli_env, sig) -> None:
+    # SIGINT is what Ctrl-C delivers to the foreground command; SIGTERM what `kill`, systemd
+    # and `docker stop` send
     env, marker = _marked(cli_env)
     out = tmp_path / "run"
     before = snapshot()
     proc = subprocess.Popen(
         [*MEDFED, "simulate", "--config", str(HEART), "--bundle", str(heart_bundle),
-         "--out", str(out), "--rounds", "200"],  # far more than can finish before SIGINT
+         "--out", str(out), "--rounds", "200"],  # far more than can finish before the signal
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -289,16 +292,19 @@ def test_ctrl_c_stops_the_simulation_and_everything_it_started(tmp_path, heart_b
     reader.start()
     try:
         started = in_round_1.wait(timeout=RUN_S)
-        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C delivers to the foreground command
+        tree = descendants(proc.pid)  # Ray's agents too, which lose the environment marker
+        os.kill(proc.pid, sig)
         code = proc.wait(timeout=STOP_S)
     except subprocess.TimeoutExpired:
         _kill_session(proc)
-        pytest.fail(f"medfed simulate did not exit within {STOP_S:g} s of SIGINT")
+        pytest.fail(f"medfed simulate did not exit within {STOP_S:g} s of {sig.name}")
     left = leftovers(before, marker, (str(out),))
     reader.join(timeout=5)
     assert started, "no 'round 1/' line before the timeout: " + "".join(lines[-30:])
     assert code == 130, "".join(lines[-30:])
     assert left == []
+    assert len(tree) > 5, tree  # the worker, Ray's processes and its actors were seen
+    assert still_alive(tree) == []
     assert "medfed: interrupted" in "".join(lines)
 
 

@@ -265,6 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dir", type=Path, default=None,
                    help="also keep FLamby's test rows of each hospital apart, in this folder")
 
+    p = add("console", c.cmd_console,
+            "web console over run directories: runs, rounds, sites, versions, audit (read-only)",
+            "medfed console --runs runs --port 8080")
+    p.add_argument("--runs", type=Path, required=True,
+                   help="a directory of run directories (or one run directory)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="key that verifies the versions' signatures (default: the run's own "
+                   "signing key, else $MEDFED_HOME/signing.pub)")
+
+    p = add("report", c.cmd_report,
+            "write a run's page as one self-contained HTML file (charts inline, no server)",
+            "medfed report runs/heart-sim --out heart-report.html")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+
     p = add("model-card", c.cmd_model_card, "print a markdown model card for a bundle",
             "medfed model-card --model models/latest > MODEL_CARD.md")
     p.add_argument("--model", type=Path, required=True)

@@ -198,9 +198,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """`medfed server`."""
-    from server.deploy import ServerRequest, run_server
+    from console.app import create_app
+    from server.deploy import CONSOLE_PATH, ServerRequest, run_server
 
-    return run_server(ServerRequest.from_args(args))
+    def console(run_dir: Path, public_key: Path):  # type: ignore[no-untyped-def]
+        return create_app(run_dir, public_key, prefix=CONSOLE_PATH)
+
+    return run_server(ServerRequest.from_args(args), console)
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -231,4 +235,34 @@ def cmd_export_heart(args: argparse.Namespace) -> int:
         test = args.test_dir / f"{site}.csv" if args.test_dir is not None else None
         rows = export_site_csv(site, path, args.protocol, test)
         print(f"wrote {path}" + (f" and {test}" if test else "") + f" ({rows} rows)")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """`medfed console`: serve the console over a directory of runs until Ctrl-C."""
+    import uvicorn
+
+    from common.processes import interrupt_on_sigterm, port_taken
+    from console.app import create_app
+
+    if not args.runs.is_dir():
+        raise FileNotFoundError(f"--runs {args.runs} is not a directory")
+    if args.public_key is not None and not args.public_key.is_file():
+        raise FileNotFoundError(f"--public-key {args.public_key} does not exist")
+    if port_taken(args.host, args.port):
+        raise ValueError(f"port {args.port} on {args.host} is taken; choose another --port")
+    app = create_app(args.runs, args.public_key)
+    print(f"medfed console on http://{args.host}:{args.port}/ over {args.runs} (Ctrl-C to stop)",
+          flush=True)
+    interrupt_on_sigterm()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`medfed report`."""
+    from console.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"report written to {out}")
     return 0

@@ -18,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -38,7 +40,7 @@ from common.processes import (
     wait_for_port,
 )
 from common.settings import RunSettings
-from common.signing import load_private_key
+from common.signing import load_private_key, public_key_path
 from server.health import READY_FILE
 from server.heldout import preflight
 from server.provisioning import Enrolment
@@ -47,6 +49,10 @@ log = logging.getLogger("medfed.server")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 CONNECTION = "medfed"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
+CONSOLE_PATH = "/console"  # where the registry server mounts the console
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,12 @@ def _superlink_cmd(req: ServerRequest, certs: FederationPaths | None) -> list[st
             "--enable-supernode-auth"]
 
 
-def run_server(req: ServerRequest) -> int:
-    """Start everything, run the federation, keep serving the registry until stopped."""
+def run_server(req: ServerRequest,
+               console: Callable[[Path, Path], ASGIApp] | None = None) -> int:
+    """Start everything, run the federation, keep serving the registry until stopped.
+
+    `console(run_dir, public_key)` builds the read-only console mounted at /console of the
+    registry server (TLS only: behind the same client-certificate check)."""
     certs, keys, hospitals = _check(req)
     if certs is None:
         print("WARNING: medfed server is running INSECURE: no TLS, no hospital authentication. "
@@ -315,9 +325,14 @@ def run_server(req: ServerRequest) -> int:
         if certs is not None:
             from server.registry_http import start_registry_server
 
+            mounts = {} if console is None else {
+                CONSOLE_PATH: console(req.run_dir, public_key_path(keys))}
             registry = start_registry_server(
                 req.run_dir / "registry", req.host, req.registry_port, certs.server_cert,
-                certs.server_key, certs.ca_cert)
+                certs.server_key, certs.ca_cert, mounts=mounts)
+            if console is not None:
+                log.info("console on https://%s:%d%s/ (client certificates required)",
+                         req.host, req.registry_port, CONSOLE_PATH)
             log.info("model registry on https://%s:%d (client certificates required)",
                      req.host, req.registry_port)
         ready.write_text(json.dumps({"pid": os.getpid(), "port": req.port,

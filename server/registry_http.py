@@ -27,12 +27,14 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
+from starlette.types import ASGIApp
 
 from common.bundle import (
     BACKBONE_FILE,
@@ -77,10 +79,14 @@ def _version_dir(registry: Registry, spec: str) -> Path:
     return registry.version_dir(version)
 
 
-def create_app(registry_root: Path) -> FastAPI:
-    """Build the read-only registry app for the registry directory ``registry_root``."""
+def create_app(registry_root: Path, mounts: Mapping[str, ASGIApp] | None = None) -> FastAPI:
+    """Build the read-only registry app for the registry directory ``registry_root``;
+    `mounts` adds apps under paths of the same server (the console: ``/console``), behind
+    the same mutual TLS."""
     registry = Registry(Path(registry_root))  # no signing key: this process cannot publish
     app = FastAPI(title="medfed model registry", docs_url=None, redoc_url=None, openapi_url=None)
+    for path, sub in (mounts or {}).items():
+        app.mount(path, sub)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -133,13 +139,14 @@ def _config(
     keyfile: Path,
     ca_certfile: Path,
     log_level: str,
+    mounts: Mapping[str, ASGIApp] | None = None,
 ) -> uvicorn.Config:
     tls_files = (("certificate", certfile), ("key", keyfile), ("CA certificate", ca_certfile))
     for what, path in tls_files:
         if not Path(path).is_file():
             raise CertError(f"registry TLS {what} {path} does not exist")
     config = uvicorn.Config(
-        create_app(registry_root),
+        create_app(registry_root, mounts),
         ssl_certfile=str(certfile),
         ssl_keyfile=str(keyfile),
         ssl_ca_certs=str(ca_certfile),
@@ -220,6 +227,7 @@ def start_registry_server(
     keyfile: Path,
     ca_certfile: Path,
     log_level: str = "warning",
+    mounts: Mapping[str, ASGIApp] | None = None,
 ) -> RegistryServerHandle:
     """Start the mutual-TLS registry server in a daemon thread and wait until it listens.
 
@@ -234,7 +242,7 @@ def start_registry_server(
     RuntimeError
         If the server does not start within 10 s.
     """
-    config = _config(registry_root, certfile, keyfile, ca_certfile, log_level)
+    config = _config(registry_root, certfile, keyfile, ca_certfile, log_level, mounts)
     # Bind here (not in the thread) so bind errors reach the caller and port 0 is resolved.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -758,9 +758,25 @@ CERT_CASES: list[Builder] = [
 ]
 
 
+def report_of_a_directory_that_is_no_run(c: Ctx) -> Call:
+    (c.tmp / "notarun").mkdir(exist_ok=True)
+    argv = ["report", str(c.tmp / "notarun"), "--out", str(c.tmp / "report.html")]
+    return Call(argv, c.tmp / "report.html", ("notarun", "not a run directory"))
+
+
+def console_over_a_missing_directory(c: Ctx) -> Call:
+    argv = ["console", "--runs", str(c.tmp / "no-runs"), "--port", "1"]
+    return Call(argv, c.tmp / "no-runs", ("no-runs", "not a directory"))
+
+
+CONSOLE_CASES: list[Builder] = [report_of_a_directory_that_is_no_run,
+                                console_over_a_missing_directory]
+
+
 # ---------------------------------------------------------------------------- the matrix
 
-CASES: list[Builder] = CONFIG_CASES + CSV_CASES + IMAGE_CASES + BUNDLE_CASES + CERT_CASES
+CASES: list[Builder] = (CONFIG_CASES + CSV_CASES + IMAGE_CASES + BUNDLE_CASES + CERT_CASES
+                         + CONSOLE_CASES)
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:

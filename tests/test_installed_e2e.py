@@ -137,6 +137,13 @@ def test_one_round_from_a_non_editable_install(tmp_path: Path) -> None:
                                "server-run"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=COMMAND_S)
         assert gone.returncode == 1 and "unhealthy" in gone.stderr
+        # the console's report works from the wheel: its CSS is package data
+        report = subprocess.run([medfed, "report", "server-run", "--out", "report.html"],
+                                cwd=work, env=env, capture_output=True, text=True,
+                                timeout=COMMAND_S)
+        assert report.returncode == 0, report.stderr
+        html = (work / "report.html").read_text()
+        assert "<style>" in html and ".badge" in html and 'data-status="finished"' in html
     finally:
         for proc in [*clients, server]:
             _stop(proc)

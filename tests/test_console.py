@@ -250,6 +250,16 @@ def test_a_running_run_says_so_and_polls_for_updates(runs_root, tmp_path, signin
         assert c.get("/static/console.js").status_code == 200
 
 
+def test_a_resumed_run_is_marked(runs_root, tmp_path, signing_pub_path) -> None:
+    root = _copy(runs_root, tmp_path, "again")
+    (root / "again" / "request.json").write_text(json.dumps({"resume": True}))
+    with TestClient(create_app(root, signing_pub_path)) as c:
+        (run,) = c.get("/api/runs").json()["runs"]
+        assert (run["status"], run["resumed"]) == ("finished", True)
+        assert 'data-status="resumed"' in c.get("/").text
+        assert 'data-status="resumed"' in c.get("/runs/again").text
+
+
 def test_a_tampered_version_is_flagged_and_gets_no_model_card(runs_root, tmp_path,
                                                               signing_pub_path) -> None:
     root = _copy(runs_root, tmp_path, "tampered")

@@ -209,6 +209,11 @@ def _crawl(drv: object, base: str, shots: Path) -> set[str]:
         title = drv.title  # type: ignore[attr-defined]
         body = drv.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
         assert "Not found" not in title and "Internal Server Error" not in body, (path, body)
+        # nothing from elsewhere: scripts, styles and images come from the console itself
+        for tag, attr in (("script", "src"), ("link", "href"), ("img", "src")):
+            for el in drv.find_elements(By.TAG_NAME, tag):  # type: ignore[attr-defined]
+                url = el.get_attribute(attr) or ""
+                assert not url or url.startswith(base + "/"), (path, tag, url)
         kind = urlsplit(path).path.rstrip("/").split("/")[-1] if path != "/" else "runs"
         kind = "version" if kind.isdigit() else kind
         if kind not in kinds:

@@ -7,12 +7,10 @@ The runs come from the real ServerApp and ClientApp code run in this process (no
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import shutil
-import ssl
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -30,7 +28,7 @@ from server.registry_http import start_registry_server
 from tests.conftest import HEART
 from tests.flower_helpers import task_identity
 from tests.inprocess_grid import InProcessGrid, run_settings
-from tests.limits import SOCKET_S
+from tests.tls_helpers import REFUSED, https_get, tls_context
 
 FAST = ("federation.rounds=3", "federation.local.steps=2")
 
@@ -292,16 +290,6 @@ def test_report_is_one_self_contained_file_with_the_runs_numbers(runs_root, tmp_
 
 
 # --- behind `medfed server`'s mutual TLS ---------------------------------------------------------
-def _https_get(port: int, context: ssl.SSLContext, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=SOCKET_S)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def test_console_under_the_registry_server_needs_a_federation_certificate(
         runs_root: Path, tmp_path: Path, signing_pub_path: Path) -> None:
     fed = init_federation(tmp_path / "certs", [], [])
@@ -311,20 +299,18 @@ def test_console_under_the_registry_server_needs_a_federation_certificate(
         run_dir / "registry", "127.0.0.1", 0, fed.server_cert, fed.server_key, fed.ca_cert,
         mounts={"/console": create_app(run_dir, signing_pub_path, prefix="/console")})
     try:
-        anonymous = ssl.create_default_context(cafile=str(fed.ca_cert))
-        with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
-            _https_get(handle.port, anonymous, "/console/")
-        enrolled = ssl.create_default_context(cafile=str(fed.ca_cert))
-        enrolled.load_cert_chain(str(hospital.client_cert), str(hospital.client_key))
-        status, body = _https_get(handle.port, enrolled, "/console/api/runs")
+        with pytest.raises(REFUSED):
+            https_get(handle.port, tls_context(fed.ca_cert), "/console/")
+        enrolled = tls_context(fed.ca_cert, hospital.client_cert, hospital.client_key)
+        status, body = https_get(handle.port, enrolled, "/console/api/runs")
         assert status == 200
         assert [(r["name"], r["status"]) for r in json.loads(body)["runs"]] == [
             ("heart", "finished")]
-        status, body = _https_get(handle.port, enrolled, "/console/runs/heart")
+        status, body = https_get(handle.port, enrolled, "/console/runs/heart")
         page = body.decode()
         assert status == 200 and 'href="/console/static/console.css"' in page
         assert all(u.startswith("/console/") for u in parse(page).links)
-        assert _https_get(handle.port, enrolled, "/console/static/console.css")[0] == 200
-        assert _https_get(handle.port, enrolled, "/v1/versions")[0] == 200  # registry still
+        assert https_get(handle.port, enrolled, "/console/static/console.css")[0] == 200
+        assert https_get(handle.port, enrolled, "/v1/versions")[0] == 200  # registry still
     finally:
         handle.stop()

@@ -12,13 +12,11 @@ test fails.
 from __future__ import annotations
 
 import csv
-import http.client
 import json
 import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -35,7 +33,8 @@ from common.data.heart import export_site_csv
 from common.pretrain import pretrain
 from common.processes import alive, free_port
 from common.signing import load_private_key
-from tests.limits import COMMAND_S, RUN_S, SOCKET_S, STOP_S
+from tests.limits import COMMAND_S, RUN_S, STOP_S
+from tests.tls_helpers import REFUSED, https_get, tls_context
 
 pytestmark = pytest.mark.slow
 
@@ -364,35 +363,24 @@ def test_full_run_pull_and_predict(federation: Federation,
 def check_console(f: Federation, delivered: int) -> None:
     """`medfed server` serves the console at /console to enrolled hospitals only."""
     hospital = f.certs / "hospitals" / "va"
-    context = ssl.create_default_context(cafile=str(hospital / "ca.crt"))
-    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
-        _https_get(f.registry_port, context, "/console/api/runs")
-    context.load_cert_chain(str(hospital / "client.pem"), str(hospital / "client.key"))
-    status, body = _https_get(f.registry_port, context, "/console/api/runs")
+    with pytest.raises(REFUSED):
+        https_get(f.registry_port, tls_context(hospital / "ca.crt"), "/console/api/runs")
+    context = tls_context(hospital / "ca.crt", hospital / "client.pem", hospital / "client.key")
+    status, body = https_get(f.registry_port, context, "/console/api/runs")
     assert status == 200, body[:500]
     (run,) = json.loads(body)["runs"]
     assert (run["status"], run["rounds_done"]) == ("finished", 2)  # summary written
-    status, body = _https_get(f.registry_port, context,
+    status, body = https_get(f.registry_port, context,
                               f"/console/api/runs/{run['name']}/versions")
     versions = json.loads(body)
     assert status == 200 and {v["signature"] for v in versions["versions"]} == {"verified"}
     assert versions["pointers"]["latest"]["version"] == 2
-    status, body = _https_get(f.registry_port, context,
+    status, body = https_get(f.registry_port, context,
                               f"/console/api/runs/{run['name']}/hospitals")
     listed = {h["site"]: h for h in json.loads(body)["hospitals"]}
     assert set(SITES) <= set(listed) and all(listed[s]["trained_rounds"] == [1, 2]
                                              for s in SITES)
     assert delivered in {v["version"] for v in versions["versions"]}
-
-
-def _https_get(port: int, context: ssl.SSLContext, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=SOCKET_S)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def check_hospital_log(f: Federation, site: str, delivered: int) -> None:

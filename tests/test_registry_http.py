@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,7 @@ from common.registry import Registry
 from common.signing import load_private_key
 from server.registry_http import RegistryServerHandle, create_app, start_registry_server
 from tests.limits import SOCKET_S
-
-TIMEOUT = 5.0  # seconds for any socket operation
+from tests.tls_helpers import REFUSED, https_get, tls_context
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +52,6 @@ def server(registry_root: Path, fed: FederationPaths) -> Iterator[RegistryServer
     )
     yield handle
     handle.stop()
-
-
-def _context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca))
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key))
-    return context
-
-
-def _get(server: RegistryServerHandle, context: ssl.SSLContext, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=TIMEOUT)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 # ---------------------------------------------------------------------------- endpoints
@@ -133,16 +113,16 @@ def test_health(client: TestClient) -> None:
 def test_federation_client_certificate_gets_in(
     server: RegistryServerHandle, hospital: HospitalPaths
 ) -> None:
-    context = _context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
-    status, body = _get(server, context, "/v1/versions")
+    context = tls_context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
+    status, body = https_get(server.port, context, "/v1/versions")
     assert (status, json.loads(body)["latest"]) == (200, 2)
 
 
 def test_client_without_certificate_is_refused(
     server: RegistryServerHandle, hospital: HospitalPaths
 ) -> None:
-    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
-        _get(server, _context(hospital.ca_cert), "/v1/versions")
+    with pytest.raises(REFUSED):
+        https_get(server.port, tls_context(hospital.ca_cert), "/v1/versions")
 
 
 def test_client_certificate_of_another_ca_is_refused(
@@ -150,18 +130,18 @@ def test_client_certificate_of_another_ca_is_refused(
 ) -> None:
     other = init_federation(tmp_path / "other", [], [])
     stranger = init_hospital("hospital-a", tmp_path / "other-hospitals", other.out)
-    context = _context(hospital.ca_cert, stranger.client_cert, stranger.client_key)
-    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
-        _get(server, context, "/v1/versions")
+    context = tls_context(hospital.ca_cert, stranger.client_cert, stranger.client_key)
+    with pytest.raises(REFUSED):
+        https_get(server.port, context, "/v1/versions")
 
 
 def test_server_certificate_is_not_accepted_as_a_client_certificate(
     server: RegistryServerHandle, fed: FederationPaths
 ) -> None:
     # Signed by the right CA but marked serverAuth only: OpenSSL checks the purpose.
-    context = _context(fed.ca_cert, fed.server_cert, fed.server_key)
-    with pytest.raises((ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
-        _get(server, context, "/v1/versions")
+    context = tls_context(fed.ca_cert, fed.server_cert, fed.server_key)
+    with pytest.raises(REFUSED):
+        https_get(server.port, context, "/v1/versions")
 
 
 def test_start_with_missing_certificate_names_it(

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.bundle import BundleError
 from common.data.splits import TEST_LABEL
-from common.processes import alive
+from common.processes import alive, marked_pids
 
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "request.json", "registry")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -113,17 +113,18 @@ def find_run(root: Path, name: str) -> Path:
 
 
 def owner_pid(run_dir: Path) -> int | None:
-    """The pid of the medfed command that holds the run's processes, while it lives."""
+    """The pid of the medfed command that holds the run's processes, while it lives: its
+    pid file names it and the marker its processes carry (a pid alone may have been reused
+    since a crash)."""
     try:
         text = (run_dir / "processes.pid").read_text(encoding="utf-8")
     except OSError:
         return None
-    for line in text.splitlines():
-        word, _, value = line.partition(" ")
-        if word == "owner" and value.strip().isdigit():
-            pid = int(value)
-            return pid if alive(pid) else None
-    return None
+    fields = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    owner, marker = fields.get("owner", "").strip(), fields.get("marker", "").strip()
+    if not owner.isdigit() or not marker or not alive(int(owner)):
+        return None
+    return int(owner) if marked_pids(marker) else None
 
 
 def status(run_dir: Path) -> str:

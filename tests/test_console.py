@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from client.client_app import make_client_app
 from common.certs import init_federation, init_hospital
+from common.processes import MARKER_ENV
 from console.app import create_app
 from console.pages import fmt
 from console.report import write_report
@@ -238,7 +241,21 @@ def test_a_running_run_says_so_and_polls_for_updates(runs_root, tmp_path, signin
     root = _copy(runs_root, tmp_path, "live")
     run = root / "live"
     (run / "summary.json").unlink()
-    (run / "processes.pid").write_text(f"marker x\nowner {os.getpid()}\n")  # alive: this test
+    # as `medfed simulate` leaves it: owner (here: this test) alive, a marked child running
+    marker = "console-test-" + os.urandom(4).hex()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             env={**os.environ, MARKER_ENV: marker})
+    (run / "processes.pid").write_text(f"marker {marker}\nowner {os.getpid()}\n{child.pid}\n")
+    try:
+        _check_running(root, signing_pub_path)
+    finally:
+        child.kill()
+        child.wait()
+    with TestClient(create_app(root, signing_pub_path)) as c:  # the child gone: crashed
+        assert c.get("/api/runs/live/status").json()["status"] == "failed"
+
+
+def _check_running(root: Path, signing_pub_path: Path) -> None:
     with TestClient(create_app(root, signing_pub_path)) as c:
         page = c.get("/runs/live").text
         assert 'data-status="running"' in page

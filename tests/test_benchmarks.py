@@ -130,3 +130,21 @@ def test_render_rewrites_the_report_without_running(
     assert "fake value 3" in (out / "RESULTS.md").read_text()
     head = json.loads((out / "headline.json").read_text())
     assert head["command"] == "python -m benchmarks.run --quick"  # who made the numbers
+
+
+def test_deployment_phases_are_read_from_the_audit_in_order(tmp_path: Path) -> None:
+    from benchmarks.deploy_vs_flower import message_phases, phase_summary
+
+    lines = [("query.backbone", None, 100.0), ("query.backbone", None, 100.2),  # one batch
+             ("evaluate", 0, 106.2), ("evaluate", 0, 106.3),
+             ("train", 1, 112.5), ("evaluate", 1, 118.6), ("train", 2, 125.0),
+             ("evaluate", 2, 131.1), ("query.save_model", None, 137.2)]
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("".join(json.dumps({"type": k, "round": r, "time": t, "node": 1}) + "\n"
+                             for k, r, t in lines))
+    phases = message_phases(audit)
+    assert [(p["kind"], p["round"]) for p in phases] == [
+        ("query.backbone", None), ("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2),
+        ("evaluate", 2), ("query.save_model", None)]
+    assert phases[0]["seconds"] is None and phases[1]["seconds"] == 6.1  # from 100.2
+    assert phase_summary(phases) == {"evaluate": 6.1, "train": 6.3, "query.save_model": 6.1}

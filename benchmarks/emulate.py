@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,20 +65,28 @@ def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
     return out
 
 
-def start_model(cfg: Config, bundle_dir: Path | None, keys: Path
+def start_model(cfg: Config, bundle_dir: Path | None, keys: Path, *, pretrained: bool = True
                 ) -> tuple[SplitModel, SiteStats | None]:
     """The server's starting model (as `server.federation.prepare`) and the bundle's stats.
 
-    `bundle_dir=None` builds a randomly initialised model from `cfg.seed` (from scratch).
+    `pretrained=False` builds a randomly initialised model from `cfg.seed` (from scratch);
+    its preprocessing is still the bundle's when one is given (normalisation `bundle`), so
+    the two rows differ in the weights only.
     """
     seed_everything(cfg.seed)
-    if bundle_dir is None:
-        data = load_federated(cfg.federation.data, None, seed=cfg.seed)
+    bundle = None
+    if bundle_dir is not None:
+        key, _ = load_or_create_signing_key(keys)
+        bundle = load_bundle(bundle_dir, key.public_key(), require_signature=True)
+    if not pretrained:
+        stats = stats_from_manifest(bundle.manifest) if bundle is not None else None
+        data = load_federated(cfg.federation.data, stats, seed=cfg.seed)
+        seed_everything(cfg.seed)
         model = build_model(cfg.model.family, data.spec.input_shape, data.spec.num_classes,
                             cfg.model)
-        return model, None
-    key, _ = load_or_create_signing_key(keys)
-    bundle = load_bundle(bundle_dir, key.public_key(), require_signature=True)
+        return model, stats
+    if bundle is None:
+        raise ValueError("a pretrained start needs a bundle directory")
     model = model_from_manifest(bundle.manifest)
     load_state(model, {**bundle.backbone, **bundle.head}, where=str(bundle_dir))
     if cfg.federation.reset_head:
@@ -105,9 +114,10 @@ class SiteInputs:
     cached: bool
 
 
-def site_inputs(model: SplitModel, sites: list[SiteSplit], trainable: str) -> list[SiteInputs]:
+def site_inputs(model: SplitModel, sites: list[SiteSplit], trainable: str,
+                augment: str = "none") -> list[SiteInputs]:
     """Frozen-backbone features per site, as `Node.train_inputs` computes and caches them."""
-    if frozen_prefix_blocks(model, trainable) == 0:
+    if frozen_prefix_blocks(model, trainable) == 0 or augment != "none":
         return [SiteInputs(s, s.x_train, False) for s in sites]
     with torch.no_grad():
         return [SiteInputs(s, frozen_features(model, torch.from_numpy(s.x_train),
@@ -115,16 +125,21 @@ def site_inputs(model: SplitModel, sites: list[SiteSplit], trainable: str) -> li
 
 
 class Aggregator:
-    """Flower's FedAvg weighting (num-examples), plus FedYogi's server optimiser."""
+    """Flower's FedAvg weighting (num-examples), plus FedYogi's and FedAdam's server
+    optimisers (flwr 1.42 `flwr/serverapp/strategy/fedyogi.py`, `fedadam.py`)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg.federation.strategy
         self.m: State = {}
         self.v: State = {}
+        self.round = 0
 
     def __call__(self, current: State, replies: list[tuple[State, int]]) -> State:
         total = float(sum(n for _, n in replies))
         avg = {k: sum(s[k].double() * (n / total) for s, n in replies) for k in current}
+        self.round += 1
+        if self.cfg.name == "fedadam":
+            return self._adam(current, avg)
         if self.cfg.name != "fedyogi":
             return {k: v.float() for k, v in avg.items()}
         s = self.cfg
@@ -135,6 +150,20 @@ class Aggregator:
             v = self.v.get(k, torch.zeros_like(delta))
             self.v[k] = v - (1.0 - s.beta_2) * delta**2 * torch.sign(v - delta**2)
             new[k] = (x.double() + s.eta * self.m[k] / (self.v[k].sqrt() + s.tau)).float()
+        return new
+
+
+    def _adam(self, current: State, avg: State) -> State:
+        s, t = self.cfg, self.round
+        # Flower's bias-corrected step size, with its exponent t + 1
+        eta = s.eta * math.sqrt(1 - s.beta_2 ** (t + 1)) / (1 - s.beta_1 ** (t + 1))
+        new: State = {}
+        for k, x in current.items():
+            delta = avg[k] - x.double()
+            zero = torch.zeros_like(delta)
+            self.m[k] = s.beta_1 * self.m.get(k, zero) + (1 - s.beta_1) * delta
+            self.v[k] = s.beta_2 * self.v.get(k, zero) + (1 - s.beta_2) * delta**2
+            new[k] = (x.double() + eta * self.m[k] / (self.v[k].sqrt() + s.tau)).float()
         return new
 
 
@@ -156,7 +185,7 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: b
     device = resolve_device(cfg.device)
     trainable = cfg.model.trainable
     names = set_trainable(model, trainable)
-    inputs = site_inputs(model, data.sites, trainable)
+    inputs = site_inputs(model, data.sites, trainable, cfg.federation.local.augment)
     state = model.state_dict()
     current: State = {n: state[n].detach().clone() for n in names}
     aggregate = Aggregator(cfg)

@@ -54,7 +54,11 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)  # as a Ray-simulated node; 2 threads on a busy machine thrash
     home = WORK / "home"
     # head only: the frozen backbone whose features the cache holds
-    cfg = load_config(CONFIG, ["seed=0", "model.trainable=head", "federation.local.lr=0.01"])
+    # the small CNN head of the recorded figures (configs/breast.yaml now holds a residual CNN)
+    cfg = load_config(CONFIG, ["seed=0", "model.trainable=head", "federation.local.lr=0.01",
+                               "model.family=cnn", "federation.local.augment=none",
+                               "pretrain.optim.augment=none",
+                               "federation.data.normalisation=site"])
     bundle = emulate.bundle_for(cfg, home / "bundles", home / "signing.key")
     payload = load_payload(bundle)
     workdir = WORK / "feature-cache" / "node-0000"

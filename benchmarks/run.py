@@ -17,9 +17,11 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from benchmarks import report
+from benchmarks.gpu_check import NOT_RUN
 from benchmarks.util import RESULTS, WORK, machine
 
 BENCHMARKS = ("heart", "breast", "overhead", "scale", "communication", "feature_cache",
@@ -57,6 +59,7 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
     out: dict[str, Any] = {key: None for key in report.TARGETS}
     for res in results.values():
         out.update({k: v for k, v in res.get("headline", {}).items() if k in out})
+    out["gpu_check"] = gpu_check_headline(RESULTS / "gpu_check.json")
     started = [r["started"] for r in results.values() if "started" in r]
     out.update({
         # when the freshest of these numbers was measured (UTC), not when this file was written
@@ -66,6 +69,16 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
         "total_wall_s": wall,
     })
     return out
+
+
+def gpu_check_headline(path: Path) -> str | dict[str, Any]:
+    """What `benchmarks/gpu_check.sh` recorded on a GPU machine, or why there is nothing."""
+    if not path.exists():
+        return NOT_RUN
+    out = json.loads(path.read_text(encoding="utf-8"))
+    keys = ("device", "train_images_per_s_cuda", "train_images_per_s_cpu_1_thread",
+            "validation_auc", "test_auc", "rounds", "simulate_wall_s", "train_event_devices")
+    return {k: out.get(k) for k in keys}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -125,7 +126,8 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
                                 "steps": result.steps})
         emit(node.workdir, "train", site=site, round=server_round, rows=result.num_examples,
-             steps=result.steps, loss=result.loss)
+             steps=result.steps, loss=result.loss, device=result.device,
+             threads=torch.get_num_threads())
         return Message(node.tampered("train", RecordDict({
             rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
             rk.SITE: _site_record(site)})), reply_to=msg)

@@ -165,7 +165,9 @@ class Node:
                      ) -> tuple[np.ndarray, bool]:
         """(train inputs, features_cached): cached frozen features when possible."""
         trainable = self.cfg.model.trainable
-        if frozen_prefix_blocks(model, trainable) == 0:
+        # augmented images must pass through the frozen prefix each step: nothing to cache
+        if (frozen_prefix_blocks(model, trainable) == 0
+                or self.cfg.federation.local.augment != "none"):
             return site.x_train, False
         cache = FeatureCache(self.workdir / "features")
         key = FeatureCache.key(backbone_sha, trainable, fingerprint(site))

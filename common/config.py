@@ -73,9 +73,9 @@ class DataConfig:
 class ModelConfig:
     """Backbone family, its constructor arguments, and which tensors train."""
 
-    family: str = "mlp"  # mlp (tabular) | cnn (28x28 images)
+    family: str = "mlp"  # mlp (tabular) | cnn (small CNN) | resnet (residual CNN, images)
     hidden: tuple[int, ...] = (32, 16)  # mlp: widths of the backbone blocks
-    channels: tuple[int, ...] = (16, 32, 64)  # cnn: channels of the conv blocks
+    channels: tuple[int, ...] = (16, 32, 64)  # cnn, resnet: channels of the blocks / stages
     dropout: float = 0.0
     # head | head+last-N (N backbone blocks train too) | all
     trainable: str = "head"
@@ -92,6 +92,13 @@ class OptimConfig:
     steps: int = 20  # optimiser steps per round (ignored when epochs > 0)
     epochs: int = 0  # >0: train whole passes over the local train split instead
     proximal_mu: float = 0.0  # FedProx term; set by the server when strategy is fedprox
+    # images only: none | flip, shift, intensity joined by + (common/augment.py); with a
+    # frozen prefix it turns the feature cache off (the prefix must see each augmented image)
+    augment: str = "none"
+    # cross_entropy | balanced_softmax: the loss adds log(site label prior) to the logits
+    # (Ren et al. 2020), so a site with few positives still learns class evidence rather than
+    # its own prevalence; label-skewed sites then pull the average the same way (FedLC idea)
+    loss: str = "cross_entropy"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import typing
 from collections.abc import Iterable
 from pathlib import Path
 
+from common.augment import parse_augment
 from common.config import Config, ConfigError, read_config
 from common.data.federated import check_data_config, data_key_prefix
 from common.data.partition import parse_partition
@@ -32,6 +33,7 @@ SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brie
 LOWER_IS_BETTER = ("loss", "brier", "ece")
 ADAPTATION_METRICS = ("loss", "auc", "balanced_accuracy")
 CALIBRATIONS = ("temperature", "none")
+LOSSES = ("cross_entropy", "balanced_softmax")  # common/training.py
 ATTACKS = ("inflate-count", "omit-count", "huge-update", "nan-update", "spoof-name",
            "malformed")  # client/faults.py carries them out
 _UNIT = r"(0(\.\d+)?|1(\.0+)?)"  # a number in [0, 1]
@@ -54,7 +56,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return cfg
-_BLOCK_WIDTHS = {"mlp": "hidden", "cnn": "channels"}  # one backbone block per listed width
+# one backbone block per listed width
+_BLOCK_WIDTHS = {"mlp": "hidden", "cnn": "channels", "resnet": "channels"}
 
 
 def check_config(cfg: Config) -> None:
@@ -88,6 +91,13 @@ def check_config(cfg: Config) -> None:
                 check_data_config(data)
         except DataError as err:
             raise ConfigError(str(err)) from err
+    for key, optim in (("pretrain.optim", cfg.pretrain.optim),
+                       ("federation.local", cfg.federation.local)):
+        try:
+            parse_augment(optim.augment)
+        except ValueError as err:
+            raise ConfigError(f"config key '{key}.augment': {err}") from err
+        _one_of(f"{key}.loss", optim.loss, LOSSES)
     _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
         raise ConfigError(

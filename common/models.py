@@ -139,6 +139,66 @@ def cnn(
     return SplitModel(nn.Sequential(*blocks), in_ch, num_classes)
 
 
+class ResidualUnit(nn.Module):
+    """Two Conv3x3 + GroupNorm layers with a skip connection (1x1 conv when shapes change)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.skip = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                      nn.GroupNorm(_groups(out_ch), out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.skip(x))
+
+
+@register_family("resnet", "channels", "dropout")
+def resnet(
+    input_shape: tuple[int, ...], num_classes: int, *, channels: tuple[int, ...], dropout: float
+) -> SplitModel:
+    """Residual CNN for (C, H, W) images (28x28 or 64x64 MedMNIST): one stage per width.
+
+    Stage 0 is a Conv3x3 stem and a residual unit at full resolution; each later stage is a
+    residual unit that halves the resolution. GroupNorm, not BatchNorm: no running statistics
+    to average across hospitals whose images differ (the FedBN problem does not arise), and
+    training on batches of a few images stays stable. The last stage ends with global average
+    pooling, so features are (N, channels[-1]).
+    """
+    if len(input_shape) != 3:
+        raise ModelError(f"model family 'resnet' expects input_shape (C, H, W), got {input_shape}")
+    if not channels:
+        raise ModelError("model.channels must list at least one width for family 'resnet'")
+    in_ch, height, width = input_shape
+    if min(height, width) < 2 ** (len(channels) - 1):
+        raise ModelError(
+            f"model.channels has {len(channels)} stages but a {height}x{width} image allows at "
+            f"most {min(height, width).bit_length()} (each stage after the first halves it)"
+        )
+    blocks: list[nn.Module] = []
+    for i, out in enumerate(channels):
+        layers: list[nn.Module] = []
+        if i == 0:
+            layers += [nn.Conv2d(in_ch, out, 3, padding=1, bias=False),
+                       nn.GroupNorm(_groups(out), out), nn.ReLU(),
+                       ResidualUnit(out, out, stride=1)]
+        else:
+            layers.append(ResidualUnit(in_ch, out, stride=2))
+        if i == len(channels) - 1:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        blocks.append(nn.Sequential(*layers))
+        in_ch = out
+    return SplitModel(nn.Sequential(*blocks), in_ch, num_classes)
+
+
 def _check_common(family: str, input_shape: tuple[int, ...], num_classes: int) -> None:
     if family not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))

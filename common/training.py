@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.augment import augment_batch, parse_augment
 from common.config import OptimConfig
 from common.device import seed_torch
 from common.metrics import compute_metrics
@@ -31,11 +32,13 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Outcome of :func:`train_local`: mean cross-entropy over steps, steps, examples."""
+    """Outcome of :func:`train_local`: mean cross-entropy over steps, steps, examples, and
+    the device the trained tensors were on (read from the model, not from the request)."""
 
     loss: float
     steps: int
     num_examples: int
+    device: str = "cpu"
 
 
 def _inputs(x: ArrayLike) -> Tensor:
@@ -106,6 +109,33 @@ def _num_steps(num_rows: int, cfg: OptimConfig) -> int:
     if cfg.steps < 1:
         raise TrainingError("steps must be at least 1 when epochs is 0, found steps=0")
     return cfg.steps
+
+
+def _augmentations(cfg: OptimConfig, inputs: Tensor, features_cached: bool) -> tuple[str, ...]:
+    """The augmentation operations to apply to each batch (none on cached features)."""
+    try:
+        ops = parse_augment(cfg.augment)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    if ops and features_cached:
+        raise TrainingError("augmentation needs raw images, but the inputs are cached frozen "
+                            "features; train on the images (no feature cache)")
+    if ops and inputs.dim() != 4:
+        raise TrainingError(f"augment '{cfg.augment}' needs image inputs (N, C, H, W), got "
+                            f"shape {tuple(inputs.shape)}")
+    return ops
+
+
+def _log_prior(loss: str, labels: Tensor, num_classes: int) -> Tensor:
+    """What the loss adds to the logits: 0, or log of the smoothed label prior of these rows
+    (balanced softmax; prediction uses the plain logits)."""
+    if loss == "cross_entropy":
+        return torch.zeros(num_classes)
+    if loss != "balanced_softmax":
+        raise TrainingError(f"loss '{loss}' is unknown; expected cross_entropy or "
+                            "balanced_softmax")
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return torch.log((counts + 1.0) / (counts.sum() + num_classes)).float()
 
 
 def _anchor(
@@ -181,6 +211,9 @@ def train_local(
     model.to(device)
     params = {n: p for n, p in model.named_parameters() if n in names}
     optimizer = _optimizer(list(params.values()), cfg)
+    ops = _augmentations(cfg, inputs, features_cached)
+    log_prior = _log_prior(cfg.loss, labels, model.head.out_features).to(device)
+    draws = torch.Generator().manual_seed(seed)
     anchor = _anchor(params, global_state) if cfg.proximal_mu > 0 else {}
     frozen = model.backbone[: frozen_prefix_blocks(model, trainable)]
     total = 0.0
@@ -201,9 +234,10 @@ def train_local(
         for idx in _batches(len(inputs), cfg.batch_size, steps, seed):
             if stop_here():
                 break
-            xb, yb = inputs[idx].to(device), labels[idx].to(device)
+            xb = augment_batch(inputs[idx], ops, draws).to(device)
+            yb = labels[idx].to(device)
             logits = forward_from(model, xb, trainable) if features_cached else model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = F.cross_entropy(logits + log_prior, yb)
             objective = loss
             if anchor:
                 # FedProx: stay near the received weights so skewed sites drift less
@@ -216,7 +250,9 @@ def train_local(
             done += 1
         else:
             stop_here(last=True)  # the state after the last step is a candidate too
-    return TrainResult(loss=total / max(done, 1), steps=done, num_examples=len(inputs))
+    on = str(next(iter(params.values())).device) if params else str(device)
+    return TrainResult(loss=total / max(done, 1), steps=done, num_examples=len(inputs),
+                       device=on)
 
 
 def _logits(

@@ -32,6 +32,21 @@ def _add_keys_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="auto | cpu | cuda | cuda:N | mps (the same as --set device=DEVICE)")
+
+
+def _gpu_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share of one GPU in 0..1, got {text!r}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -81,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain", c.cmd_pretrain, "train backbone + head centrally and write a signed bundle",
             "medfed pretrain --config configs/heart.yaml --out runs/heart-pretrain")
     _add_config_args(p)
+    _add_device_arg(p)
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     _add_keys_arg(p)
@@ -90,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             "medfed simulate --config configs/heart.yaml --bundle runs/heart-pretrain "
             "--out runs/heart-sim")
     _add_config_args(p)
+    _add_device_arg(p)
     p.add_argument("--bundle", type=Path, required=True, help="pretrained bundle directory")
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--hospitals", type=int, default=None, help="number of simulated hospitals")
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--cpus-per-client", type=float, default=1.0,
                    help="CPU cores reserved per simulated ClientApp (default 1)")
+    p.add_argument("--gpus-per-client", type=_gpu_share, default=None, metavar="SHARE",
+                   help="share of a GPU reserved per simulated ClientApp, 0-1 (default: 0 "
+                        "on CPU; on a GPU an equal share for each ClientApp that runs at once)")
     p.add_argument("--runtime-start-timeout", type=_positive_seconds, default=120.0,
                    metavar="SECONDS",
                    help="give up when Flower's simulation runtime (Ray) has not started "

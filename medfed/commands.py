@@ -19,12 +19,20 @@ def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
     return key
 
 
+def with_device(args: argparse.Namespace) -> list[str]:
+    """The command's config overrides, with `--device X` as a last `device=X`."""
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    return overrides
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """`medfed pretrain`."""
     from common.config_check import load_config
     from common.pretrain import load_source, pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, with_device(args))
     if args.out.exists() and not args.force:
         raise FileExistsError(f"bundle directory {args.out} exists; pass --force to replace it")
     data = load_source(cfg)  # bad data stops here, before a key or a file is created
@@ -49,7 +57,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.config_check import load_config
     from server.simulate import SimulateRequest, simulate
 
-    overrides = list(args.overrides)
+    overrides = with_device(args)
     if args.partition is not None:
         overrides.append(f"federation.data.partition={args.partition}")
     if args.hospitals is not None:
@@ -75,6 +83,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         keys=keys,
         resume=args.resume,
         cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
         verbose=args.verbose,
         runtime_start_timeout=args.runtime_start_timeout,
     )

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from common.config_check import load_config
 from common.data.federated import data_key_prefix, raw_sites
 from common.data.splits import SiteSplit
+from common.device import resolve_device
 from common.names import sanitise_name
 from common.processes import ProcessGroup, interrupt_on_sigterm, kill_stale_groups
 from common.signing import load_or_create_signing_key, public_key_path
@@ -39,6 +42,7 @@ class SimulateRequest:
     keys: Path
     resume: bool = False
     cpus_per_client: float = 1.0
+    gpus_per_client: float | None = None  # None: 0 on CPU, an equal share of one GPU on CUDA
     verbose: bool = False
     runtime_start_timeout: float = RUNTIME_START_TIMEOUT_S
 
@@ -55,9 +59,29 @@ class SimulateRequest:
             config_path=Path(raw["config_path"]), overrides=tuple(raw["overrides"]),
             bundle=Path(raw["bundle"]), run_dir=Path(raw["run_dir"]), keys=Path(raw["keys"]),
             resume=bool(raw["resume"]), cpus_per_client=float(raw["cpus_per_client"]),
+            gpus_per_client=(None if raw.get("gpus_per_client") is None
+                             else float(raw["gpus_per_client"])),
             verbose=bool(raw["verbose"]),
             runtime_start_timeout=float(raw["runtime_start_timeout"]),
         )
+
+
+def gpu_share(device: torch.device, requested: float | None, cpus_per_client: float,
+              cpus: int) -> float:
+    """The share of one GPU Flower's backend reserves per simulated ClientApp.
+
+    As requested, else 0 off CUDA and, on CUDA, an equal share for each ClientApp the CPUs
+    let run at once (Ray then packs them on the GPU instead of running one at a time).
+    """
+    if requested is not None:
+        if device.type == "cuda" and requested == 0:
+            raise ValueError("--gpus-per-client 0 with device cuda: Ray would not schedule the "
+                             "simulated hospitals on the GPU; give a share above 0 or omit it")
+        return requested
+    if device.type != "cuda":
+        return 0.0
+    at_once = max(1, int(cpus // max(cpus_per_client, 1e-9)))
+    return 1.0 / at_once
 
 
 def enrol_simulated(run_dir: Path, sites: tuple[SiteSplit, ...]) -> None:
@@ -73,6 +97,10 @@ def simulate(request: SimulateRequest) -> int:
     with data_key_prefix("federation.data"):
         _, sites = raw_sites(cfg.federation.data, cfg.seed)
     preflight(cfg, request.bundle)
+    # a GPU that is asked for but missing stops here, not in every hospital's first round
+    device = resolve_device(cfg.device)
+    request = replace(request, gpus_per_client=gpu_share(
+        device, request.gpus_per_client, request.cpus_per_client, os.cpu_count() or 1))
     if (request.run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {request.run_dir} already holds a finished run; "
                               "choose another --out")

@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
     if why is not None:
         _runtime_failed(request.runtime_start_timeout, why)
     backend_config = {
-        "client_resources": {"num_cpus": request.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": request.cpus_per_client,
+                             "num_gpus": request.gpus_per_client or 0.0},
         "init_args": init_args,
     }
     run_simulation(

@@ -210,6 +210,16 @@ def config_unknown_device(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("device", "tpu"))
 
 
+def config_unknown_augmentation(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "pretrain.optim.augment=flip+blur")
+    return Call(argv, c.tmp / "bundle", ("pretrain.optim.augment", "'blur'"))
+
+
+def config_unknown_loss(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.local.loss=focal")
+    return Call(argv, c.tmp / "bundle", ("federation.local.loss", "focal"))
+
+
 def config_yaml_alias_bomb(c: Ctx) -> Call:
     """393 bytes of nested aliases once expanded to a 254 MB error line."""
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
@@ -229,6 +239,7 @@ CONFIG_CASES: list[Builder] = [
     config_unknown_key_in_file, config_unknown_key_in_set, config_wrong_type,
     config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
     config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
+    config_unknown_augmentation, config_unknown_loss,
 ]
 
 
@@ -411,6 +422,13 @@ def heldout_file_with_a_missing_column(c: Ctx) -> Call:
     return Call(argv, c.tmp / "run", ("operator.csv", "'chol'", "missing"))
 
 
+def simulate_cuda_without_a_gpu(c: Ctx) -> Call:
+    """Stops before Ray starts, not in every hospital's first round (cuda:99: missing on a
+    GPU machine too)."""
+    argv = [*_simulate_heart(c), "--device", "cuda:99"]
+    return Call(argv, c.tmp / "run", ("device 'cuda:99' was requested",))
+
+
 def heldout_unknown_mode(c: Ctx) -> Call:
     argv = _simulate_heart(c, "federation.heldout=pooled-test")
     return Call(argv, c.tmp / "run", ("federation.heldout", "pooled-test"))
@@ -418,6 +436,7 @@ def heldout_unknown_mode(c: Ctx) -> Call:
 
 CSV_CASES: list[Builder] = [
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
+    simulate_cuda_without_a_gpu,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
     csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,
     own_schema_imputes_the_label, own_test_file_with_other_columns,

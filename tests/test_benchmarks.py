@@ -24,7 +24,7 @@ HEADLINE_KEYS = {
     "breast_auc_federated", "breast_auc_gain_pretrained_vs_scratch", "sim_cpu_ratio_100",
     "sim_cpu_ratio_1000", "max_hospitals_simulated", "deploy_round_ratio_vs_flower",
     "make_test_seconds_idle", "make_test_seconds_loaded", "make_test_loaded_load_1min_mean",
-    "max_hospitals_sampled_fraction",
+    "max_hospitals_sampled_fraction", "breast_minutes_cpu", "gpu_check",
     "peak_rss_gb_max_hospitals", "upload_bytes_ratio", "backbone_sends_per_node",
     "feature_cache_speedup", "tls_latency_ratio", "defence_cost_share_of_round", "date",
     "machine", "command",
@@ -148,3 +148,21 @@ def test_deployment_phases_are_read_from_the_audit_in_order(tmp_path: Path) -> N
         ("evaluate", 2), ("query.save_model", None)]
     assert phases[0]["seconds"] is None and phases[1]["seconds"] == 6.1  # from 100.2
     assert phase_summary(phases) == {"evaluate": 6.1, "train": 6.3, "query.save_model": 6.1}
+
+
+def test_gpu_check_is_not_run_without_a_recorded_result_and_shown_with_one(
+        fake_bench: Path) -> None:
+    assert bench_run.main([]) == 0
+    head = json.loads((fake_bench / "results" / "headline.json").read_text())
+    assert head["gpu_check"] == "not run: no device lent"
+    text = (fake_bench / "RESULTS.md").read_text()
+    assert "## 9. GPU check" in text and "Not run: no device lent" in text
+    recorded = {"device": "NVIDIA H200", "train_images_per_s_cuda": 52000.0,
+                "validation_auc": 0.81, "train_event_devices": ["cuda:0"]}
+    (fake_bench / "results" / "gpu_check.json").write_text(json.dumps(recorded))
+    assert bench_run.main(["--render"]) == 0
+    head = json.loads((fake_bench / "results" / "headline.json").read_text())
+    assert head["gpu_check"]["device"] == "NVIDIA H200"
+    assert head["gpu_check"]["train_event_devices"] == ["cuda:0"]
+    text = (fake_bench / "RESULTS.md").read_text()
+    assert "| train_images_per_s_cuda | 52000.000 |" in text and "cuda:0" in text

@@ -41,6 +41,12 @@ def _cnn(shape: tuple[int, ...] = GREY, num_classes: int = 3) -> SplitModel:
     return build_model("cnn", shape, num_classes, ModelConfig(family="cnn", channels=(4, 8)))
 
 
+def _resnet(shape: tuple[int, ...] = GREY, num_classes: int = 3) -> SplitModel:
+    torch.manual_seed(0)
+    return build_model("resnet", shape, num_classes,
+                       ModelConfig(family="resnet", channels=(4, 8, 8)))
+
+
 def _grads(model: SplitModel, x: torch.Tensor, trainable: str) -> set[str]:
     """Names of parameters that receive a gradient after one backward pass."""
     set_trainable(model, trainable)
@@ -48,13 +54,14 @@ def _grads(model: SplitModel, x: torch.Tensor, trainable: str) -> set[str]:
     return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_registry_lists_both_families() -> None:
-    assert set(FAMILIES) == {"mlp", "cnn"}
+def test_registry_lists_the_families() -> None:
+    assert set(FAMILIES) == {"mlp", "cnn", "resnet"}
 
 
 @pytest.mark.parametrize(
     ("family", "shape", "x_shape"),
-    [("mlp", MLP_SHAPE, (5, 13)), ("cnn", GREY, (5, 1, 28, 28)), ("cnn", RGB, (5, 3, 28, 28))],
+    [("mlp", MLP_SHAPE, (5, 13)), ("cnn", GREY, (5, 1, 28, 28)), ("cnn", RGB, (5, 3, 28, 28)),
+     ("resnet", GREY, (5, 1, 28, 28)), ("resnet", (3, 64, 64), (5, 3, 64, 64))],
 )
 def test_forward_has_odd_head_width(family: str, shape: tuple[int, ...], x_shape: tuple) -> None:
     model = build_model(family, shape, 3, ModelConfig(family=family))
@@ -70,8 +77,8 @@ def test_mlp_without_hidden_is_logistic_regression() -> None:
 
 
 def test_unknown_family_lists_known_ones() -> None:
-    with pytest.raises(ModelError, match="known families: cnn, mlp"):
-        build_model("resnet", GREY, 2, ModelConfig())
+    with pytest.raises(ModelError, match="known families: cnn, mlp, resnet"):
+        build_model("vit", GREY, 2, ModelConfig())
 
 
 def test_cnn_with_too_many_poolings_is_refused() -> None:
@@ -190,7 +197,8 @@ def test_load_state_rejects_integer_tensor() -> None:
         load_state(_mlp(), {"head.bias": torch.zeros(3, dtype=torch.int64)}, "reply")
 
 
-@pytest.mark.parametrize(("family", "shape"), [("mlp", MLP_SHAPE), ("cnn", RGB)])
+@pytest.mark.parametrize(("family", "shape"),
+                         [("mlp", MLP_SHAPE), ("cnn", RGB), ("resnet", RGB)])
 def test_model_args_round_trip(family: str, shape: tuple[int, ...]) -> None:
     cfg = ModelConfig(family=family, hidden=(5,), channels=(4, 4), dropout=0.1)
     args = model_args(family, shape, 3, cfg)
@@ -210,7 +218,7 @@ def test_build_model_from_args_rejects_extra_key() -> None:
 
 
 @pytest.mark.parametrize("trainable", ["head", "head+last-1", "all"])
-@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("make", [_mlp, _cnn, _resnet])
 def test_cached_features_reproduce_forward(make: Callable[[], SplitModel], trainable: str) -> None:
     model = make()
     x = torch.randn(7, *MLP_SHAPE) if make is _mlp else torch.randn(7, *GREY)
@@ -225,3 +233,33 @@ def test_frozen_features_ignore_dropout_in_train_mode() -> None:
     first = frozen_features(model, x, "head")
     torch.testing.assert_close(first, frozen_features(model, x, "head"))
     assert model.training and model.backbone[0].training  # mode restored
+
+
+def test_resnet_stages_halve_the_resolution_and_skip_connections_carry_the_input() -> None:
+    model = _resnet()
+    x = torch.randn(2, *GREY)
+    sizes = []
+    out = x
+    for block in model.backbone[:-1]:
+        out = block(out)
+        sizes.append(tuple(out.shape[1:]))
+    assert sizes == [(4, 28, 28), (8, 14, 14)]
+    assert model.features(x).shape == (2, 8)
+    # a residual unit whose convolutions are zero passes relu(skip(x)) through
+    unit, stage_in = model.backbone[1][0], model.backbone[0](x)
+    with torch.no_grad():
+        unit.conv2.weight.zero_()
+        torch.testing.assert_close(unit(stage_in), torch.relu(unit.skip(stage_in)))
+
+
+def test_resnet_trainable_last_stage_is_one_block() -> None:
+    model = _resnet()
+    names = trainable_names(model, "head+last-1")
+    assert names[-2:] == ["head.weight", "head.bias"]
+    assert {n.split(".")[1] for n in names if n.startswith("backbone.")} == {"2"}
+    assert _grads(model, torch.randn(2, *GREY), "head+last-1") == set(names)
+
+
+def test_resnet_with_too_many_stages_is_refused() -> None:
+    with pytest.raises(ModelError, match="allows at most"):
+        build_model("resnet", (1, 4, 4), 2, ModelConfig(family="resnet", channels=(4,) * 5))

@@ -124,6 +124,17 @@ def test_backbone_went_to_every_node_exactly_once(heart_run) -> None:
     assert sends == dict.fromkeys(HEART_SITES, 1)
 
 
+def test_every_simulated_hospital_trained_with_one_torch_thread_on_the_cpu(heart_run) -> None:
+    """One core reserved per ClientApp (--cpus-per-client 1): one torch thread (Ray sets
+    OMP_NUM_THREADS from the cores an actor holds), not one per core of the machine
+    (oversubscription ran a CNN 10x slower); read from each training event."""
+    trained = [json.loads(line) for site in HEART_SITES
+               for line in (heart_run[0] / "nodes" / site / "events.jsonl").read_text()
+               .splitlines() if '"event": "train"' in line]
+    assert len(trained) == 2 * len(HEART_SITES)
+    assert {(e["threads"], e["device"]) for e in trained} == {(1, "cpu")}
+
+
 def test_registry_holds_three_signed_versions(heart_run, signing_pub_path) -> None:
     registry = heart_run[0] / "registry"
     versions = sorted(p.name for p in registry.iterdir() if p.is_dir())
@@ -297,7 +308,9 @@ def test_an_interrupt_stops_the_simulation_and_everything_it_started(tmp_path, h
         code = proc.wait(timeout=STOP_S)
     except subprocess.TimeoutExpired:
         _kill_session(proc)
-        pytest.fail(f"medfed simulate did not exit within {STOP_S:g} s of {sig.name}")
+        reader.join(timeout=5)
+        pytest.fail(f"medfed simulate did not exit within {STOP_S:g} s of {sig.name}; its "
+                    "last lines:\n" + "".join(lines[-30:]))
     left = leftovers(before, marker, (str(out),))
     reader.join(timeout=5)
     assert started, "no 'round 1/' line before the timeout: " + "".join(lines[-30:])

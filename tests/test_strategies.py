@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import pytest
-from flwr.app import MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from common.config import ConfigError, StrategyConfig
+from common.config import Config, ConfigError, FederationConfig, StrategyConfig
 from server.strategies import STRATEGIES, build_strategy, weighted_metrics
+from tests.flower_helpers import task_identity
 
 EXPECTED_CLASS = {
     "fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
@@ -120,3 +124,39 @@ def test_non_scalar_metrics_are_ignored() -> None:
     out = weighted_metrics(_replies({"num-examples": 4, "acc": 0.5, "hist": [1.0, 2.0]}),
                            "num-examples")
     assert dict(out) == {"acc": 0.5, "num-examples": 4}
+
+
+# --- the benchmarks' in-process emulation aggregates as Flower does ---------------------------
+def _train_reply(node: int, w: np.ndarray, n: int) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(RecordDict({
+        "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+        "metrics": MetricRecord({"num-examples": n}),
+    }), reply_to=sent)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_emulated_aggregation_matches_flowers_strategy(name: str) -> None:
+    from benchmarks.emulate import Aggregator
+
+    knobs = StrategyConfig(name=name, eta=0.05, tau=0.01, beta_1=0.8, beta_2=0.95)
+    flower = build_strategy(knobs, 2)
+    ours = Aggregator(Config(federation=FederationConfig(strategy=knobs)))
+    rng = np.random.default_rng(0)
+    current = rng.normal(size=3).astype(np.float32)
+    with task_identity():
+        _three_rounds(flower, ours, rng, current)
+
+
+def _three_rounds(flower: fl.Strategy, ours: Any, rng: np.random.Generator,
+                  current: np.ndarray) -> None:
+    for server_round in (1, 2, 3):
+        updates = [(current + rng.normal(size=3).astype(np.float32), n) for n in (10, 30)]
+        flower.current_arrays = {"w": current.copy()}  # what FedOpt.configure_train keeps
+        arrays, _ = flower.aggregate_train(
+            server_round, [_train_reply(i + 1, w, n) for i, (w, n) in enumerate(updates)])
+        assert arrays is not None
+        emulated = ours({"w": torch.from_numpy(current)},
+                        [({"w": torch.from_numpy(w)}, n) for w, n in updates])["w"].numpy()
+        np.testing.assert_allclose(emulated, arrays["w"].numpy(), rtol=1e-5, atol=1e-6)
+        current = arrays["w"].numpy()

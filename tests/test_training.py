@@ -206,3 +206,26 @@ def test_seed_everything_repeats_initial_weights() -> None:
     first = build_model("mlp", (4,), 2, ModelConfig()).head.weight.detach().clone()
     seed_everything(5)
     assert torch.equal(first, build_model("mlp", (4,), 2, ModelConfig()).head.weight)
+
+
+def test_balanced_softmax_learns_evidence_not_the_sites_prevalence() -> None:
+    """On a site with 1 positive in 8, plain cross-entropy pulls p(positive) down everywhere;
+    the balanced-softmax loss (logits + log prior) leaves the plain logits to the evidence."""
+    rng = np.random.default_rng(0)
+    y = (np.arange(160) % 8 == 0).astype(np.int64)
+    x = rng.normal(size=(160, 4)).astype(np.float32)
+    x[:, 0] += np.where(y == 1, 1.0, -1.0)  # overlapping classes: the prior matters
+    mean_positive = {}
+    for loss in ("cross_entropy", "balanced_softmax"):
+        model = _model(hidden=())
+        train_local(model, x, y, OptimConfig(lr=0.05, steps=300, loss=loss), "all", CPU, 0)
+        mean_positive[loss] = float(predict_proba(model, x, CPU)[:, 1].mean())
+    assert mean_positive["cross_entropy"] == pytest.approx(1 / 8, abs=0.03)  # the prevalence
+    # balanced: p(positive) as if both classes were equally likely: 0.875 x ~0.2 + 0.125 x ~0.8
+    assert mean_positive["balanced_softmax"] > mean_positive["cross_entropy"] + 0.08
+
+
+def test_unknown_loss_is_refused() -> None:
+    x, y = _toy(8)
+    with pytest.raises(TrainingError, match="loss 'focal' is unknown"):
+        train_local(_model(), x, y, OptimConfig(steps=1, loss="focal"), "all", CPU, 0)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -127,7 +126,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
                                 "steps": result.steps})
         emit(node.workdir, "train", site=site, round=server_round, rows=result.num_examples,
              steps=result.steps, loss=result.loss, device=result.device,
-             threads=torch.get_num_threads())
+             threads=result.threads)
         return Message(node.tampered("train", RecordDict({
             rk.ARRAYS: ArrayRecord(tensors), rk.METRICS: metrics,
             rk.SITE: _site_record(site)})), reply_to=msg)

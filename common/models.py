@@ -122,21 +122,27 @@ def cnn(
             f"model.channels has {len(channels)} blocks but a {height}x{width} image allows "
             f"at most {min(height, width).bit_length() - 1} 2x2 poolings"
         )
-    blocks: list[nn.Module] = []
-    for i, out in enumerate(channels):
-        layers: list[nn.Module] = [
+    stages: list[list[nn.Module]] = []
+    for out in channels:
+        stages.append([
             nn.Conv2d(in_ch, out, kernel_size=3, padding=1),
             nn.GroupNorm(_groups(out), out),
             nn.ReLU(),
             nn.MaxPool2d(2),
-        ]
-        if i == len(channels) - 1:
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-        blocks.append(nn.Sequential(*layers))
+        ])
         in_ch = out
-    return SplitModel(nn.Sequential(*blocks), in_ch, num_classes)
+    return _pooled_model(stages, in_ch, num_classes, dropout)
+
+
+def _pooled_model(stages: list[list[nn.Module]], width: int, num_classes: int,
+                  dropout: float) -> SplitModel:
+    """One backbone block per stage; the last ends with global average pooling, flatten and
+    (when asked) dropout, so features are (N, width) for any image size."""
+    stages[-1] += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if dropout > 0:
+        stages[-1].append(nn.Dropout(dropout))
+    return SplitModel(nn.Sequential(*(nn.Sequential(*layers) for layers in stages)), width,
+                      num_classes)
 
 
 class ResidualUnit(nn.Module):
@@ -181,22 +187,16 @@ def resnet(
             f"model.channels has {len(channels)} stages but a {height}x{width} image allows at "
             f"most {min(height, width).bit_length()} (each stage after the first halves it)"
         )
-    blocks: list[nn.Module] = []
+    stages: list[list[nn.Module]] = []
     for i, out in enumerate(channels):
-        layers: list[nn.Module] = []
         if i == 0:
-            layers += [nn.Conv2d(in_ch, out, 3, padding=1, bias=False),
-                       nn.GroupNorm(_groups(out), out), nn.ReLU(),
-                       ResidualUnit(out, out, stride=1)]
+            stages.append([nn.Conv2d(in_ch, out, 3, padding=1, bias=False),
+                           nn.GroupNorm(_groups(out), out), nn.ReLU(),
+                           ResidualUnit(out, out, stride=1)])
         else:
-            layers.append(ResidualUnit(in_ch, out, stride=2))
-        if i == len(channels) - 1:
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-        blocks.append(nn.Sequential(*layers))
+            stages.append([ResidualUnit(in_ch, out, stride=2)])
         in_ch = out
-    return SplitModel(nn.Sequential(*blocks), in_ch, num_classes)
+    return _pooled_model(stages, in_ch, num_classes, dropout)
 
 
 def _check_common(family: str, input_shape: tuple[int, ...], num_classes: int) -> None:

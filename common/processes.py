@@ -42,14 +42,17 @@ def die_with_parent() -> None:
 
 
 def interrupt_on_sigterm() -> None:
-    """SIGTERM (`kill`, systemd, `docker stop`) takes the Ctrl-C path: the command's own
-    cleanup stops what it started. Without a handler Python dies on the spot, and only the
+    """SIGTERM (`kill`, systemd, `docker stop`) and SIGINT take the Ctrl-C path: the command's
+    own cleanup stops what it started. Without a handler Python dies on the spot, and only the
     watchdog's sweep is left to stop its processes."""
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # a command started in the background by a script (`cmd &`) inherits SIGINT ignored and
+    # Python then installs no Ctrl-C handler: `kill -INT` would be lost and the run go on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:

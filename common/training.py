@@ -39,6 +39,7 @@ class TrainResult:
     steps: int
     num_examples: int
     device: str = "cpu"
+    threads: int = 1  # torch's intra-op threads while training
 
 
 def _inputs(x: ArrayLike) -> Tensor:
@@ -252,7 +253,7 @@ def train_local(
             stop_here(last=True)  # the state after the last step is a candidate too
     on = str(next(iter(params.values())).device) if params else str(device)
     return TrainResult(loss=total / max(done, 1), steps=done, num_examples=len(inputs),
-                       device=on)
+                       device=on, threads=torch.get_num_threads())
 
 
 def _logits(

@@ -20,6 +20,7 @@ from common.data.partition import parse_partition
 from common.data.schema import DataError
 from common.device import DEVICE_NAMES
 from common.models import FAMILIES, ModelError, parse_trainable
+from common.training import LOSSES
 
 # server/strategies.py builds these (it imports Flower, which common/ must not)
 STRATEGY_NAMES = (
@@ -33,7 +34,6 @@ SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brie
 LOWER_IS_BETTER = ("loss", "brier", "ece")
 ADAPTATION_METRICS = ("loss", "auc", "balanced_accuracy")
 CALIBRATIONS = ("temperature", "none")
-LOSSES = ("cross_entropy", "balanced_softmax")  # common/training.py
 ATTACKS = ("inflate-count", "omit-count", "huge-update", "nan-update", "spoof-name",
            "malformed")  # client/faults.py carries them out
 _UNIT = r"(0(\.\d+)?|1(\.0+)?)"  # a number in [0, 1]

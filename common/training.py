@@ -26,6 +26,9 @@ from common.models import SplitModel, forward_from, frozen_prefix_blocks, set_tr
 ArrayLike = np.ndarray | Tensor
 
 
+LOSSES = ("cross_entropy", "balanced_softmax")  # OptimConfig.loss
+
+
 class TrainingError(ValueError):
     """Training or evaluation inputs (arrays, labels, optimiser settings) are invalid."""
 
@@ -132,9 +135,8 @@ def _log_prior(loss: str, labels: Tensor, num_classes: int) -> Tensor:
     (balanced softmax; prediction uses the plain logits)."""
     if loss == "cross_entropy":
         return torch.zeros(num_classes)
-    if loss != "balanced_softmax":
-        raise TrainingError(f"loss '{loss}' is unknown; expected cross_entropy or "
-                            "balanced_softmax")
+    if loss not in LOSSES:
+        raise TrainingError(f"loss '{loss}' is unknown; expected {' or '.join(LOSSES)}")
     counts = torch.bincount(labels, minlength=num_classes).double()
     return torch.log((counts + 1.0) / (counts.sum() + num_classes)).float()
 

@@ -37,24 +37,23 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="auto | cpu | cuda | cuda:N | mps (the same as --set device=DEVICE)")
 
 
-def _gpu_share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a share of one GPU in 0..1, got {text!r}")
-    return value
+def _number(accept: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: a number `accept` takes, else "must be <what>, got '<text>'"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # refused below like any number out of range
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return value
+_gpu_share = _number(lambda v: 0 <= v <= 1, "a share of one GPU in 0..1")
+_positive_seconds = _number(lambda v: v > 0, "a number of seconds above 0")
 
 
 def _example(text: str) -> str:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from common import records as rk
 from common.config import ValidationConfig
 from common.names import printable, sanitise_name
-from server.delegating_grid import DelegatingGrid
+from server.delegating_grid import DelegatingGrid, send_and_receive
 from server.validation import (
     check_evaluate_reply,
     check_provision_reply,
@@ -290,7 +290,7 @@ class ProvisioningGrid(DelegatingGrid):
             return []
         self._count_out(messages)
         wait = self.timeout if timeout is None else timeout
-        replies = list(self.inner.send_and_receive(messages, timeout=wait))
+        replies = send_and_receive(self.inner, messages, wait)
         _attribute_errors(messages, replies)
         self._count_in(replies, _round_of(messages))
         return replies

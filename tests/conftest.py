@@ -38,10 +38,17 @@ FAST_PRETRAIN = ("pretrain.optim.epochs=5",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test gets pytest-timeout's limit from tests/limits.py (a hang fails one test)."""
+    """Every test gets pytest-timeout's limit from tests/limits.py (a hang fails one test).
+
+    Files holding slow tests come first, each kept whole and in order: pytest-xdist hands
+    files out in this order (pyproject's `--dist loadfile`), so the long ones start at once
+    and the quick files fill the gaps instead of leaving one worker with a long tail.
+    """
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TEST_S))
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole
 
 
 @pytest.fixture(scope="session")

@@ -128,17 +128,23 @@ NOTES = {
     ),
     "deploy_vs_flower": (
         "Both sides pay Flower's deployment floor per message phase: an idle SuperNode polls "
-        "every 3 s, the ServerApp's Grid re-pulls missing replies every 3 s, and each message "
+        "every 3 s, Flower's ServerApp Grid re-pulls missing replies every 3 s (medfed's every "
+        "0.25 s since 2026-12-03: `server/delegating_grid.py`), and each message "
         "starts a fresh ClientApp process (Python + torch import; medfed's ClientApp imports "
         "0.4 s on top of torch, no scipy). medfed's round adds the reply checks, the "
         "validation check, the signed and fsynced registry version and the checkpoint; the "
         "yardstick's round adds only Flower's FedAvg. Round 1 (provisioning, first process "
-        "starts) is left out on both sides."
+        "starts) is left out on both sides. The shorter reply pull made no difference that "
+        "two runs per side can show: rounds of both sides still fall on the same ~12.4 s steps "
+        "(run of 2026-12-02, before it: medfed 12.9 s, Flower 12.6 s, ratio 1.03)."
     ),
     "test_suite": (
         "`python -m pytest -q` in a fresh clone after `make install` (what `make test` runs), "
         "then the same beside CPU hogs (`make test-load`: 1.5 busy loops per core). Load is the "
-        "1-minute load average sampled every 15 s during the run."
+        "1-minute load average sampled every 15 s during the run. Since 2026-12-03 the suite "
+        "runs on two pytest-xdist workers, each test file whole on one (`addopts` in "
+        "pyproject.toml); before, in one process (idle 788 s, loaded 2576 s at mean load 5.8, "
+        "run of 2026-12-02)."
     ),
     "communication": (
         "Upload = array bytes in a node's training reply. Each array travels as a serialised "

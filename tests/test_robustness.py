@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # small local steps and no federated evaluation keep rounds short and the curve smooth
 HOSPITALS = 10
 ROUNDS = 20
-DROPOUT_ROUNDS = 6  # on Flower's runtime, each of these waits out the round timeout
+DROPOUT_ROUNDS = 4  # on Flower's runtime, each of these waits out the round timeout
 SETTINGS = ("federation.data.partition=iid", f"federation.data.num_sites={HOSPITALS}",
             "federation.adaptation.enabled=false", "federation.strategy.min_nodes=2",
             "federation.local.steps=20", "federation.local.lr=0.01",

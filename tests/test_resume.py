@@ -18,6 +18,7 @@ import pytest
 from common.bundle import load_bundle
 from common.processes import free_port
 from common.signing import load_public_key
+from server.checkpoint import load_checkpoint
 from tests.limits import COMMAND_S, GONE_WITHIN_S, RUN_S, STOP_S
 from tests.test_deploy_e2e import (  # noqa: F401
     SITES,
@@ -48,9 +49,10 @@ def _alive_in_group(pgid: int) -> bool:
 def _committed(run_dir: Path) -> int:
     """The round the run's checkpoint commits (0: none yet, or being replaced right now)."""
     try:
-        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"])
-    except (OSError, ValueError, KeyError):
+        checkpoint = load_checkpoint(run_dir)
+    except (OSError, ValueError):  # caught between the atomic replace's two renames
         return 0
+    return checkpoint.round if checkpoint is not None else 0
 
 
 def _check_run(run_dir: Path, rounds: int, pub_path: Path) -> None:
@@ -91,7 +93,7 @@ def test_simulate_resumes_after_kill_9(tmp_path: Path, heart_bundle: Path, medfe
         assert not _alive_in_group(proc.pid), "simulation processes outlived `kill -9`"
     finally:
         _stop(proc)
-    committed = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+    committed = _committed(run_dir)
     assert 2 <= committed < ROUNDS
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,

@@ -57,7 +57,7 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
     from common.data.federated import load_federated
     from common.device import seed_everything
     from common.models import load_state, set_trainable
-    from common.scoring import OperatingPoint, score_model
+    from common.scoring import OperatingPoint, score_splits
     from common.training import train_local
 
     cfg = load_config(CONFIG, request["overrides"])
@@ -86,8 +86,8 @@ def bare(request: dict[str, Any]) -> dict[str, Any]:
         current = aggregate(current, replies)
         load_state(model, current, where="bare loop")
         for inp in inputs:  # as each node does: the global model on its val and test rows
-            score_model(model, inp.site.x_val, inp.site.y_val, OperatingPoint())
-            score_model(model, inp.site.x_test, inp.site.y_test, OperatingPoint())
+            score_splits(model, [(inp.site.x_val, inp.site.y_val),
+                                 (inp.site.x_test, inp.site.y_test)], OperatingPoint())
         rounds.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
     return {"round_s": rounds, "round_cpu_s": cpu}

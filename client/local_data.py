@@ -21,7 +21,6 @@ from common.config import DataConfig, from_dict
 from common.data.csv_source import has_column, read_csv_checked, site_from_frames
 from common.data.federated import preprocess, raw_sites
 from common.data.medmnist import read_labelled_npz
-from common.data.preprocess import SiteStats
 from common.data.schema import DataError
 from common.data.splits import SiteSplit, three_way, with_validation
 from common.manifest import spec_from_manifest, stats_from_manifest
@@ -32,8 +31,13 @@ def data_config(manifest: dict[str, Any]) -> DataConfig:
     return from_dict(manifest["config"]).federation.data
 
 
-@functools.lru_cache(maxsize=64)
-def _simulated(data_cfg: DataConfig, seed: int, partition_id: int, stats_json: str
+SIMULATED_SITES_KEPT = 4096  # preprocessed simulated sites per process (each is small)
+
+
+# Every simulation worker serves all hospitals in turn: a cache smaller than the federation
+# would miss on every message (LRU over a cycle), so it holds thousands.
+@functools.lru_cache(maxsize=SIMULATED_SITES_KEPT)
+def _simulated(data_cfg: DataConfig, seed: int, partition_id: int, norm_json: str
                ) -> SiteSplit:
     # A simulation worker serves many virtual hospitals: the partition is built once per
     # process (raw_sites is cached) and each node preprocesses only its own share.
@@ -43,15 +47,16 @@ def _simulated(data_cfg: DataConfig, seed: int, partition_id: int, stats_json: s
             f"simulated node partition-id {partition_id} has no site: the data config defines "
             f"{len(sites)} sites (set --hospitals to the number of simulated nodes)"
         )
-    stats = SiteStats.from_dict(json.loads(stats_json))
+    stats = stats_from_manifest({"preprocessing": {"normalisation": json.loads(norm_json)}})
     return preprocess(sites[partition_id], spec, data_cfg.normalisation, stats)
 
 
 def simulated_site(data_cfg: DataConfig, seed: int, manifest: dict[str, Any],
                    partition_id: int) -> SiteSplit:
     """The preprocessed split of simulated hospital `partition_id`."""
-    stats_json = json.dumps(stats_from_manifest(manifest).to_dict(), sort_keys=True)
-    return _simulated(data_cfg, seed, partition_id, stats_json)
+    # the manifest's statistics as the cache key: parsed only when the site is built
+    norm_json = json.dumps(manifest["preprocessing"]["normalisation"], sort_keys=True)
+    return _simulated(data_cfg, seed, partition_id, norm_json)
 
 
 def simulated_site_name(data_cfg: DataConfig, seed: int, partition_id: int) -> str:

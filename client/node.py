@@ -52,15 +52,16 @@ from common.models import (
 )
 from common.names import sanitise_name
 from common.personalise import SiteModel, personalise
-from common.scoring import OperatingPoint, score_model
+from common.scoring import OperatingPoint, score_splits
 from common.settings import NodeSettings, RunSettings
 from common.signing import load_public_key
 from common.training import TrainResult, train_local
 
 BUILT_MODELS = 8  # backbones kept built per process
 # (backbone sha256, trainable) -> (the verified bytes it was built from, model, trainable
-# names); BackboneCache.load hands out the same bytes object until the file changes
-_built_models: dict[tuple[str, str], tuple[bytes, SplitModel, list[str]]] = {}
+# names, scratch copy for scoring); BackboneCache.load hands out the same bytes object until
+# the file changes
+_built_models: dict[tuple[str, str], tuple[bytes, SplitModel, list[str], SplitModel]] = {}
 
 SITE_MODEL_DIR = "personalised"  # the site's own signed model, in its work directory
 PENDING_DIR = "personalised.pending"  # staged until the server's signed manifest arrives
@@ -118,11 +119,14 @@ class Node:
         """`device` from node config, else the experiment config."""
         return resolve_device(self.settings.device or self.cfg.device)
 
-    def model(self, backbone_sha: str) -> tuple[SplitModel, dict[str, Any], list[str]]:
+    def model(self, backbone_sha: str, scoring: bool = False
+              ) -> tuple[SplitModel, dict[str, Any], list[str]]:
         """Model with the cached backbone; returns (model, manifest, trainable names).
 
         Built once per process and backbone (hospitals simulated in one process share it:
-        equal verified bytes); each message gets its own copy to train."""
+        equal verified bytes); each message gets its own copy to train. `scoring` hands out
+        the process's one scratch copy instead: only for a forward pass after the caller
+        loads every trainable tensor into it (what scoring leaves alone is never written)."""
         file_bytes, manifest = self.backbones.load(backbone_sha)
         key = (backbone_sha, self.cfg.model.trainable)
         built = _built_models.get(key)
@@ -131,10 +135,12 @@ class Node:
             load_state(model, state_from_bytes(file_bytes, "cached backbone"),
                        where="cached backbone")
             names = set_trainable(model, self.cfg.model.trainable)
-            built = (file_bytes, model, names)
+            built = (file_bytes, model, names, copy.deepcopy(model))
             _built_models[key] = built
             while len(_built_models) > BUILT_MODELS:
                 _built_models.pop(next(iter(_built_models)))
+        if scoring:
+            return built[3], manifest, list(built[2])
         return copy.deepcopy(built[1]), manifest, list(built[2])
 
     def site(self, manifest: dict[str, Any]) -> SiteSplit:
@@ -214,9 +220,9 @@ def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None
                          f"missing {missing}")
 
 
-def _global_model(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, where: str
-                  ) -> tuple[SplitModel, dict[str, Any], list[str]]:
-    model, manifest, names = node.model(backbone_sha)
+def _global_model(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, where: str,
+                  scoring: bool = False) -> tuple[SplitModel, dict[str, Any], list[str]]:
+    model, manifest, names = node.model(backbone_sha, scoring)
     check_arrays(arrays, names)
     load_state(model, arrays, where=where)
     return model, manifest, names
@@ -259,11 +265,11 @@ def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: st
     """
     maybe_fail(node.cfg.federation.faults, node.settings.partition_id,
                node.settings.num_partitions, server_round)
-    model, manifest, _ = _global_model(node, arrays, backbone_sha, "evaluate message")
+    model, manifest, _ = _global_model(node, arrays, backbone_sha, "evaluate message",
+                                       scoring=True)
     site = node.site(manifest)
     op = OperatingPoint()
-    val = score_model(model, site.x_val, site.y_val, op)
-    test = score_model(model, site.x_test, site.y_test, op)
+    val, test = score_splits(model, [(site.x_val, site.y_val), (site.x_test, site.y_test)], op)
     metrics = {f"val-{k}": v for k, v in nan_for_none(val).items()}
     metrics.update({f"test-{k}": v for k, v in nan_for_none(test).items()})
     return metrics, len(site.y_val), node.site_name(site)

@@ -83,7 +83,14 @@ class OperatingPoint:
 
 def logits64(model: SplitModel, x: np.ndarray) -> np.ndarray:
     """Logits of a full forward pass in float64 on the CPU (N, C)."""
-    ref = copy.deepcopy(model).to("cpu").double().eval()
+    return _logits_of(_float64_copy(model), x)
+
+
+def _float64_copy(model: SplitModel) -> SplitModel:
+    return copy.deepcopy(model).to("cpu").double().eval()
+
+
+def _logits_of(ref: SplitModel, x: np.ndarray) -> np.ndarray:
     inputs = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     parts = []
     with torch.no_grad():
@@ -108,6 +115,13 @@ def score_model(model: SplitModel, x: np.ndarray, y: np.ndarray, op: OperatingPo
                 ) -> dict[str, float | None]:
     """:func:`score` of a model's float64 logits."""
     return score(logits64(model, x), y, op)
+
+
+def score_splits(model: SplitModel, splits: list[tuple[np.ndarray, np.ndarray]],
+                 op: OperatingPoint) -> list[dict[str, float | None]]:
+    """:func:`score_model` on each (x, y), from one float64 copy of the model."""
+    ref = _float64_copy(model)
+    return [score(_logits_of(ref, x), y, op) for x, y in splits]
 
 
 INTERVAL_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy")

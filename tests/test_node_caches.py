@@ -121,3 +121,54 @@ def test_features_stay_in_memory_after_they_are_written(tmp_path: Path, monkeypa
     np.testing.assert_array_equal(cache.get(key), features)
     other = FeatureCache(tmp_path / "other-node" / "features")
     assert other.get(key) is None  # another node's cache is another file
+
+
+def _simulated_node(tmp_path: Path, cache: BackboneCache, overrides: tuple[str, ...] = (),
+                    partition_id: int = 0) -> Node:
+    run = RunSettings(config_path=HEART, overrides=overrides, run_dir=tmp_path / "run",
+                      bundle=None, keys=tmp_path / "unused.key")
+    settings = NodeSettings(site_name="", partition_id=partition_id, num_partitions=4,
+                            data_path=None, workdir=tmp_path, device="cpu",
+                            signing_pub=cache.signing_pub)
+    return Node(run.load_config(), run, settings)
+
+
+def test_scoring_reuses_one_model_without_leaking_between_messages(tmp_path: Path, stored
+                                                                   ) -> None:
+    cache, payload = stored
+    node = _simulated_node(tmp_path, cache)
+    client.node._built_models.clear()
+    model, _, names = node.model(payload.sha256)
+    base = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    arrays_a = {n: base[n] + 0.5 for n in names}
+    arrays_b = {n: base[n] * -1.0 for n in names}
+    reference = client.node.evaluate_local(node, arrays_b, payload.sha256)[0]
+    client.node._built_models.clear()  # a fresh process: A first, then B
+    built = {n: t.detach().clone() for n, t in node.model(payload.sha256)[0].state_dict().items()}
+    client.node.evaluate_local(node, arrays_a, payload.sha256)
+    scratch = node.model(payload.sha256, scoring=True)[0]
+    assert scratch is node.model(payload.sha256, scoring=True)[0]  # no copy per message
+    after = client.node.evaluate_local(node, arrays_b, payload.sha256)[0]
+    assert after.keys() == reference.keys()
+    for key, value in reference.items():
+        assert after[key] == pytest.approx(value, nan_ok=True), key
+    trained_copy = node.model(payload.sha256)[0].state_dict()  # what training starts from
+    for n, t in built.items():
+        assert torch.equal(trained_copy[n], t), n
+
+
+def test_simulated_sites_stay_built_when_a_worker_serves_many_hospitals(
+        tmp_path: Path, stored) -> None:
+    import json
+
+    from client.local_data import simulated_site
+
+    cache, payload = stored
+    manifest = json.loads(payload.manifest_json)
+    node = _simulated_node(tmp_path, cache, ("federation.data.source=synthetic",
+                                             "federation.data.synthetic_sites=150",
+                                             "federation.data.synthetic_samples=3000"))
+    data, seed = node.cfg.federation.data, node.cfg.seed
+    first = [simulated_site(data, seed, manifest, pid) for pid in range(150)]
+    again = [simulated_site(data, seed, manifest, pid) for pid in range(150)]  # a 2nd round
+    assert all(a is b for a, b in zip(first, again, strict=True))

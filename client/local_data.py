@@ -23,7 +23,7 @@ from common.data.federated import preprocess, raw_sites
 from common.data.medmnist import read_labelled_npz
 from common.data.schema import DataError
 from common.data.splits import SiteSplit, three_way, with_validation
-from common.manifest import spec_from_manifest, stats_from_manifest
+from common.manifest import spec_from_manifest, stats_from_manifest, stats_from_normalisation
 
 
 def data_config(manifest: dict[str, Any]) -> DataConfig:
@@ -34,20 +34,19 @@ def data_config(manifest: dict[str, Any]) -> DataConfig:
 SIMULATED_SITES_KEPT = 4096  # preprocessed simulated sites per process (each is small)
 
 
-# Every simulation worker serves all hospitals in turn: a cache smaller than the federation
-# would miss on every message (LRU over a cycle), so it holds thousands.
+# A simulation worker serves every hospital in turn: the partition is built once per process
+# (raw_sites is cached) and each node preprocesses only its own share, kept for the next
+# message (a cache smaller than the federation would miss on every one, LRU over a cycle).
 @functools.lru_cache(maxsize=SIMULATED_SITES_KEPT)
 def _simulated(data_cfg: DataConfig, seed: int, partition_id: int, norm_json: str
                ) -> SiteSplit:
-    # A simulation worker serves many virtual hospitals: the partition is built once per
-    # process (raw_sites is cached) and each node preprocesses only its own share.
     spec, sites = raw_sites(data_cfg, seed)
     if not 0 <= partition_id < len(sites):
         raise DataError(
             f"simulated node partition-id {partition_id} has no site: the data config defines "
             f"{len(sites)} sites (set --hospitals to the number of simulated nodes)"
         )
-    stats = stats_from_manifest({"preprocessing": {"normalisation": json.loads(norm_json)}})
+    stats = stats_from_normalisation(json.loads(norm_json))
     return preprocess(sites[partition_id], spec, data_cfg.normalisation, stats)
 
 

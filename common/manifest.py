@@ -78,7 +78,12 @@ def model_from_manifest(manifest: dict[str, Any]) -> SplitModel:
 
 def stats_from_manifest(manifest: dict[str, Any]) -> SiteStats:
     """The preprocessing statistics stored in the bundle (the source's train split)."""
-    norm = dict(manifest["preprocessing"]["normalisation"])
+    return stats_from_normalisation(manifest["preprocessing"]["normalisation"])
+
+
+def stats_from_normalisation(normalisation: dict[str, Any]) -> SiteStats:
+    """:func:`stats_from_manifest` of the manifest's `preprocessing.normalisation` entry."""
+    norm = dict(normalisation)
     norm.pop("mode", None)
     return SiteStats.from_dict(norm, where="the bundle's normalisation statistics")
 

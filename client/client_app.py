@@ -118,12 +118,21 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         config = msg.content.config_records[rk.CONFIG]
         arrays = msg.content.array_records[rk.ARRAYS].to_torch_state_dict()
         server_round = int(config[rk.SERVER_ROUND]) + int(config.get(rk.ROUND_OFFSET, 0))  # type: ignore[arg-type]
+        scores: dict[str, float] = {}
+        if int(config.get(rk.EVALUATE_WITH_TRAIN, 0)):  # type: ignore[arg-type]
+            # before training: the scores are the received global model's, not the update's
+            scores, _, _ = ops.score_received(node, arrays, str(config[rk.BACKBONE_SHA256]),
+                                              "train message")
         tensors, result, site = ops.train(
             node, arrays, str(config[rk.BACKBONE_SHA256]), server_round,
             float(config.get(rk.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         )
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
-                                "steps": result.steps})
+                                "steps": result.steps, **scores})
+        if scores:  # the global model of the round before, as an evaluate message reports it
+            emit(node.workdir, "evaluate", site=site, round=server_round - 1,
+                 rows=int(scores.get("val-n", 0)), auc=scores.get("val-auc"),
+                 balanced_accuracy=scores.get("val-balanced_accuracy"))
         emit(node.workdir, "train", site=site, round=server_round, rows=result.num_examples,
              steps=result.steps, loss=result.loss, device=result.device,
              threads=result.threads)

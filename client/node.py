@@ -265,8 +265,14 @@ def evaluate_local(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: st
     """
     maybe_fail(node.cfg.federation.faults, node.settings.partition_id,
                node.settings.num_partitions, server_round)
-    model, manifest, _ = _global_model(node, arrays, backbone_sha, "evaluate message",
-                                       scoring=True)
+    return score_received(node, arrays, backbone_sha, "evaluate message")
+
+
+def score_received(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, where: str
+                   ) -> tuple[dict[str, float], int, str]:
+    """`val-<metric>` and `test-<metric>` of the received global model, validation rows, and
+    the site's name (an evaluate message, or a train message before it trains)."""
+    model, manifest, _ = _global_model(node, arrays, backbone_sha, where, scoring=True)
     site = node.site(manifest)
     op = OperatingPoint()
     val, test = score_splits(model, [(site.x_val, site.y_val), (site.x_test, site.y_test)], op)

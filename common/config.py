@@ -229,6 +229,11 @@ class FederationConfig:
     # validation (the sites' validation splits, evaluated at the sites), source-validation
     # (a validation split of the pretraining cohort, held by the server) or file:PATH
     heldout: str = "validation"
+    # true: each train message also scores the global model it carries at the site, so a
+    # round is one message per node (version r is published when round r+1's replies arrive;
+    # the last version gets its own evaluate message); strategy.fraction_evaluate then does
+    # not apply: the sites sampled to train are the sites that evaluate
+    evaluate_with_train: bool = False
     best_metric: str = "auc"  # validation metric that picks `best` (ties: the later round)
     # the version delivered to hospitals and adapted at the end: best (on validation) | latest
     final_model: str = "best"

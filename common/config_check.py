@@ -118,6 +118,11 @@ def _check_federation(cfg: Config) -> None:
             "is 'validation', which evaluates every global model at the sites; raise it or use "
             "heldout source-validation or file:PATH"
         )
+    if fed.evaluate_with_train and fed.privacy.secure_aggregation:
+        raise ConfigError(
+            "config key 'federation.evaluate_with_train' is true but "
+            "'federation.privacy.secure_aggregation' runs Flower's legacy workflow, whose train "
+            "replies carry only the masked update; set one of them to false")
     if fed.final_model not in ("best", "latest"):
         raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
                           f"got {fed.final_model!r}")

@@ -32,6 +32,7 @@ HAS_BACKBONE = "has-backbone"
 NUM_TRAIN = "num-train"  # training rows a site declares when provisioned (upper bound)
 ROUND_OFFSET = "round-offset"  # rounds completed before a resume
 PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx
+EVALUATE_WITH_TRAIN = "evaluate-with-train"  # 1: score the received model before training
 SITE_NAME = "name"
 VERSION = "version"
 

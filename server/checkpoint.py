@@ -34,13 +34,20 @@ class Checkpoint:
     state: dict[str, dict[str, np.ndarray]]
 
 
-def save_checkpoint(run_dir: Path, server_round: int, strategy_name: str, strategy: Any) -> None:
-    """Commit round `server_round` (atomic replace of `<run_dir>/checkpoint/`)."""
+def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
+    """A copy of what the strategy keeps between rounds, as it is now."""
     tensors: dict[str, torch.Tensor] = {}
     for attr in STATE_ATTRS:
         value = getattr(strategy, attr, None)
         for name, arr in (value or {}).items():
-            tensors[f"{attr}/{name}"] = torch.from_numpy(np.ascontiguousarray(arr))
+            tensors[f"{attr}/{name}"] = torch.from_numpy(np.array(arr, order="C", copy=True))
+    return tensors
+
+
+def save_checkpoint(run_dir: Path, server_round: int, strategy_name: str,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Commit round `server_round` with the strategy state of that round (from
+    :func:`strategy_state`): an atomic replace of `<run_dir>/checkpoint/`."""
     meta = {"round": server_round, "strategy": strategy_name, "attrs": list(STATE_ATTRS)}
     with atomic_dir(run_dir / "checkpoint", replace=True) as tmp:
         (tmp / "strategy.safetensors").write_bytes(state_to_bytes(tensors))
@@ -67,6 +74,23 @@ def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
     for attr, arrays in checkpoint.state.items():
         if hasattr(strategy, attr):
             setattr(strategy, attr, {k: v.copy() for k, v in arrays.items()})
+
+
+def count_rounds_from(strategy: Any, offset: int) -> None:
+    """Give the strategy's aggregation the federation's round number after a resume.
+
+    A resumed start counts its rounds from 1 again, and Flower's FedAdam corrects the bias of
+    its restored moments by that number (fedadam.py, `aggregate_train`): without the offset a
+    resumed run would not continue the uninterrupted one.
+    """
+    if offset == 0:
+        return
+    aggregate = strategy.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Any) -> Any:
+        return aggregate(server_round + offset, replies)
+
+    strategy.aggregate_train = aggregate_train
 
 
 def drop_uncommitted_versions(registry_root: Path, committed: int) -> list[int]:

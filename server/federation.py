@@ -48,10 +48,12 @@ from common.registry import Registry
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
 from server.checkpoint import (
+    count_rounds_from,
     drop_uncommitted_versions,
     load_checkpoint,
     restore_strategy,
     save_checkpoint,
+    strategy_state,
 )
 from server.heldout import Heldout, aggregate_test, build_heldout
 from server.history import RunHistory
@@ -102,6 +104,17 @@ def split_site_metrics(flat: dict[str, float]) -> dict[str, dict[str, Any]]:
     return json_metrics(out)
 
 
+def _numbers(reply: Message, scores: bool | None = None) -> dict[str, float]:
+    """The numbers of a reply's metrics; `scores` True / False: only / all but the
+    `val-` and `test-` scores a train reply carries with `evaluate_with_train`."""
+    metrics = reply.content.metric_records.get(rk.METRICS)
+    out = {k: float(v) for k, v in (metrics or {}).items()  # type: ignore[arg-type]
+           if isinstance(v, int | float)}
+    if scores is None:
+        return out
+    return {k: v for k, v in out.items() if k.startswith(("val-", "test-")) == scores}
+
+
 @dataclass
 class Federation:
     """State of one run; `evaluate_round` is the strategy's `evaluate_fn`."""
@@ -121,6 +134,11 @@ class Federation:
     strategy: Any = None
     started: float = field(default_factory=time.monotonic)
     previous: dict[str, np.ndarray] | None = None  # the last published global tensors
+    rounds_this_start: int = 0  # rounds the strategy runs in this (possibly resumed) start
+    # evaluate_with_train: the version waiting for the next train replies' scores
+    # (round, train figures, exclusions, strategy state)
+    pending: tuple[int, dict[str, dict[str, Any]], dict[str, str],
+                   dict[str, torch.Tensor]] | None = None
 
     def _load_arrays(self, arrays: ArrayRecord, server_round: int) -> None:
         """Check the aggregate before it goes anywhere, then load it into the model."""
@@ -149,11 +167,9 @@ class Federation:
     def _site_metrics(self, message_type: str) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for name, reply in self._replies(message_type).items():
-            metrics = reply.content.metric_records.get(rk.METRICS)
-            if metrics is None:
+            if rk.METRICS not in reply.content.metric_records:
                 continue
-            flat = {k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
-                    if isinstance(v, int | float)}
+            flat = _numbers(reply)
             out[name] = split_site_metrics(flat) if message_type == "evaluate" \
                 else json_metrics(flat)
         return out
@@ -180,6 +196,8 @@ class Federation:
 
     def evaluate_round(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Validation check of the global model, publish it as a signed version, commit."""
+        if self.cfg.federation.evaluate_with_train:
+            return self._evaluate_with_train(local_round, arrays)
         server_round = local_round + self.round_offset
         self._load_arrays(arrays, server_round)
         if local_round == 0 and self.round_offset > 0:  # resumed: round already published
@@ -188,6 +206,40 @@ class Federation:
             self.evaluate_at_sites(arrays, 0)
         sites = self._site_metrics("evaluate")
         train = self._site_metrics("train") if server_round > 0 else {}
+        return self._publish(server_round, train, dict(self.grid.excluded),
+                             strategy_state(self.strategy), sites=sites)
+
+    def _evaluate_with_train(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """`evaluate_round` when the sites score each global model in the next train message.
+
+        Round r's train replies score version r-1 (still loaded in `self.model`): it is
+        published now, with the training figures and strategy state kept from its own round.
+        The last round's model has no next train message: it gets evaluate messages.
+        """
+        server_round = local_round + self.round_offset
+        replies = self._replies("train") if local_round > 0 else {}
+        published = MetricRecord()
+        if self.pending is not None:
+            scores = {name: split_site_metrics(_numbers(r, scores=True))
+                      for name, r in replies.items()}
+            published = self._publish(*self.pending, sites=scores)
+            self.pending = None
+        self._load_arrays(arrays, server_round)
+        if local_round == 0 and self.round_offset > 0:  # resumed: round already published
+            return published
+        train = {name: json_metrics(_numbers(r, scores=False)) for name, r in replies.items()}
+        pending = (server_round, train, dict(self.grid.excluded), strategy_state(self.strategy))
+        if local_round < self.rounds_this_start:
+            self.pending = pending
+            return published
+        self.evaluate_at_sites(arrays, server_round)
+        return self._publish(*pending, sites=self._site_metrics("evaluate"))
+
+    def _publish(self, server_round: int, train: dict[str, dict[str, Any]],
+                 excluded: dict[str, str], state: dict[str, torch.Tensor], *,
+                 sites: dict[str, dict[str, Any]]) -> MetricRecord:
+        """Version `server_round` (the model now in `self.model`): check on validation,
+        sign, publish, record, then commit the round with the strategy's state of then."""
         validation = self.heldout.evaluate(self.model, sites)
         metrics = json_metrics({"validation": validation, "test": aggregate_test(sites),
                                 "sites": sites, "train": train})
@@ -203,13 +255,13 @@ class Federation:
         self.registry.publish(server_round, backbone, head, manifest,
                               metrics["validation"].get(best_metric), best_metric,
                               self.heldout.label)
-        if self.grid.excluded:
-            metrics["excluded"] = dict(self.grid.excluded)
+        if excluded:
+            metrics["excluded"] = excluded
         self.history.write_splits({self.grid.site(n): sizes
                                    for n, sizes in self.grid.split_sizes.items()})
         self.history.record(server_round, metrics, time.monotonic() - self.started)
         save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
-                        self.strategy)
+                        state)
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
                                                    best_metric))
         return _metric_record(metrics["validation"])
@@ -406,16 +458,20 @@ def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     state = fed.model.state_dict()
     initial = ArrayRecord({n: state[n].detach().clone() for n in fed.trainable})
     hint = settings.expected_nodes or cfg.federation.strategy.min_nodes
-    strategy = build_strategy(cfg.federation.strategy, hint)
+    strategy = build_strategy(cfg.federation.strategy, hint,
+                              site_evaluation=not cfg.federation.evaluate_with_train)
     fed.strategy = strategy
     checkpoint = load_checkpoint(settings.run_dir) if fed.round_offset else None
     if checkpoint is not None:
         restore_strategy(strategy, checkpoint)
+        count_rounds_from(strategy, fed.round_offset)
     strategy = wrap_privacy(strategy, cfg.federation.privacy,
                             sampled_per_round(cfg.federation.strategy, hint))
     remaining = max(cfg.federation.rounds - fed.round_offset, 0)
+    fed.rounds_this_start = remaining
     round_config = ConfigRecord({rk.BACKBONE_SHA256: fed.grid.payload.sha256,
-                                 rk.ROUND_OFFSET: fed.round_offset})
+                                 rk.ROUND_OFFSET: fed.round_offset,
+                                 rk.EVALUATE_WITH_TRAIN: int(cfg.federation.evaluate_with_train)})
     log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors), "
              "validation: %s", cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
              cfg.model.trainable, len(fed.trainable), fed.heldout.label)

@@ -36,6 +36,7 @@ from server.delegating_grid import DelegatingGrid, send_and_receive
 from server.validation import (
     check_evaluate_reply,
     check_provision_reply,
+    check_score_counts,
     is_count,
     validate_train_replies,
 )
@@ -445,10 +446,12 @@ class ProvisioningGrid(DelegatingGrid):
                 continue
             node = reply.metadata.src_node_id
             verdict = verdicts[node]
-            if not verdict.valid:
-                self.exclude(node, str(verdict.reason), "train")
-                continue
             metrics = reply.content.metric_records[rk.METRICS]
+            reason = verdict.reason if not verdict.valid else \
+                check_score_counts(metrics, self.split_sizes.get(node))
+            if reason is not None:
+                self.exclude(node, str(reason), "train")
+                continue
             claimed = float(metrics[rk.NUM_EXAMPLES])  # type: ignore[arg-type]
             assert verdict.weight is not None
             if verdict.weight < claimed:

@@ -65,8 +65,26 @@ def _scalar(value: object) -> float:
 def build_strategy(
     cfg: StrategyConfig, num_nodes_hint: int,
     metrics_fn: Callable[[list[RecordDict], str], MetricRecord] = weighted_metrics,
+    site_evaluation: bool = True,
 ) -> Strategy:
-    """The Flower strategy for `cfg.name`; knobs the strategy does not use are ignored."""
+    """The Flower strategy for `cfg.name`; knobs the strategy does not use are ignored.
+
+    `site_evaluation` False: the strategy sends no evaluate messages (the sites score each
+    global model in their next train reply instead: `federation.evaluate_with_train`).
+    """
+    strategy = _named_strategy(cfg, num_nodes_hint, metrics_fn)
+    if not site_evaluation:
+        # what Flower's own fraction_evaluate=0 does, without its warning that evaluation
+        # is skipped (it is not: it travels with training)
+        strategy.fraction_evaluate = 0.0  # type: ignore[attr-defined]
+        strategy.min_evaluate_nodes = 0  # type: ignore[attr-defined]
+    return strategy
+
+
+def _named_strategy(
+    cfg: StrategyConfig, num_nodes_hint: int,
+    metrics_fn: Callable[[list[RecordDict], str], MetricRecord],
+) -> Strategy:
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,

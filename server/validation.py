@@ -217,8 +217,17 @@ def check_evaluate_reply(msg: Message, sizes: Mapping[str, int] | None) -> str |
     for key, value in metrics.items():
         if not is_number(value):
             return f"metric '{key}' is not a number"
-    for key, split in ((rk.NUM_EXAMPLES, "validation"), ("val-n", "validation"),
-                       ("test-n", "test")):
+    return check_score_counts(metrics, sizes, ((rk.NUM_EXAMPLES, "validation"),))
+
+
+SCORE_COUNTS = (("val-n", "validation"), ("test-n", "test"))
+
+
+def check_score_counts(metrics: Mapping[str, object], sizes: Mapping[str, int] | None,
+                       extra: tuple[tuple[str, str], ...] = ()) -> str | None:
+    """`val-n` / `test-n` (and `extra` keys) are counts no larger than the site declared; in an
+    evaluate reply, or a train reply that also scored the global model."""
+    for key, split in (*extra, *SCORE_COUNTS):
         if key in metrics and not is_count(metrics[key]):
             return f"'{key}' is not a count of rows"
         if key in metrics and sizes is not None and float(metrics[key]) > sizes.get(split, 0):  # type: ignore[arg-type]

@@ -6,9 +6,12 @@ sampled hospital trains the head (`train_local`), every hospital evaluates the n
 on its local validation and test splits, and the server evaluates it on the held-out set. The
 bare loop runs in one process, hospitals one after another; the simulation runs Flower's
 runtime with Ray (one CPU per simulated node) and adds what the product does (messages,
-backbone provisioning, reply checks, signed registry versions, final model delivery). Both
-sides run with one thread per process (OMP/MKL/torch), so CPU time compares work, not idle
-spinning. Sides alternate (bare, simulate, simulate, bare, ...), three times per size.
+backbone provisioning, reply checks, signed registry versions, final model delivery). The
+simulation runs twice: as configured by default (a train and then an evaluate message per
+node per round) and with `federation.evaluate_with_train` (the evaluation travels with the
+next train message: one message per node per round). All sides run with one thread per
+process (OMP/MKL/torch), so CPU time compares work, not idle spinning. Sides alternate
+(bare, simulate, simulate with evaluate_with_train; then reversed), three times per size.
 
 CPU time is summed over the whole process tree (psutil, every 0.1 s); 'per round' compares
 rounds 2+ (round 1 carries Ray's start, actor warm-up and backbone provisioning): the tree's
@@ -144,8 +147,16 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
     return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
 
 
+FOLD = "federation.evaluate_with_train=true"  # the simulate side with one message per node
+SIDES = ("bare", "sim", "fold")
+
+
 def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, Any]:
-    """Both sides for one size, alternated `repeats` times; the figures of the table."""
+    """The three sides for one size, alternated `repeats` times; the figures of the table.
+
+    `sim` is `medfed simulate` as configured by default (train, then evaluate messages);
+    `fold` the same run with `federation.evaluate_with_train` (one message per node per round).
+    """
     from common.config_check import load_config
 
     ovr = overrides(hospitals, rounds)
@@ -154,35 +165,44 @@ def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, 
     reps: list[dict[str, Any]] = []
     for rep in range(repeats):
         tag = f"{hospitals}x{rounds}-r{rep}"
-        order = ("bare", "sim") if rep % 2 == 0 else ("sim", "bare")
+        order = SIDES if rep % 2 == 0 else SIDES[::-1]
         load = [round(v, 2) for v in os.getloadavg()]
-        sides = {side: (_bare if side == "bare" else _simulate)(ovr, bundle, home, tag)
+        sides = {side: _bare(ovr, bundle, home, tag) if side == "bare" else
+                 _simulate(ovr + ([FOLD] if side == "fold" else []), bundle, home,
+                           f"{tag}-{side}")
                  for side in order}
         reps.append({"order": list(order), "load_average_at_start": load, **sides})
-        b, s = sides["bare"], sides["sim"]
-        print(f"    {hospitals} hospitals, repeat {rep + 1}: CPU {s['cpu_s']:.1f} s vs "
-              f"{b['cpu_s']:.1f} s; per round (2+) CPU {fmt(s['per_round_cpu_s'], 2)} s vs "
-              f"{b['per_round_cpu_s']:.2f} s", flush=True)
+        b, s, f = sides["bare"], sides["sim"], sides["fold"]
+        print(f"    {hospitals} hospitals, repeat {rep + 1}: per round (2+) CPU simulate "
+              f"{fmt(s['per_round_cpu_s'], 2)} s, with evaluate_with_train "
+              f"{fmt(f['per_round_cpu_s'], 2)} s, bare {b['per_round_cpu_s']:.2f} s", flush=True)
 
-    def ratio(key: str, r: dict[str, Any]) -> float | None:
-        sim, bare = r["sim"][key], r["bare"][key]
+    def ratio(side: str, key: str, r: dict[str, Any]) -> float | None:
+        sim, bare = r[side][key], r["bare"][key]
         return sim / bare if sim is not None and bare else None
 
-    return {
-        "hospitals": hospitals, "rounds": rounds, "repeats": reps,
-        "cpu_ratio": _spread([ratio("cpu_s", r) for r in reps]),
-        "cpu_ratio_per_round": _spread([ratio("per_round_cpu_s", r) for r in reps]),
-        "wall_ratio": _spread([ratio("wall_s", r) for r in reps]),
-        "wall_ratio_per_round": _spread([ratio("per_round_wall_s", r) for r in reps]),
-        "sim_cpu_s": _spread([r["sim"]["cpu_s"] for r in reps]),
+    out: dict[str, Any] = {"hospitals": hospitals, "rounds": rounds, "repeats": reps}
+    for side in ("sim", "fold"):
+        pre = "" if side == "sim" else "fold_"
+        out.update({
+            f"{pre}cpu_ratio": _spread([ratio(side, "cpu_s", r) for r in reps]),
+            f"{pre}cpu_ratio_per_round": _spread([ratio(side, "per_round_cpu_s", r)
+                                                  for r in reps]),
+            f"{pre}wall_ratio": _spread([ratio(side, "wall_s", r) for r in reps]),
+            f"{pre}wall_ratio_per_round": _spread([ratio(side, "per_round_wall_s", r)
+                                                   for r in reps]),
+            f"{side}_cpu_s": _spread([r[side]["cpu_s"] for r in reps]),
+            f"{side}_per_round_cpu_s": _spread([r[side]["per_round_cpu_s"] for r in reps]),
+            f"{side}_wall_s": _spread([r[side]["wall_s"] for r in reps]),
+            f"{side}_peak_rss_gb": max(r[side]["peak_rss_gb"] for r in reps),
+        })
+    out.update({
         "bare_cpu_s": _spread([r["bare"]["cpu_s"] for r in reps]),
-        "sim_per_round_cpu_s": _spread([r["sim"]["per_round_cpu_s"] for r in reps]),
         "bare_per_round_cpu_s": _spread([r["bare"]["per_round_cpu_s"] for r in reps]),
-        "sim_wall_s": _spread([r["sim"]["wall_s"] for r in reps]),
         "bare_wall_s": _spread([r["bare"]["wall_s"] for r in reps]),
-        "sim_peak_rss_gb": max(r["sim"]["peak_rss_gb"] for r in reps),
         "bare_peak_rss_gb": max(r["bare"]["peak_rss_gb"] for r in reps),
-    }
+    })
+    return out
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -200,19 +220,22 @@ def run(quick: bool) -> dict[str, Any]:
         r = rows[-1]
         print(f"  overhead {hospitals} hospitals: CPU ratio per round (2+) median "
               f"{fmt(r['cpu_ratio_per_round']['median'], 2)}, whole run "
-              f"{fmt(r['cpu_ratio']['median'], 2)}; peak RSS {r['sim_peak_rss_gb']:.2f} GB",
-              flush=True)
+              f"{fmt(r['cpu_ratio']['median'], 2)}; with evaluate_with_train "
+              f"{fmt(r['fold_cpu_ratio_per_round']['median'], 2)}; peak RSS "
+              f"{r['sim_peak_rss_gb']:.2f} GB", flush=True)
     by_size = {r["hospitals"]: r for r in rows}
     biggest = max(rows, key=lambda r: r["hospitals"])
 
-    def per_round(h: int) -> float | None:
-        return by_size[h]["cpu_ratio_per_round"]["median"] if h in by_size else None
+    def per_round(h: int, pre: str = "") -> float | None:
+        return by_size[h][f"{pre}cpu_ratio_per_round"]["median"] if h in by_size else None
 
     return {
         "rows": rows, "rows_per_site": ROWS_PER_SITE, "config": str(CONFIG.relative_to(ROOT)),
         "headline": {
             "sim_cpu_ratio_100": per_round(100),
             "sim_cpu_ratio_1000": per_round(1000),
+            "sim_cpu_ratio_100_evaluate_with_train": per_round(100, "fold_"),
+            "sim_cpu_ratio_1000_evaluate_with_train": per_round(1000, "fold_"),
         },
         "biggest": {"hospitals": biggest["hospitals"], "peak_rss_gb": biggest["sim_peak_rss_gb"]},
     }
@@ -227,20 +250,27 @@ def _cell(spread: dict[str, Any], digits: int = 2, unit: str = "") -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """Table for RESULTS.md."""
-    table = [[str(r["hospitals"]), str(r["rounds"]), str(len(r["repeats"])),
-              _cell(r["sim_per_round_cpu_s"], 2, " s"), _cell(r["bare_per_round_cpu_s"], 2, " s"),
-              _cell(r["cpu_ratio_per_round"]), _cell(r["sim_cpu_s"], 1, " s"),
-              _cell(r["bare_cpu_s"], 1, " s"), _cell(r["cpu_ratio"]),
-              _cell(r["wall_ratio_per_round"]), _cell(r["wall_ratio"]),
-              fmt(r["sim_peak_rss_gb"], 2),
-              ", ".join(str(x["load_average_at_start"][0]) for x in r["repeats"])]
-             for r in res["rows"]]
+    table = []
+    for r in res["rows"]:
+        for side, pre, label in (("sim", "", "simulate"),
+                                 ("fold", "fold_", "simulate, evaluate_with_train")):
+            if f"{pre}cpu_ratio_per_round" not in r:
+                continue  # results stored before the second simulate side existed
+            table.append([
+                str(r["hospitals"]), str(r["rounds"]), str(len(r["repeats"])), label,
+                _cell(r[f"{side}_per_round_cpu_s"], 2, " s"),
+                _cell(r["bare_per_round_cpu_s"], 2, " s"), _cell(r[f"{pre}cpu_ratio_per_round"]),
+                _cell(r[f"{side}_cpu_s"], 1, " s"), _cell(r["bare_cpu_s"], 1, " s"),
+                _cell(r[f"{pre}cpu_ratio"]), _cell(r[f"{pre}wall_ratio_per_round"]),
+                _cell(r[f"{pre}wall_ratio"]), fmt(r[f"{side}_peak_rss_gb"], 2),
+                ", ".join(str(x["load_average_at_start"][0]) for x in r["repeats"])])
     return "\n\n".join([
         f"Synthetic source, about {res['rows_per_site']} rows per hospital, MLP of "
         f"`{res['config']}` (head trains), every hospital sampled every round. Median "
-        "[min, max] over the repeats; ratios are simulate / bare, each repeat's pair side by "
-        "side.",
-        md_table(["hospitals", "rounds", "repeats", "simulate CPU / round (2+)",
+        "[min, max] over the repeats; ratios are simulate / bare, each repeat's sides run "
+        "one after another (bare, simulate, simulate with evaluate_with_train; reversed in "
+        "every other repeat).",
+        md_table(["hospitals", "rounds", "repeats", "side", "simulate CPU / round (2+)",
                   "bare CPU / round (2+)", "CPU ratio / round (2+)", "simulate CPU, whole run",
                   "bare CPU, whole run", "CPU ratio, whole run", "wall ratio / round (2+)",
                   "wall ratio, whole run", "simulate peak RSS GB",

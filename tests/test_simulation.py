@@ -232,8 +232,10 @@ def test_fifty_synthetic_hospitals_complete_and_leave_nothing(tmp_path, signing_
     bundle = tmp_path / "pretrain"
     pretrain(load_config(SYNTHETIC), bundle, signing_key)
     out = tmp_path / "run"
+    # one message per node per round on Flower's runtime (the heart run above: two)
     done = _simulate(SYNTHETIC, bundle, out, cli_env, RUN_S, "--hospitals", "50",
-                     "--set", "federation.data.synthetic_sites=50")
+                     "--set", "federation.data.synthetic_sites=50",
+                     "--set", "federation.evaluate_with_train=true")
     assert done.code == 0, done.err[-3000:]
     assert done.left == []
     summary = json.loads((out / "summary.json").read_text())
@@ -241,6 +243,11 @@ def test_fifty_synthetic_hospitals_complete_and_leave_nothing(tmp_path, signing_
     sends = [t["backbone_sends"] for t in summary["traffic"].values()]
     assert len(sends) == 50 and set(sends) == {1}
     assert summary["latest"]["version"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(len(r["sites"]) == 50 for r in rows)  # every version scored at every site
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert sum(e.get("type") == "evaluate" for e in audit) == 50  # the last version's only
     assert len(list((out / "nodes").iterdir())) == 50
     _verify(out / "registry" / "v0003", signing_pub_path)
 

@@ -220,8 +220,8 @@ class Federation:
         replies = self._replies("train") if local_round > 0 else {}
         published = MetricRecord()
         if self.pending is not None:
-            scores = {name: split_site_metrics(_numbers(r, scores=True))
-                      for name, r in replies.items()}
+            carried = {name: _numbers(r, scores=True) for name, r in replies.items()}
+            scores = {name: split_site_metrics(flat) for name, flat in carried.items() if flat}
             published = self._publish(*self.pending, sites=scores)
             self.pending = None
         self._load_arrays(arrays, server_round)

@@ -245,7 +245,9 @@ def test_fifty_synthetic_hospitals_complete_and_leave_nothing(tmp_path, signing_
     assert summary["latest"]["version"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert all(len(r["sites"]) == 50 for r in rows)  # every version scored at every site
+    # every version scored at every site, the first three in the next round's train replies
+    assert all(len(r["sites"]) == 50 for r in rows)
+    assert all(s["validation"]["n"] > 0 for r in rows for s in r["sites"].values())
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert sum(e.get("type") == "evaluate" for e in audit) == 50  # the last version's only
     assert len(list((out / "nodes").iterdir())) == 50

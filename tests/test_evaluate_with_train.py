@@ -43,6 +43,17 @@ class Interrupted(BaseException):
     """The server process dies (no error reply, no cleanup): what kill -9 leaves behind."""
 
 
+def _dies_in_round(server_round: int) -> Callable[[Message, Message], Message]:
+    """A reply hook: the server dies when it sends round `server_round`'s train messages."""
+    def hook(msg: Message, reply: Message) -> Message:
+        config = msg.content.config_records.get(rk.CONFIG)
+        if msg.metadata.message_type == "train" and config and \
+                config[rk.SERVER_ROUND] == server_round:
+            raise Interrupted
+        return reply
+    return hook
+
+
 def _run(run_dir: Path, bundle: Path, keys: Path, *overrides: str,
          reply: Callable[[Message, Message], Message] | None = None, resume: bool = False,
          ) -> tuple[InProcessGrid, list[dict[str, Any]]]:
@@ -135,13 +146,7 @@ def test_a_resumed_fedadam_run_continues_the_uninterrupted_one(
     bias-corrected by the federation's round, not by the resumed start's count."""
     run_dir = tmp_path / "run"
 
-    def die_in_round_2(msg: Message, reply: Message) -> Message:
-        config = msg.content.config_records.get(rk.CONFIG)
-        if msg.metadata.message_type == "train" and config and config[rk.SERVER_ROUND] == 2:
-            raise Interrupted
-        return reply
-
-    _, rows = _run(run_dir, heart_bundle, signing_key_path, reply=die_in_round_2)
+    _, rows = _run(run_dir, heart_bundle, signing_key_path, reply=_dies_in_round(2))
     assert [r["round"] for r in rows] == [0, 1]
     _, rows = _run(run_dir, heart_bundle, signing_key_path, resume=True)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -156,13 +161,7 @@ def test_an_interrupted_run_commits_only_scored_versions_and_resumes(
         separate: tuple[Path, InProcessGrid, list[dict[str, Any]]]) -> None:
     run_dir = tmp_path / "run"
 
-    def die_in_round_3(msg: Message, reply: Message) -> Message:
-        config = msg.content.config_records.get(rk.CONFIG)
-        if msg.metadata.message_type == "train" and config and config[rk.SERVER_ROUND] == 3:
-            raise Interrupted
-        return reply
-
-    _, rows = _run(run_dir, heart_bundle, signing_key_path, FOLD, reply=die_in_round_3)
+    _, rows = _run(run_dir, heart_bundle, signing_key_path, FOLD, reply=_dies_in_round(3))
     # round 2 trained, but its scores were to come with round 3: not published, not committed
     assert [r["round"] for r in rows] == [0, 1]
     checkpoint = load_checkpoint(run_dir)

@@ -111,7 +111,10 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
     cmd = [sys.executable, "-m", "medfed.cli", "server", "--config",
            str(ROOT / "configs" / "heart.yaml"), "--set", f"federation.rounds={ROUNDS_DEPLOYED}",
            "--set", "federation.strategy.min_nodes=3",
-           "--set", "federation.adaptation.enabled=false", "--bundle", str(f.bundle),
+           "--set", "federation.adaptation.enabled=false",
+           # one message per hospital per round: a version is committed once the next
+           # round's train replies bring its scores (simulate's resume test covers the default)
+           "--set", "federation.evaluate_with_train=true", "--bundle", str(f.bundle),
            "--certs", str(f.certs), "--hospitals", str(f.hospitals), "--port", str(port),
            "--registry-port", str(registry_port), "--run-dir", str(run_dir)]
     f_local = Federation(f.tmp, f.certs, f.hospitals, f.bundle, f.data, port, registry_port,
@@ -126,8 +129,9 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
         assert _wait_for(log, "model registry on", COMMAND_S, server), log.read_text()
         clients += [_client(f_local, site, f.certs / "hospitals" / site) for site in SITES]
         deadline = time.monotonic() + RUN_S
-        # the commit point is the checkpoint, written just after v0001 is published: a kill
-        # in between (seen with two test workers) would leave round 1 uncommitted
+        # the commit point is the checkpoint, written just after v0001 is published (when
+        # round 2's train replies are in): a kill in between (seen with two test workers)
+        # would leave round 1 uncommitted
         while _committed(run_dir) < 1:
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
@@ -138,7 +142,8 @@ def test_server_resumes_after_kill_9(federation: Federation) -> None:  # noqa: F
         # nothing it started outlives it: not the SuperLink, nor Flower's detached ServerApp
         assert _gone_within(pids, GONE_WITHIN_S) == [], "processes outlived `medfed server`"
         committed = _committed(run_dir)
-        assert 1 <= committed < ROUNDS_DEPLOYED  # killed during round 2 (a round takes ~10 s)
+        # killed during round 2, while v0002 waits for its evaluate replies
+        assert 1 <= committed < ROUNDS_DEPLOYED
 
         log2 = f.tmp / "resume-server-2.log"
         with log2.open("wb") as out:

@@ -51,6 +51,13 @@ def site_model_record(result: SiteModel, hashes: dict[str, str]
             **{f"sha256/{name}": digest for name, digest in hashes.items()}}
 
 
+def _emit_scores(node: ops.Node, site: str, server_round: int, rows: int,
+                 scores: dict[str, float]) -> None:
+    """The hospital's log line for its validation of a global model."""
+    emit(node.workdir, "evaluate", site=site, round=server_round, rows=rows,
+         auc=scores.get("val-auc"), balanced_accuracy=scores.get("val-balanced_accuracy"))
+
+
 Handler = Callable[[Message, Context], Message]
 
 
@@ -121,18 +128,15 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         scores: dict[str, float] = {}
         if int(config.get(rk.EVALUATE_WITH_TRAIN, 0)):  # type: ignore[arg-type]
             # before training: the scores are the received global model's, not the update's
-            scores, _, _ = ops.score_received(node, arrays, str(config[rk.BACKBONE_SHA256]),
-                                              "train message")
+            scores, rows, site = ops.score_received(node, arrays, str(config[rk.BACKBONE_SHA256]),
+                                                    "train message")
+            _emit_scores(node, site, server_round - 1, rows, scores)  # the round before's model
         tensors, result, site = ops.train(
             node, arrays, str(config[rk.BACKBONE_SHA256]), server_round,
             float(config.get(rk.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         )
         metrics = MetricRecord({rk.NUM_EXAMPLES: result.num_examples, "loss": result.loss,
                                 "steps": result.steps, **scores})
-        if scores:  # the global model of the round before, as an evaluate message reports it
-            emit(node.workdir, "evaluate", site=site, round=server_round - 1,
-                 rows=int(scores.get("val-n", 0)), auc=scores.get("val-auc"),
-                 balanced_accuracy=scores.get("val-balanced_accuracy"))
         emit(node.workdir, "train", site=site, round=server_round, rows=result.num_examples,
              steps=result.steps, loss=result.loss, device=result.device,
              threads=result.threads)
@@ -152,8 +156,7 @@ def make_client_app(defaults: RunSettings | None = None) -> ClientApp:
         server_round += int(config.get(rk.ROUND_OFFSET, 0))  # type: ignore[arg-type]
         metrics, n, site = ops.evaluate_local(node, arrays, str(config[rk.BACKBONE_SHA256]),
                                               server_round)
-        emit(node.workdir, "evaluate", site=site, round=server_round, rows=n,
-             auc=metrics.get("val-auc"), balanced_accuracy=metrics.get("val-balanced_accuracy"))
+        _emit_scores(node, site, server_round, n, metrics)
         return Message(node.tampered("evaluate", RecordDict({
             rk.METRICS: MetricRecord({**metrics, rk.NUM_EXAMPLES: n}),
             rk.SITE: _site_record(site)})), reply_to=msg)

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -104,15 +104,24 @@ def split_site_metrics(flat: dict[str, float]) -> dict[str, dict[str, Any]]:
     return json_metrics(out)
 
 
-def _numbers(reply: Message, scores: bool | None = None) -> dict[str, float]:
-    """The numbers of a reply's metrics; `scores` True / False: only / all but the
-    `val-` and `test-` scores a train reply carries with `evaluate_with_train`."""
+SCORE_PREFIXES = ("val-", "test-")  # what split_site_metrics reads of a reply
+
+
+def _numbers(reply: Message) -> dict[str, float]:
+    """The numbers of a reply's metrics record (none without one)."""
     metrics = reply.content.metric_records.get(rk.METRICS)
-    out = {k: float(v) for k, v in (metrics or {}).items()  # type: ignore[arg-type]
-           if isinstance(v, int | float)}
-    if scores is None:
-        return out
-    return {k: v for k, v in out.items() if k.startswith(("val-", "test-")) == scores}
+    return {k: float(v) for k, v in (metrics or {}).items()  # type: ignore[arg-type]
+            if isinstance(v, int | float)}
+
+
+class Unpublished(NamedTuple):
+    """A global model's round and what it carries to its publication: the training figures,
+    the exclusions and the strategy state of that round."""
+
+    round: int
+    train: dict[str, dict[str, Any]]
+    excluded: dict[str, str]
+    strategy_state: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -135,10 +144,7 @@ class Federation:
     started: float = field(default_factory=time.monotonic)
     previous: dict[str, np.ndarray] | None = None  # the last published global tensors
     rounds_this_start: int = 0  # rounds the strategy runs in this (possibly resumed) start
-    # evaluate_with_train: the version waiting for the next train replies' scores
-    # (round, train figures, exclusions, strategy state)
-    pending: tuple[int, dict[str, dict[str, Any]], dict[str, str],
-                   dict[str, torch.Tensor]] | None = None
+    pending: Unpublished | None = None  # evaluate_with_train: waits for the next scores
 
     def _load_arrays(self, arrays: ArrayRecord, server_round: int) -> None:
         """Check the aggregate before it goes anywhere, then load it into the model."""
@@ -206,8 +212,12 @@ class Federation:
             self.evaluate_at_sites(arrays, 0)
         sites = self._site_metrics("evaluate")
         train = self._site_metrics("train") if server_round > 0 else {}
-        return self._publish(server_round, train, dict(self.grid.excluded),
-                             strategy_state(self.strategy), sites=sites)
+        return self._publish(self._unpublished(server_round, train), sites)
+
+    def _unpublished(self, server_round: int, train: dict[str, dict[str, Any]]
+                     ) -> Unpublished:
+        return Unpublished(server_round, train, dict(self.grid.excluded),
+                           strategy_state(self.strategy))
 
     def _evaluate_with_train(self, local_round: int, arrays: ArrayRecord) -> MetricRecord:
         """`evaluate_round` when the sites score each global model in the next train message.
@@ -217,29 +227,30 @@ class Federation:
         The last round's model has no next train message: it gets evaluate messages.
         """
         server_round = local_round + self.round_offset
-        replies = self._replies("train") if local_round > 0 else {}
+        flat = {name: _numbers(r) for name, r in
+                (self._replies("train") if local_round > 0 else {}).items()}
         published = MetricRecord()
         if self.pending is not None:
-            carried = {name: _numbers(r, scores=True) for name, r in replies.items()}
-            scores = {name: split_site_metrics(flat) for name, flat in carried.items() if flat}
-            published = self._publish(*self.pending, sites=scores)
+            scores = {name: split_site_metrics(f) for name, f in flat.items()
+                      if any(k.startswith(SCORE_PREFIXES) for k in f)}
+            published = self._publish(self.pending, scores)
             self.pending = None
         self._load_arrays(arrays, server_round)
         if local_round == 0 and self.round_offset > 0:  # resumed: round already published
             return published
-        train = {name: json_metrics(_numbers(r, scores=False)) for name, r in replies.items()}
-        pending = (server_round, train, dict(self.grid.excluded), strategy_state(self.strategy))
+        version = self._unpublished(server_round, {
+            name: json_metrics({k: v for k, v in f.items() if not k.startswith(SCORE_PREFIXES)})
+            for name, f in flat.items()})
         if local_round < self.rounds_this_start:
-            self.pending = pending
+            self.pending = version
             return published
         self.evaluate_at_sites(arrays, server_round)
-        return self._publish(*pending, sites=self._site_metrics("evaluate"))
+        return self._publish(version, self._site_metrics("evaluate"))
 
-    def _publish(self, server_round: int, train: dict[str, dict[str, Any]],
-                 excluded: dict[str, str], state: dict[str, torch.Tensor], *,
-                 sites: dict[str, dict[str, Any]]) -> MetricRecord:
-        """Version `server_round` (the model now in `self.model`): check on validation,
-        sign, publish, record, then commit the round with the strategy's state of then."""
+    def _publish(self, version: Unpublished, sites: dict[str, dict[str, Any]]) -> MetricRecord:
+        """`version` (the model now in `self.model`) with the sites' scores of it: check on
+        validation, sign, publish, record, then commit its round with its strategy state."""
+        server_round, train, excluded = version.round, version.train, version.excluded
         validation = self.heldout.evaluate(self.model, sites)
         metrics = json_metrics({"validation": validation, "test": aggregate_test(sites),
                                 "sites": sites, "train": train})
@@ -261,7 +272,7 @@ class Federation:
                                    for n, sizes in self.grid.split_sizes.items()})
         self.history.record(server_round, metrics, time.monotonic() - self.started)
         save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
-                        state)
+                        version.strategy_state)
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
                                                    best_metric))
         return _metric_record(metrics["validation"])

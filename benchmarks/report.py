@@ -229,8 +229,9 @@ def _status(key: str, value: Any) -> str:
     return ("met" if ok else "MISSED") + f" ({op} {bound:g})"
 
 
-def render(results: dict[str, dict[str, Any]], head: dict[str, Any]) -> str:
-    """The whole RESULTS.md."""
+def render(results: dict[str, dict[str, Any]], head: dict[str, Any],
+           gpu: dict[str, Any] | None = None) -> str:
+    """The whole RESULTS.md; `gpu`: the GPU check's whole record, if it was run."""
     m = head["machine"]
     quick = any(r.get("quick") for r in results.values())
     lines = [
@@ -278,7 +279,7 @@ def render(results: dict[str, dict[str, Any]], head: dict[str, Any]) -> str:
         extra = getattr(module, "EXTRA_NOTES", "")
         if extra:
             lines += ["", extra]
-    lines += ["", "## 9. GPU check", "", gpu_section(head.get("gpu_check"))]
+    lines += ["", "## 9. GPU check", "", gpu_section(gpu or head.get("gpu_check"))]
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +293,22 @@ def gpu_section(record: Any) -> str:
                 "trained tensors were on the GPU, and writes `benchmarks/results/gpu_check.json`"
                 ", which this section then shows. Its CPU dry run "
                 "(`python -m benchmarks.gpu_check --dry-run-on-cpu`) is what was checked here.")
-    return md_table(["figure", "value"], [[k, v if isinstance(v, str) else fmt(v)
-                                           if not isinstance(v, list) else ", ".join(v)]
-                                          for k, v in record.items()])
+    intro = ("`bash benchmarks/gpu_check.sh --headline` on a machine with an NVIDIA GPU: "
+             "local training throughput on CUDA and on one CPU thread; `medfed pretrain`, "
+             "`medfed simulate` (5 BreastMNIST hospitals on Flower's simulation runtime, a GPU "
+             "share per ClientApp) and `medfed predict` with `--device cuda`, the script failing "
+             "unless every hospital's trained tensors were on the GPU; first a short check "
+             "(1 pretraining epoch, a few rounds), then configs/breast.yaml as it stands "
+             "(`headline_*`). AUC: the server's check over the hospitals' validation splits "
+             "(chooses the version kept) and all hospitals' test rows (reported only). "
+             "Wall times include Ray's start.")
+    record = dict(record)
+    if isinstance(record.get("machine"), dict):
+        m = record.pop("machine")
+        record["machine"] = (f"{m.get('cpu')}, {m.get('logical_cores')} logical cores, "
+                             f"{m.get('memory_gb')} GB, Python {m.get('python')}, flwr "
+                             f"{m.get('flwr')}, load average {m.get('load_average_1_5_15')}")
+    return intro + "\n\n" + md_table(
+        ["figure", "value"], [[k, v if isinstance(v, str) else fmt(v)
+                               if not isinstance(v, list) else ", ".join(v)]
+                              for k, v in record.items()])

@@ -17,7 +17,6 @@ import json
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from benchmarks import report
@@ -59,7 +58,7 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
     out: dict[str, Any] = {key: None for key in report.TARGETS}
     for res in results.values():
         out.update({k: v for k, v in res.get("headline", {}).items() if k in out})
-    out["gpu_check"] = gpu_check_headline(RESULTS / "gpu_check.json")
+    out["gpu_check"] = gpu_check_headline(gpu_record())
     started = [r["started"] for r in results.values() if "started" in r]
     out.update({
         # when the freshest of these numbers was measured (UTC), not when this file was written
@@ -71,14 +70,21 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
     return out
 
 
-def gpu_check_headline(path: Path) -> str | dict[str, Any]:
-    """What `benchmarks/gpu_check.sh` recorded on a GPU machine, or why there is nothing."""
-    if not path.exists():
+def gpu_record() -> dict[str, Any] | None:
+    """What `benchmarks/gpu_check.sh` recorded on a GPU machine (None: never run)."""
+    path = RESULTS / "gpu_check.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def gpu_check_headline(record: dict[str, Any] | None) -> str | dict[str, Any]:
+    """The headline's few figures of the GPU check (all of it: RESULTS.md section 9), or why
+    there is nothing."""
+    if record is None:
         return NOT_RUN
-    out = json.loads(path.read_text(encoding="utf-8"))
     keys = ("device", "train_images_per_s_cuda", "train_images_per_s_cpu_1_thread",
-            "validation_auc", "test_auc", "rounds", "simulate_wall_s", "train_event_devices")
-    return {k: out.get(k) for k in keys}
+            "train_event_devices", "headline_validation_auc", "headline_test_auc",
+            "headline_simulate_wall_s")
+    return {k: record[k] for k in keys if k in record}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     head = headline(results, "; ".join(commands) or command, total)
     (out_dir / "headline.json").write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
     md_path = (out_dir / "RESULTS.md") if args.quick else RESULTS.parent / "RESULTS.md"
-    md_path.write_text(report.render(results, head), encoding="utf-8")
+    md_path.write_text(report.render(results, head, gpu_record()), encoding="utf-8")
     print(f"[bench] wrote {md_path} and {out_dir / 'headline.json'} ({wall:.0f} s)")
     return 1 if any("error" in results[n] for n in chosen if n in results) else 0
 

@@ -78,3 +78,8 @@ def test_gpu_check_without_cuda_says_so_and_writes_nothing(
     assert len(err) == 1 and "CUDA is not available here" in err[0]
     assert not (tmp_path / "gpu_check.json").exists()
 
+
+
+def test_gpu_check_throughput_runs_the_breast_config_on_the_cpu() -> None:
+    # the GPU check's first step, on the configs/breast.yaml it reads as it stands today
+    assert gpu_check.throughput(CPU, 2) > 0

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.config import Config, to_dict
 from common.data.preprocess import SiteStats
-from common.data.schema import Schema
+from common.data.schema import DataError, Schema
 from common.data.splits import DataSpec
 from common.models import SplitModel, build_model_from_args
 
@@ -106,6 +106,30 @@ def spec_from_manifest(manifest: dict[str, Any]) -> DataSpec:
         feature_names=tuple(pre.get("feature_names", ())),
         schema=schema,
     )
+
+
+def task_spec(manifest: dict[str, Any], declared: DataSpec | None,
+              key: str = "federation.data") -> DataSpec:
+    """The data contract of a federation fine-tuning the bundle of `manifest` on data that
+    declares `declared` (None: the bundle's own task): the bundle's input and schema, with
+    the declared label names, which every version published for the federation carries.
+
+    A declared task of another image shape or class count than the model's is refused: the
+    backbone could not read its images, or its head has one output per pretraining class.
+    """
+    spec = spec_from_manifest(manifest)
+    if declared is None:
+        return spec
+    if tuple(declared.input_shape) != tuple(spec.input_shape) \
+            or declared.num_classes != spec.num_classes:
+        raise DataError(
+            f"config key '{key}' names a task of {declared.num_classes} classes "
+            f"({', '.join(declared.labels)}) on inputs of shape {tuple(declared.input_shape)},"
+            f" but the bundle's model takes inputs of shape {tuple(spec.input_shape)} and has "
+            f"{spec.num_classes} outputs ({', '.join(spec.labels)}): pretrain a bundle for "
+            "this data")
+    return DataSpec(spec.kind, spec.input_shape, spec.num_classes, declared.labels,
+                    spec.feature_names, spec.schema)
 
 
 def json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

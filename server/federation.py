@@ -35,13 +35,15 @@ from common.bundle import (
     sign_manifest,
 )
 from common.config import Config
+from common.data.federated import declared_spec
+from common.data.splits import DataSpec
 from common.device import resolve_device, seed_everything
 from common.manifest import (
     json_metrics,
     make_manifest,
     model_from_manifest,
-    spec_from_manifest,
     stats_from_manifest,
+    task_spec,
 )
 from common.models import SplitModel, load_state, set_trainable, split_state
 from common.registry import Registry
@@ -134,6 +136,7 @@ class Federation:
     model: SplitModel
     trainable: list[str]
     heldout: Heldout
+    spec: DataSpec  # the task every version is published for (its label names)
     registry: Registry
     grid: ProvisioningGrid
     history: RunHistory
@@ -256,7 +259,7 @@ class Federation:
                                 "sites": sites, "train": train})
         backbone, head = split_state(self.model)
         manifest = make_manifest(
-            self.cfg, spec_from_manifest(self.bundle.manifest),
+            self.cfg, self.spec,
             stats_from_manifest(self.bundle.manifest), self.bundle.manifest["model"],
             version=server_round, round_num=server_round,
             strategy=self.cfg.federation.strategy.name, metrics=metrics,
@@ -408,8 +411,8 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     if cfg.federation.reset_head:
         reset_head(model, cfg.seed)
     trainable = set_trainable(model, cfg.model.trainable)
-    heldout = build_heldout(cfg, spec_from_manifest(bundle.manifest),
-                            stats_from_manifest(bundle.manifest))
+    spec = task_spec(bundle.manifest, declared_spec(cfg.federation.data))
+    heldout = build_heldout(cfg, spec, stats_from_manifest(bundle.manifest))
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
                                     timeout=cfg.federation.strategy.round_timeout,
                                     validation=cfg.federation.validation,
@@ -418,7 +421,8 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     registry = Registry(settings.run_dir / "registry", key)
     offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
     history = RunHistory(settings.run_dir)
-    return Federation(cfg, settings, bundle, model, trainable, heldout, registry, provisioning,
+    return Federation(cfg, settings, bundle, model, trainable, heldout, spec, registry,
+                      provisioning,
                       history, device, key, round_offset=offset)
 
 

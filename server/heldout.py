@@ -134,7 +134,10 @@ def preflight(cfg: Config, bundle_dir: Path) -> Heldout:
     `medfed server`.
     """
     from common.bundle import read_manifest  # noqa: PLC0415
-    from common.manifest import spec_from_manifest, stats_from_manifest  # noqa: PLC0415
+    from common.data.federated import declared_spec  # noqa: PLC0415
+    from common.manifest import stats_from_manifest, task_spec  # noqa: PLC0415
 
     manifest = read_manifest(Path(bundle_dir))
-    return build_heldout(cfg, spec_from_manifest(manifest), stats_from_manifest(manifest))
+    # a bundle that cannot learn the federation's task stops here, before any process starts
+    spec = task_spec(manifest, declared_spec(cfg.federation.data))
+    return build_heldout(cfg, spec, stats_from_manifest(manifest))

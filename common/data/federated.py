@@ -114,6 +114,17 @@ def natural_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
     return spec, _select(sites, cfg.sites, cfg.source)
 
 
+def declared_spec(cfg: DataConfig) -> DataSpec | None:
+    """The task `cfg` names without reading a row: a MedMNIST dataset's image shape, classes
+    and label names. None for tabular sources: hospitals read their rows with the bundle's
+    schema, which already names the label and its classes."""
+    if cfg.source == "medmnist":
+        from common.data.medmnist import medmnist_spec
+
+        return medmnist_spec(cfg.medmnist)
+    return None
+
+
 def _pool(sites: list[SiteSplit], which: str) -> tuple[np.ndarray, np.ndarray]:
     parts = [s.split(which) for s in sites]
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])

@@ -147,6 +147,12 @@ def _spec(labels: tuple[str, ...], channels: int) -> DataSpec:
     return DataSpec("image", (channels, 28, 28), len(labels), labels)
 
 
+def medmnist_spec(name: str) -> DataSpec:
+    """What dataset `name` holds (image shape, classes, label names), without reading it."""
+    _, labels, channels = _entry(name)
+    return _spec(labels, channels)
+
+
 def load_medmnist_split(
     name: str, split: str, data_dir: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray, DataSpec]:

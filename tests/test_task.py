@@ -1,0 +1,116 @@
+"""A federation that fine-tunes a bundle on another task (PneumoniaMNIST -> BreastMNIST):
+every version, site model and prediction names the federation's classes, not the
+pretraining's; a task the bundle's model cannot learn is refused before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from client.client_app import make_client_app
+from common.bundle import read_manifest
+from common.config import DataConfig
+from common.config_check import load_config
+from common.data import DataError
+from common.data.federated import declared_spec
+from common.data.medmnist import load_medmnist_split
+from common.manifest import spec_from_manifest, task_spec
+from common.pretrain import pretrain
+from medfed.cli import main
+from server.federation import run_federation
+from tests.flower_helpers import task_identity
+from tests.inprocess_grid import InProcessGrid, run_settings
+
+BREAST = Path(__file__).resolve().parents[1] / "configs" / "breast.yaml"
+TINY = ("model.channels=[4]", "pretrain.optim.epochs=1", "federation.rounds=1",
+        "federation.local.steps=1")
+BREAST_LABELS = ["malignant", "normal/benign"]
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    with task_identity():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pneumonia_bundle(tmp_path_factory: pytest.TempPathFactory,
+                     signing_key: Ed25519PrivateKey) -> Path:
+    """configs/breast.yaml's pretraining (PneumoniaMNIST), one epoch of a tiny residual CNN."""
+    out = tmp_path_factory.mktemp("pneumonia") / "pretrain"
+    pretrain(load_config(BREAST, TINY), out, signing_key)
+    return out
+
+
+def test_the_pretraining_bundle_names_its_own_classes(pneumonia_bundle: Path) -> None:
+    assert read_manifest(pneumonia_bundle)["labels"] == ["normal", "pneumonia"]
+
+
+def test_task_spec_takes_the_declared_labels_and_keeps_the_bundle_input(
+        pneumonia_bundle: Path) -> None:
+    manifest = read_manifest(pneumonia_bundle)
+    breast = task_spec(manifest, declared_spec(DataConfig(source="medmnist", medmnist="breast")))
+    assert list(breast.labels) == BREAST_LABELS
+    own = spec_from_manifest(manifest)
+    assert (breast.kind, breast.input_shape, breast.num_classes) == \
+        (own.kind, own.input_shape, own.num_classes)
+    assert task_spec(manifest, None) == own  # tabular sources: the bundle's schema rules
+    assert declared_spec(DataConfig(source="heart")) is None
+
+
+def test_a_task_of_other_classes_or_inputs_is_refused(pneumonia_bundle: Path) -> None:
+    manifest = read_manifest(pneumonia_bundle)
+    retina = declared_spec(DataConfig(source="medmnist", medmnist="retina"))
+    with pytest.raises(DataError) as err:
+        task_spec(manifest, retina)
+    text = str(err.value)
+    for part in ("'federation.data'", "5 classes", "(3, 28, 28)", "(1, 28, 28)",
+                 "2 outputs (normal, pneumonia)", "pretrain a bundle"):
+        assert part in text, (part, text)
+
+
+def test_medfed_simulate_refuses_that_task_before_anything_starts(
+        pneumonia_bundle: Path, signing_key_path: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["simulate", "--config", str(BREAST), "--set", "federation.data.medmnist=retina",
+                 "--bundle", str(pneumonia_bundle), "--keys", str(signing_key_path),
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "'federation.data'" in err[0] and "5 classes" in err[0], err
+    assert not out.exists()
+
+
+def test_a_breast_federation_publishes_breast_labels_everywhere(
+        pneumonia_bundle: Path, signing_key_path: Path, signing_pub_path: Path,
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings = run_settings(BREAST, TINY, run_dir, pneumonia_bundle, signing_key_path)
+    grid = InProcessGrid(make_client_app(settings), 5)  # type: ignore[arg-type]
+    run_federation(grid, settings)
+    for version in ("v0000", "v0001"):
+        assert read_manifest(run_dir / "registry" / version)["labels"] == BREAST_LABELS
+    site_models = sorted((run_dir / "nodes").glob("*/personalised"))
+    assert len(site_models) == 5
+    for site_model in site_models:
+        assert read_manifest(site_model)["labels"] == BREAST_LABELS
+    # what a clinician reads: the prediction columns name breast-ultrasound classes
+    images = tmp_path / "images.npy"
+    np.save(images, load_medmnist_split("breast", "test")[0][:4])
+    predictions = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", str(site_models[0]), "--data", str(images), "--out",
+                 str(predictions), "--public-key", str(signing_pub_path)]) == 0
+    with predictions.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert set(rows[0]) >= {"p_malignant", "p_normal/benign"}
+    assert {r["predicted"] for r in rows} <= set(BREAST_LABELS)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["final"]["version"] in (0, 1)

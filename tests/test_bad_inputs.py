@@ -96,7 +96,7 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519Pri
     model_cfg = ModelConfig(family="cnn", channels=(4,))
     data_cfg = DataConfig(source="medmnist", medmnist="breast", normalisation="bundle")
     cfg = Config(name="tiny-cnn", model=model_cfg, federation=FederationConfig(data=data_cfg))
-    spec = DataSpec("image", (1, 28, 28), 2, ("malignant", "normal/benign"))
+    spec = DataSpec("image", (1, 28, 28), 2, ("normal/benign", "malignant"))
     rng = np.random.default_rng(0)
     normaliser = SiteStats(Normaliser.fit(rng.random((8, 1, 28, 28))))
     model = build_model("cnn", spec.input_shape, 2, model_cfg)

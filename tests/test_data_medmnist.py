@@ -29,11 +29,14 @@ def test_splits_have_official_shapes_and_dtypes(name):
         assert set(np.unique(y)) == set(range(classes))
 
 
-def test_breast_label_names_follow_the_readme():
+def test_breast_positive_class_is_malignant():
+    # the file labels malignant 0 (README); medfed's class 1, the finding sensitivity counts
     spec, sites = load_medmnist_sites("breast")
-    assert spec.labels == ("malignant", "normal/benign")
+    assert spec.labels == ("normal/benign", "malignant")
     assert [s.name for s in sites] == ["all"]
-    assert int((sites[0].y_train == 0).sum()) == 147  # malignant in train
+    assert int((sites[0].y_train == 1).sum()) == 147  # malignant in train
+    assert int((sites[0].y_train == 0).sum()) == 399
+    assert [int((s.y_test == 1).sum()) for s in sites] == [42]
 
 
 def test_federated_breast_over_simulated_hospitals_uses_the_official_splits():

@@ -30,7 +30,7 @@ from tests.inprocess_grid import InProcessGrid, run_settings
 BREAST = Path(__file__).resolve().parents[1] / "configs" / "breast.yaml"
 TINY = ("model.channels=[4]", "pretrain.optim.epochs=1", "federation.rounds=1",
         "federation.local.steps=1")
-BREAST_LABELS = ["malignant", "normal/benign"]
+BREAST_LABELS = ["normal/benign", "malignant"]
 
 
 @pytest.fixture(autouse=True)

@@ -19,12 +19,17 @@ from common.datasets import dataset_dir
 
 DATA_DIR = dataset_dir("medmnist", "breastmnist.npz")
 SPLITS = ("train", "val", "test")
-# label names from common/datasets/medmnist/README.md (class index = position)
+# name: (file, class names by medfed's class index, channels); label meanings from
+# common/datasets/medmnist/README.md. A binary task's class 1 is the finding a diagnosis looks
+# for (sensitivity, thresholds such as `sensitivity>=0.9` and p(positive) are about it).
 DATASETS: dict[str, tuple[str, tuple[str, ...], int]] = {
-    "breast": ("breastmnist.npz", ("malignant", "normal/benign"), 1),
+    "breast": ("breastmnist.npz", ("normal/benign", "malignant"), 1),
     "pneumonia": ("pneumoniamnist.npz", ("normal", "pneumonia"), 1),
     "retina": ("retinamnist.npz", ("grade-0", "grade-1", "grade-2", "grade-3", "grade-4"), 3),
 }
+# medfed's class of each label in a file, where the file numbers them otherwise: BreastMNIST
+# labels malignant 0 and normal/benign 1
+CLASS_OF_FILE_LABEL: dict[str, tuple[int, ...]] = {"breast": (1, 0)}
 SITE = "all"
 
 
@@ -164,6 +169,8 @@ def load_medmnist_split(
     arrays = _read_npz(path, channels, len(labels))
     x = to_nchw(arrays[f"{split}_images"], str(path))
     y = arrays[f"{split}_labels"].reshape(-1).astype(np.int64)
+    if name in CLASS_OF_FILE_LABEL:
+        y = np.asarray(CLASS_OF_FILE_LABEL[name], dtype=np.int64)[y]
     return x, y, _spec(labels, channels)
 
 

@@ -83,6 +83,8 @@ def model_card(model_dir: Path, public_key: Path | None = None, *, certs: Path |
         "",
         f"- **Model**: {m['model'].get('family')} backbone + linear head, "
         f"{m['model'].get('num_classes')} classes ({', '.join(m.get('labels', []))})",
+        *([f"- **Positive class** (what sensitivity, p(positive) and the threshold refer "
+           f"to): {m['labels'][1]}"] if len(m.get("labels", [])) == 2 else []),
         f"- **Pretrained on**: {m.get('source')}",
         f"- **Federated rounds**: {m.get('round')} with strategy `{m.get('strategy')}`, "
         f"trainable part `{m.get('trainable')}`",

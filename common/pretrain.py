@@ -40,8 +40,10 @@ class SourceData:
         return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
     def name(self, source: DataConfig) -> str:
-        """e.g. `heart:cleveland:train` or `csv:hospital_a,hospital_b:train`."""
-        return f"{source.source}:{','.join(s.name for s in self.sites)}:{self.split}"
+        """e.g. `heart:cleveland:train`, `csv:hospital_a,hospital_b:train` or
+        `medmnist/pneumonia:all:train` (which MedMNIST set: a model card must say)."""
+        kind = f"medmnist/{source.medmnist}" if source.source == "medmnist" else source.source
+        return f"{kind}:{','.join(s.name for s in self.sites)}:{self.split}"
 
 
 def load_source(cfg: Config) -> SourceData:

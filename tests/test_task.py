@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.client_app import make_client_app
+from client.model_card import model_card
 from common.bundle import read_manifest
 from common.config import DataConfig
 from common.config_check import load_config
@@ -48,8 +49,11 @@ def pneumonia_bundle(tmp_path_factory: pytest.TempPathFactory,
     return out
 
 
-def test_the_pretraining_bundle_names_its_own_classes(pneumonia_bundle: Path) -> None:
-    assert read_manifest(pneumonia_bundle)["labels"] == ["normal", "pneumonia"]
+def test_the_pretraining_bundle_names_its_own_classes_and_dataset(
+        pneumonia_bundle: Path) -> None:
+    manifest = read_manifest(pneumonia_bundle)
+    assert manifest["labels"] == ["normal", "pneumonia"]
+    assert manifest["source"] == "medmnist/pneumonia:all:train"
 
 
 def test_task_spec_takes_the_declared_labels_and_keeps_the_bundle_input(
@@ -114,3 +118,8 @@ def test_a_breast_federation_publishes_breast_labels_everywhere(
     assert {r["predicted"] for r in rows} <= set(BREAST_LABELS)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["final"]["version"] in (0, 1)
+    card = model_card(site_models[0], signing_pub_path)
+    assert "2 classes (normal/benign, malignant)" in card
+    assert "**Positive class** (what sensitivity, p(positive) and the threshold refer to): " \
+        "malignant" in card
+    assert "medmnist/pneumonia:all:train" in card

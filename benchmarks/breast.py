@@ -19,7 +19,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,15 +47,19 @@ SEEDS_BY_HOSPITALS = {5: SEEDS, 20: SEEDS}
 ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     # frozen backbone: cached features, so no augmentation (it would need the backbone)
     ("head", "FedAvg, head only", "fed",
-     ("model.trainable=head", "federation.local.lr=0.01", "federation.local.augment=none")),
+     ("model.family=resnet", "model.trainable=head", "federation.local.lr=0.01",
+      "federation.local.augment=none")),
     ("head+last-1", "FedAvg, head + last residual stage", "fed",
-     ("model.trainable=head+last-1",)),
-    ("all", "FedAvg, full fine-tuning", "fed", ("model.trainable=all",)),
+     ("model.family=resnet", "model.trainable=head+last-1")),
+    ("all", "FedAvg, full fine-tuning", "fed", ("model.family=resnet", "model.trainable=all")),
     ("cnn-all", "FedAvg, full fine-tuning, the small CNN (earlier backbone)", "fed",
      ("model.family=cnn", "model.trainable=all")),
-    ("scratch", "FedAvg, full model from scratch", "fed+scratch", ("model.trainable=all",)),
+    ("scratch", "FedAvg, full model from scratch", "fed+scratch",
+     ("model.family=resnet", "model.trainable=all")),
+    ("cnn-scratch", "FedAvg, the small CNN from scratch", "fed+scratch",
+     ("model.family=cnn", "model.trainable=all")),
     ("central", "Centralised, full fine-tuning (pooled hospital train splits)", "central",
-     ("model.trainable=all",)),
+     ("model.family=resnet", "model.trainable=all")),
 )
 WORKERS = max(1, min(2, os.cpu_count() or 1))  # processes running (row, hospitals, seed) runs
 TUNED: tuple[str, ...] = ()  # applied to every row (the rounds are the config's)
@@ -138,26 +144,33 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Every row for 5 and 20 hospitals over the seeds (quick: 5 hospitals, 1 seed)."""
+def _jobs(rows: tuple[tuple[str, str, str, tuple[str, ...]], ...], quick: bool
+          ) -> list[tuple[str, tuple[str, ...], int, int, int | None]]:
+    """(kind, overrides, hospitals, seed, rounds) of every run the rows need."""
     rounds = 3 if quick else None
     hospitals = HOSPITALS[:1] if quick else HOSPITALS
-    jobs = [(kind, extra, k, s, rounds) for _, _, kind, extra in ROWS for k in hospitals
+    return [(kind, extra, k, s, rounds) for _, _, kind, extra in rows for k in hospitals
             for s in (SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k])]
-    for _, _, kind, extra in ROWS:  # pretrain each backbone once, before the workers share it
+
+
+def _run_jobs(rows: tuple[tuple[str, str, str, tuple[str, ...]], ...], quick: bool
+              ) -> list[dict[str, Any]]:
+    """Every run of `rows`, then one summary per row over the seeds."""
+    jobs = _jobs(rows, quick)
+    for _, _, kind, extra in rows:  # pretrain each backbone once, before the workers share it
         if kind != "fed+scratch":
             emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
                                WORK / "home" / "signing.key")
     # runs are independently seeded: the same figures for any number of worker processes
     with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=_one_thread) as pool:
         done = dict(zip(jobs, pool.starmap(one_run, jobs), strict=True))
-    rows = []
-    for key, label, kind, extra in ROWS:
+    out = []
+    for key, label, kind, extra in rows:
         row: dict[str, Any] = {"key": key, "label": label, "kind": kind,
                                "overrides": list(extra)}
-        for k in hospitals:
+        for k in (HOSPITALS[:1] if quick else HOSPITALS):
             seeds = SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k]
-            runs = [done[(kind, extra, k, s, rounds)] for s in seeds]
+            runs = [done[(kind, extra, k, s, 3 if quick else None)] for s in seeds]
             row[str(k)] = {
                 "validation_auc": over_seeds(r["validation"]["auc"] for r in runs),
                 "test_auc": over_seeds(r["test"]["auc"] for r in runs),
@@ -173,21 +186,41 @@ def run(quick: bool) -> dict[str, Any]:
                 "seeds": list(seeds)}
             print(f"  breast {key} x{k}: validation AUC {fmt(row[str(k)]['validation_auc'])}",
                   flush=True)
-        rows.append(row)
+        out.append(row)
+    return out
+
+
+def _family(row: dict[str, Any]) -> str:
+    """The model family a row trains (its override, else the config's)."""
+    for text in row["overrides"]:
+        if text.startswith("model.family="):
+            return text.split("=", 1)[1]
+    return load_config(CONFIG, TUNED).model.family
+
+
+def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] | None
+            ) -> dict[str, Any]:
+    """The result: rows, the validation-chosen headline row, the gain over scratch, and one
+    real `medfed simulate` of the headline row (`real`, when it already ran that row)."""
+    hospitals = HOSPITALS[:1] if quick else HOSPITALS
     fed = [r for r in rows if r["kind"].startswith("fed")]
     head = max(fed, key=lambda r: r["5"]["validation_auc"]["mean"])  # chosen on validation
-    # the gain compares the best pretrained row (also chosen on validation) with scratch
+    # the gain compares the best pretrained row (also chosen on validation) with the same
+    # model family trained from scratch: pretraining, not another architecture
     pre = max((r for r in fed if r["kind"] == "fed"),
               key=lambda r: r["5"]["validation_auc"]["mean"])
-    scratch = next(r for r in rows if r["key"] == "scratch")
-    _, _, _, head_extra = next(x for x in ROWS if x[0] == head["key"])
-    real = [] if quick else [real_simulation(head_extra, 5, 0)]
+    scratch = next(r for r in rows
+                   if r["kind"] == "fed+scratch" and _family(r) == _family(pre))
+    if quick:
+        real = []
+    elif not real or real[0].get("row") != head["key"]:
+        real = [{**real_simulation(tuple(head["overrides"]), 5, 0), "row": head["key"]}]
     seeds = SEEDS[:1] if quick else SEEDS
     return {
         "seeds": list(seeds), "hospitals": list(hospitals),
         "seeds_by_hospitals": {str(k): list(SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k])
                                for k in hospitals},
-        "rounds": rounds or load_config(CONFIG, TUNED).federation.rounds,
+        "rounds": 3 if quick else load_config(CONFIG, TUNED).federation.rounds,
         "config": str(CONFIG.relative_to(ROOT)), "tuned_overrides": list(TUNED),
         "rows": rows, "reference": REFERENCE, "headline_row": head["key"],
         "real_simulation": real,
@@ -197,13 +230,39 @@ def run(quick: bool) -> dict[str, Any]:
                                      "seeds": len(seeds), "row": head["key"]},
             "breast_auc_gain_pretrained_vs_scratch": {
                 "value": (pre["5"]["test_auc"]["mean"] - scratch["5"]["test_auc"]["mean"]),
-                "selected_on": "validation", "row": pre["key"]},
+                "selected_on": "validation", "row": pre["key"], "scratch_row": scratch["key"]},
             **({"breast_minutes_cpu": {"value": real[0]["wall_s"] / 60, "hospitals": 5,
                                        "rounds": real[0]["rounds"], "row": head["key"],
                                        "command": "medfed simulate, 2 CPU cores"}}
                if real else {}),
         },
     }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every row for 5 and 20 hospitals over the seeds (quick: 5 hospitals, 1 seed)."""
+    return _finish(_run_jobs(ROWS, quick), quick, None)
+
+
+def add_rows(keys: list[str], path: Path) -> dict[str, Any]:
+    """Run only the rows `keys` and put them into the stored full result at `path` (the
+    other rows as stored); the headline is chosen again over all rows."""
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    chosen = tuple(r for r in ROWS if r[0] in keys)
+    unknown = sorted(set(keys) - {r[0] for r in chosen})
+    if unknown or stored.get("quick"):
+        raise SystemExit(f"unknown row {unknown} (choose from {[r[0] for r in ROWS]}) "
+                         "or a quick result")
+    new = {r["key"]: r for r in _run_jobs(chosen, quick=False)}
+    old = {r["key"]: r for r in stored["rows"]}
+    for key, _, _, extra in ROWS:  # the same runs, each row's family now named explicitly
+        if key in old:
+            old[key]["overrides"] = list(extra)
+    rows = [new.get(key) or old[key] for key, *_ in ROWS if key in new or key in old]
+    real = [{**x, "row": x.get("row", stored["headline_row"])} for x in stored["real_simulation"]]
+    out = {**stored, **_finish(rows, False, real)}
+    out["added_rows"] = sorted({*stored.get("added_rows", []), *keys})
+    return out
 
 
 def _seed_text(res: dict[str, Any]) -> str:
@@ -243,3 +302,14 @@ def markdown(res: dict[str, Any]) -> str:
                   md_table(["rounds", "version kept", "validation AUC", "test AUC", "wall"],
                            real)]
     return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.breast --add-rows cnn-scratch: those rows into results/breast.json
+    # (then `python -m benchmarks.run --render` rewrites RESULTS.md and headline.json)
+    if len(sys.argv) != 3 or sys.argv[1] != "--add-rows":
+        raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...]")
+    target = ROOT / "benchmarks" / "results" / "breast.json"
+    result = add_rows(sys.argv[2].split(","), target)
+    target.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"wrote {target}")

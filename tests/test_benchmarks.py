@@ -168,3 +168,22 @@ def test_gpu_check_is_not_run_without_a_recorded_result_and_shown_with_one(
     assert head["gpu_check"]["train_event_devices"] == ["cuda:0"]
     text = (fake_bench / "RESULTS.md").read_text()
     assert "| train_images_per_s_cuda | 52000.000 |" in text and "cuda:0" in text
+
+
+def test_breast_gain_compares_the_chosen_pretrained_row_with_its_own_family_from_scratch(
+) -> None:
+    from benchmarks import breast
+
+    def row(key: str, kind: str, family: str, val: float, test: float) -> dict:
+        return {"key": key, "kind": kind, "overrides": [f"model.family={family}"],
+                "5": {"validation_auc": {"mean": val}, "test_auc": {"mean": test}}}
+
+    rows = [row("all", "fed", "resnet", 0.86, 0.85), row("cnn-all", "fed", "cnn", 0.87, 0.88),
+            row("scratch", "fed+scratch", "resnet", 0.84, 0.80),
+            row("cnn-scratch", "fed+scratch", "cnn", 0.83, 0.84),
+            row("central", "central", "resnet", 0.95, 0.95)]
+    out = breast._finish(rows, quick=True, real=None)
+    assert out["headline_row"] == "cnn-all"  # the highest validation AUC among federated rows
+    gain = out["headline"]["breast_auc_gain_pretrained_vs_scratch"]
+    assert (gain["row"], gain["scratch_row"]) == ("cnn-all", "cnn-scratch")
+    assert gain["value"] == pytest.approx(0.04)  # not 0.08 against the residual CNN's scratch

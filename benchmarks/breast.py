@@ -144,19 +144,21 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _jobs(rows: tuple[tuple[str, str, str, tuple[str, ...]], ...], quick: bool
-          ) -> list[tuple[str, tuple[str, ...], int, int, int | None]]:
-    """(kind, overrides, hospitals, seed, rounds) of every run the rows need."""
-    rounds = 3 if quick else None
-    hospitals = HOSPITALS[:1] if quick else HOSPITALS
-    return [(kind, extra, k, s, rounds) for _, _, kind, extra in rows for k in hospitals
-            for s in (SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k])]
+Rows = tuple[tuple[str, str, str, tuple[str, ...]], ...]
 
 
-def _run_jobs(rows: tuple[tuple[str, str, str, tuple[str, ...]], ...], quick: bool
-              ) -> list[dict[str, Any]]:
+def _plan(quick: bool) -> tuple[int | None, tuple[int, ...], dict[int, tuple[int, ...]]]:
+    """(rounds: None keeps the config's, hospital counts, seeds per hospital count)."""
+    if quick:
+        return 3, HOSPITALS[:1], {HOSPITALS[0]: SEEDS[:1]}
+    return None, HOSPITALS, SEEDS_BY_HOSPITALS
+
+
+def _run_jobs(rows: Rows, quick: bool) -> list[dict[str, Any]]:
     """Every run of `rows`, then one summary per row over the seeds."""
-    jobs = _jobs(rows, quick)
+    rounds, hospitals, seeds_by = _plan(quick)
+    jobs = [(kind, extra, k, s, rounds) for _, _, kind, extra in rows for k in hospitals
+            for s in seeds_by[k]]
     for _, _, kind, extra in rows:  # pretrain each backbone once, before the workers share it
         if kind != "fed+scratch":
             emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
@@ -168,9 +170,9 @@ def _run_jobs(rows: tuple[tuple[str, str, str, tuple[str, ...]], ...], quick: bo
     for key, label, kind, extra in rows:
         row: dict[str, Any] = {"key": key, "label": label, "kind": kind,
                                "overrides": list(extra)}
-        for k in (HOSPITALS[:1] if quick else HOSPITALS):
-            seeds = SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k]
-            runs = [done[(kind, extra, k, s, 3 if quick else None)] for s in seeds]
+        for k in hospitals:
+            seeds = seeds_by[k]
+            runs = [done[(kind, extra, k, s, rounds)] for s in seeds]
             row[str(k)] = {
                 "validation_auc": over_seeds(r["validation"]["auc"] for r in runs),
                 "test_auc": over_seeds(r["test"]["auc"] for r in runs),
@@ -202,7 +204,7 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
             ) -> dict[str, Any]:
     """The result: rows, the validation-chosen headline row, the gain over scratch, and one
     real `medfed simulate` of the headline row (`real`, when it already ran that row)."""
-    hospitals = HOSPITALS[:1] if quick else HOSPITALS
+    rounds, hospitals, seeds_by = _plan(quick)
     fed = [r for r in rows if r["kind"].startswith("fed")]
     head = max(fed, key=lambda r: r["5"]["validation_auc"]["mean"])  # chosen on validation
     # the gain compares the best pretrained row (also chosen on validation) with the same
@@ -215,12 +217,11 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
         real = []
     elif not real or real[0].get("row") != head["key"]:
         real = [{**real_simulation(tuple(head["overrides"]), 5, 0), "row": head["key"]}]
-    seeds = SEEDS[:1] if quick else SEEDS
+    seeds = seeds_by[hospitals[0]]
     return {
         "seeds": list(seeds), "hospitals": list(hospitals),
-        "seeds_by_hospitals": {str(k): list(SEEDS[:1] if quick else SEEDS_BY_HOSPITALS[k])
-                               for k in hospitals},
-        "rounds": 3 if quick else load_config(CONFIG, TUNED).federation.rounds,
+        "seeds_by_hospitals": {str(k): list(seeds_by[k]) for k in hospitals},
+        "rounds": rounds or load_config(CONFIG, TUNED).federation.rounds,
         "config": str(CONFIG.relative_to(ROOT)), "tuned_overrides": list(TUNED),
         "rows": rows, "reference": REFERENCE, "headline_row": head["key"],
         "real_simulation": real,

@@ -6,6 +6,7 @@ The manifest is a plain JSON dict (see DESIGN.md, "The model bundle"). Writing a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -128,8 +129,7 @@ def task_spec(manifest: dict[str, Any], declared: DataSpec | None,
             f" but the bundle's model takes inputs of shape {tuple(spec.input_shape)} and has "
             f"{spec.num_classes} outputs ({', '.join(spec.labels)}): pretrain a bundle for "
             "this data")
-    return DataSpec(spec.kind, spec.input_shape, spec.num_classes, declared.labels,
-                    spec.feature_names, spec.schema)
+    return dataclasses.replace(spec, labels=declared.labels)
 
 
 def json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from common.bundle import (
     sign_manifest,
 )
 from common.config import Config
-from common.data.federated import declared_spec
 from common.data.splits import DataSpec
 from common.device import resolve_device, seed_everything
 from common.manifest import (
@@ -43,7 +42,6 @@ from common.manifest import (
     make_manifest,
     model_from_manifest,
     stats_from_manifest,
-    task_spec,
 )
 from common.models import SplitModel, load_state, set_trainable, split_state
 from common.registry import Registry
@@ -57,7 +55,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.heldout import Heldout, aggregate_test, build_heldout
+from server.heldout import Heldout, aggregate_test, task_and_heldout
 from server.history import RunHistory
 from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
 from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
@@ -411,8 +409,7 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     if cfg.federation.reset_head:
         reset_head(model, cfg.seed)
     trainable = set_trainable(model, cfg.model.trainable)
-    spec = task_spec(bundle.manifest, declared_spec(cfg.federation.data))
-    heldout = build_heldout(cfg, spec, stats_from_manifest(bundle.manifest))
+    spec, heldout = task_and_heldout(cfg, bundle.manifest)
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
                                     timeout=cfg.federation.strategy.round_timeout,
                                     validation=cfg.federation.validation,
@@ -422,8 +419,7 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
     history = RunHistory(settings.run_dir)
     return Federation(cfg, settings, bundle, model, trainable, heldout, spec, registry,
-                      provisioning,
-                      history, device, key, round_offset=offset)
+                      provisioning, history, device, key, round_offset=offset)
 
 
 def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,

@@ -134,10 +134,16 @@ def preflight(cfg: Config, bundle_dir: Path) -> Heldout:
     `medfed server`.
     """
     from common.bundle import read_manifest  # noqa: PLC0415
+
+    # a bundle that cannot learn the federation's task stops here, before any process starts
+    return task_and_heldout(cfg, read_manifest(Path(bundle_dir)))[1]
+
+
+def task_and_heldout(cfg: Config, manifest: dict[str, Any]) -> tuple[DataSpec, Heldout]:
+    """The task the run publishes versions for (the bundle's model, the federation data's
+    class names; refused when the model cannot learn it) and the check it names."""
     from common.data.federated import declared_spec  # noqa: PLC0415
     from common.manifest import stats_from_manifest, task_spec  # noqa: PLC0415
 
-    manifest = read_manifest(Path(bundle_dir))
-    # a bundle that cannot learn the federation's task stops here, before any process starts
     spec = task_spec(manifest, declared_spec(cfg.federation.data))
-    return build_heldout(cfg, spec, stats_from_manifest(manifest))
+    return spec, build_heldout(cfg, spec, stats_from_manifest(manifest))

@@ -25,6 +25,11 @@ PLOT_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 CSV_SPLITS = ("validation", "test")
 
 
+def _line(r: dict[str, Any]) -> str:
+    """One round of `metrics.jsonl`."""
+    return json.dumps(r, sort_keys=True) + "\n"
+
+
 def _mean_train_loss(r: dict[str, Any]) -> float | None:
     return mean_defined([m.get("loss") for m in r.get("train", {}).values()])
 
@@ -35,26 +40,37 @@ class RunHistory:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.rounds: list[dict[str, Any]] = []
+        # each round's JSON line, encoded once: re-encoding every earlier round (with every
+        # site's metrics) on each record made a long run's bookkeeping grow with rounds^2
+        self._lines: dict[int, str] = {}
+        self._splits_text: str | None = None
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # resuming: keep the completed rounds
             lines = path.read_text(encoding="utf-8").splitlines()
             self.rounds = [json.loads(line) for line in lines if line.strip()]
+            self._lines = {r["round"]: _line(r) for r in self.rounds}
 
     def record(self, server_round: int, metrics: dict[str, Any], elapsed: float) -> None:
         """Add (or replace) one round and rewrite the metric files."""
+        row = {"round": server_round, "elapsed_s": round(elapsed, 3), **metrics}
         self.rounds = [r for r in self.rounds if r["round"] != server_round]
-        self.rounds.append({"round": server_round, "elapsed_s": round(elapsed, 3), **metrics})
+        self.rounds.append(row)
         self.rounds.sort(key=lambda r: r["round"])
+        self._lines[server_round] = _line(row)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds)
+        text = "".join(self._lines[r["round"]] for r in self.rounds)
         atomic_write_text(self.run_dir / "metrics.jsonl", text)
         atomic_write_text(self.run_dir / "metrics.csv", self._csv())
 
     def write_splits(self, sizes: dict[str, dict[str, int]]) -> None:
-        """`splits.json`: train / validation / test rows each site declared."""
+        """`splits.json`: train / validation / test rows each site declared (written when
+        they change; the server passes them after every round)."""
+        text = json.dumps(sizes, indent=2, sort_keys=True) + "\n"
+        if text == self._splits_text:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "splits.json",
-                          json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.run_dir / "splits.json", text)
+        self._splits_text = text
 
     def _csv(self) -> str:
         rows = []

@@ -59,6 +59,48 @@ def test_recording_a_round_again_replaces_it_and_rounds_stay_sorted(tmp_path) ->
         [(0, 0.0), (1, 0.1), (2, 0.9)]
 
 
+def test_a_long_run_encodes_each_round_once(tmp_path, monkeypatch) -> None:
+    # the metrics files are rewritten after every round; encoding every earlier round (every
+    # site's metrics) again each time made a 1000-round run's bookkeeping grow with rounds^2
+    import server.history as history
+
+    encoded: list[int] = []
+    real = history.json.dumps
+
+    def counting(obj: Any, **kw: Any) -> str:
+        if isinstance(obj, dict) and "round" in obj:
+            encoded.append(obj["round"])
+        return real(obj, **kw)
+
+    monkeypatch.setattr(history.json, "dumps", counting)
+    hist = RunHistory(tmp_path)
+    sites = {f"site-{i}": 0.3 for i in range(20)}
+    for rnd in range(40):
+        hist.record(rnd, _round(0.5, 0.6, sites), float(rnd))
+    assert sorted(encoded) == list(range(40))
+    monkeypatch.undo()
+    assert [r["round"] for r in _jsonl(tmp_path)] == list(range(40))
+    # a resumed history (a new process) continues the same file
+    resumed = RunHistory(tmp_path)
+    resumed.record(40, _round(0.9, 0.9, sites), 41.0)
+    rows = _jsonl(tmp_path)
+    assert [r["round"] for r in rows] == list(range(41)) and rows[40]["validation"]["auc"] == 0.9
+    assert rows[3] == json.loads(json.dumps({"round": 3, "elapsed_s": 3.0,
+                                             **_round(0.5, 0.6, sites)}))
+
+
+def test_split_sizes_are_written_only_when_they_change(tmp_path) -> None:
+    hist = RunHistory(tmp_path)
+    hist.write_splits({"a": {"train": 3, "validation": 1, "test": 1}})
+    (tmp_path / "splits.json").touch()
+    touched = (tmp_path / "splits.json").stat().st_mtime_ns
+    hist.write_splits({"a": {"train": 3, "validation": 1, "test": 1}})
+    assert (tmp_path / "splits.json").stat().st_mtime_ns == touched
+    hist.write_splits({"a": {"train": 3, "validation": 1, "test": 1},
+                       "b": {"train": 4, "validation": 2, "test": 2}})
+    assert json.loads((tmp_path / "splits.json").read_text())["b"]["train"] == 4
+
+
 def test_csv_has_validation_and_test_columns_and_the_mean_train_loss(tmp_path) -> None:
     hist = RunHistory(tmp_path)
     hist.record(0, _round(0.5, 0.6, {}), 0.0)

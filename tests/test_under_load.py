@@ -12,9 +12,13 @@ from tests.limits import COMMAND_S
 
 
 def _run(*args: str) -> tuple[int, dict, list[int]]:
-    """Exit code, the printed figures, and busy loops started since that are still alive."""
+    """Exit code, the printed figures, and busy loops started since that are still alive.
+
+    The inner pytest runs in one process (`-n 0`): two xdist workers starting beside the
+    hogs cost this suite half a minute and check nothing more."""
     before = snapshot()
-    done = subprocess.run([sys.executable, "-m", "tests.under_load", "--hogs", "2", *args],
+    done = subprocess.run([sys.executable, "-m", "tests.under_load", "--hogs", "2", *args,
+                           "-n", "0"],
                           cwd=PROJECT, capture_output=True, text=True, timeout=COMMAND_S)
     line = next(x for x in done.stdout.splitlines() if x.startswith("under load: "))
     left = [p.pid for p in processes() if (p.pid, p.start) not in before

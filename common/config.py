@@ -67,6 +67,10 @@ class DataConfig:
     # site: each site z-normalises with its own train-split statistics (FLamby);
     # bundle: everyone uses the statistics stored in the bundle (source train split)
     normalisation: str = "site"
+    # the classes' names in class-index order, as predictions, model cards and reports show
+    # them (e.g. [benign, malignant]); empty: the source's own (MedMNIST's, the CSV schema's
+    # `labels`) or, for a federation whose hospitals bring their own images, the bundle's
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

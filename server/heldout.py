@@ -142,8 +142,11 @@ def preflight(cfg: Config, bundle_dir: Path) -> Heldout:
 def task_and_heldout(cfg: Config, manifest: dict[str, Any]) -> tuple[DataSpec, Heldout]:
     """The task the run publishes versions for (the bundle's model, the federation data's
     class names; refused when the model cannot learn it) and the check it names."""
-    from common.data.federated import declared_spec  # noqa: PLC0415
+    from common.data.federated import declared_spec, named  # noqa: PLC0415
     from common.manifest import stats_from_manifest, task_spec  # noqa: PLC0415
 
-    spec = task_spec(manifest, declared_spec(cfg.federation.data))
+    data = cfg.federation.data
+    # a name the operator gives wins: hospitals bringing their own images declare nothing
+    spec = named(task_spec(manifest, declared_spec(data)), data.labels, "federation.data.labels",
+                 "the bundle's model has")
     return spec, build_heldout(cfg, spec, stats_from_manifest(manifest))

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.client_app import make_client_app
 from client.model_card import model_card
 from common.bundle import read_manifest
-from common.config import DataConfig
+from common.config import ConfigError, DataConfig
 from common.config_check import load_config
 from common.data import DataError
 from common.data.federated import declared_spec
@@ -25,6 +25,7 @@ from common.manifest import spec_from_manifest, task_spec
 from common.pretrain import pretrain
 from medfed.cli import main
 from server.federation import run_federation
+from server.heldout import task_and_heldout
 from tests.flower_helpers import task_identity
 from tests.inprocess_grid import InProcessGrid, run_settings
 
@@ -79,6 +80,53 @@ def test_a_task_of_other_classes_or_inputs_is_refused(pneumonia_bundle: Path) ->
         assert part in text, (part, text)
 
 
+def test_operator_class_names_are_checked_before_anything_starts(
+        pneumonia_bundle: Path, signing_key_path: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["simulate", "--config", str(BREAST), "--set",
+                 "federation.data.labels=[benign, malignant, other]",
+                 "--bundle", str(pneumonia_bundle), "--keys", str(signing_key_path),
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "'federation.data.labels'" in err[0] and "3 classes" in err[0] \
+        and "has 2 (normal/benign, malignant)" in err[0], err
+    assert not out.exists()
+
+
+def test_a_server_checks_operator_names_against_the_bundles_model(
+        pneumonia_bundle: Path) -> None:
+    # `medfed server` reads no hospital data: the count is checked against the model's outputs
+    manifest = read_manifest(pneumonia_bundle)
+    cfg = load_config(BREAST, ["federation.data.labels=[no lesion, lesion]"])
+    assert task_and_heldout(cfg, manifest)[0].labels == ("no lesion", "lesion")
+    cfg = load_config(BREAST, ["federation.data.labels=[a, b, c]"])
+    with pytest.raises(DataError) as err:
+        task_and_heldout(cfg, manifest)
+    assert "'federation.data.labels' names 3 classes (a, b, c) but the bundle's model has 2 " \
+        "(normal/benign, malignant)" in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "part"), [
+    ("[benign, benign]", "names class 'benign' twice"),
+    ("['', malignant]", "'federation.data.labels[0]'"),
+    ("[benign, 7]", "'federation.data.labels[1]'"),
+])
+def test_bad_class_names_are_refused_when_the_config_is_read(value: str, part: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(BREAST, [f"federation.data.labels={value}"])
+    assert part in str(err.value), str(err.value)
+
+
+def test_pretraining_names_the_bundles_classes_as_told(tmp_path: Path,
+                                                       signing_key: Ed25519PrivateKey) -> None:
+    out = tmp_path / "pretrain"
+    pretrain(load_config(BREAST, (*TINY, "pretrain.data.labels=[clear, opacity]")), out,
+             signing_key)
+    assert read_manifest(out)["labels"] == ["clear", "opacity"]
+
+
 def test_medfed_simulate_refuses_that_task_before_anything_starts(
         pneumonia_bundle: Path, signing_key_path: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,19 +140,27 @@ def test_medfed_simulate_refuses_that_task_before_anything_starts(
     assert not out.exists()
 
 
+# the operator's names (`federation.data.labels`) win: hospitals bringing their own images
+# for a new task declare no names, and the pretraining's would be wrong for it
+OWN_LABELS = ["no lesion", "lesion"]
+
+
+@pytest.mark.parametrize("labels", [BREAST_LABELS, OWN_LABELS], ids=["medmnist", "operator"])
 def test_a_breast_federation_publishes_breast_labels_everywhere(
         pneumonia_bundle: Path, signing_key_path: Path, signing_pub_path: Path,
-        tmp_path: Path) -> None:
+        tmp_path: Path, labels: list[str]) -> None:
     run_dir = tmp_path / "run"
-    settings = run_settings(BREAST, TINY, run_dir, pneumonia_bundle, signing_key_path)
+    extra = () if labels == BREAST_LABELS else (f"federation.data.labels=[{', '.join(labels)}]",)
+    settings = run_settings(BREAST, (*TINY, *extra), run_dir, pneumonia_bundle,
+                            signing_key_path)
     grid = InProcessGrid(make_client_app(settings), 5)  # type: ignore[arg-type]
     run_federation(grid, settings)
     for version in ("v0000", "v0001"):
-        assert read_manifest(run_dir / "registry" / version)["labels"] == BREAST_LABELS
+        assert read_manifest(run_dir / "registry" / version)["labels"] == labels
     site_models = sorted((run_dir / "nodes").glob("*/personalised"))
     assert len(site_models) == 5
     for site_model in site_models:
-        assert read_manifest(site_model)["labels"] == BREAST_LABELS
+        assert read_manifest(site_model)["labels"] == labels
     # what a clinician reads: the prediction columns name breast-ultrasound classes
     images = tmp_path / "images.npy"
     np.save(images, load_medmnist_split("breast", "test")[0][:4])
@@ -114,12 +170,12 @@ def test_a_breast_federation_publishes_breast_labels_everywhere(
     with predictions.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    assert set(rows[0]) >= {"p_malignant", "p_normal/benign"}
-    assert {r["predicted"] for r in rows} <= set(BREAST_LABELS)
+    assert set(rows[0]) >= {f"p_{name}" for name in labels}
+    assert {r["predicted"] for r in rows} <= set(labels)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["final"]["version"] in (0, 1)
     card = model_card(site_models[0], signing_pub_path)
-    assert "2 classes (normal/benign, malignant)" in card
+    assert f"2 classes ({labels[0]}, {labels[1]})" in card
     assert "**Positive class** (what sensitivity, p(positive) and the threshold refer to): " \
-        "malignant" in card
+        f"{labels[1]}" in card
     assert "medmnist/pneumonia:all:train" in card

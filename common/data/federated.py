@@ -9,6 +9,7 @@ preprocessing work the same for every source.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
+from common.config import DataConfig, show
 from common.data.partition import (
     parse_partition,
     partition_dirichlet,
@@ -72,11 +73,40 @@ def check_data_config(cfg: DataConfig) -> None:
     check_fraction("data.validation_fraction", cfg.validation_fraction)
     if cfg.num_sites < 0:
         raise DataError(f"config key 'data.num_sites' must be 0 or more, got {cfg.num_sites}")
+    _check_labels(cfg.labels)
     if cfg.source == "csv":
         if not cfg.csv_schema:
             raise DataError("config key 'data.csv_schema' is empty; give the schema YAML file")
         if not cfg.csv_paths:
             raise DataError("config key 'data.csv_paths' is empty; list one CSV file per site")
+
+
+MAX_LABEL = 64  # characters of a class name (a prediction column is `p_<name>`)
+
+
+def _check_labels(labels: tuple[str, ...]) -> None:
+    for i, name in enumerate(labels):
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_LABEL \
+                or not name.isprintable():
+            raise DataError(f"config key 'data.labels[{i}]' must be a class name of 1 to "
+                            f"{MAX_LABEL} printable characters, got {show(name)}")
+    if len(set(labels)) != len(labels):
+        twice = next(n for n in labels if labels.count(n) > 1)
+        raise DataError(f"config key 'data.labels' names class {twice!r} twice")
+
+
+def named(spec: DataSpec, labels: tuple[str, ...], key: str = "data.labels",
+          holder: str = "the data has") -> DataSpec:
+    """`spec` with the class names `labels` (empty: unchanged); one per class, in order."""
+    if not labels:
+        return spec
+    _check_labels(labels)
+    if len(labels) != spec.num_classes:
+        raise DataError(
+            f"config key '{key}' names {len(labels)} classes ({', '.join(labels)}) but "
+            f"{holder} {spec.num_classes} ({', '.join(spec.labels)}): give one name per class, "
+            "in class-index order")
+    return dataclasses.replace(spec, labels=tuple(labels))
 
 
 def _select(sites: list[SiteSplit], wanted: tuple[str, ...], source: str) -> list[SiteSplit]:
@@ -91,7 +121,13 @@ def _select(sites: list[SiteSplit], wanted: tuple[str, ...], source: str) -> lis
 
 
 def natural_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
-    """The source's own hospitals (restricted to `cfg.sites`), raw, in three splits."""
+    """The source's own hospitals (restricted to `cfg.sites`), raw, in three splits; the
+    spec carries `cfg.labels` when given."""
+    spec, sites = _source_sites(cfg)
+    return named(spec, cfg.labels), sites
+
+
+def _source_sites(cfg: DataConfig) -> tuple[DataSpec, list[SiteSplit]]:
     check_data_config(cfg)
     # imported here: each source is loaded only when asked for
     if cfg.source == "heart":

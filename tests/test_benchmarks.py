@@ -170,12 +170,14 @@ def test_gpu_check_is_not_run_without_a_recorded_result_and_shown_with_one(
     assert "| train_images_per_s_cuda | 52000.000 |" in text and "cuda:0" in text
 
 
-def test_breast_gain_compares_the_chosen_pretrained_row_with_its_own_family_from_scratch(
+def test_breast_gain_compares_the_chosen_pretrained_row_with_the_same_setting_from_scratch(
 ) -> None:
     from benchmarks import breast
 
-    def row(key: str, kind: str, family: str, val: float, test: float) -> dict:
-        return {"key": key, "kind": kind, "overrides": [f"model.family={family}"],
+    def row(key: str, kind: str, family: str, val: float, test: float,
+            rounds: int = 40) -> dict:
+        return {"key": key, "kind": kind,
+                "overrides": [f"model.family={family}", f"federation.rounds={rounds}"],
                 "5": {"validation_auc": {"mean": val}, "test_auc": {"mean": test}}}
 
     rows = [row("all", "fed", "resnet", 0.86, 0.85), row("cnn-all", "fed", "cnn", 0.87, 0.88),
@@ -187,3 +189,10 @@ def test_breast_gain_compares_the_chosen_pretrained_row_with_its_own_family_from
     gain = out["headline"]["breast_auc_gain_pretrained_vs_scratch"]
     assert (gain["row"], gain["scratch_row"]) == ("cnn-all", "cnn-scratch")
     assert gain["value"] == pytest.approx(0.04)  # not 0.08 against the residual CNN's scratch
+    # at equal rounds too: a longer pretrained row is compared with as long a scratch row
+    rows += [row("cnn-all-80", "fed", "cnn", 0.89, 0.90, rounds=80),
+             row("cnn-scratch-80", "fed+scratch", "cnn", 0.85, 0.87, rounds=80)]
+    gain = breast._finish(rows, quick=True, real=None)["headline"][
+        "breast_auc_gain_pretrained_vs_scratch"]
+    assert (gain["row"], gain["scratch_row"]) == ("cnn-all-80", "cnn-scratch-80")
+    assert gain["value"] == pytest.approx(0.03)

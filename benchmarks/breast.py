@@ -46,7 +46,8 @@ SEEDS_BY_HOSPITALS = {5: SEEDS, 20: SEEDS}
 # chosen setting (full fine-tuning with augmentation); rows change what trains and the rate.
 # rows of the first table name 40 rounds (configs/breast.yaml's budget when they ran); the
 # LONG rows run configs/breast.yaml's budget now (chosen on validation, breast_sweep.json)
-SHORT = "federation.rounds=40"
+SHORT_ROUNDS = 40
+SHORT = f"federation.rounds={SHORT_ROUNDS}"
 LONG = 160
 ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     # frozen backbone: cached features, so no augmentation (it would need the backbone)
@@ -237,7 +238,7 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
     return {
         "seeds": list(seeds), "hospitals": list(hospitals),
         "seeds_by_hospitals": {str(k): list(seeds_by[k]) for k in hospitals},
-        "rounds": rounds or int(SHORT.split("=")[1]),
+        "rounds": rounds or SHORT_ROUNDS,
         "config": str(CONFIG.relative_to(ROOT)), "tuned_overrides": list(TUNED),
         "rows": rows, "reference": REFERENCE, "headline_row": head["key"],
         "real_simulation": real,

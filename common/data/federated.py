@@ -97,10 +97,10 @@ def _check_labels(labels: tuple[str, ...]) -> None:
 
 def named(spec: DataSpec, labels: tuple[str, ...], key: str = "data.labels",
           holder: str = "the data has") -> DataSpec:
-    """`spec` with the class names `labels` (empty: unchanged); one per class, in order."""
+    """`spec` with the class names `labels` (empty: unchanged); one per class, in order.
+    The names themselves were checked with the config (:func:`check_data_config`)."""
     if not labels:
         return spec
-    _check_labels(labels)
     if len(labels) != spec.num_classes:
         raise DataError(
             f"config key '{key}' names {len(labels)} classes ({', '.join(labels)}) but "

@@ -30,14 +30,27 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import emulate
-from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, require_ok, run_cmd
+from benchmarks.util import (
+    ROOT,
+    WORK,
+    CmdResult,
+    bench_env,
+    fmt,
+    md_table,
+    medfed,
+    require_ok,
+    run_cmd,
+)
 
 CONFIG = ROOT / "configs" / "heart.yaml"
 SIZES_FULL = ((10, 10), (100, 5), (1000, 3))  # (hospitals, rounds)
 SIZES_QUICK = ((100, 3),)
 REPEATS_FULL, REPEATS_QUICK = 3, 1
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+FOLD = "federation.evaluate_with_train=true"  # the simulate side with one message per node
 ROWS_PER_SITE = 40  # synthetic rows per hospital on average (geometric sizes, >= 4 each)
+
+
 def overrides(hospitals: int, rounds: int) -> list[str]:
     """The synthetic-source run: N hospitals, all sampled every round, no adaptation."""
     return [
@@ -116,6 +129,7 @@ def _bare(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, Any]:
 
 
 def _simulate(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, Any]:
+    """`medfed simulate`; with :data:`FOLD` among `ovr` its lines lag a round (see below)."""
     run_dir = WORK / "overhead" / tag
     if run_dir.exists():
         import shutil
@@ -127,16 +141,46 @@ def _simulate(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, A
                          "--out", str(run_dir)), {**bench_env(home), **ONE_THREAD}, log,
                   progress=run_dir / "metrics.jsonl", interval=0.1)
     require_ok(res, log)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    elapsed = [json.loads(line)["elapsed_s"] for line in lines]  # rounds 0..R
+    return _rounds_of(res, run_dir / "metrics.jsonl", lag=1 if FOLD in ovr else 0)
+
+
+def _plain(ovr: list[str], bundle: Path, home: Path, tag: str) -> dict[str, Any]:
+    """The same work as a plain Flower simulation (`benchmarks/plain_sim.py`)."""
+    progress = WORK / "overhead" / f"{tag}-rounds.jsonl"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.unlink(missing_ok=True)
+    request = json.dumps({"config": str(CONFIG), "overrides": ovr, "bundle": str(bundle),
+                          "home": str(home), "progress": str(progress)})
+    log = WORK / "logs" / f"overhead-flower-{tag}.log"
+    res = run_cmd([sys.executable, "-m", "benchmarks.plain_sim", request],
+                  {**bench_env(home), **ONE_THREAD}, log, progress=progress, interval=0.1)
+    require_ok(res, log)
+    return _rounds_of(res, progress)
+
+
+def _rounds_of(res: CmdResult, progress: Path, lag: int = 0) -> dict[str, Any]:
+    """Whole-run and per-round (2+) figures of a run whose `progress` file gets one JSON line
+    per round, round 0 (the initial model) first, each with `elapsed_s`.
+
+    Line r ends round r, except with `federation.evaluate_with_train` (`lag=1`): the line of
+    version r waits for its scores, which come back with round r + 1's training, so line r
+    ends round r + 1 and the last line ends an evaluation-only exchange, no round.
+    """
+    lines = progress.read_text().splitlines()
+    elapsed = [json.loads(line)["elapsed_s"] for line in lines]  # one per version 0..R
     rounds = len(elapsed) - 1
-    # line 1 is round 0 (the initial model), line r+1 ends round r
-    cpu_marks = res.cpu_at_line
-    per_round_cpu = ((cpu_marks[rounds] - cpu_marks[1]) / (rounds - 1)
-                     if rounds > 1 and len(cpu_marks) > rounds else None)
+    cpu_marks = res.cpu_at_line  # tree CPU when each line appeared
+
+    def end_of(r: int) -> int:  # the line written when round r's training ended
+        return r - lag
+
+    per_round_cpu = per_round_wall = None
+    if rounds > 1 and len(cpu_marks) > end_of(rounds):
+        per_round_cpu = (cpu_marks[end_of(rounds)] - cpu_marks[end_of(1)]) / (rounds - 1)
+        per_round_wall = (elapsed[end_of(rounds)] - elapsed[end_of(1)]) / (rounds - 1)
     wall_rounds = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
     return {"wall_s": res.wall_s, "cpu_s": res.cpu_s, "peak_rss_gb": res.peak_rss_bytes / 2**30,
-            "round_s": wall_rounds, "per_round_wall_s": _per_round_after_start(wall_rounds),
+            "round_s": wall_rounds, "per_round_wall_s": per_round_wall,
             "per_round_cpu_s": per_round_cpu}
 
 
@@ -147,15 +191,18 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
     return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
 
 
-FOLD = "federation.evaluate_with_train=true"  # the simulate side with one message per node
-SIDES = ("bare", "sim", "fold")
+SIDES = ("bare", "sim", "fold", "flower")
+RUNNERS = {"sim": lambda ovr, *rest: _simulate(ovr, *rest),
+           "fold": lambda ovr, *rest: _simulate(ovr + [FOLD], *rest),
+           "flower": _plain}
 
 
 def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, Any]:
     """The three sides for one size, alternated `repeats` times; the figures of the table.
 
     `sim` is `medfed simulate` as configured by default (train, then evaluate messages);
-    `fold` the same run with `federation.evaluate_with_train` (one message per node per round).
+    `fold` the same run with `federation.evaluate_with_train` (one message per node per round);
+    `flower` the bare loop's work as a plain Flower simulation (`benchmarks/plain_sim.py`).
     """
     from common.config_check import load_config
 
@@ -168,22 +215,20 @@ def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, 
         order = SIDES if rep % 2 == 0 else SIDES[::-1]
         load = [round(v, 2) for v in os.getloadavg()]
         sides = {side: _bare(ovr, bundle, home, tag) if side == "bare" else
-                 _simulate(ovr + ([FOLD] if side == "fold" else []), bundle, home,
-                           f"{tag}-{side}")
-                 for side in order}
+                 RUNNERS[side](ovr, bundle, home, f"{tag}-{side}") for side in order}
         reps.append({"order": list(order), "load_average_at_start": load, **sides})
-        b, s, f = sides["bare"], sides["sim"], sides["fold"]
         print(f"    {hospitals} hospitals, repeat {rep + 1}: per round (2+) CPU simulate "
-              f"{fmt(s['per_round_cpu_s'], 2)} s, with evaluate_with_train "
-              f"{fmt(f['per_round_cpu_s'], 2)} s, bare {b['per_round_cpu_s']:.2f} s", flush=True)
+              f"{fmt(sides['sim']['per_round_cpu_s'], 2)} s, with evaluate_with_train "
+              f"{fmt(sides['fold']['per_round_cpu_s'], 2)} s, plain Flower "
+              f"{fmt(sides['flower']['per_round_cpu_s'], 2)} s, bare "
+              f"{sides['bare']['per_round_cpu_s']:.2f} s", flush=True)
 
-    def ratio(side: str, key: str, r: dict[str, Any]) -> float | None:
-        sim, bare = r[side][key], r["bare"][key]
-        return sim / bare if sim is not None and bare else None
+    def ratio(side: str, key: str, r: dict[str, Any], base: str = "bare") -> float | None:
+        num, den = r[side][key], r[base][key]
+        return num / den if num is not None and den else None
 
     out: dict[str, Any] = {"hospitals": hospitals, "rounds": rounds, "repeats": reps}
-    for side in ("sim", "fold"):
-        pre = "" if side == "sim" else "fold_"
+    for side, pre in (("sim", ""), ("fold", "fold_"), ("flower", "flower_")):
         out.update({
             f"{pre}cpu_ratio": _spread([ratio(side, "cpu_s", r) for r in reps]),
             f"{pre}cpu_ratio_per_round": _spread([ratio(side, "per_round_cpu_s", r)
@@ -196,6 +241,9 @@ def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, 
             f"{side}_wall_s": _spread([r[side]["wall_s"] for r in reps]),
             f"{side}_peak_rss_gb": max(r[side]["peak_rss_gb"] for r in reps),
         })
+    # medfed's own share: the one-message-per-node run against plain Flower doing the same work
+    out["fold_vs_flower_cpu_ratio_per_round"] = _spread(
+        [ratio("fold", "per_round_cpu_s", r, "flower") for r in reps])
     out.update({
         "bare_cpu_s": _spread([r["bare"]["cpu_s"] for r in reps]),
         "bare_per_round_cpu_s": _spread([r["bare"]["per_round_cpu_s"] for r in reps]),
@@ -221,13 +269,17 @@ def run(quick: bool) -> dict[str, Any]:
         print(f"  overhead {hospitals} hospitals: CPU ratio per round (2+) median "
               f"{fmt(r['cpu_ratio_per_round']['median'], 2)}, whole run "
               f"{fmt(r['cpu_ratio']['median'], 2)}; with evaluate_with_train "
-              f"{fmt(r['fold_cpu_ratio_per_round']['median'], 2)}; peak RSS "
+              f"{fmt(r['fold_cpu_ratio_per_round']['median'], 2)}; plain Flower "
+              f"{fmt(r['flower_cpu_ratio_per_round']['median'], 2)}; evaluate_with_train / "
+              f"plain Flower {fmt(r['fold_vs_flower_cpu_ratio_per_round']['median'], 2)}; "
+              "peak RSS "
               f"{r['sim_peak_rss_gb']:.2f} GB", flush=True)
     by_size = {r["hospitals"]: r for r in rows}
     biggest = max(rows, key=lambda r: r["hospitals"])
 
     def per_round(h: int, pre: str = "") -> float | None:
-        return by_size[h][f"{pre}cpu_ratio_per_round"]["median"] if h in by_size else None
+        key = f"{pre}cpu_ratio_per_round"
+        return by_size[h][key]["median"] if h in by_size and key in by_size[h] else None
 
     return {
         "rows": rows, "rows_per_site": ROWS_PER_SITE, "config": str(CONFIG.relative_to(ROOT)),
@@ -236,6 +288,10 @@ def run(quick: bool) -> dict[str, Any]:
             "sim_cpu_ratio_1000": per_round(1000),
             "sim_cpu_ratio_100_evaluate_with_train": per_round(100, "fold_"),
             "sim_cpu_ratio_1000_evaluate_with_train": per_round(1000, "fold_"),
+            "plain_flower_cpu_ratio_100": per_round(100, "flower_"),
+            "plain_flower_cpu_ratio_1000": per_round(1000, "flower_"),
+            "sim_cpu_ratio_100_vs_plain_flower": per_round(100, "fold_vs_flower_"),
+            "sim_cpu_ratio_1000_vs_plain_flower": per_round(1000, "fold_vs_flower_"),
         },
         "biggest": {"hospitals": biggest["hospitals"], "peak_rss_gb": biggest["sim_peak_rss_gb"]},
     }
@@ -253,9 +309,10 @@ def markdown(res: dict[str, Any]) -> str:
     table = []
     for r in res["rows"]:
         for side, pre, label in (("sim", "", "simulate"),
-                                 ("fold", "fold_", "simulate, evaluate_with_train")):
+                                 ("fold", "fold_", "simulate, evaluate_with_train"),
+                                 ("flower", "flower_", "plain Flower, same work")):
             if f"{pre}cpu_ratio_per_round" not in r:
-                continue  # results stored before the second simulate side existed
+                continue  # results stored before this side existed
             table.append([
                 str(r["hospitals"]), str(r["rounds"]), str(len(r["repeats"])), label,
                 _cell(r[f"{side}_per_round_cpu_s"], 2, " s"),
@@ -264,18 +321,32 @@ def markdown(res: dict[str, Any]) -> str:
                 _cell(r[f"{pre}cpu_ratio"]), _cell(r[f"{pre}wall_ratio_per_round"]),
                 _cell(r[f"{pre}wall_ratio"]), fmt(r[f"{side}_peak_rss_gb"], 2),
                 ", ".join(str(x["load_average_at_start"][0]) for x in r["repeats"])])
-    return "\n\n".join([
+    shares = [[str(r["hospitals"]), _cell(r["fold_per_round_cpu_s"], 2, " s"),
+               _cell(r["flower_per_round_cpu_s"], 2, " s"),
+               _cell(r["fold_vs_flower_cpu_ratio_per_round"])]
+              for r in res["rows"] if "fold_vs_flower_cpu_ratio_per_round" in r]
+    parts = [
         f"Synthetic source, about {res['rows_per_site']} rows per hospital, MLP of "
         f"`{res['config']}` (head trains), every hospital sampled every round. Median "
-        "[min, max] over the repeats; ratios are simulate / bare, each repeat's sides run "
-        "one after another (bare, simulate, simulate with evaluate_with_train; reversed in "
-        "every other repeat).",
-        md_table(["hospitals", "rounds", "repeats", "side", "simulate CPU / round (2+)",
-                  "bare CPU / round (2+)", "CPU ratio / round (2+)", "simulate CPU, whole run",
+        "[min, max] over the repeats; ratios are side / bare, each repeat's sides run "
+        "one after another (bare, simulate, simulate with evaluate_with_train, plain Flower; "
+        "reversed in every other repeat). 'plain Flower, same work' is the bare loop's work "
+        "in Flower's simulation runtime without medfed (`benchmarks/plain_sim.py`): its ratio "
+        "is what the runtime costs.",
+        md_table(["hospitals", "rounds", "repeats", "side", "side CPU / round (2+)",
+                  "bare CPU / round (2+)", "CPU ratio / round (2+)", "side CPU, whole run",
                   "bare CPU, whole run", "CPU ratio, whole run", "wall ratio / round (2+)",
-                  "wall ratio, whole run", "simulate peak RSS GB",
+                  "wall ratio, whole run", "side peak RSS GB",
                   "1-min load at each repeat's start"], table),
-    ])
+    ]
+    if shares:
+        parts += ["medfed's own share: `medfed simulate` with `federation.evaluate_with_train` "
+                  "against the plain Flower app, both one message per node per round, ratio "
+                  "per repeat:",
+                  md_table(["hospitals", "medfed simulate, evaluate_with_train CPU / round "
+                            "(2+)", "plain Flower CPU / round (2+)",
+                            "medfed / plain Flower"], shares)]
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "bare":

@@ -21,6 +21,10 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "sim_cpu_ratio_1000": ("<=", 2.0),
     "sim_cpu_ratio_100_evaluate_with_train": ("<=", 1.5),
     "sim_cpu_ratio_1000_evaluate_with_train": ("<=", 2.0),
+    "plain_flower_cpu_ratio_100": None,  # the same work in plain Flower / bare: the runtime's
+    "plain_flower_cpu_ratio_1000": None,
+    "sim_cpu_ratio_100_vs_plain_flower": None,  # evaluate_with_train / plain Flower: medfed's
+    "sim_cpu_ratio_1000_vs_plain_flower": None,
     "max_hospitals_simulated": (">=", 10000),
     "max_hospitals_sampled_fraction": None,
     "peak_rss_gb_max_hospitals": ("<=", 6.0),

@@ -198,3 +198,31 @@ def test_a_train_reply_claiming_more_validation_rows_than_declared_is_excluded(
 def test_evaluate_with_train_refuses_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="evaluate_with_train.*secure_aggregation"):
         load_config(HEART, [FOLD, "federation.privacy.secure_aggregation=true"])
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["separate", "evaluate_with_train"])
+def test_the_overhead_benchmark_spans_exactly_the_training_rounds_it_divides_by(
+        tmp_path: Path, heart_bundle: Path, signing_key_path: Path, fold: bool) -> None:
+    """benchmarks/overhead.py reads a run's per-round CPU between metrics.jsonl lines. With
+    one message per node, version r's line waits for round r + 1's training and the last
+    line for an evaluation-only exchange: the span must still hold exactly its rounds of
+    training. Here the 'CPU' at each line is the training rounds done when it appeared."""
+    from benchmarks.overhead import FOLD as BENCH_FOLD
+    from benchmarks.overhead import _rounds_of
+    from benchmarks.util import CmdResult
+
+    run_dir = tmp_path / "run"
+    trained, at_line = [0], []
+
+    def count(msg: Message, reply: Message) -> Message:
+        # lines are written by the server between exchanges: record them before this one
+        at_line.extend([trained[0] / HOSPITALS] * (len(_rows(run_dir)) - len(at_line)))
+        trained[0] += msg.metadata.message_type == "train"
+        return reply
+
+    _run(run_dir, heart_bundle, signing_key_path, *([FOLD] if fold else []), reply=count)
+    at_line.extend([trained[0] / HOSPITALS] * (len(_rows(run_dir)) - len(at_line)))
+    assert BENCH_FOLD == FOLD and len(at_line) == 4  # versions 0..3
+    result = CmdResult(0, 1.0, 0, 1.0, tuple(at_line))
+    figures = _rounds_of(result, run_dir / "metrics.jsonl", lag=1 if fold else 0)
+    assert figures["per_round_cpu_s"] == pytest.approx(1.0)  # rounds 2 and 3: 2 rounds / 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ class BackboneCache:
         Verified once per process and file version (see the module notes)."""
         entry = self.entry(sha256)
         stamp = _stamp(entry)
-        key = (str(entry.resolve()), sha256)
+        # an absolute path, not a resolved one: resolving costs a syscall per component on
+        # every message, and two spellings of one entry only mean one more verification
+        key = (os.path.abspath(entry), sha256)
         seen = _verified.get(key)
         if stamp is not None and seen is not None and seen[0] == stamp:
             return seen[1], seen[2]
@@ -143,7 +146,7 @@ class FeatureCache:
     def get(self, key: str) -> np.ndarray | None:
         """Cached training features, or None."""
         path = self.root / f"{key}.npz"
-        memo = str(path.resolve())
+        memo = os.path.abspath(path)  # see BackboneCache.load
         if memo in _features:
             _features.move_to_end(memo)
             return _features[memo]
@@ -174,4 +177,4 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{key}.npz"
         atomic_write_bytes(path, buf.getvalue())
-        self._remember(str(path.resolve()), train)
+        self._remember(os.path.abspath(path), train)

@@ -30,9 +30,14 @@ def emit(workdir: Path | None, event: str, **fields: Any) -> None:
     record = {"time": datetime.now(UTC).isoformat(timespec="seconds"),
               "event": event, **{k: _plain(v) for k, v in fields.items()}}
     line = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
+    path = workdir / EVENTS_FILE
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(workdir / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the first event of a new node: one mkdir, not one each
+            workdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, line)
         finally:

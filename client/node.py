@@ -99,15 +99,21 @@ class Node:
     run: RunSettings
     settings: NodeSettings
     _site: SiteSplit | None = field(default=None, repr=False)
+    # what one message looks up more than once (the node lives for one message)
+    _workdir: Path | None = field(default=None, repr=False)
+    _loaded: dict[str, tuple[bytes, dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def workdir(self) -> Path:
         """Caches and models of this node; a simulated node's is named after its site."""
-        if self.settings.workdir is not None:
-            return self.settings.workdir
-        pid = self.settings.partition_id if self.settings.partition_id is not None else 0
-        name = simulated_site_name(self.cfg.federation.data, self.cfg.seed, pid)
-        return self.run.run_dir / "nodes" / sanitise_name(name)
+        if self._workdir is None:
+            if self.settings.workdir is not None:
+                self._workdir = self.settings.workdir
+            else:
+                pid = self.settings.partition_id if self.settings.partition_id is not None else 0
+                name = simulated_site_name(self.cfg.federation.data, self.cfg.seed, pid)
+                self._workdir = self.run.run_dir / "nodes" / sanitise_name(name)
+        return self._workdir
 
     @property
     def backbones(self) -> BackboneCache:
@@ -127,7 +133,9 @@ class Node:
         equal verified bytes); each message gets its own copy to train. `scoring` hands out
         the process's one scratch copy instead: only for a forward pass after the caller
         loads every trainable tensor into it (what scoring leaves alone is never written)."""
-        file_bytes, manifest = self.backbones.load(backbone_sha)
+        if backbone_sha not in self._loaded:  # verified (or its files' stamps) once a message
+            self._loaded[backbone_sha] = self.backbones.load(backbone_sha)
+        file_bytes, manifest = self._loaded[backbone_sha]
         key = (backbone_sha, self.cfg.model.trainable)
         built = _built_models.get(key)
         if built is None or built[0] != file_bytes:

@@ -67,6 +67,14 @@ def test_events_are_timestamped_sentences_and_json_lines(tmp_path: Path) -> None
     assert [e.get("version") for e in follower.new()] == [3]  # completed later, read once
 
 
+def test_the_first_event_of_a_new_node_creates_its_directory(tmp_path: Path) -> None:
+    workdir = tmp_path / "nodes" / "cleveland"
+    follower = events.Follower(workdir / events.EVENTS_FILE)
+    events.emit(workdir, "train", site="a", round=1, rows=10, steps=2, loss=0.5)
+    events.emit(workdir, "train", site="a", round=2, rows=10, steps=2, loss=0.4)
+    assert [e["round"] for e in follower.new()] == [1, 2]
+
+
 def test_refused_joins_are_named_for_the_operator() -> None:
     line = ("ERROR :     [/v1/fleet/activate-node][ApiError:2004] Attempted to register "
             "SuperNode with public key: b'-----BEGIN PUBLIC KEY-----\\nMHYwEAYHKoZIzj0CAQYFK4E"

@@ -108,6 +108,29 @@ def test_each_message_gets_its_own_copy_of_the_built_model(tmp_path: Path, store
                    zip(one.state_dict().values(), three.state_dict().values(), strict=True))
 
 
+def test_one_message_checks_its_backbone_files_once_the_next_one_again(
+        tmp_path: Path, stored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A train message with evaluate_with_train builds two models (scoring, then training):
+    the backbone's files are looked at once for both; a new message looks again."""
+    cache, payload = stored
+    run = RunSettings(config_path=HEART, overrides=(), run_dir=tmp_path / "run",
+                      bundle=None, keys=tmp_path / "unused.key")
+    settings = NodeSettings(site_name="cleveland", partition_id=None, num_partitions=0,
+                            data_path=None, workdir=tmp_path, device="cpu",
+                            signing_pub=cache.signing_pub)
+    cache.load(payload.sha256)  # verified once in this process: what each message re-checks
+    looks: list[Path] = []
+    original = client.cache._stamp
+    monkeypatch.setattr(client.cache, "_stamp", lambda entry: looks.append(entry) or
+                        original(entry))
+    node = Node(run.load_config(), run, settings)
+    node.model(payload.sha256, scoring=True)
+    node.model(payload.sha256)
+    assert len(looks) == 1
+    Node(run.load_config(), run, settings).model(payload.sha256)
+    assert len(looks) == 2
+
+
 def test_features_stay_in_memory_after_they_are_written(tmp_path: Path, monkeypatch) -> None:
     cache = FeatureCache(tmp_path / "features")
     features = np.arange(12, dtype=np.float32).reshape(3, 4)

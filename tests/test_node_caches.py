@@ -87,14 +87,19 @@ def test_the_config_is_parsed_once_per_file_version(tmp_path: Path, heart_bundle
     assert second.federation.rounds == 3
 
 
-def test_each_message_gets_its_own_copy_of_the_built_model(tmp_path: Path, stored) -> None:
-    cache, payload = stored
+def _message_node(tmp_path: Path, cache: BackboneCache) -> Node:
+    """The node of one message at a deployed hospital (heart config, workdir tmp_path)."""
     run = RunSettings(config_path=HEART, overrides=(), run_dir=tmp_path / "run",
                       bundle=None, keys=tmp_path / "unused.key")
     settings = NodeSettings(site_name="cleveland", partition_id=None, num_partitions=0,
                             data_path=None, workdir=tmp_path, device="cpu",
                             signing_pub=cache.signing_pub)
-    node = Node(run.load_config(), run, settings)
+    return Node(run.load_config(), run, settings)
+
+
+def test_each_message_gets_its_own_copy_of_the_built_model(tmp_path: Path, stored) -> None:
+    cache, payload = stored
+    node = _message_node(tmp_path, cache)
     one, _, names = node.model(payload.sha256)
     two, _, names2 = node.model(payload.sha256)
     assert one is not two and names == names2
@@ -113,21 +118,16 @@ def test_one_message_checks_its_backbone_files_once_the_next_one_again(
     """A train message with evaluate_with_train builds two models (scoring, then training):
     the backbone's files are looked at once for both; a new message looks again."""
     cache, payload = stored
-    run = RunSettings(config_path=HEART, overrides=(), run_dir=tmp_path / "run",
-                      bundle=None, keys=tmp_path / "unused.key")
-    settings = NodeSettings(site_name="cleveland", partition_id=None, num_partitions=0,
-                            data_path=None, workdir=tmp_path, device="cpu",
-                            signing_pub=cache.signing_pub)
     cache.load(payload.sha256)  # verified once in this process: what each message re-checks
     looks: list[Path] = []
     original = client.cache._stamp
     monkeypatch.setattr(client.cache, "_stamp", lambda entry: looks.append(entry) or
                         original(entry))
-    node = Node(run.load_config(), run, settings)
+    node = _message_node(tmp_path, cache)
     node.model(payload.sha256, scoring=True)
     node.model(payload.sha256)
     assert len(looks) == 1
-    Node(run.load_config(), run, settings).model(payload.sha256)
+    _message_node(tmp_path, cache).model(payload.sha256)
     assert len(looks) == 2
 
 

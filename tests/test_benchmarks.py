@@ -198,3 +198,33 @@ def test_breast_gain_compares_the_chosen_pretrained_row_with_the_same_setting_fr
         "breast_auc_gain_pretrained_vs_scratch"]
     assert (gain["row"], gain["scratch_row"]) == ("cnn-all-80", "cnn-scratch-80")
     assert gain["value"] == pytest.approx(0.03)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_plain_flower_side_trains_every_hospital_every_round(tmp_path: Path) -> None:
+    """benchmarks/plain_sim.py (the overhead benchmark's plain Flower app), its ServerApp and
+    ClientApp on an in-process grid: a line per round, each after every hospital's update."""
+    from flwr.app import Context, RecordDict
+
+    from benchmarks import emulate, overhead, plain_sim
+    from common.config_check import load_config
+    from tests.flower_helpers import task_identity
+    from tests.inprocess_grid import InProcessGrid
+
+    hospitals, rounds = 3, 2
+    ovr = [*overhead.overrides(hospitals, rounds), "pretrain.optim.epochs=1",
+           "federation.local.steps=2"]
+    cfg = load_config(overhead.CONFIG, ovr)
+    bundle = emulate.bundle_for(cfg, tmp_path / "bundles", tmp_path / "signing.key")
+    progress = tmp_path / "rounds.jsonl"
+    request = json.dumps({"config": str(overhead.CONFIG), "overrides": ovr,
+                          "bundle": str(bundle), "home": str(tmp_path),
+                          "progress": str(progress)}, sort_keys=True)
+    grid = InProcessGrid(plain_sim.make_client(request), hospitals)
+    with task_identity():
+        plain_sim.make_server(request)(grid, Context(run_id=7, node_id=0, node_config={},
+                                                     state=RecordDict(), run_config={}))
+    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [line["replies"] for line in lines[1:]] == [hospitals] * rounds
+    assert all(not r.has_error() for r in grid.received) and len(grid.received) == 6

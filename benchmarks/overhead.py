@@ -2,16 +2,19 @@
 
 Both sides use the SYNTHETIC source (federation.data.source=synthetic, N hospitals), the same
 pretrained MLP bundle, the same local steps and seeds, and per round do the same work: every
-sampled hospital trains the head (`train_local`), every hospital evaluates the new global model
-on its local validation and test splits, and the server evaluates it on the held-out set. The
-bare loop runs in one process, hospitals one after another; the simulation runs Flower's
-runtime with Ray (one CPU per simulated node) and adds what the product does (messages,
-backbone provisioning, reply checks, signed registry versions, final model delivery). The
-simulation runs twice: as configured by default (a train and then an evaluate message per
-node per round) and with `federation.evaluate_with_train` (the evaluation travels with the
-next train message: one message per node per round). All sides run with one thread per
-process (OMP/MKL/torch), so CPU time compares work, not idle spinning. Sides alternate
-(bare, simulate, simulate with evaluate_with_train; then reversed), three times per size.
+sampled hospital trains the head (`train_local`) and every hospital evaluates the global model
+on its local validation and test splits (heart.yaml's held-out set is the sites' validation,
+scored at the sites). The bare loop runs in one process, hospitals one after another; the
+simulation runs Flower's runtime with Ray (one CPU per simulated node) and adds what the
+product does (messages, backbone provisioning, reply checks, signed registry versions, final
+model delivery). The simulation runs twice: as configured by default (a train and then an
+evaluate message per node per round) and with `federation.evaluate_with_train` (the
+evaluation travels with the next train message: one message per node per round). A fourth
+side runs the bare loop's work as a plain Flower app (`benchmarks/plain_sim.py`): what
+Flower's runtime costs without medfed. All sides run with one thread per process
+(OMP/MKL/torch), so CPU time compares work, not idle spinning. Sides alternate (bare,
+simulate, simulate with evaluate_with_train, plain Flower; then reversed), three times per
+size.
 
 CPU time is summed over the whole process tree (psutil, every 0.1 s); 'per round' compares
 rounds 2+ (round 1 carries Ray's start, actor warm-up and backbone provisioning): the tree's
@@ -192,13 +195,12 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 
 SIDES = ("bare", "sim", "fold", "flower")
-RUNNERS = {"sim": lambda ovr, *rest: _simulate(ovr, *rest),
-           "fold": lambda ovr, *rest: _simulate(ovr + [FOLD], *rest),
+RUNNERS = {"sim": _simulate, "fold": lambda ovr, *rest: _simulate(ovr + [FOLD], *rest),
            "flower": _plain}
 
 
 def measure(hospitals: int, rounds: int, home: Path, repeats: int) -> dict[str, Any]:
-    """The three sides for one size, alternated `repeats` times; the figures of the table.
+    """The four sides for one size, alternated `repeats` times; the figures of the tables.
 
     `sim` is `medfed simulate` as configured by default (train, then evaluate messages);
     `fold` the same run with `federation.evaluate_with_train` (one message per node per round);

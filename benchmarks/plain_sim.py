@@ -22,7 +22,6 @@ import copy
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -153,23 +152,20 @@ def run(request: dict[str, Any]) -> int:
     from flwr.simulation import run_simulation
 
     from server import flower_speedups
-    from server.simulate_worker import start_ray
+    from server.simulate_worker import backend_config, ray_init_args, start_ray
 
     logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
     request_json = json.dumps(request, sort_keys=True)
     nodes = len(work_for(request_json).inputs)
     flower_speedups.install(Loader(request_json))
-    cpus = os.cpu_count() or 1
-    init_args = {"num_cpus": cpus, "include_dashboard": False,
-                 "logging_level": logging.WARNING, "log_to_driver": True}
+    init_args = ray_init_args()
     why = start_ray(init_args, 300.0)
     if why is not None:
         print(f"plain Flower simulation: Ray did not start: {why}", file=sys.stderr)
         return 1
-    backend_config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                      "init_args": init_args}
     run_simulation(server_app=make_server(request_json), client_app=make_client(request_json),
-                   num_supernodes=nodes, backend_config=backend_config)
+                   num_supernodes=nodes,
+                   backend_config=backend_config(init_args, 1.0, 0.0))  # one CPU per node
     lines = [json.loads(line) for line in Path(request["progress"]).read_text().splitlines()]
     complete = [line for line in lines[1:] if line["replies"] == nodes]
     if len(complete) != work_for(request_json).cfg.federation.rounds:

@@ -55,6 +55,19 @@ def start_ray(init_args: dict[str, Any], timeout_s: float) -> str | None:
     return None
 
 
+def ray_init_args() -> dict[str, Any]:
+    """How the simulation starts Ray: every core, no dashboard, warnings only."""
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+            "logging_level": logging.WARNING, "log_to_driver": True}
+
+
+def backend_config(init_args: dict[str, Any], cpus_per_client: float,
+                   gpus_per_client: float) -> dict[str, Any]:
+    """Flower's Ray backend config: the resources each simulated node's actor holds."""
+    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+            "init_args": init_args}
+
+
 def _runtime_failed(timeout_s: float, why: str) -> None:
     print(f"medfed: error: the simulation runtime did not start within {timeout_s:g} s: {why}",
           file=sys.stderr, flush=True)
@@ -93,22 +106,16 @@ def main(argv: list[str]) -> int:
 
     flower_speedups.install(ClientAppLoader(settings))
 
-    cpus = os.cpu_count() or 1
-    init_args = {"num_cpus": cpus, "include_dashboard": False,
-                 "logging_level": logging.WARNING, "log_to_driver": True}
+    init_args = ray_init_args()
     why = start_ray(init_args, request.runtime_start_timeout)
     if why is not None:
         _runtime_failed(request.runtime_start_timeout, why)
-    backend_config = {
-        "client_resources": {"num_cpus": request.cpus_per_client,
-                             "num_gpus": request.gpus_per_client or 0.0},
-        "init_args": init_args,
-    }
     run_simulation(
         server_app=make_server_app(settings),
         client_app=make_client_app(settings),
         num_supernodes=num_nodes,
-        backend_config=backend_config,  # type: ignore[arg-type]
+        backend_config=backend_config(
+            init_args, request.cpus_per_client, request.gpus_per_client or 0.0),
         verbose_logging=request.verbose,
     )
     return 0 if (settings.run_dir / "summary.json").exists() else 1

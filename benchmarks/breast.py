@@ -71,10 +71,6 @@ ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (f"cnn-scratch-{LONG}", f"FedAvg, the small CNN from scratch, {LONG} rounds", "fed+scratch",
      ("model.family=cnn", "model.trainable=all", f"federation.rounds={LONG}")),
 )
-# rows run at fewer hospital counts than HOSPITALS: the 160-round rows at 20 hospitals would
-# take 73 minutes of this 2-core machine (20 hospitals run 4x the local steps of 5); the
-# targets are at 5 hospitals
-ONLY_AT: dict[str, tuple[int, ...]] = {f"cnn-all-{LONG}": (5,), f"cnn-scratch-{LONG}": (5,)}
 WORKERS = max(1, min(2, os.cpu_count() or 1))  # processes running (row, hospitals, seed) runs
 TUNED: tuple[str, ...] = ()  # applied to every row (the rounds are the config's)
 
@@ -168,16 +164,32 @@ def _plan(quick: bool) -> tuple[int | None, tuple[int, ...], dict[int, tuple[int
     return None, HOSPITALS, SEEDS_BY_HOSPITALS
 
 
-def _counts(key: str, hospitals: tuple[int, ...]) -> tuple[int, ...]:
-    """The hospital counts row `key` runs at."""
-    return tuple(k for k in hospitals if k in ONLY_AT.get(key, hospitals))
+def _kept(stored: dict[str, dict[str, Any]], key: str, extra: tuple[str, ...], hospitals: int,
+          seeds: tuple[int, ...]) -> dict[str, Any] | None:
+    """Row `key`'s stored summary at `hospitals`, if it ran the same overrides and seeds:
+    the runs are seeded, so running it again would give the same figures."""
+    old = stored.get(key)
+    if old is None or old["overrides"] != list(extra) or str(hospitals) not in old:
+        return None
+    summary: dict[str, Any] = old[str(hospitals)]
+    return summary if summary["seeds"] == list(seeds) else None
 
 
-def _run_jobs(rows: Rows, quick: bool) -> list[dict[str, Any]]:
-    """Every run of `rows`, then one summary per row over the seeds."""
+def _jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]]
+          ) -> list[tuple[str, tuple[str, ...], int, int, int | None]]:
+    """(kind, overrides, hospitals, seed, rounds) of each run `rows` need beyond `stored`."""
     rounds, hospitals, seeds_by = _plan(quick)
-    jobs = [(kind, extra, k, s, rounds) for key, _, kind, extra in rows
-            for k in _counts(key, hospitals) for s in seeds_by[k]]
+    return [(kind, extra, k, s, rounds) for key, _, kind, extra in rows for k in hospitals
+            if _kept(stored, key, extra, k, seeds_by[k]) is None for s in seeds_by[k]]
+
+
+def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None = None
+              ) -> list[dict[str, Any]]:
+    """Every run of `rows`, then one summary per row over the seeds; the hospital counts
+    that `stored` (rows by key) holds for the same overrides and seeds are kept, not run."""
+    stored = stored or {}
+    rounds, hospitals, seeds_by = _plan(quick)
+    jobs = _jobs(rows, quick, stored)
     for _, _, kind, extra in rows:  # pretrain each backbone once, before the workers share it
         if kind != "fed+scratch":
             emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
@@ -189,7 +201,10 @@ def _run_jobs(rows: Rows, quick: bool) -> list[dict[str, Any]]:
     for key, label, kind, extra in rows:
         row: dict[str, Any] = {"key": key, "label": label, "kind": kind,
                                "overrides": list(extra)}
-        for k in _counts(key, hospitals):
+        for k in hospitals:
+            if (old := _kept(stored, key, extra, k, seeds_by[k])) is not None:
+                row[str(k)] = old
+                continue
             seeds = seeds_by[k]
             runs = [done[(kind, extra, k, s, rounds)] for s in seeds]
             row[str(k)] = {
@@ -264,18 +279,16 @@ def run(quick: bool) -> dict[str, Any]:
 
 def add_rows(keys: list[str], path: Path) -> dict[str, Any]:
     """Run only the rows `keys` and put them into the stored full result at `path` (the
-    other rows as stored); the headline is chosen again over all rows."""
+    other rows as stored; of these rows, the hospital counts stored for the same overrides
+    and seeds are kept); the headline is chosen again over all rows."""
     stored = json.loads(path.read_text(encoding="utf-8"))
     chosen = tuple(r for r in ROWS if r[0] in keys)
     unknown = sorted(set(keys) - {r[0] for r in chosen})
     if unknown or stored.get("quick"):
         raise SystemExit(f"unknown row {unknown} (choose from {[r[0] for r in ROWS]}) "
                          "or a quick result")
-    new = {r["key"]: r for r in _run_jobs(chosen, quick=False)}
     old = {r["key"]: r for r in stored["rows"]}
-    for key, _, _, extra in ROWS:  # the same runs, each row's family now named explicitly
-        if key in old:
-            old[key]["overrides"] = list(extra)
+    new = {r["key"]: r for r in _run_jobs(chosen, quick=False, stored=old)}
     rows = [new.get(key) or old[key] for key, *_ in ROWS if key in new or key in old]
     real = [{**x, "row": x.get("row", stored["headline_row"])} for x in stored["real_simulation"]]
     out = {**stored, **_finish(rows, False, real)}

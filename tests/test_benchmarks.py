@@ -200,6 +200,23 @@ def test_breast_gain_compares_the_chosen_pretrained_row_with_the_same_setting_fr
     assert gain["value"] == pytest.approx(0.03)
 
 
+def test_adding_a_row_runs_only_the_hospital_counts_not_stored_for_its_settings() -> None:
+    """`python -m benchmarks.breast --add-rows`: a (row, hospitals) summary stored for the same
+    overrides and seeds is kept; anything else about it changed, and it runs again."""
+    from benchmarks import breast
+
+    key, label, kind, extra = next(r for r in breast.ROWS if r[0] == "cnn-all-160")
+    seeds = list(breast.SEEDS_BY_HOSPITALS[5])
+    stored = {key: {"key": key, "overrides": list(extra), "5": {"seeds": seeds}}}
+    runs = breast._jobs(((key, label, kind, extra),), quick=False, stored=stored)
+    assert {(k, s) for _, _, k, s, _ in runs} == {(20, s) for s in breast.SEEDS_BY_HOSPITALS[20]}
+    for changed in ({"overrides": [*extra, "federation.local.lr=0.5"]},
+                    {"5": {"seeds": seeds[:1]}}):
+        runs = breast._jobs(((key, label, kind, extra),), quick=False,
+                            stored={key: {**stored[key], **changed}})
+        assert sorted({k for _, _, k, _, _ in runs}) == [5, 20]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_the_plain_flower_side_trains_every_hospital_every_round(tmp_path: Path) -> None:
     """benchmarks/plain_sim.py (the overhead benchmark's plain Flower app), its ServerApp and

@@ -160,11 +160,11 @@ def test_each_message_is_checked_once_not_once_per_node_before_it(monkeypatch, l
 def test_an_expired_message_is_dropped_and_the_nodes_next_one_delivered(loop) -> None:
     state, grid, mapping = _federation(3)
     node = next(iter(mapping))
-    stale = grid.create_message(RecordDict(), "train", node, "round", ttl=0.05)
+    stale = grid.create_message(RecordDict(), "train", node, "round", ttl=1.0)
     fresh = grid.create_message(RecordDict(), "train", node, "round")
     grid.push_messages([stale, fresh])
     assert stale.metadata.message_id and fresh.metadata.message_id
-    time.sleep(0.2)  # the first one's TTL has passed
+    time.sleep(1.2)  # the first one's TTL (1 s) has passed
     got = _run_loop(loop, state, mapping, want=1)
     assert [m.metadata.message_id for m in got] == [fresh.metadata.message_id]
     assert stale.metadata.message_id not in state.message_ins_store  # deleted, as Flower does

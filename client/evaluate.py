@@ -80,18 +80,23 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOTS = ("roc", "reliability")
+
+
+def report_paths(out: Path) -> list[Path]:
+    """`out` (JSON) plus `<stem>_roc.png` and `<stem>_reliability.png`."""
+    return [out, *(out.with_name(f"{out.stem}_{name}.png") for name in PLOTS)]
+
+
 def write_report(report: dict[str, Any], y: np.ndarray, proba: np.ndarray, out: Path
                  ) -> list[Path]:
-    """`out` (JSON) plus `<stem>_roc.png` and `<stem>_reliability.png`; the paths written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    written = [out]
-    for name, draw in (("roc", _roc), ("reliability", _reliability)):
-        path = out.with_name(f"{out.stem}_{name}.png")
+    """The files of :func:`report_paths`; the paths written."""
+    json_path, *png_paths = report_paths(Path(out))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    for path, draw in zip(png_paths, (_roc, _reliability), strict=True):
         atomic_write_bytes(path, draw(y, proba, report))
-        written.append(path)
-    return written
+    return [json_path, *png_paths]
 
 
 def _figure() -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from client.trust import open_bundle, site_stats_for, verification_key
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, refuse_replacing_input
 from common.data.csv_source import has_column, read_csv_checked
 from common.data.medmnist import load_image_file, read_labelled_npz
 from common.data.schema import DataError, encode
@@ -79,6 +79,7 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
     predictions equal what `medfed evaluate` reports.
     """
     resolve_device(device)
+    refuse_replacing_input([out], [data, *(p for p in [stats] if p is not None)])
     model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
     x_raw, _, ids = read_inputs(data, manifest)
     site_stats, stats_from = site_stats_for(model_dir, manifest, stats)

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +48,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def refuse_replacing_input(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """Stop before an output path would replace one of the command's input files (the same
+    file, also through a link): `predict --data x.csv --out x.csv` must not destroy the data."""
+    sources = [p for p in inputs if p.is_file()]
+    for out in outputs:
+        if not out.is_file():
+            continue
+        for src in sources:
+            if os.path.samefile(out, src):
+                what = "an input file" if out == src else f"the input file {src}"
+                raise FileExistsError(f"{out} is {what}: writing there would replace it; "
+                                      "choose another output path")
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:

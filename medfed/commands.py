@@ -106,10 +106,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`medfed evaluate`."""
-    from client.evaluate import evaluate_file, format_report, write_report
+    from client.evaluate import evaluate_file, format_report, report_paths, write_report
+    from common.atomic import refuse_replacing_input
 
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
+    if args.out is not None:
+        refuse_replacing_input(report_paths(args.out), [args.data])
     report, y, proba = evaluate_file(args.model, args.data, args.site_stats, args.public_key,
                                      certs=args.certs, unsigned=args.unsigned, seed=args.seed,
                                      samples=args.bootstrap)
@@ -122,9 +125,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """`medfed schema`."""
-    from common.atomic import atomic_write_text
+    from common.atomic import atomic_write_text, refuse_replacing_input
     from common.data.schema_draft import draft_schema
 
+    refuse_replacing_input([args.out], args.data)
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
     draft = draft_schema(list(args.data), args.label, tuple(args.ignore))

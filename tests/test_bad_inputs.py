@@ -14,6 +14,7 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -280,6 +281,14 @@ def _rename_column(text: str, old: str, new: str) -> str:
     return _csv(header, rows)
 
 
+def _break_line(text: str, row: int) -> str:
+    """A lone carriage return after the first character of the file's row `row` (1: header),
+    outside any quotes: read as a line break, it leaves that row one field."""
+    lines = text.split("\n")
+    lines[row - 1] = lines[row - 1][:1] + "\r" + lines[row - 1][1:]
+    return "\n".join(lines)
+
+
 def _not_utf8(text: str) -> bytes:
     lines = text.encode("utf-8").split(b"\n")
     lines[4] = lines[4] + b"\xe9"  # a Latin-1 e-acute after the last cell of row 4
@@ -290,8 +299,16 @@ def _not_utf8(text: str) -> bytes:
 CSV_MUTATIONS: dict[str, Callable[[str], tuple[bytes, tuple[str, ...]]]] = {
     "missing-column": lambda t: (_drop_column(t, "chol").encode(), ("'chol'", "missing")),
     "extra-column": lambda t: (_add_column(t, "bmi", "25").encode(), ("'bmi'", "unexpected")),
-    "text-in-numeric": lambda t: (_set_cell(t, "age", "old").encode(), ("'age'", "not numbers")),
-    "out-of-range": lambda t: (_set_cell(t, "age", "150").encode(), ("'age'", "range")),
+    # row 3 of the data is the file's (spreadsheet's) row 5: the header is row 1
+    "text-in-numeric": lambda t: (_set_cell(t, "age", "old").encode(),
+                                  ("'age'", "where a number", "(row 5)")),
+    "out-of-range": lambda t: (_set_cell(t, "age", "150").encode(), ("'age'", "range", "(row 5)")),
+    "column-name-case": lambda t: (_rename_column(t, "chol", "Chol").encode(),
+                                   ("'chol'", "missing", "'Chol'")),
+    "field-over-csv-limit": lambda t: (_set_cell(t, "age", "9" * 200_000).encode(),
+                                       ("row 5", "not valid CSV")),
+    "stray-carriage-return": lambda t: (_break_line(t, 5).encode(),
+                                        ("row 5", "fields but the header")),
     "empty-file": lambda t: (b"", ("empty",)),
     "header-only": lambda t: (t.splitlines(keepends=True)[0].encode(), ("no data rows",)),
     "label-not-in-codes": lambda t: (_set_cell(t, "num", "7").encode(), ("'num'", "positive")),
@@ -434,7 +451,45 @@ def heldout_unknown_mode(c: Ctx) -> Call:
     return Call(argv, c.tmp / "run", ("federation.heldout", "pooled-test"))
 
 
+def _hospital_csv(c: Ctx) -> Path:
+    data = c.tmp / "hospital.csv"
+    data.write_text(c.heart_csv, encoding="utf-8")
+    return data
+
+
+def predict_out_is_the_data_file(c: Ctx) -> Call:
+    """Writing the predictions over the patients' file would destroy it."""
+    data = _hospital_csv(c)
+    argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(data),
+            "--public-key", str(c.signing_pub), "--device", "cpu"]
+    return Call(argv, c.tmp / "nothing", ("hospital.csv", "an input file", "another output"))
+
+
+def predict_out_is_a_link_to_the_data_file(c: Ctx) -> Call:
+    data = _hospital_csv(c)
+    link = c.tmp / "preds.csv"
+    os.link(data, link)  # another name, the same file
+    argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(link),
+            "--public-key", str(c.signing_pub), "--device", "cpu"]
+    return Call(argv, c.tmp / "nothing", ("preds.csv", "the input file", "hospital.csv"))
+
+
+def evaluate_out_is_the_data_file(c: Ctx) -> Call:
+    data = _hospital_csv(c)
+    argv = ["evaluate", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(data),
+            "--public-key", str(c.signing_pub)]
+    return Call(argv, c.tmp / "nothing", ("hospital.csv", "input file"))
+
+
+def schema_out_is_a_data_file_even_with_force(c: Ctx) -> Call:
+    data = _hospital_csv(c)
+    argv = ["schema", "--data", str(data), "--label", "num", "--out", str(data), "--force"]
+    return Call(argv, c.tmp / "nothing", ("hospital.csv", "input file"))
+
+
 CSV_CASES: list[Builder] = [
+    predict_out_is_the_data_file, predict_out_is_a_link_to_the_data_file,
+    evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     simulate_cuda_without_a_gpu,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),

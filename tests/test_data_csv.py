@@ -109,9 +109,27 @@ def test_bad_file_message_names_file_and_column(case, schema_path, tmp_path):
 
 def test_message_counts_rows_but_hides_values(schema_path, tmp_path):
     path = _write(tmp_path, HEADER + "917,0,1,0\n40,0,1,0\n913,0,1,0\n")
-    with pytest.raises(DataError, match="2 rows outside") as err:
+    with pytest.raises(DataError, match=r"2 rows \(rows 2, 4\) outside") as err:
         read_csv_checked(path, load_schema(schema_path))
     assert "917" not in str(err.value) and "913" not in str(err.value)
+
+
+def test_a_message_gives_spreadsheet_row_numbers_past_blank_lines(schema_path, tmp_path):
+    # header: row 1; row 3 is blank (skipped); rows 5, 6, 7 and 8 have text in 'age'
+    text = HEADER + "40,0,1,0\n\n55,1,2,1\n" + "forty,0,1,0\n" * 4
+    path = _write(tmp_path, text)
+    with pytest.raises(DataError, match=r"'age' has 4 rows \(rows 5, 6, 7, \.\.\.\) with text"):
+        read_csv_checked(path, load_schema(schema_path))
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_every_spreadsheet_line_ending_reads_the_same_rows(ending, schema_path, tmp_path):
+    # CR alone is what older Mac spreadsheet exports write
+    lines = [HEADER.strip(), *ROWS]
+    path = _write(tmp_path, (ending.join(lines) + ending).encode())
+    x, y = encode(read_csv_checked(path, load_schema(schema_path)), load_schema(schema_path),
+                  "site")
+    assert len(x) == len(ROWS) and y is not None and y.tolist() == [0, 1, 1, 0, 0, 1]
 
 
 def test_empty_file_is_named(schema_path, tmp_path):

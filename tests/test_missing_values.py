@@ -70,7 +70,8 @@ def test_constant_policy_fills_the_given_value(tmp_path: Path) -> None:
 
 
 def test_refuse_names_the_column_and_how_to_allow_it(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"column 'age' has 1 row with missing values.*missing:"):
+    with pytest.raises(DataError,
+                       match=r"column 'age' has 1 row \(row 3\) with missing values.*missing:"):
         _encoded(tmp_path, TRAIN, _schema(tmp_path, age="refuse"))
 
 

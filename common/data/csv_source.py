@@ -1,8 +1,9 @@
 """Hospital CSV files checked against a schema: one file per site, or one file + a site column.
 
 The same reader serves training (:func:`load_csv_sites`) and prediction
-(:func:`read_csv_checked` with ``require_label=False``). Messages name the file and column and
-count rows; they never quote cell values.
+(:func:`read_csv_checked` with ``require_label=False``). Messages name the file and column,
+count rows and give the first rows' spreadsheet numbers (header: row 1); they never quote cell
+values. Line endings of every spreadsheet (LF, CRLF, a lone CR) read the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from common.config import DataConfig
 from common.data.schema import (
+    ROW_INDEX,
     DataError,
     Schema,
     duplicated_names,
@@ -28,6 +30,8 @@ MISSING_MARKERS = ["", "NA", "NaN", "nan", "?"]
 
 
 def read_text(path: Path) -> str:
+    """The file's text, UTF-8 (a byte-order mark tolerated), every line ending read as "\n"
+    (CRLF from Windows, a lone CR from older Mac spreadsheet exports)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError as err:
@@ -42,34 +46,43 @@ def read_text(path: Path) -> str:
         ) from err
     if not text.strip():
         raise DataError(f"{path}: the file is empty, expected a header row and data rows")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def check_field_counts(text: str, width: int, path: Path) -> None:
-    """Every row has as many fields as the header (a trailing comma would shift columns)."""
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if row and len(row) != width:
-            raise DataError(
-                f"{path}: row {lineno} has {len(row)} fields but the header has {width} "
-                f"(a trailing comma or an unquoted comma inside a value?)"
-            )
+def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
+    """The header (names stripped) and the spreadsheet row number of each data row (the
+    header is row 1; blank lines are skipped, as pandas skips them). Every row must have as
+    many fields as the header: a trailing comma would shift columns."""
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    rows: list[int] = []
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+            elif len(row) != len(header):
+                raise DataError(
+                    f"{path}: row {reader.line_num} has {len(row)} fields but the header has "
+                    f"{len(header)} (a trailing comma or an unquoted comma inside a value?)"
+                )
+            else:
+                rows.append(reader.line_num)
+    except csv.Error as err:  # e.g. a field over csv's size limit, an unclosed quote
+        raise DataError(f"{path}: row {reader.line_num} is not valid CSV ({err})") from err
+    return header or [], rows
 
 
-def read_csv_checked(
-    path: str | Path, schema: Schema, require_label: bool = True, keep: tuple[str, ...] = ()
-) -> pd.DataFrame:
-    """Read a UTF-8 CSV with a header and validate it against `schema`.
-
-    `keep` names extra columns allowed beside the schema (e.g. the site column); they are
-    returned but not validated. Cells stay text; :func:`common.data.schema.encode` converts.
-    """
-    path = Path(path)
+def read_csv_frame(path: Path) -> pd.DataFrame:
+    """A CSV file's cells as text (missing markers as NaN), columns named by its header, rows
+    indexed by their spreadsheet row numbers (index name :data:`ROW_INDEX`) so that a message
+    about a value can say where it is."""
     text = read_text(path)
-    header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
+    header, rows = scan_rows(text, path)
     dups = duplicated_names(header)
     if dups:
         raise DataError(f"{path}: column '{dups[0]}' appears more than once in the header")
-    check_field_counts(text, len(header), path)
     try:
         df = pd.read_csv(
             io.StringIO(text),
@@ -84,7 +97,22 @@ def read_csv_checked(
             f"{path}: not a well-formed CSV file (rows with a wrong field count)"
         ) from err
     df.columns = header
-    absent = [k for k in keep if k not in header]
+    if len(df) == len(rows):  # always, unless a quoted value spans lines: then no row numbers
+        df.index = pd.Index(rows, name=ROW_INDEX)
+    return df
+
+
+def read_csv_checked(
+    path: str | Path, schema: Schema, require_label: bool = True, keep: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Read a UTF-8 CSV with a header and validate it against `schema`.
+
+    `keep` names extra columns allowed beside the schema (e.g. the site column); they are
+    returned but not validated. Cells stay text; :func:`common.data.schema.encode` converts.
+    """
+    path = Path(path)
+    df = read_csv_frame(path)
+    absent = [k for k in keep if k not in df.columns]
     if absent:
         raise DataError(f"{path}: missing column '{absent[0]}'")
     validate_frame(df.drop(columns=list(keep)), schema, str(path), require_label)

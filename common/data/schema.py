@@ -3,8 +3,8 @@
 A :class:`Schema` is written once (YAML, e.g. ``common/datasets/heart_disease/schema.yaml``),
 stored in every bundle manifest, and used on both sides: the training path validates and
 encodes each site's file with it, and ``medfed predict`` checks new files against the same
-schema. Messages name the file, the column and how many rows are bad, never the values (they
-may be patient data).
+schema. Messages name the file, the column, how many rows are bad and (for a file) the first
+bad rows' numbers, never the values (they may be patient data).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ _POLICIES_FOR = {
     "categorical": ("refuse", "most_frequent", "constant"),
 }
 INDICATOR_SUFFIX = ":missing"  # encoded name of a missing-indicator feature, e.g. "chol:missing"
+# Index name of a frame read from a file whose index holds each row's spreadsheet row number
+# (the header is row 1): messages then say which rows are bad (numbers only, never values).
+ROW_INDEX = "row"
+SHOWN_ROWS = 3  # row numbers a message lists before "..."
 
 
 class DataError(ValueError):
@@ -300,6 +304,17 @@ def _rows(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
+def _bad_rows(bad: pd.Series) -> str:
+    """'1 row (row 5)', '4 rows (rows 5, 9, 12, ...)': a count, with the first row numbers when
+    the frame was read from a file (index :data:`ROW_INDEX`)."""
+    n = int(bad.sum())
+    if bad.index.name != ROW_INDEX:
+        return _rows(n)
+    shown = [str(r) for r in bad.index[bad.to_numpy(dtype=bool)][:SHOWN_ROWS]]
+    more = ", ..." if n > SHOWN_ROWS else ""
+    return f"{_rows(n)} ({'row' if n == 1 else 'rows'} {', '.join(shown)}{more})"
+
+
 def _as_missing(values: pd.Series, col: Column) -> pd.Series:
     """`values` with the column's "not measured" codes turned into NaN."""
     if not col.missing_values:
@@ -309,37 +324,41 @@ def _as_missing(values: pd.Series, col: Column) -> pd.Series:
 
 def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
                   where: str) -> None:
-    bad_text = int((values.isna() & raw.notna()).sum())
-    if bad_text:
-        raise DataError(f"{where}: column '{col.name}' has {_rows(bad_text)} that are not numbers")
+    bad = values.isna() & raw.notna()
+    if bad.any():
+        raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with text where a "
+                        "number is expected")
     values = _as_missing(values, col)
-    missing = int(values.isna().sum())
-    if missing and policy == "refuse":
+    bad = values.isna()
+    if bad.any() and policy == "refuse":
         raise DataError(
-            f"{where}: column '{col.name}' has {_rows(missing)} with missing values (the schema "
-            f"refuses them; set 'missing:' for this column to impute from the training split)"
+            f"{where}: column '{col.name}' has {_bad_rows(bad)} with missing values (the "
+            f"schema refuses them; set 'missing:' for this column to impute from the training "
+            f"split)"
         )
-    arr = values.dropna().to_numpy()
-    if not np.isfinite(arr).all():
-        n = int((~np.isfinite(arr)).sum())
-        raise DataError(f"{where}: column '{col.name}' has {_rows(n)} with infinite values")
+    present = values.notna()
+    bad = present & ~np.isfinite(values.fillna(0.0))
+    if bad.any():
+        raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with infinite values")
     if col.type == "binary":
-        n = int((~np.isin(arr, (0.0, 1.0))).sum())
-        if n:
-            raise DataError(f"{where}: column '{col.name}' has {_rows(n)} that are not 0 or 1")
+        bad = present & ~values.isin((0.0, 1.0))
+        if bad.any():
+            raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with a value other "
+                            "than 0 or 1")
     elif col.type == "categorical":
-        n = int((~np.isin(arr, col.categories)).sum())
-        if n:
+        bad = present & ~values.isin(col.categories)
+        if bad.any():
             allowed = ", ".join(_code(c) for c in col.categories)
             raise DataError(
-                f"{where}: column '{col.name}' has {_rows(n)} with a code outside ({allowed})"
+                f"{where}: column '{col.name}' has {_bad_rows(bad)} with a code outside "
+                f"({allowed})"
             )
     lo = -np.inf if col.min is None else col.min
     hi = np.inf if col.max is None else col.max
-    n = int(((arr < lo) | (arr > hi)).sum())
-    if n:
+    bad = present & ((values < lo) | (values > hi))
+    if bad.any():
         raise DataError(
-            f"{where}: column '{col.name}' has {_rows(n)} outside the allowed range "
+            f"{where}: column '{col.name}' has {_bad_rows(bad)} outside the allowed range "
             f"[{_code(lo)}, {_code(hi)}]"
         )
 
@@ -347,14 +366,26 @@ def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
 def _check_label(raw: pd.Series, schema: Schema, where: str) -> None:
     values = _numeric(raw)
     allowed = schema.positive + schema.negative
-    n = int((~np.isin(values.to_numpy(), allowed)).sum())  # NaN and text count as bad
-    if n:
+    bad = ~values.isin(allowed)  # NaN and text count as bad
+    if bad.any():
         pos = ", ".join(_code(v) for v in schema.positive)
         neg = ", ".join(_code(v) for v in schema.negative)
         raise DataError(
-            f"{where}: label column '{schema.label}' has {_rows(n)} that are neither "
+            f"{where}: label column '{schema.label}' has {_bad_rows(bad)} with a value neither "
             f"positive ({pos}) nor negative ({neg})"
         )
+
+
+def _near_miss(name: str, header: list[str]) -> str:
+    """' (the file has 'Age': names must match exactly)' for a header entry that differs from
+    `name` only in case, spaces, '-' or '_'."""
+    def key(s: str) -> str:
+        return "".join(ch for ch in s.casefold() if ch not in " -_")
+
+    for found in header:
+        if key(found) == key(name):
+            return f" (the file has {found!r}: names must match exactly)"
+    return ""
 
 
 def validate_frame(
@@ -376,7 +407,8 @@ def validate_frame(
     if require_label and schema.label not in header:
         missing.append(schema.label)
     if missing:
-        raise DataError(f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}")
+        raise DataError(f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}"
+                        f"{_near_miss(missing[0], header)}")
     extra = [c for c in header if c not in allowed]
     if extra:
         raise DataError(

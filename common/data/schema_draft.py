@@ -9,8 +9,6 @@ returned as a line for the user, and the YAML written carries the open questions
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data.csv_source import MISSING_MARKERS, check_field_counts, read_text
-from common.data.schema import DataError, Schema, duplicated_names
+from common.data.csv_source import read_csv_frame
+from common.data.schema import DataError, Schema
 
 # integer columns with at most this many codes, all between 0 and MAX_CODE, are drafted as
 # categorical (codes like cp 1-4); anything else integer is a number (age, counts of visits)
@@ -85,18 +83,7 @@ def _nice(value: float, down: bool) -> float:
 
 
 def _frames(paths: list[Path]) -> pd.DataFrame:
-    frames = []
-    for path in paths:
-        text = read_text(Path(path))
-        header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
-        dups = duplicated_names(header)
-        if dups:
-            raise DataError(f"{path}: column '{dups[0]}' appears more than once in the header")
-        check_field_counts(text, len(header), Path(path))
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
-                         na_values=MISSING_MARKERS, skipinitialspace=True, index_col=False)
-        df.columns = header
-        frames.append(df)
+    frames = [read_csv_frame(Path(path)) for path in paths]
     columns = list(frames[0].columns)
     for path, df in zip(paths[1:], frames[1:], strict=True):
         if list(df.columns) != columns:

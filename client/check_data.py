@@ -88,7 +88,7 @@ def check_data(
         warnings = _one_class_warning(labels, list(manifest["labels"]))
         splits = site.sizes()
     else:
-        x, _, _ = read_inputs(data, manifest)
+        x = read_inputs(data, manifest).x
         labels, warnings = np.zeros(len(x)), ()
     if x.ndim == 4:
         return DataCheck(len(labels), image_shape=tuple(x.shape[1:]), warnings=warnings,

@@ -32,7 +32,7 @@ def evaluate_file(model_dir: Path, data: Path, site_stats: Path | None = None,
                   ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The report of `model_dir` on the labelled `data`; also (labels, probabilities)."""
     model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
-    x_raw, y, _ = read_inputs(data, manifest, require_label=True)
+    x_raw, y, _, _ = read_inputs(data, manifest, require_label=True)
     stats, stats_from = site_stats_for(model_dir, manifest, site_stats)
     assert y is not None  # require_label
     op = OperatingPoint.from_dict(manifest.get("operating_point"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from client.trust import open_bundle, site_stats_for, verification_key
 from common.atomic import atomic_write_text, refuse_replacing_input
 from common.data.csv_source import has_column, read_csv_checked
 from common.data.medmnist import load_image_file, read_labelled_npz
-from common.data.schema import DataError, encode
+from common.data.schema import ROW_INDEX, DataError, encode
 from common.device import resolve_device
 from common.manifest import model_from_manifest, spec_from_manifest
 from common.models import SplitModel, load_state
@@ -34,9 +34,19 @@ def csv_safe(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """Raw model inputs in `data`, validated against the manifest; (x, y or None, ids or None).
+class Inputs(NamedTuple):
+    """A file's raw model inputs, labels (or None), `id` column (or None) and each input's row:
+    its spreadsheet row number in a CSV (the header is row 1, as messages about the file say),
+    its 0-based index among images."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    ids: list[str] | None
+    rows: list[int]
+
+
+def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = False) -> Inputs:
+    """Raw model inputs in `data`, validated against the manifest.
 
     Tables: a CSV matching the schema (an `id` column is allowed and carried through);
     missing cells stay NaN for the site statistics to fill. Images: .npz / .npy / PNG folder
@@ -50,7 +60,9 @@ def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = Fals
         frame = read_csv_checked(data, spec.schema, require_label=require_label, keep=keep)
         ids = [str(v) for v in frame[ID_COLUMN].fillna("")] if keep else None
         x, y = encode(frame.drop(columns=list(keep)), spec.schema, str(data))
-        return x, y, ids
+        rows = ([int(r) for r in frame.index] if frame.index.name == ROW_INDEX
+                else list(range(2, len(x) + 2)))
+        return Inputs(x, y, ids, rows)
     if require_label:
         x, y = read_labelled_npz(Path(data))
     else:
@@ -58,7 +70,7 @@ def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = Fals
     if tuple(x.shape[1:]) != tuple(spec.input_shape):
         raise DataError(f"{data}: images have shape {tuple(x.shape[1:])}, the model expects "
                         f"{tuple(spec.input_shape)}")
-    return x, y, None
+    return Inputs(x, y, None, list(range(len(x))))
 
 
 def loaded_model(model_dir: Path, public_key: Path | None, certs: Path | None = None,
@@ -75,13 +87,16 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
             unsigned: bool = False) -> dict[str, Any]:
     """Write `out` (CSV: row, [id], decision, calibrated probability per class, threshold).
 
+    `row` is the input's row in `data` as a spreadsheet numbers it (the header is row 1; the
+    same numbers as the messages about the file), or the image's 0-based index.
+
     `device` is checked like everywhere else, but scoring runs in float64 on the CPU so that
     predictions equal what `medfed evaluate` reports.
     """
     resolve_device(device)
     refuse_replacing_input([out], [data, *(p for p in [stats] if p is not None)])
     model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
-    x_raw, _, ids = read_inputs(data, manifest)
+    x_raw, _, ids, rows = read_inputs(data, manifest)
     site_stats, stats_from = site_stats_for(model_dir, manifest, stats)
     op = OperatingPoint.from_dict(manifest.get("operating_point"))
     proba = op.proba(logits64(model, site_stats.apply(x_raw)))
@@ -96,7 +111,7 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
                      *(["threshold"] if binary else [])])
     for i, (k, p) in enumerate(zip(predicted, proba, strict=True)):
         row_id = [csv_safe(ids[i])] if ids is not None else []
-        writer.writerow([i, *row_id, labels[int(k)], *[f"{v:.6f}" for v in p],
+        writer.writerow([rows[i], *row_id, labels[int(k)], *[f"{v:.6f}" for v in p],
                          *([f"{op.threshold:.6f}"] if binary else [])])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, buf.getvalue())

@@ -957,8 +957,40 @@ def test_a_label_that_looks_like_a_formula_is_escaped_in_the_predictions(
                  "--site-stats", str(stats)])
     assert code == 0, capsys.readouterr().err
     text = out.read_text()
-    assert "'=HYPERLINK" in text and "\n0,'@cmd," in text
+    assert "'=HYPERLINK" in text and "\n2,'@cmd," in text  # row 2: the first after the header
     assert ",=HYPERLINK" not in text and ",@cmd" not in text
+
+
+def test_each_prediction_names_its_patients_row_as_the_spreadsheet_shows_it(
+        ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    """The `row` of a prediction is the input's row number with the header as row 1, blank
+    lines counted: the numbers a spreadsheet shows and the data messages use."""
+    lines = ctx.heart_csv.splitlines()
+    data = ctx.tmp / "new.csv"
+    data.write_text("\n".join([*lines[:3], "", *lines[3:6]]) + "\n", encoding="utf-8")
+    out = ctx.tmp / "preds.csv"
+    assert main(_predict_argv(ctx, data, out)) == 0, capsys.readouterr().err
+    with out.open(newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert [p["row"] for p in preds] == ["2", "3", "5", "6", "7"]
+    # the patient on row 5 gets the prediction it gets alone in a file
+    alone = ctx.tmp / "alone.csv"
+    alone.write_text("\n".join([lines[0], lines[3]]) + "\n", encoding="utf-8")
+    assert main(_predict_argv(ctx, alone, ctx.tmp / "alone-preds.csv")) == 0
+    with (ctx.tmp / "alone-preds.csv").open(newline="") as fh:
+        (single,) = list(csv.DictReader(fh))
+    assert {k: v for k, v in single.items() if k != "row"} == \
+        {k: v for k, v in preds[2].items() if k != "row"}
+
+
+def _predict_argv(c: Ctx, data: Path, out: Path) -> list[str]:
+    """Predict with the heart bundle, its own statistics standing in for a hospital's."""
+    manifest = json.loads((c.heart_bundle / MANIFEST_FILE).read_bytes())
+    stats = c.tmp / "site_stats.json"
+    stats.write_text(json.dumps({k: v for k, v in manifest["preprocessing"]["normalisation"].items()
+                                 if k != "mode"}))
+    return ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(out),
+            "--public-key", str(c.signing_pub), "--device", "cpu", "--site-stats", str(stats)]
 
 
 def test_unsigned_runs_a_forged_bundle_only_when_asked_and_says_so(

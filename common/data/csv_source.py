@@ -50,27 +50,27 @@ def read_text(path: Path) -> str:
 
 
 def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
-    """The header (names stripped) and the spreadsheet row number of each data row (the
-    header is row 1; blank lines are skipped, as pandas skips them). Every row must have as
-    many fields as the header: a trailing comma would shift columns."""
-    reader = csv.reader(io.StringIO(text))
+    """The header (names stripped) and the row number of each data row as a spreadsheet shows
+    it (the header is row 1, a blank line is an empty row; pandas skips those). Every row must
+    have as many fields as the header: a trailing comma would shift columns."""
     header: list[str] | None = None
     rows: list[int] = []
+    number = 0  # a record's row number as a spreadsheet shows it (a blank line is a row)
     try:
-        for row in reader:
+        for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
             if not row:
                 continue
             if header is None:
                 header = [h.strip() for h in row]
             elif len(row) != len(header):
                 raise DataError(
-                    f"{path}: row {reader.line_num} has {len(row)} fields but the header has "
+                    f"{path}: row {number} has {len(row)} fields but the header has "
                     f"{len(header)} (a trailing comma or an unquoted comma inside a value?)"
                 )
             else:
-                rows.append(reader.line_num)
+                rows.append(number)
     except csv.Error as err:  # e.g. a field over csv's size limit, an unclosed quote
-        raise DataError(f"{path}: row {reader.line_num} is not valid CSV ({err})") from err
+        raise DataError(f"{path}: row {number + 1} is not valid CSV ({err})") from err
     return header or [], rows
 
 

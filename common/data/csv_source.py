@@ -97,7 +97,7 @@ def read_csv_frame(path: Path) -> pd.DataFrame:
             f"{path}: not a well-formed CSV file (rows with a wrong field count)"
         ) from err
     df.columns = header
-    if len(df) == len(rows):  # always, unless a quoted value spans lines: then no row numbers
+    if len(df) == len(rows):  # both count records; if they ever disagree, counts only
         df.index = pd.Index(rows, name=ROW_INDEX)
     return df
 

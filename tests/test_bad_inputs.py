@@ -281,6 +281,22 @@ def _rename_column(text: str, old: str, new: str) -> str:
     return _csv(header, rows)
 
 
+def _predict_argv(c: Ctx, data: Path, out: Path, model: Path | None = None,
+                  pub: Path | None = None, stats: Path | None = None) -> list[str]:
+    """`medfed predict` of `data` into `out` (the heart bundle unless `model` is given)."""
+    return ["predict", "--model", str(model or c.heart_bundle), "--data", str(data), "--out",
+            str(out), "--public-key", str(pub or c.signing_pub), "--device", "cpu",
+            *(["--site-stats", str(stats)] if stats is not None else [])]
+
+
+def _bundle_stats(c: Ctx, manifest: dict) -> Path:
+    """The bundle's own statistics as a site_stats.json, standing in for a hospital's."""
+    stats = c.tmp / "site_stats.json"
+    stats.write_text(json.dumps({k: v for k, v in manifest["preprocessing"]["normalisation"].items()
+                                 if k != "mode"}))
+    return stats
+
+
 def _break_line(text: str, row: int) -> str:
     """A lone carriage return after the first character of the file's row `row` (1: header),
     outside any quotes: read as a line break, it leaves that row one field."""
@@ -331,8 +347,7 @@ def _csv_case(mutation: str, reader: str) -> Builder:
         data.write_bytes(content)
         out = c.tmp / "preds.csv"
         if reader == "predict":
-            argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data),
-                    "--out", str(out), "--public-key", str(c.signing_pub), "--device", "cpu"]
+            argv = _predict_argv(c, data, out)
         else:
             argv = ["check-data", "--model", str(c.heart_bundle), "--data", str(data),
                     "--purpose", reader.removeprefix("check-")]
@@ -460,18 +475,16 @@ def _hospital_csv(c: Ctx) -> Path:
 def predict_out_is_the_data_file(c: Ctx) -> Call:
     """Writing the predictions over the patients' file would destroy it."""
     data = _hospital_csv(c)
-    argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(data),
-            "--public-key", str(c.signing_pub), "--device", "cpu"]
-    return Call(argv, c.tmp / "nothing", ("hospital.csv", "an input file", "another output"))
+    return Call(_predict_argv(c, data, data), c.tmp / "nothing",
+                ("hospital.csv", "an input file", "another output"))
 
 
 def predict_out_is_a_link_to_the_data_file(c: Ctx) -> Call:
     data = _hospital_csv(c)
     link = c.tmp / "preds.csv"
     os.link(data, link)  # another name, the same file
-    argv = ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(link),
-            "--public-key", str(c.signing_pub), "--device", "cpu"]
-    return Call(argv, c.tmp / "nothing", ("preds.csv", "the input file", "hospital.csv"))
+    return Call(_predict_argv(c, data, link), c.tmp / "nothing",
+                ("preds.csv", "the input file", "hospital.csv"))
 
 
 def evaluate_out_is_the_data_file(c: Ctx) -> Call:
@@ -606,8 +619,7 @@ def _bundle_copy(c: Ctx) -> Path:
 def _predict(c: Ctx, model: Path, pub: Path | None = None) -> list[str]:
     data = c.tmp / "new.csv"
     data.write_text(c.heart_csv, encoding="utf-8")
-    return ["predict", "--model", str(model), "--data", str(data), "--out",
-            str(c.tmp / "preds.csv"), "--public-key", str(pub or c.signing_pub), "--device", "cpu"]
+    return _predict_argv(c, data, c.tmp / "preds.csv", model, pub)
 
 
 def _flip_byte(path: Path, offset: int) -> None:
@@ -950,9 +962,7 @@ def test_a_label_that_looks_like_a_formula_is_escaped_in_the_predictions(
     data = ctx.tmp / "new.csv"
     data.write_text(_add_column(ctx.heart_csv, "id", "@cmd"), encoding="utf-8")
     out = ctx.tmp / "preds.csv"
-    stats = ctx.tmp / "site_stats.json"
-    stats.write_text(json.dumps({k: v for k, v in manifest["preprocessing"]["normalisation"].items()
-                                 if k != "mode"}))
+    stats = _bundle_stats(ctx, manifest)
     code = main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
                  "--site-stats", str(stats)])
     assert code == 0, capsys.readouterr().err
@@ -969,28 +979,19 @@ def test_each_prediction_names_its_patients_row_as_the_spreadsheet_shows_it(
     data = ctx.tmp / "new.csv"
     data.write_text("\n".join([*lines[:3], "", *lines[3:6]]) + "\n", encoding="utf-8")
     out = ctx.tmp / "preds.csv"
-    assert main(_predict_argv(ctx, data, out)) == 0, capsys.readouterr().err
+    stats = _bundle_stats(ctx, json.loads((ctx.heart_bundle / MANIFEST_FILE).read_bytes()))
+    assert main(_predict_argv(ctx, data, out, stats=stats)) == 0, capsys.readouterr().err
     with out.open(newline="") as fh:
         preds = list(csv.DictReader(fh))
     assert [p["row"] for p in preds] == ["2", "3", "5", "6", "7"]
     # the patient on row 5 gets the prediction it gets alone in a file
     alone = ctx.tmp / "alone.csv"
     alone.write_text("\n".join([lines[0], lines[3]]) + "\n", encoding="utf-8")
-    assert main(_predict_argv(ctx, alone, ctx.tmp / "alone-preds.csv")) == 0
+    assert main(_predict_argv(ctx, alone, ctx.tmp / "alone-preds.csv", stats=stats)) == 0
     with (ctx.tmp / "alone-preds.csv").open(newline="") as fh:
         (single,) = list(csv.DictReader(fh))
     assert {k: v for k, v in single.items() if k != "row"} == \
         {k: v for k, v in preds[2].items() if k != "row"}
-
-
-def _predict_argv(c: Ctx, data: Path, out: Path) -> list[str]:
-    """Predict with the heart bundle, its own statistics standing in for a hospital's."""
-    manifest = json.loads((c.heart_bundle / MANIFEST_FILE).read_bytes())
-    stats = c.tmp / "site_stats.json"
-    stats.write_text(json.dumps({k: v for k, v in manifest["preprocessing"]["normalisation"].items()
-                                 if k != "mode"}))
-    return ["predict", "--model", str(c.heart_bundle), "--data", str(data), "--out", str(out),
-            "--public-key", str(c.signing_pub), "--device", "cpu", "--site-stats", str(stats)]
 
 
 def test_unsigned_runs_a_forged_bundle_only_when_asked_and_says_so(

@@ -305,6 +305,14 @@ def _break_line(text: str, row: int) -> str:
     return "\n".join(lines)
 
 
+def _locale_export(text: str) -> str:
+    """The file as a spreadsheet in a decimal-comma locale saves it: ';' between fields,
+    ',' before decimals."""
+    header, rows = _table(text)
+    return "".join(";".join(cell.replace(".", ",") for cell in row) + "\n"
+                   for row in [header, *rows])
+
+
 def _not_utf8(text: str) -> bytes:
     lines = text.encode("utf-8").split(b"\n")
     lines[4] = lines[4] + b"\xe9"  # a Latin-1 e-acute after the last cell of row 4
@@ -325,6 +333,10 @@ CSV_MUTATIONS: dict[str, Callable[[str], tuple[bytes, tuple[str, ...]]]] = {
                                        ("row 5", "not valid CSV")),
     "stray-carriage-return": lambda t: (_break_line(t, 5).encode(),
                                         ("row 5", "fields but the header")),
+    "semicolon-separated": lambda t: (_locale_export(t).encode(),
+                                      ("semicolon", "comma-separated")),
+    "decimal-comma": lambda t: (_set_cell(t, "oldpeak", "2,3").encode(),
+                                ("'oldpeak'", "decimal comma", "(row 5)")),
     "empty-file": lambda t: (b"", ("empty",)),
     "header-only": lambda t: (t.splitlines(keepends=True)[0].encode(), ("no data rows",)),
     "label-not-in-codes": lambda t: (_set_cell(t, "num", "7").encode(), ("'num'", "positive")),

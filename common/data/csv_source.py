@@ -49,6 +49,24 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+SEPARATORS = {";": "semicolon", "\t": "tab"}
+
+
+def _refuse_other_separator(header: list[str], path: Path) -> None:
+    """A header read as one column that holds a semicolon or a tab: the file was saved with
+    another separator (spreadsheets in locales with decimal commas save ';'). Reading it anyway
+    would misread its decimal commas, so the hospital re-exports it."""
+    if len(header) != 1:
+        return
+    for sep, name in SEPARATORS.items():
+        if sep in header[0]:
+            raise DataError(
+                f"{path}: the header is one column holding {header[0].count(sep)} {name}s, so "
+                f"the file seems {name}-separated; save it as comma-separated CSV with '.' as "
+                "the decimal point"
+            )
+
+
 def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
     """The header (names stripped) and the row number of each data row as a spreadsheet shows
     it (the header is row 1, a blank line is an empty row; pandas skips those). Every row must
@@ -62,6 +80,7 @@ def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
                 continue
             if header is None:
                 header = [h.strip() for h in row]
+                _refuse_other_separator(header, path)
             elif len(row) != len(header):
                 raise DataError(
                     f"{path}: row {number} has {len(row)} fields but the header has "

@@ -292,6 +292,10 @@ def load_schema(path: str | Path) -> Schema:
 # ------------------------------------------------------------------ checking a data frame
 
 
+# a number written with a decimal comma, as spreadsheets in many locales do: "1,5", "-0,25"
+DECIMAL_COMMA = r"\s*[-+]?\d+,\d+\s*"
+
+
 def _numeric(series: pd.Series) -> pd.Series:
     if pd.api.types.is_bool_dtype(series):
         return series.astype("float64")
@@ -326,8 +330,10 @@ def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
                   where: str) -> None:
     bad = values.isna() & raw.notna()
     if bad.any():
+        hint = (" (decimal commas? write 1.5, not 1,5)"
+                if raw[bad].astype(str).str.fullmatch(DECIMAL_COMMA).all() else "")
         raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with text where a "
-                        "number is expected")
+                        f"number is expected{hint}")
     values = _as_missing(values, col)
     bad = values.isna()
     if bad.any() and policy == "refuse":

@@ -132,6 +132,95 @@ def test_every_spreadsheet_line_ending_reads_the_same_rows(ending, schema_path, 
     assert len(x) == len(ROWS) and y is not None and y.tolist() == [0, 1, 1, 0, 0, 1]
 
 
+# the schema above with the codes a hospital export writes in words
+TEXT_SCHEMA_YAML = """\
+label: outcome
+positive: [disease]
+negative: [healthy]
+columns:
+  - {name: age, type: numeric, unit: years, min: 18, max: 100}
+  - {name: smoker, type: categorical, categories: ["no", "yes"], missing_values: [unknown],
+     missing: constant, fill_value: "no"}
+  - {name: stage, type: categorical, categories: [I, II, III]}
+"""
+IN_WORDS = {"smoker": {"0": "no", "1": "yes"}, "stage": {"1": "I", "2": "II", "3": "III"},
+            "outcome": {"0": "healthy", "1": "disease"}}
+
+
+def _in_words(rows: list[str]) -> list[str]:
+    columns = HEADER.strip().split(",")
+    return [",".join(IN_WORDS.get(c, {}).get(v, v) for c, v in zip(columns, row.split(","),
+                                                                    strict=True))
+            for row in rows]
+
+
+def test_codes_written_in_words_encode_like_numeric_codes(schema_path, tmp_path):
+    numeric = load_schema(schema_path)
+    text = load_schema(_write(tmp_path, TEXT_SCHEMA_YAML, "text.yaml"))
+    # spaces around a word are not part of it, as a spreadsheet pads them
+    worded = [r.replace(",II,", ", II ,") for r in _in_words(ROWS)]
+    x_num, y_num = encode(read_csv_checked(_write(tmp_path, HEADER + "\n".join(ROWS)), numeric),
+                          numeric, "n")
+    x_txt, y_txt = encode(read_csv_checked(
+        _write(tmp_path, HEADER + "\n".join(worded), "w.csv"), text), text, "w")
+    np.testing.assert_array_equal(x_txt, x_num)
+    assert y_txt is not None and y_num is not None and y_txt.tolist() == y_num.tolist()
+    assert text.feature_names() == ["age", "smoker=yes", "stage=II", "stage=III"]
+    assert Schema.from_dict(json.loads(json.dumps(text.to_dict()))) == text
+
+
+def test_a_word_meaning_not_measured_is_filled_from_the_schema(tmp_path):
+    text = load_schema(_write(tmp_path, TEXT_SCHEMA_YAML, "text.yaml"))
+    path = _write(tmp_path, HEADER + "40,unknown,I,healthy\n55,yes,II,disease\n")
+    x, _ = encode(read_csv_checked(path, text), text, "site")
+    assert np.isnan(x[0, 1]) and x[1, 1] == 1.0  # NaN until SiteStats fills "no" (0)
+
+
+def test_a_word_meaning_not_measured_in_a_numeric_column_is_missing(schema_path, tmp_path):
+    schema = load_schema(_write(tmp_path, SCHEMA_YAML.replace(
+        "max: 100}", 'max: 100, missing_values: ["not done"], missing: median}'), "s.yaml"))
+    path = _write(tmp_path, HEADER + "40,0,1,0\nnot done,1,2,1\n")
+    x, _ = encode(read_csv_checked(path, schema), schema, "site")
+    assert x[0, 0] == 40 and np.isnan(x[1, 0])
+    with pytest.raises(DataError, match=r"'age' has 1 row \(row 3\) with text where a number"):
+        read_csv_checked(_write(tmp_path, HEADER + "40,0,1,0\nforty,1,2,1\n"), schema)
+
+
+@pytest.mark.parametrize(("cell", "hint"), [("Yes", True), ("maybe", False)])
+def test_a_word_that_is_no_category_is_refused_naming_the_rows(cell, hint, tmp_path):
+    text = load_schema(_write(tmp_path, TEXT_SCHEMA_YAML, "text.yaml"))
+    path = _write(tmp_path, HEADER + f"40,no,I,healthy\n55,{cell},II,disease\n")
+    with pytest.raises(DataError, match=r"'smoker' has 1 row \(row 3\) with a code outside "
+                                        r"\('no', 'yes'\)") as err:
+        read_csv_checked(path, text)
+    assert ("upper and lower case" in str(err.value)) is hint and cell not in str(err.value)
+
+
+def test_a_label_word_that_is_neither_class_is_refused(tmp_path):
+    text = load_schema(_write(tmp_path, TEXT_SCHEMA_YAML, "text.yaml"))
+    path = _write(tmp_path, HEADER + "40,no,I,healthy\n55,yes,II,sick\n")
+    with pytest.raises(DataError, match=r"'outcome' has 1 row \(row 3\) with a value neither "
+                                        r"positive \('disease'\) nor negative \('healthy'\)"):
+        read_csv_checked(path, text)
+
+
+@pytest.mark.parametrize(("old", "new", "fragment"), [
+    ('categories: [I, II, III]', 'categories: [I, 2, III]', "mixes numbers and text"),
+    ('categories: [I, II, III]', 'categories: [I, "NA", III]', "reads as a missing cell"),
+    ('categories: ["no", "yes"]', 'categories: [no, yes]', "quote text codes"),
+    ("negative: [healthy]", "negative: [0]", "both be numbers or both text"),
+    ('fill_value: "no"', 'fill_value: "never"', "fill_value' must be one of the categories"),
+    ("missing_values: [unknown]", "missing_values: [0]", "text like the column's categories"),
+    ("missing_values: [unknown]", 'missing_values: ["yes"]', "also one of the categories"),
+], ids=["mixed", "missing-marker", "unquoted-yes-no", "label-kinds", "fill", "missing-kind",
+        "missing-is-category"])
+def test_a_schema_with_inconsistent_text_codes_is_refused(old, new, fragment, tmp_path):
+    assert old in TEXT_SCHEMA_YAML
+    path = _write(tmp_path, TEXT_SCHEMA_YAML.replace(old, new), "text.yaml")
+    with pytest.raises(DataError, match=fragment):
+        load_schema(path)
+
+
 def test_empty_file_is_named(schema_path, tmp_path):
     path = _write(tmp_path, "")
     with pytest.raises(DataError, match=f"{path}.*empty"):

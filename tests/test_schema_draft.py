@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.data.heart import SITE_FILES, export_site_csv
-from common.data.schema import load_schema
+from common.data.schema import Schema, load_schema
 from common.data.schema_draft import draft_schema
 from medfed.cli import EXIT_BAD_INPUT, main
 
@@ -62,12 +63,82 @@ def test_the_drafted_schema_is_accepted_by_check_data(heart_csvs, tmp_path, monk
         assert capsys.readouterr().out.startswith("ok: ")
 
 
-def test_a_text_column_is_left_out_and_named(tmp_path) -> None:
+def test_a_text_column_with_few_values_is_drafted_as_categorical_in_its_words(tmp_path):
     path = tmp_path / "site.csv"
-    path.write_text("age,ward,y\n40,north,0\n50,south,1\n60,north,1\n")
+    # 13 distinct patient texts: an identifier, not codes
+    rows = [f"{40 + i},{'north' if i % 3 else 'South'},P{i},{i % 2}" for i in range(13)]
+    path.write_text("age,ward,patient,y\n" + "\n".join(rows) + "\n")
     draft = draft_schema([path], "y")
-    assert [c["name"] for c in draft.schema["columns"]] == ["age"]  # type: ignore[attr-defined]
-    assert any("column 'ward' holds text" in d for d in draft.decisions)
+    cols = {c["name"]: c for c in draft.schema["columns"]}  # type: ignore[attr-defined]
+    assert cols["ward"] == {"name": "ward", "type": "categorical",
+                            "categories": ["South", "north"]}
+    assert "patient" not in cols  # left out, and said why
+    assert any("column 'patient' holds text with 13 distinct values" in d
+               for d in draft.decisions)
+    assert Schema.from_dict(draft.schema).feature_names() == ["age", "ward=north"]
+
+
+def test_codes_differing_only_in_case_and_numbers_mixed_with_text_are_questions(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("sex,chol,y\nM,200,0\nm,not done,1\nF,240,1\n")
+    draft = draft_schema([path], "y")
+    text = "\n".join(draft.decisions)
+    assert "column 'sex' has codes that differ only in case ('M', 'm')" in text
+    assert "column 'chol' holds numbers and, in 1 row, text" in text
+    assert [c["name"] for c in draft.schema["columns"]] == ["sex"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("labels", "negative", "why"), [
+    (("disease", "healthy"), "healthy", "a word that usually means no disease"),
+    (("malignant", "benign"), "benign", "a word that usually means no disease"),
+    (("Yes", "No"), "No", "a word that usually means no disease"),
+    (("type A", "type B"), "type A", "alphabetical order"),
+])
+def test_a_label_in_words_is_drafted_and_asked_about(labels, negative, why, tmp_path) -> None:
+    path = tmp_path / "site.csv"
+    path.write_text("age,outcome\n" + "".join(f"{40 + i},{labels[i % 2]}\n" for i in range(6)))
+    draft = draft_schema([path], "outcome")
+    positive = [v for v in labels if v != negative]
+    assert (draft.schema["negative"], draft.schema["positive"]) == ([negative], positive)
+    assert draft.schema["labels"] == [negative, *positive]
+    assert any(f"drafted {negative!r} as negative" in d and why in d for d in draft.decisions)
+
+
+def test_files_in_words_go_from_draft_to_prediction(tmp_path, monkeypatch, capsys) -> None:
+    """A hospital's export as it comes (sex F/M, smoker yes/no, outcome in words): `medfed
+    schema` drafts what `pretrain`, `check-data` and `predict` then read."""
+    monkeypatch.setenv("MEDFED_HOME", str(tmp_path / "home"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(80):
+        age, sex, smoker = int(rng.integers(30, 80)), str(rng.choice(["F", "M"])), \
+            str(rng.choice(["no", "yes"]))
+        risk = (age - 55) / 10 + (sex == "M") + (smoker == "yes") + rng.normal()
+        rows.append(f"{age},{sex},{smoker},{'disease' if risk > 1 else 'healthy'}")
+    data = tmp_path / "site.csv"
+    data.write_text("age,sex,smoker,outcome\n" + "\n".join(rows) + "\n")
+    schema = tmp_path / "schema.yaml"
+    assert main(["schema", "--data", str(data), "--label", "outcome", "--out", str(schema)]) == 0
+    assert 'categories: ["no", "yes"]' in schema.read_text()  # quoted: YAML would read booleans
+    config = tmp_path / "own.yaml"
+    config.write_text(json.dumps({
+        "name": "own", "model": {"hidden": [8]},
+        "pretrain": {"data": {"source": "csv", "csv_paths": [str(data)],
+                              "csv_schema": str(schema)}, "optim": {"epochs": 2}},
+        # the bundle's statistics: predict needs no hospital statistics file here
+        "federation": {"data": {"source": "csv", "csv_paths": [str(data)],
+                                "csv_schema": str(schema), "normalisation": "bundle"}},
+    }))
+    bundle, out = tmp_path / "bundle", tmp_path / "preds.csv"
+    assert main(["pretrain", "--config", str(config), "--out", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["preprocessing"]["feature_names"] == ["age", "sex=M", "smoker=yes"]
+    assert main(["check-data", "--model", str(bundle), "--data", str(data)]) == 0
+    assert main(["predict", "--model", str(bundle), "--data", str(data), "--out", str(out)]) == 0
+    header, *lines = out.read_text().splitlines()
+    assert header.split(",")[:4] == ["row", "predicted", "p_healthy", "p_disease"]
+    assert len(lines) == 80 and {ln.split(",")[1] for ln in lines} <= {"healthy", "disease"}
+    capsys.readouterr()
 
 
 def test_missing_cells_are_drafted_as_median_and_flagged(tmp_path) -> None:
@@ -81,7 +152,8 @@ def test_missing_cells_are_drafted_as_median_and_flagged(tmp_path) -> None:
 @pytest.mark.parametrize(("label", "content", "fragment"), [
     ("outcome", "age,y\n40,0\n50,1\n", "label column 'outcome' not found"),
     ("y", "age,y\n40,0\n50,0\n", "single value"),
-    ("y", "age,y\n40,0\n50,\n", "empty or not numbers"),
+    ("y", "age,y\n40,0\n50,\n", "1 row without a value"),
+    ("y", "age,y\n40,0\n50,sick\n", "holds numbers and, in 1 row, text"),
 ])
 def test_bad_input_to_schema_is_one_sentence_and_writes_nothing(
         tmp_path, capsys, label, content, fragment) -> None:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from common.config import DataConfig
 from common.data.schema import (
+    MISSING_MARKERS,
     ROW_INDEX,
     DataError,
     Schema,
@@ -25,8 +26,6 @@ from common.data.schema import (
     validate_frame,
 )
 from common.data.splits import DataSpec, SiteSplit, carve, with_validation
-
-MISSING_MARKERS = ["", "NA", "NaN", "nan", "?"]
 
 
 def read_text(path: Path) -> str:
@@ -107,7 +106,7 @@ def read_csv_frame(path: Path) -> pd.DataFrame:
             io.StringIO(text),
             dtype=str,
             keep_default_na=False,
-            na_values=MISSING_MARKERS,
+            na_values=list(MISSING_MARKERS),
             skipinitialspace=True,
             index_col=False,
         )

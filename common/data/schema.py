@@ -36,6 +36,14 @@ INDICATOR_SUFFIX = ":missing"  # encoded name of a missing-indicator feature, e.
 # (the header is row 1): messages then say which rows are bad (numbers only, never values).
 ROW_INDEX = "row"
 SHOWN_ROWS = 3  # row numbers a message lists before "..."
+# A code as a hospital file writes it: a number (cp 1-4, num 0-4) or text (sex F/M, "disease").
+Code = float | str
+# The encoded value of a text cell that names none of its column's categories (codes are the
+# categories' positions, 0..k-1): "present but not allowed", which the category check refuses.
+UNKNOWN_TEXT = -1.0
+# cells a hospital file leaves "not measured" in any column (the CSV reader reads them as
+# missing); no text code can be one of them
+MISSING_MARKERS = ("", "NA", "NaN", "nan", "?")
 
 
 class DataError(ValueError):
@@ -51,15 +59,24 @@ class Column:
     unit: str = ""
     min: float | None = None
     max: float | None = None
-    # categorical: allowed codes; the first one is the reference level dropped by one-hot
+    # categorical: allowed codes; the first one is the reference level dropped by one-hot.
+    # A column coded in text (sex: F, M) holds the positions 0..k-1 here and the texts in
+    # `category_names`; cells are matched to those texts exactly (surrounding spaces aside).
     categories: tuple[float, ...] = ()
     missing: str | None = None  # policy for missing cells; None: the schema's default
     fill_value: float | None = None  # the value `missing: constant` fills in
-    missing_values: tuple[float, ...] = ()  # codes that mean "not measured" (e.g. chol 0)
+    # codes that mean "not measured": numbers (chol 0) or words ("unknown", "not done")
+    missing_values: tuple[Code, ...] = ()
     missing_indicator: bool = False  # add a 0/1 feature "<name>:missing"
+    category_names: tuple[str, ...] = ()
+
+    def category(self, code: float) -> str:
+        """How a category is written in the file: its text, else its number."""
+        return self.category_names[int(code)] if self.category_names else _code(code)
 
 
-_OPTIONAL_FIELDS = tuple(f for f in dataclasses.fields(Column) if f.name not in ("name", "type"))
+_OPTIONAL_FIELDS = tuple(f for f in dataclasses.fields(Column)
+                         if f.name not in ("name", "type", "category_names"))
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,8 @@ class Schema:
 
     columns: tuple[Column, ...]
     label: str
-    positive: tuple[float, ...]
-    negative: tuple[float, ...]
+    positive: tuple[Code, ...]  # all numbers, or all text ("disease")
+    negative: tuple[Code, ...]
     labels: tuple[str, str] = ("negative", "positive")  # display names of classes 0 and 1
     missing: str = "refuse"  # default policy for columns that do not name their own
 
@@ -102,7 +119,7 @@ class Schema:
         """
         out: list[tuple[str, Column, float | None]] = [
             (c.name, c, None) for c in self.columns if c.type != "categorical"]
-        out += [(f"{c.name}={_code(v)}", c, v)
+        out += [(f"{c.name}={c.category(v)}", c, v)
                 for c in self.columns if c.type == "categorical" for v in c.categories[1:]]
         out += [(c.name + INDICATOR_SUFFIX, c, None) for c in self.columns if c.missing_indicator]
         return out
@@ -128,6 +145,10 @@ class Schema:
                 value = getattr(c, f.name)
                 if value != f.default:
                     d[f.name] = list(value) if isinstance(value, tuple) else value
+            if c.category_names:  # written as the file writes them
+                d["categories"] = list(c.category_names)
+                if c.fill_value is not None:
+                    d["fill_value"] = c.category(c.fill_value)
             cols.append(d)
         out: dict[str, Any] = {
             "columns": cols,
@@ -146,8 +167,8 @@ class Schema:
         return _schema_from_dict(d)
 
 
-def _code(v: float) -> str:
-    return f"{v:g}"
+def _code(v: Code) -> str:
+    return f"{v:g}" if isinstance(v, float) else repr(v)
 
 
 # ---------------------------------------------------------------- parsing the schema file
@@ -176,6 +197,28 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
+def _codes(value: Any, key: str) -> tuple[Code, ...]:
+    """A list of codes: all numbers, or all texts as a file writes them (spaces around a text
+    are not part of it; a text a CSV reader takes for a missing cell cannot be a code)."""
+    if not isinstance(value, list | tuple):
+        raise DataError(f"schema key '{key}' must be a list of codes, got {value!r}")
+    if any(isinstance(v, bool) for v in value):
+        raise DataError(f"schema key '{key}' holds true/false: YAML reads unquoted yes, no, "
+                        "true, false, on and off that way; quote text codes (\"no\", \"yes\")")
+    if not any(isinstance(v, str) for v in value):
+        return _numbers(value, key)
+    texts = []
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise DataError(f"schema key '{key}' mixes numbers and text ({value!r}); quote "
+                            "every code or none")
+        if v.strip() in MISSING_MARKERS:
+            raise DataError(f"schema key '{key}[{i}]' is {v!r}, which a CSV file reads as a "
+                            "missing cell")
+        texts.append(v.strip())
+    return tuple(texts)
+
+
 def _column_from_dict(d: Any, key: str) -> Column:
     if not isinstance(d, dict):
         raise DataError(f"schema key '{key}' must be a mapping, got {d!r}")
@@ -196,12 +239,14 @@ def _column_from_dict(d: Any, key: str) -> Column:
     hi = None if d.get("max") is None else _number(d["max"], f"{key}.max")
     if lo is not None and hi is not None and lo > hi:
         raise DataError(f"schema key '{key}': min must not exceed max")
-    cats = _numbers(d.get("categories", []), f"{key}.categories")
+    codes = _codes(d.get("categories", []), f"{key}.categories")
+    names = tuple(str(c) for c in codes) if codes and isinstance(codes[0], str) else ()
+    cats = tuple(float(i) for i in range(len(codes))) if names else tuple(map(float, codes))
     if ctype == "categorical" and len(cats) < 2:
         raise DataError(f"schema key '{key}.categories' needs at least two codes")
     if ctype != "categorical" and cats:
         raise DataError(f"schema key '{key}.categories' is only allowed for categorical columns")
-    if len(set(cats)) != len(cats):
+    if len(set(codes)) != len(codes):
         raise DataError(f"schema key '{key}.categories' lists a code twice")
     missing = d.get("missing")
     if missing is not None:
@@ -212,7 +257,7 @@ def _column_from_dict(d: Any, key: str) -> Column:
                 f"schema key '{key}.missing' of {ctype} column '{name}' must be one of "
                 f"{', '.join(allowed)}, got {missing!r}"
             )
-    fill = None if d.get("fill_value") is None else _number(d["fill_value"], f"{key}.fill_value")
+    fill = _fill_value(d.get("fill_value"), names, f"{key}.fill_value")
     if missing == "constant" and fill is None:
         raise DataError(f"schema key '{key}.fill_value' is needed with 'missing: constant'")
     if fill is not None and missing != "constant":
@@ -224,11 +269,29 @@ def _column_from_dict(d: Any, key: str) -> Column:
         if ctype == "categorical" and fill not in cats:
             raise DataError(f"schema key '{key}.fill_value' must be one of the categories of "
                             f"'{name}'")
-    codes = _numbers(d.get("missing_values", []), f"{key}.missing_values")
+    absent = _codes(d.get("missing_values", []), f"{key}.missing_values")
+    if names and absent and not isinstance(absent[0], str):
+        raise DataError(f"schema key '{key}.missing_values' must be text like the column's "
+                        "categories (quote a number: \"99\")")
+    if set(absent) & set(names):
+        raise DataError(f"schema key '{key}.missing_values' lists a code that is also one of "
+                        f"the categories of '{name}'")
     indicator = d.get("missing_indicator", False)
     if not isinstance(indicator, bool):
         raise DataError(f"schema key '{key}.missing_indicator' must be true or false")
-    return Column(name, ctype, unit, lo, hi, cats, missing, fill, codes, indicator)
+    return Column(name, ctype, unit, lo, hi, cats, missing, fill, absent, indicator, names)
+
+
+def _fill_value(value: Any, names: tuple[str, ...], key: str) -> float | None:
+    """The constant fill as the column's code (a text category: its position)."""
+    if value is None:
+        return None
+    if not names:
+        return _number(value, key)
+    if not isinstance(value, str) or value.strip() not in names:
+        raise DataError(f"schema key '{key}' must be one of the categories "
+                        f"{', '.join(map(repr, names))}, got {value!r}")
+    return float(names.index(value.strip()))
 
 
 def _schema_from_dict(d: Any) -> Schema:
@@ -260,9 +323,12 @@ def _schema_from_dict(d: Any) -> Schema:
     if default not in defaults:
         raise DataError(f"schema key 'missing' must be one of {', '.join(defaults)} (a constant "
                         f"fill is set per column with fill_value), got {default!r}")
-    positive, negative = _numbers(d["positive"], "positive"), _numbers(d["negative"], "negative")
+    positive, negative = _codes(d["positive"], "positive"), _codes(d["negative"], "negative")
     if not positive or not negative or set(positive) & set(negative):
         raise DataError("schema keys 'positive' and 'negative' must be non-empty and disjoint")
+    if isinstance(positive[0], str) != isinstance(negative[0], str):
+        raise DataError("schema keys 'positive' and 'negative' must both be numbers or both "
+                        f"text, got {list(positive)!r} and {list(negative)!r}")
     labels = d.get("labels", ["negative", "positive"])
     if not isinstance(labels, list | tuple) or len(labels) != 2:
         raise DataError(f"schema key 'labels' must be two class names, got {labels!r}")
@@ -304,7 +370,26 @@ def _numeric(series: pd.Series) -> pd.Series:
     return pd.to_numeric(series.astype("object"), errors="coerce").astype("float64")
 
 
-def _rows(n: int) -> str:
+def _text_cells(raw: pd.Series) -> pd.Series:
+    """Cells as text without surrounding spaces (missing cells stay missing)."""
+    return raw.astype("object").where(raw.notna()).map(
+        lambda v: v.strip() if isinstance(v, str) else v)
+
+
+def _column_values(raw: pd.Series, col: Column) -> pd.Series:
+    """A column's cells as float codes: numbers as read, a text category as its position
+    (:data:`UNKNOWN_TEXT` for text naming no category), its "not measured" codes as NaN."""
+    if not col.category_names:
+        return _as_missing(_numeric(raw), col)
+    text = _text_cells(raw)
+    codes = text.map({name: float(i) for i, name in enumerate(col.category_names)})
+    codes = codes.astype("float64")
+    unknown = text.notna() & codes.isna() & ~text.isin(col.missing_values)
+    return codes.mask(unknown, UNKNOWN_TEXT)
+
+
+def row_count(n: int) -> str:
+    """"1 row", "4 rows"."""
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
@@ -313,10 +398,10 @@ def _bad_rows(bad: pd.Series) -> str:
     the frame was read from a file (index :data:`ROW_INDEX`)."""
     n = int(bad.sum())
     if bad.index.name != ROW_INDEX:
-        return _rows(n)
+        return row_count(n)
     shown = [str(r) for r in bad.index[bad.to_numpy(dtype=bool)][:SHOWN_ROWS]]
     more = ", ..." if n > SHOWN_ROWS else ""
-    return f"{_rows(n)} ({'row' if n == 1 else 'rows'} {', '.join(shown)}{more})"
+    return f"{row_count(n)} ({'row' if n == 1 else 'rows'} {', '.join(shown)}{more})"
 
 
 def _as_missing(values: pd.Series, col: Column) -> pd.Series:
@@ -326,15 +411,21 @@ def _as_missing(values: pd.Series, col: Column) -> pd.Series:
     return values.mask(values.isin(col.missing_values))
 
 
-def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
-                  where: str) -> None:
-    bad = values.isna() & raw.notna()
-    if bad.any():
-        hint = (" (decimal commas? write 1.5, not 1,5)"
-                if raw[bad].astype(str).str.fullmatch(DECIMAL_COMMA).all() else "")
-        raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with text where a "
-                        f"number is expected{hint}")
-    values = _as_missing(values, col)
+def _check_values(raw: pd.Series, col: Column, policy: str, where: str) -> None:
+    if col.category_names:  # text naming no category is refused below, as a code outside
+        values = _column_values(raw, col)
+    else:
+        numbers = _numeric(raw)
+        bad = numbers.isna() & raw.notna()
+        words = [v for v in col.missing_values if isinstance(v, str)]
+        if bad.any() and words:  # words meaning "not measured" are missing, not bad numbers
+            bad &= ~_text_cells(raw).isin(words)
+        if bad.any():
+            hint = (" (decimal commas? write 1.5, not 1,5)"
+                    if raw[bad].astype(str).str.fullmatch(DECIMAL_COMMA).all() else "")
+            raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with text "
+                            f"where a number is expected{hint}")
+        values = _as_missing(numbers, col)
     bad = values.isna()
     if bad.any() and policy == "refuse":
         raise DataError(
@@ -354,10 +445,11 @@ def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
     elif col.type == "categorical":
         bad = present & ~values.isin(col.categories)
         if bad.any():
-            allowed = ", ".join(_code(c) for c in col.categories)
+            allowed = ", ".join(_code(col.category_names[int(c)]) if col.category_names
+                                else _code(c) for c in col.categories)
             raise DataError(
                 f"{where}: column '{col.name}' has {_bad_rows(bad)} with a code outside "
-                f"({allowed})"
+                f"({allowed}){_case_hint(raw[bad], col)}"
             )
     lo = -np.inf if col.min is None else col.min
     hi = np.inf if col.max is None else col.max
@@ -369,8 +461,21 @@ def _check_values(values: pd.Series, raw: pd.Series, col: Column, policy: str,
         )
 
 
+def _label_values(raw: pd.Series, schema: Schema) -> pd.Series:
+    """The label cells as the schema's codes are written: numbers, or text without spaces."""
+    return _text_cells(raw) if isinstance(schema.positive[0], str) else _numeric(raw)
+
+
+def _case_hint(cells: pd.Series, col: Column) -> str:
+    """A hint when every refused text differs from a category only in case or spacing."""
+    folded = {name.casefold() for name in col.category_names}
+    if folded and _text_cells(cells).str.casefold().isin(folded).all():
+        return " (text codes must match the schema's exactly, upper and lower case included)"
+    return ""
+
+
 def _check_label(raw: pd.Series, schema: Schema, where: str) -> None:
-    values = _numeric(raw)
+    values = _label_values(raw, schema)
     allowed = schema.positive + schema.negative
     bad = ~values.isin(allowed)  # NaN and text count as bad
     if bad.any():
@@ -424,7 +529,7 @@ def validate_frame(
     if len(df) == 0:
         raise DataError(f"{where}: the file has a header but no data rows")
     for col in schema.columns:
-        _check_values(_numeric(df[col.name]), df[col.name], col, schema.policy(col), where)
+        _check_values(df[col.name], col, schema.policy(col), where)
     if schema.label in header:
         _check_label(df[schema.label], schema, where)
 
@@ -443,7 +548,7 @@ def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np
     fills the NaNs from the site's training split.
     """
     validate_frame(df, schema, where, require_label=False)
-    values = {c.name: _as_missing(_numeric(df[c.name]), c).to_numpy() for c in schema.columns}
+    values = {c.name: _column_values(df[c.name], c).to_numpy() for c in schema.columns}
     blocks: list[np.ndarray] = []
     for name, col, code in schema.encoded_columns():
         v = values[col.name]
@@ -456,5 +561,5 @@ def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np
     x = np.stack(blocks, axis=1).astype(np.float32)
     y = None
     if schema.label in df.columns:
-        y = np.isin(_numeric(df[schema.label]).to_numpy(), schema.positive).astype(np.int64)
+        y = _label_values(df[schema.label], schema).isin(schema.positive).to_numpy(np.int64)
     return x, y

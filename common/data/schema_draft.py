@@ -17,12 +17,18 @@ import numpy as np
 import pandas as pd
 
 from common.data.csv_source import read_csv_frame
-from common.data.schema import DataError, Schema
+from common.data.schema import DataError, Schema, row_count
 
 # integer columns with at most this many codes, all between 0 and MAX_CODE, are drafted as
 # categorical (codes like cp 1-4); anything else integer is a number (age, counts of visits)
 MAX_CATEGORIES = 5
 MAX_CODE = 10
+# a text column with at most this many distinct values is drafted as categorical (sex F/M,
+# smoker yes/no); more looks like free text or identifiers
+MAX_TEXT_CATEGORIES = 12
+# label texts that usually mean "no disease": drafted as the negative class (still a question)
+NEGATIVE_WORDS = {"0", "no", "n", "false", "negative", "neg", "healthy", "benign", "normal",
+                  "absent", "none", "control"}
 WIDEN = 0.25  # ranges are widened by this share of the observed span on each side
 
 
@@ -60,8 +66,13 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def _codes(values: list[float]) -> str:
-    return "[" + ", ".join(_num(v) for v in values) + "]"
+def _codes(values: list[float] | list[str]) -> str:
+    return "[" + ", ".join(_yaml_text(v) if isinstance(v, str) else _num(v)
+                           for v in values) + "]"
+
+
+def _quoted(values: list[str]) -> str:
+    return ", ".join(repr(v) for v in values)
 
 
 def _value(v: object) -> str:
@@ -92,14 +103,52 @@ def _frames(paths: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _text_column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
+    """A column whose cells are all text: categorical with its texts as codes when they are
+    few, else left out."""
+    texts = raw.dropna().str.strip()
+    distinct = sorted(texts.unique())
+    if len(distinct) > MAX_TEXT_CATEGORIES:
+        draft.decisions.append(
+            f"column '{name}' holds text with {len(distinct)} distinct values (free text or "
+            f"identifiers?): left out; a categorical column has at most "
+            f"{MAX_TEXT_CATEGORIES} codes here")
+        return None
+    if len(distinct) < 2:
+        draft.decisions.append(f"column '{name}' holds a single text value: left out")
+        return None
+    col: dict[str, object] = {"name": name, "type": "categorical", "categories": distinct}
+    draft.inferred.append(f"{name}: categorical with text codes {_quoted(distinct)} (the first "
+                          "is the reference level)")
+    folded: dict[str, list[str]] = {}
+    for value in distinct:
+        folded.setdefault(value.casefold(), []).append(value)
+    variants = [v for v in folded.values() if len(v) > 1]
+    if variants:
+        draft.decisions.append(
+            f"column '{name}' has codes that differ only in case ({_quoted(variants[0])}): "
+            "each is a category of its own; recode them to one spelling if they mean the same")
+    missing = int(raw.isna().sum())
+    if missing:
+        col["missing"] = "most_frequent"
+        draft.decisions.append(
+            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: drafted "
+            "'missing: most_frequent' (fitted on each site's training split); use 'refuse' to "
+            "reject such rows, or add missing_indicator: true")
+    return col
+
+
 def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
     values = pd.to_numeric(raw, errors="coerce")
     text = raw.notna() & values.isna()
+    if text.any() and text.sum() == raw.notna().sum():
+        return _text_column(name, raw, draft)
     if text.any():
         draft.decisions.append(
-            f"column '{name}' holds text ({int(text.sum())} rows, "
-            f"{raw[text].nunique()} distinct values): left out; medfed reads numbers, so "
-            "recode it as numeric codes (then a categorical column) or drop it")
+            f"column '{name}' holds numbers and, in {row_count(int(text.sum()))}, text "
+            f"({raw[text].nunique()} distinct values): left out; correct those rows, or, if "
+            "the text means 'not measured', add it to missing_values (e.g. missing_values: "
+            "[\"not done\"]) with a missing policy")
         return None
     observed = values.dropna().to_numpy(dtype=np.float64)
     missing = int(values.isna().sum())
@@ -163,10 +212,36 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
     if absent:
         raise DataError(f"{paths[0]}: column '{absent[0]}' not found")
     draft = Draft(schema={})
-    y = pd.to_numeric(df[label], errors="coerce")
-    if y.isna().any():
-        raise DataError(f"{paths[0]}: label column '{label}' has {int(y.isna().sum())} rows that "
-                        "are empty or not numbers; every training row needs a numeric label")
+    raw = df[label]
+    if raw.isna().any():
+        empty = row_count(int(raw.isna().sum()))
+        raise DataError(f"{paths[0]}: label column '{label}' has {empty} without a value; every "
+                        "training row needs a label")
+    y = pd.to_numeric(raw, errors="coerce")
+    text = int(y.isna().sum())
+    if text and text < len(y):
+        raise DataError(f"{paths[0]}: label column '{label}' holds numbers and, in "
+                        f"{row_count(text)}, text; write every label one way (numbers or words)")
+    negative, positive, labels = (_text_label(label, raw, draft) if text
+                                  else _numeric_label(label, y, draft))
+    shown = [_num(v) if isinstance(v, float) else repr(v) for v in (*negative, *positive)]
+    n_positive = int((raw.str.strip() if text else y).isin(positive).sum())
+    draft.inferred.append(f"label {label}: negative {', '.join(shown[:len(negative)])}, "
+                          f"positive {', '.join(shown[len(negative):])} ({n_positive} of "
+                          f"{len(y)} rows positive)")
+    columns = [c for c in (_column(name, df[name], draft) for name in df.columns
+                           if name != label and name not in ignore) if c is not None]
+    if not columns:
+        raise DataError("no column could be drafted as a feature (see the notes above)")
+    draft.schema = {"label": label, "positive": positive, "negative": negative,
+                    "labels": labels, "columns": columns}
+    Schema.from_dict(draft.schema)  # the draft must be a schema medfed reads
+    return draft
+
+
+def _numeric_label(label: str, y: pd.Series, draft: Draft
+                   ) -> tuple[list[float], list[float], list[str]]:
+    """(negative, positive, class names) of a label coded in numbers: the lowest is negative."""
     codes = sorted(float(v) for v in np.unique(y.to_numpy()))
     if len(codes) < 2:
         raise DataError(f"label column '{label}' has a single value ({_num(codes[0])}) in all "
@@ -177,14 +252,24 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
             f"label '{label}' has codes {', '.join(_num(c) for c in codes)}: drafted "
             f"{_num(codes[0])} as negative and {', '.join(_num(c) for c in positive)} as "
             "positive; check which codes mean disease")
-    draft.inferred.append(f"label {label}: negative {_codes(negative)}, positive "
-                          f"{_codes(positive)} ({int(np.isin(y, positive).sum())} of {len(y)} "
-                          "rows positive)")
-    columns = [c for c in (_column(name, df[name], draft) for name in df.columns
-                           if name != label and name not in ignore) if c is not None]
-    if not columns:
-        raise DataError("no column could be drafted as a feature (see the notes above)")
-    draft.schema = {"label": label, "positive": positive, "negative": negative,
-                    "labels": ["negative", "positive"], "columns": columns}
-    Schema.from_dict(draft.schema)  # the draft must be a schema medfed reads
-    return draft
+    return negative, positive, ["negative", "positive"]
+
+
+def _text_label(label: str, raw: pd.Series, draft: Draft
+                ) -> tuple[list[str], list[str], list[str]]:
+    """(negative, positive, class names) of a label written in text ("disease", "healthy"):
+    a word that usually means no disease is negative, else the first in alphabetical order;
+    either way it is a question for the user."""
+    codes = sorted(raw.str.strip().unique())
+    if len(codes) < 2:
+        raise DataError(f"label column '{label}' has a single value ({codes[0]!r}) in all "
+                        "files; a diagnosis model needs both classes")
+    usual = [c for c in codes if c.casefold() in NEGATIVE_WORDS]
+    negative = usual[:1] if len(usual) == 1 else codes[:1]
+    positive = [c for c in codes if c not in negative]
+    why = "a word that usually means no disease" if len(usual) == 1 else "alphabetical order"
+    draft.decisions.append(
+        f"label '{label}' is text: drafted {negative[0]!r} as negative and "
+        f"{_quoted(positive)} as positive ({why}); check which values mean disease")
+    names = [negative[0], positive[0]] if len(positive) == 1 else ["negative", "positive"]
+    return negative, positive, names

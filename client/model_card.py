@@ -23,10 +23,17 @@ def _metric_rows(name: str, metrics: dict[str, Any]) -> str:
     return f"| {name} | {int(n) if n is not None else '?'} | {cells} |"
 
 
+def _code(value: Any) -> str:
+    """A code as the file writes it: a number, or a word (quoted; '|' escaped for the table)."""
+    if isinstance(value, str):
+        return '"' + value.replace("|", "\\|") + '"'
+    return f"{value:g}"
+
+
 def _allowed(col: dict[str, Any]) -> str:
     """What a column accepts, in words (binary columns have no range)."""
     if col.get("categories"):
-        return "codes " + ", ".join(f"{c:g}" for c in col["categories"])
+        return "codes " + ", ".join(_code(c) for c in col["categories"])
     if col["type"] == "binary":
         return "0 or 1"
     lo, hi = col.get("min"), col.get("max")
@@ -40,9 +47,9 @@ def _allowed(col: dict[str, Any]) -> str:
 
 
 def _missing(col: dict[str, Any], policy: str) -> str:
-    text = policy if policy != "constant" else f"constant {col.get('fill_value'):g}"
+    text = policy if policy != "constant" else f"constant {_code(col.get('fill_value'))}"
     if col.get("missing_values"):
-        text += " (also " + ", ".join(f"{v:g}" for v in col["missing_values"]) + ")"
+        text += " (also " + ", ".join(_code(v) for v in col["missing_values"]) + ")"
     if col.get("missing_indicator"):
         text += " + indicator"
     return text

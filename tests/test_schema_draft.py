@@ -139,6 +139,8 @@ def test_files_in_words_go_from_draft_to_prediction(tmp_path, monkeypatch, capsy
     assert header.split(",")[:4] == ["row", "predicted", "p_healthy", "p_disease"]
     assert len(lines) == 80 and {ln.split(",")[1] for ln in lines} <= {"healthy", "disease"}
     capsys.readouterr()
+    assert main(["model-card", "--model", str(bundle)]) == 0
+    assert '| sex | categorical |  | codes "F", "M" | refuse |' in capsys.readouterr().out
 
 
 def test_missing_cells_are_drafted_as_median_and_flagged(tmp_path) -> None:

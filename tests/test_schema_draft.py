@@ -80,9 +80,10 @@ def test_a_text_column_with_few_values_is_drafted_as_categorical_in_its_words(tm
 
 def test_codes_differing_only_in_case_and_numbers_mixed_with_text_are_questions(tmp_path):
     path = tmp_path / "site.csv"
-    path.write_text("sex,chol,y\nM,200,0\nm,not done,1\nF,240,1\n")
+    path.write_text("sex,chol,y\nM,200,0\nm,not done,1\nF,240,1\n,210,0\n")
     draft = draft_schema([path], "y")
     text = "\n".join(draft.decisions)
+    assert "column 'sex' has 1 missing cell: drafted 'missing: most_frequent'" in text
     assert "column 'sex' has codes that differ only in case ('M', 'm')" in text
     assert "column 'chol' holds numbers and, in 1 row, text" in text
     assert [c["name"] for c in draft.schema["columns"]] == ["sex"]  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ MAX_CODE = 10
 # smoker yes/no); more looks like free text or identifiers
 MAX_TEXT_CATEGORIES = 12
 # label texts that usually mean "no disease": drafted as the negative class (still a question)
-NEGATIVE_WORDS = {"0", "no", "n", "false", "negative", "neg", "healthy", "benign", "normal",
+NEGATIVE_WORDS = {"no", "n", "false", "negative", "neg", "healthy", "benign", "normal",
                   "absent", "none", "control"}
 WIDEN = 0.25  # ranges are widened by this share of the observed span on each side
 
@@ -128,14 +128,7 @@ def _text_column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] |
         draft.decisions.append(
             f"column '{name}' has codes that differ only in case ({_quoted(variants[0])}): "
             "each is a category of its own; recode them to one spelling if they mean the same")
-    missing = int(raw.isna().sum())
-    if missing:
-        col["missing"] = "most_frequent"
-        draft.decisions.append(
-            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: drafted "
-            "'missing: most_frequent' (fitted on each site's training split); use 'refuse' to "
-            "reject such rows, or add missing_indicator: true")
-    return col
+    return _with_missing_policy(col, int(raw.isna().sum()), draft)
 
 
 def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
@@ -187,11 +180,17 @@ def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None
                 f"values are at least "
                 f"{_num(float(positive.min()))}: if 0 means 'not measured', add "
                 "missing_values: [0] and a missing policy")
+    return _with_missing_policy(col, missing, draft)
+
+
+def _with_missing_policy(col: dict[str, object], missing: int, draft: Draft
+                         ) -> dict[str, object]:
+    """`col` with a drafted policy for its `missing` empty cells (a question for the user)."""
     if missing:
         policy = "median" if col["type"] == "numeric" else "most_frequent"
         col["missing"] = policy
         draft.decisions.append(
-            f"column '{name}' has {missing} missing cell{'s' if missing > 1 else ''}: "
+            f"column '{col['name']}' has {missing} missing cell{'s' if missing > 1 else ''}: "
             f"drafted 'missing: {policy}' (fitted on each site's training split); use "
             "'refuse' to reject such rows, or add missing_indicator: true")
     return col

@@ -70,6 +70,10 @@ class Column:
     missing_indicator: bool = False  # add a 0/1 feature "<name>:missing"
     category_names: tuple[str, ...] = ()
 
+    def written_codes(self) -> tuple[Code, ...]:
+        """The categories as the file writes them: words, else numbers."""
+        return self.category_names or self.categories
+
     def category(self, code: float) -> str:
         """How a category is written in the file: its text, else its number."""
         return self.category_names[int(code)] if self.category_names else _code(code)
@@ -146,7 +150,7 @@ class Schema:
                 if value != f.default:
                     d[f.name] = list(value) if isinstance(value, tuple) else value
             if c.category_names:  # written as the file writes them
-                d["categories"] = list(c.category_names)
+                d["categories"] = list(c.written_codes())
                 if c.fill_value is not None:
                     d["fill_value"] = c.category(c.fill_value)
             cols.append(d)
@@ -445,8 +449,7 @@ def _check_values(raw: pd.Series, col: Column, policy: str, where: str) -> None:
     elif col.type == "categorical":
         bad = present & ~values.isin(col.categories)
         if bad.any():
-            allowed = ", ".join(_code(col.category_names[int(c)]) if col.category_names
-                                else _code(c) for c in col.categories)
+            allowed = ", ".join(_code(c) for c in col.written_codes())
             raise DataError(
                 f"{where}: column '{col.name}' has {_bad_rows(bad)} with a code outside "
                 f"({allowed}){_case_hint(raw[bad], col)}"

@@ -43,9 +43,10 @@ class DataCheck:
 
 
 def _header_width(path: Path) -> int:
-    # Only called after the file passed validation, so it is readable UTF-8 CSV.
+    # Only called after the file passed validation, so it is readable UTF-8 CSV; columns
+    # without a name were empty (the reader left them out) and are not counted.
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        return len(next(csv.reader(handle)))
+        return sum(1 for name in next(csv.reader(handle)) if name.strip())
 
 
 def _one_class_warning(labels: np.ndarray, names: list[str]) -> tuple[str, ...]:

@@ -344,6 +344,12 @@ CSV_MUTATIONS: dict[str, Callable[[str], tuple[bytes, tuple[str, ...]]]] = {
     "duplicated-header": lambda t: (_rename_column(t, "chol", "age").encode(),
                                     ("'age'", "more than once")),
     "unknown-category": lambda t: (_set_cell(t, "cp", "9").encode(), ("'cp'", "code")),
+    "spreadsheet-error": lambda t: (_set_cell(t, "chol", "#N/A").encode(),
+                                    ("'chol'", "(row 5)", "spreadsheet errors", "#N/A")),
+    "column-name-with-unit": lambda t: (_rename_column(t, "chol", "chol (mg/dl)").encode(),
+                                        ("'chol'", "missing", "'chol (mg/dl)'")),
+    "unnamed-column-with-values": lambda t: (_add_column(t, "", "1").encode(), (
+        f"column {len(_table(t)[0]) + 1} has no name", "name it or delete it")),
 }
 
 

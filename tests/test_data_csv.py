@@ -132,6 +132,48 @@ def test_every_spreadsheet_line_ending_reads_the_same_rows(ending, schema_path, 
     assert len(x) == len(ROWS) and y is not None and y.tolist() == [0, 1, 1, 0, 0, 1]
 
 
+def test_empty_columns_and_rows_a_spreadsheet_leaves_read_as_the_clean_file(schema_path,
+                                                                             tmp_path):
+    # a sheet whose cells beyond the table were once formatted saves ',,' after every row and
+    # rows of commas only where rows were cleared: nothing in them, so nothing to refuse
+    schema = load_schema(schema_path)
+    clean = encode(read_csv_checked(_write(tmp_path, HEADER + "\n".join(ROWS) + "\n",
+                                           "clean.csv"), schema), schema, "clean")
+    padded = [*ROWS[:2], ",,,", *ROWS[2:], ",,,", " , ,,"]
+    path = _write(tmp_path, "".join(r + ",,\n" for r in [HEADER.strip(), *padded]))
+    frame = read_csv_checked(path, schema)
+    assert list(frame.columns) == ["age", "smoker", "stage", "outcome"]
+    assert list(frame.index) == [2, 3, 5, 6, 7, 8]  # spreadsheet rows: 4 was cleared
+    x, y = encode(frame, schema, "padded")
+    np.testing.assert_array_equal(x, clean[0])
+    np.testing.assert_array_equal(y, clean[1])
+
+
+def test_an_unnamed_column_that_holds_values_is_refused_naming_it(schema_path, tmp_path):
+    rows = [r + ("," if i != 2 else ",7") for i, r in enumerate(ROWS)]
+    path = _write(tmp_path, HEADER.strip() + ",\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"column 5 has no name in the header but 1 row "
+                                        r"\(row 4\) hold"):
+        read_csv_checked(path, load_schema(schema_path))
+
+
+def test_an_empty_label_is_refused_for_training_and_left_alone_for_prediction(schema_path,
+                                                                             tmp_path):
+    # a file to predict may carry the outcome column with new patients' outcomes not known yet
+    schema = load_schema(schema_path)
+    rows = [*ROWS[:3], "70,0,2,", *ROWS[4:]]
+    path = _write(tmp_path, HEADER + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"'outcome' has 1 row \(row 5\) without a label"):
+        read_csv_checked(path, schema)
+    frame = read_csv_checked(path, schema, require_label=False)
+    x, y = encode(frame, schema, "to predict")
+    assert len(x) == len(ROWS) and y is None  # no half-known labels to score against
+    bad = _write(tmp_path, HEADER + "\n".join([*rows[:1], "55,1,2,7", *rows[2:]]) + "\n",
+                 "bad.csv")
+    with pytest.raises(DataError, match=r"'outcome' has 1 row \(row 3\) with a value neither"):
+        read_csv_checked(bad, schema, require_label=False)  # a code that is not one still is
+
+
 # the schema above with the codes a hospital export writes in words
 TEXT_SCHEMA_YAML = """\
 label: outcome

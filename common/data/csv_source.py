@@ -20,6 +20,7 @@ from common.data.schema import (
     ROW_INDEX,
     DataError,
     Schema,
+    bad_rows,
     duplicated_names,
     encode,
     load_schema,
@@ -66,12 +67,14 @@ def _refuse_other_separator(header: list[str], path: Path) -> None:
             )
 
 
-def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
-    """The header (names stripped) and the row number of each data row as a spreadsheet shows
-    it (the header is row 1, a blank line is an empty row; pandas skips those). Every row must
+def scan_rows(text: str, path: Path) -> tuple[list[str], list[int], set[int]]:
+    """The header (names stripped), the row number of each data row as a spreadsheet shows it
+    (the header is row 1, a blank line is an empty row; pandas skips those), and the rows whose
+    every cell is empty (',,,' left by a spreadsheet where rows were cleared). Every row must
     have as many fields as the header: a trailing comma would shift columns."""
     header: list[str] | None = None
     rows: list[int] = []
+    empty: set[int] = set()
     number = 0  # a record's row number as a spreadsheet shows it (a blank line is a row)
     try:
         for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
@@ -87,9 +90,24 @@ def scan_rows(text: str, path: Path) -> tuple[list[str], list[int]]:
                 )
             else:
                 rows.append(number)
+                if not any(cell.strip() for cell in row):
+                    empty.add(number)
     except csv.Error as err:  # e.g. a field over csv's size limit, an unclosed quote
         raise DataError(f"{path}: row {number + 1} is not valid CSV ({err})") from err
-    return header or [], rows
+    return header or [], rows, empty
+
+
+def _without_unnamed(df: pd.DataFrame, header: list[str], path: Path) -> pd.DataFrame:
+    """`df` without the columns that have no name in the header and no value in any row (a
+    spreadsheet saves ',,' after the last column when cells beyond it were ever formatted).
+    An unnamed column that holds values is refused: it cannot be matched to the schema."""
+    unnamed = [i for i, name in enumerate(header) if not name]
+    for i in unnamed:
+        held = df.iloc[:, i].notna()
+        if held.any():
+            raise DataError(f"{path}: column {i + 1} has no name in the header but "
+                            f"{bad_rows(held)} hold a value there; name it or delete it")
+    return df.drop(columns=df.columns[unnamed]) if unnamed else df
 
 
 def read_csv_frame(path: Path) -> pd.DataFrame:
@@ -97,8 +115,8 @@ def read_csv_frame(path: Path) -> pd.DataFrame:
     indexed by their spreadsheet row numbers (index name :data:`ROW_INDEX`) so that a message
     about a value can say where it is."""
     text = read_text(path)
-    header, rows = scan_rows(text, path)
-    dups = duplicated_names(header)
+    header, rows, empty = scan_rows(text, path)
+    dups = duplicated_names([name for name in header if name])
     if dups:
         raise DataError(f"{path}: column '{dups[0]}' appears more than once in the header")
     try:
@@ -117,7 +135,9 @@ def read_csv_frame(path: Path) -> pd.DataFrame:
     df.columns = header
     if len(df) == len(rows):  # both count records; if they ever disagree, counts only
         df.index = pd.Index(rows, name=ROW_INDEX)
-    return df
+        if empty:  # rows with no value at all read as the blank lines they look like
+            df = df.drop(index=sorted(empty))
+    return _without_unnamed(df, header, path)
 
 
 def read_csv_checked(

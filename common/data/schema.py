@@ -364,6 +364,8 @@ def load_schema(path: str | Path) -> Schema:
 
 # a number written with a decimal comma, as spreadsheets in many locales do: "1,5", "-0,25"
 DECIMAL_COMMA = r"\s*[-+]?\d+,\d+\s*"
+# what a spreadsheet writes for a formula that failed (#N/A, #DIV/0!, #VALUE!, #REF!, #NAME?)
+SPREADSHEET_ERROR = r"#[A-Z][A-Z/0]*[!?]?"
 
 
 def _numeric(series: pd.Series) -> pd.Series:
@@ -397,7 +399,7 @@ def row_count(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
-def _bad_rows(bad: pd.Series) -> str:
+def bad_rows(bad: pd.Series) -> str:
     """'1 row (row 5)', '4 rows (rows 5, 9, 12, ...)': a count, with the first row numbers when
     the frame was read from a file (index :data:`ROW_INDEX`)."""
     n = int(bad.sum())
@@ -425,33 +427,39 @@ def _check_values(raw: pd.Series, col: Column, policy: str, where: str) -> None:
         if bad.any() and words:  # words meaning "not measured" are missing, not bad numbers
             bad &= ~_text_cells(raw).isin(words)
         if bad.any():
-            hint = (" (decimal commas? write 1.5, not 1,5)"
-                    if raw[bad].astype(str).str.fullmatch(DECIMAL_COMMA).all() else "")
-            raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with text "
+            cells = raw[bad].astype(str).str.strip()
+            if cells.str.fullmatch(DECIMAL_COMMA).all():
+                hint = " (decimal commas? write 1.5, not 1,5)"
+            elif cells.str.fullmatch(SPREADSHEET_ERROR).all():
+                hint = (f" (spreadsheet errors such as {cells.iloc[0]}: fix the formula, or list "
+                        "the value in 'missing_values' if it means not measured)")
+            else:
+                hint = ""
+            raise DataError(f"{where}: column '{col.name}' has {bad_rows(bad)} with text "
                             f"where a number is expected{hint}")
         values = _as_missing(numbers, col)
     bad = values.isna()
     if bad.any() and policy == "refuse":
         raise DataError(
-            f"{where}: column '{col.name}' has {_bad_rows(bad)} with missing values (the "
+            f"{where}: column '{col.name}' has {bad_rows(bad)} with missing values (the "
             f"schema refuses them; set 'missing:' for this column to impute from the training "
             f"split)"
         )
     present = values.notna()
     bad = present & ~np.isfinite(values.fillna(0.0))
     if bad.any():
-        raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with infinite values")
+        raise DataError(f"{where}: column '{col.name}' has {bad_rows(bad)} with infinite values")
     if col.type == "binary":
         bad = present & ~values.isin((0.0, 1.0))
         if bad.any():
-            raise DataError(f"{where}: column '{col.name}' has {_bad_rows(bad)} with a value other "
+            raise DataError(f"{where}: column '{col.name}' has {bad_rows(bad)} with a value other "
                             "than 0 or 1")
     elif col.type == "categorical":
         bad = present & ~values.isin(col.categories)
         if bad.any():
             allowed = ", ".join(_code(c) for c in col.written_codes())
             raise DataError(
-                f"{where}: column '{col.name}' has {_bad_rows(bad)} with a code outside "
+                f"{where}: column '{col.name}' has {bad_rows(bad)} with a code outside "
                 f"({allowed}){_case_hint(raw[bad], col)}"
             )
     lo = -np.inf if col.min is None else col.min
@@ -459,7 +467,7 @@ def _check_values(raw: pd.Series, col: Column, policy: str, where: str) -> None:
     bad = present & ((values < lo) | (values > hi))
     if bad.any():
         raise DataError(
-            f"{where}: column '{col.name}' has {_bad_rows(bad)} outside the allowed range "
+            f"{where}: column '{col.name}' has {bad_rows(bad)} outside the allowed range "
             f"[{_code(lo)}, {_code(hi)}]"
         )
 
@@ -477,27 +485,36 @@ def _case_hint(cells: pd.Series, col: Column) -> str:
     return ""
 
 
-def _check_label(raw: pd.Series, schema: Schema, where: str) -> None:
+def _check_label(raw: pd.Series, schema: Schema, where: str, require_label: bool) -> None:
+    """Label cells must hold the schema's codes. An empty cell is an outcome not known yet:
+    refused where the label is needed (training, evaluation), left alone for prediction."""
     values = _label_values(raw, schema)
-    allowed = schema.positive + schema.negative
-    bad = ~values.isin(allowed)  # NaN and text count as bad
+    empty = raw.isna()
+    if require_label and empty.any():
+        raise DataError(f"{where}: label column '{schema.label}' has {bad_rows(empty)} without "
+                        "a label (empty, NA or ?); every row to train or evaluate on needs its "
+                        "outcome")
+    bad = ~values.isin(schema.positive + schema.negative) & ~empty  # text counts as bad
     if bad.any():
         pos = ", ".join(_code(v) for v in schema.positive)
         neg = ", ".join(_code(v) for v in schema.negative)
         raise DataError(
-            f"{where}: label column '{schema.label}' has {_bad_rows(bad)} with a value neither "
+            f"{where}: label column '{schema.label}' has {bad_rows(bad)} with a value neither "
             f"positive ({pos}) nor negative ({neg})"
         )
 
 
 def _near_miss(name: str, header: list[str]) -> str:
     """' (the file has 'Age': names must match exactly)' for a header entry that differs from
-    `name` only in case, spaces, '-' or '_'."""
+    `name` only in case, spaces, '-' or '_', or that adds a unit or note after it."""
     def key(s: str) -> str:
         return "".join(ch for ch in s.casefold() if ch not in " -_")
 
     for found in header:
         if key(found) == key(name):
+            return f" (the file has {found!r}: names must match exactly)"
+    for found in header:  # a unit or note after the name: 'chol (mg/dl)', 'age_years'
+        if key(found).startswith(key(name)) and found[len(name):len(name) + 1] in " ([_-":
             return f" (the file has {found!r}: names must match exactly)"
     return ""
 
@@ -534,7 +551,7 @@ def validate_frame(
     for col in schema.columns:
         _check_values(df[col.name], col, schema.policy(col), where)
     if schema.label in header:
-        _check_label(df[schema.label], schema, where)
+        _check_label(df[schema.label], schema, where, require_label)
 
 
 def duplicated_names(names: list[str]) -> list[str]:
@@ -543,7 +560,8 @@ def duplicated_names(names: list[str]) -> list[str]:
 
 
 def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate, then encode into float32 X (N, F) and int64 y (None without a label).
+    """Validate, then encode into float32 X (N, F) and int64 y (None without a label column,
+    or when some label cells are empty: outcomes not known yet, as in a file to predict).
 
     Categorical columns are one-hot encoded (first category dropped); a missing cell (allowed
     by the column's policy) is NaN in its value column, or in every column of its one-hot
@@ -563,6 +581,6 @@ def encode(df: pd.DataFrame, schema: Schema, where: str) -> tuple[np.ndarray, np
             blocks.append(v)
     x = np.stack(blocks, axis=1).astype(np.float32)
     y = None
-    if schema.label in df.columns:
+    if schema.label in df.columns and df[schema.label].notna().all():  # else not all known
         y = _label_values(df[schema.label], schema).isin(schema.positive).to_numpy(np.int64)
     return x, y

@@ -17,7 +17,9 @@ import numpy as np
 from client.local_data import data_config, hospital_site
 from client.predict import read_inputs
 from client.trust import open_manifest, verification_key
-from common.data.schema import DataError
+from common.data.csv_source import read_csv_frame
+from common.data.schema import DataError, Schema, bad_rows
+from common.manifest import spec_from_manifest
 
 PURPOSES = ("training", "prediction")
 
@@ -47,6 +49,38 @@ def _header_width(path: Path) -> int:
     # without a name were empty (the reader left them out) and are not counted.
     with path.open(encoding="utf-8-sig", newline="") as handle:
         return sum(1 for name in next(csv.reader(handle)) if name.strip())
+
+
+def _repeated_rows_warning(schema: Schema, data: Path, test_data: Path | None
+                           ) -> tuple[str, ...]:
+    """Rows that repeat another row exactly (every schema column and the label, as written).
+
+    If they are the same patients, the client's carved validation and test splits, or the
+    hospital's own test file, can hold patients it trained on: optimistic figures. Different
+    patients can share every value, so this warns and counts; it does not refuse."""
+    names = [c.name for c in schema.columns] + [schema.label]
+    train = read_csv_frame(data)[names]
+    warnings = []
+    repeated = train.duplicated(keep="first")
+    if repeated.any():
+        warnings.append(
+            f"{bad_rows(repeated)} {_repeat(repeated)} an earlier row exactly: if they are the "
+            "same patients, the validation and test splits carved from this file can hold "
+            "patients it trains on, and their figures are optimistic; remove the repeats")
+    if test_data is not None:
+        seen = set(train.itertuples(index=False, name=None))
+        test = read_csv_frame(test_data)[names]
+        shared = test.apply(tuple, axis=1).isin(seen)
+        if shared.any():
+            warnings.append(
+                f"{bad_rows(shared)} of the test file {test_data.name} {_repeat(shared)} a "
+                f"row of {data.name} exactly: if they are the same patients, the test figures "
+                "are optimistic; keep each patient in one file")
+    return tuple(warnings)
+
+
+def _repeat(flags: Any) -> str:
+    return "repeats" if int(flags.sum()) == 1 else "repeat"
 
 
 def _one_class_warning(labels: np.ndarray, names: list[str]) -> tuple[str, ...]:
@@ -87,6 +121,9 @@ def check_data(
         labels = np.concatenate([site.y_train, site.y_val, site.y_test])
         x = site.x_train
         warnings = _one_class_warning(labels, list(manifest["labels"]))
+        schema = spec_from_manifest(manifest).schema
+        if schema is not None:  # a table: a repeated patient would leak across the splits
+            warnings += _repeated_rows_warning(schema, data, test_data)
         splits = site.sizes()
     else:
         x = read_inputs(data, manifest).x

@@ -971,6 +971,39 @@ def test_check_data_warns_but_accepts_a_training_site_with_one_class(
     assert f"all {len(positives)} rows have label 'disease'" in warnings[0]
 
 
+def test_check_data_warns_when_rows_repeat_within_the_file_or_in_the_test_file(
+    ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a double export: if the repeats are the same patients, the carved splits and the
+    # hospital's own test file can hold patients the model trained on (optimistic figures)
+    header, rows = _table(ctx.heart_csv)
+    data = ctx.tmp / "site.csv"
+    data.write_text(_csv(header, [*rows[:100], *rows[10:13]]), encoding="utf-8")
+    test = ctx.tmp / "site-test.csv"
+    test.write_text(_csv(header, [*rows[150:200], rows[20], rows[150]]), encoding="utf-8")
+
+    code = main(["check-data", "--model", str(ctx.heart_bundle), "--data", str(data)])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("ok: 103 rows, ")
+    assert captured.err.splitlines() == [
+        "medfed: warning: " + str(data) + ": 3 rows (rows 102, 103, 104) repeat an earlier row "
+        "exactly: if they are the same patients, the validation and test splits carved from "
+        "this file can hold patients it trains on, and their figures are optimistic; remove "
+        "the repeats"]
+
+    code = main(["check-data", "--model", str(ctx.heart_bundle), "--data", str(test)])
+    assert code == 0 and "repeats an earlier row" in capsys.readouterr().err  # row 53
+
+    clean = ctx.tmp / "clean.csv"
+    clean.write_text(_csv(header, rows[:100]), encoding="utf-8")
+    code = main(["check-data", "--model", str(ctx.heart_bundle), "--data", str(clean),
+                 "--test-data", str(test)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "1 row (row 52) of the test file site-test.csv repeats a row of clean.csv" in err
+    assert "earlier row" not in err  # repeats inside a test file leak nothing into training
+
+
 def test_a_label_that_looks_like_a_formula_is_escaped_in_the_predictions(
         ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
     model = _bundle_copy(ctx)

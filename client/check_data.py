@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from client.local_data import data_config, hospital_site
 from client.predict import read_inputs
@@ -70,7 +71,8 @@ def _repeated_rows_warning(schema: Schema, data: Path, test_data: Path | None
     if test_data is not None:
         seen = set(train.itertuples(index=False, name=None))
         test = read_csv_frame(test_data)[names]
-        shared = test.apply(tuple, axis=1).isin(seen)
+        shared = pd.Series([row in seen for row in test.itertuples(index=False, name=None)],
+                           index=test.index)
         if shared.any():
             warnings.append(
                 f"{bad_rows(shared)} of the test file {test_data.name} {_repeat(shared)} a "

@@ -510,13 +510,11 @@ def _near_miss(name: str, header: list[str]) -> str:
     def key(s: str) -> str:
         return "".join(ch for ch in s.casefold() if ch not in " -_")
 
-    for found in header:
-        if key(found) == key(name):
-            return f" (the file has {found!r}: names must match exactly)"
-    for found in header:  # a unit or note after the name: 'chol (mg/dl)', 'age_years'
-        if key(found).startswith(key(name)) and found[len(name):len(name) + 1] in " ([_-":
-            return f" (the file has {found!r}: names must match exactly)"
-    return ""
+    near = ([found for found in header if key(found) == key(name)]
+            # else a unit or note after the name: 'chol (mg/dl)', 'age_years'
+            or [found for found in header if key(found).startswith(key(name))
+                and found[len(name):len(name) + 1] in " ([_-"])
+    return f" (the file has {near[0]!r}: names must match exactly)" if near else ""
 
 
 def validate_frame(

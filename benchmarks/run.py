@@ -59,11 +59,13 @@ def headline(results: dict[str, dict[str, Any]], command: str, wall: float | Non
     for res in results.values():
         out.update({k: v for k, v in res.get("headline", {}).items() if k in out})
     out["gpu_check"] = gpu_check_headline(gpu_record())
-    started = [r["started"] for r in results.values() if "started" in r]
+    timed = [r for r in results.values() if "started" in r]
+    freshest = max(timed, key=lambda r: r["started"]) if timed else {}
     out.update({
-        # when the freshest of these numbers was measured (UTC), not when this file was written
-        "date": max(started) if started else dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        # when and where the freshest of these numbers was measured (UTC, the machine and its
+        # load then), not when this file was written: --render must not restamp them
+        "date": freshest.get("started") or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": freshest.get("machine") or machine(),
         "command": command,
         "total_wall_s": wall,
     })

@@ -91,6 +91,9 @@ class OptimConfig:
 
     optimizer: str = "adam"  # adam | sgd
     lr: float = 0.01
+    # the backbone's rate as a share of lr (the head trains at lr): below 1 fine-tunes a
+    # pretrained backbone gently, keeping more of what it learnt (discriminative fine-tuning)
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 0.0
     batch_size: int = 32
     steps: int = 20  # optimiser steps per round (ignored when epochs > 0)

@@ -98,6 +98,9 @@ def check_config(cfg: Config) -> None:
         except ValueError as err:
             raise ConfigError(f"config key '{key}.augment': {err}") from err
         _one_of(f"{key}.loss", optim.loss, LOSSES)
+        if not optim.backbone_lr_scale > 0:
+            raise ConfigError(f"config key '{key}.backbone_lr_scale' must be more than 0 "
+                              f"(1: the backbone trains at lr), got {optim.backbone_lr_scale}")
     _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
         raise ConfigError(

@@ -97,11 +97,16 @@ def _batches(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterator[
             done += 1
 
 
-def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def _optimizer(params: Mapping[str, nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimiser; backbone tensors at ``lr * backbone_lr_scale``."""
+    head = [p for n, p in params.items() if not n.startswith("backbone.")]
+    backbone = [p for n, p in params.items() if n.startswith("backbone.")]
+    groups = [{"params": group, "lr": lr} for group, lr in
+              ((head, cfg.lr), (backbone, cfg.lr * cfg.backbone_lr_scale)) if group]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise TrainingError(f"optimizer '{cfg.optimizer}' is unknown; expected adam or sgd")
 
 
@@ -213,7 +218,7 @@ def train_local(
     names = set(set_trainable(model, trainable))
     model.to(device)
     params = {n: p for n, p in model.named_parameters() if n in names}
-    optimizer = _optimizer(list(params.values()), cfg)
+    optimizer = _optimizer(params, cfg)
     ops = _augmentations(cfg, inputs, features_cached)
     log_prior = _log_prior(cfg.loss, labels, model.head.out_features).to(device)
     draws = torch.Generator().manual_seed(seed)

@@ -221,6 +221,11 @@ def config_unknown_loss(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("federation.local.loss", "focal"))
 
 
+def config_backbone_lr_scale_not_positive(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.local.backbone_lr_scale=0")
+    return Call(argv, c.tmp / "bundle", ("federation.local.backbone_lr_scale", "more than 0"))
+
+
 def config_yaml_alias_bomb(c: Ctx) -> Call:
     """393 bytes of nested aliases once expanded to a 254 MB error line."""
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
@@ -240,7 +245,7 @@ CONFIG_CASES: list[Builder] = [
     config_unknown_key_in_file, config_unknown_key_in_set, config_wrong_type,
     config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
     config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
-    config_unknown_augmentation, config_unknown_loss,
+    config_unknown_augmentation, config_unknown_loss, config_backbone_lr_scale_not_positive,
 ]
 
 

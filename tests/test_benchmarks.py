@@ -129,11 +129,15 @@ def test_render_rewrites_the_report_without_running(
     def must_not_run(quick: bool) -> dict[str, Any]:
         raise AssertionError("--render ran a benchmark")
 
+    measured = json.loads((out / "fake.json").read_text())
     monkeypatch.setattr(sys.modules["benchmarks.fake"], "run", must_not_run)
+    monkeypatch.setattr(bench_run, "machine", lambda: {"load_average_1_5_15": [99.0, 0, 0]})
     assert bench_run.main(["--quick", "--render"]) == 0
     assert "fake value 3" in (out / "RESULTS.md").read_text()
     head = json.loads((out / "headline.json").read_text())
     assert head["command"] == "python -m benchmarks.run --quick"  # who made the numbers
+    # when, where and under what load the numbers were measured, not the render's
+    assert (head["date"], head["machine"]) == (measured["started"], measured["machine"])
 
 
 def test_deployment_phases_are_read_from_the_audit_in_order(tmp_path: Path) -> None:

@@ -92,6 +92,27 @@ def test_only_trainable_tensors_change(trainable: str, changed: set[str]) -> Non
     assert {n for n in before if not torch.equal(before[n], after[n])} == changed
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_backbone_lr_scale_slows_the_backbone_only(optimizer: str) -> None:
+    # one step from the same weights on the same batch: the head moves as with scale 1, each
+    # backbone tensor by the scale times its step (SGD: the update is lr x gradient; Adam:
+    # its first step is lr x sign-like ratio, also linear in lr)
+    x, y = _toy()
+    start = _model()
+    moved = {}
+    for scale in (1.0, 0.25):
+        model = _model()
+        cfg = OptimConfig(optimizer=optimizer, lr=0.05, steps=1, batch_size=64,
+                          backbone_lr_scale=scale)
+        train_local(model, x, y, cfg, "all", CPU, seed=0)
+        moved[scale] = {n: t - _state(start)[n] for n, t in _state(model).items()}
+    for name, step in moved[1.0].items():
+        expected = step if name.startswith("head.") else 0.25 * step
+        torch.testing.assert_close(moved[0.25][name], expected, rtol=1e-4, atol=1e-7)
+    assert any(float(step.abs().max()) > 0 for n, step in moved[1.0].items()
+               if n.startswith("backbone."))
+
+
 def test_training_leaves_global_rng_untouched() -> None:
     x, y = _toy()
     model = _model(dropout=0.3)

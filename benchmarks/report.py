@@ -230,7 +230,10 @@ NOTES = {
         "1-minute load average sampled every 15 s during the run. Since 2026-12-03 the suite "
         "runs on two pytest-xdist workers, each test file whole on one (`addopts` in "
         "pyproject.toml); before, in one process (idle 788 s, loaded 2576 s at mean load 5.8, "
-        "run of 2026-12-02)."
+        "run of 2026-12-02). The run above is of commit 75730da (951 tests); during its loaded "
+        "half two single-test pytest runs of later work (about a minute of CPU) ran beside "
+        "it. The run before, of 2026-12-03 on an Intel Xeon (858 tests): idle 649 s, loaded "
+        "1259 s at mean load 7.67."
     ),
     "communication": (
         "Upload = array bytes in a node's training reply. Each array travels as a serialised "

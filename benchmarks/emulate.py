@@ -47,7 +47,7 @@ from common.registry import improves
 from common.scoring import OperatingPoint, fit_operating_point, logits64, score, score_model
 from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
-from common.training import train_local
+from common.training import round_trainable, train_local
 from server.heldout import aggregate_sites, aggregate_test
 
 State = dict[str, torch.Tensor]
@@ -203,9 +203,13 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: b
                 load_state(local, current, where="emulated train message")
                 seed = node_seed(cfg, pid, rnd)
                 seed_everything(seed)
-                res = train_local(local, inp.x_train, inp.site.y_train, optim, trainable,
+                now = round_trainable(trainable, cfg.federation.head_warmup_rounds, rnd)
+                # head warm-up: the received backbone runs whole (no cached prefix applies)
+                x, cached = ((inp.x_train, inp.cached) if now == trainable
+                             else (inp.site.x_train, False))
+                res = train_local(local, x, inp.site.y_train, optim, now,
                                   device, seed, global_state=current if mu > 0 else None,
-                                  features_cached=inp.cached)
+                                  features_cached=cached)
                 local_state = local.state_dict()
                 replies.append(({n: local_state[n].detach().cpu() for n in names},
                                 res.num_examples))

@@ -88,7 +88,9 @@ def federate(work: Path, env: dict[str, str], device: str, rounds: int | None,
     require_ok(res, log)
     out: dict[str, Any] = {"pretrain_wall_s": round(res.wall_s, 1)}
     log = work / "simulate.log"
-    extra = [] if rounds is None else ["--rounds", str(rounds)]
+    # a short check runs one head-only round, then full fine-tuning: both phases on `device`
+    extra = [] if rounds is None else ["--rounds", str(rounds),
+                                       "--set", "federation.head_warmup_rounds=1"]
     res = run_cmd(medfed("simulate", "--config", str(CONFIG), "--device", device,
                          "--bundle", str(bundle), *extra, "--out", str(sim)), env, log)
     require_ok(res, log)

@@ -55,7 +55,7 @@ from common.personalise import SiteModel, personalise
 from common.scoring import OperatingPoint, score_splits
 from common.settings import NodeSettings, RunSettings
 from common.signing import load_public_key
-from common.training import TrainResult, train_local
+from common.training import TrainResult, round_trainable, train_local
 
 BUILT_MODELS = 8  # backbones kept built per process
 # (backbone sha256, trainable) -> (the verified bytes it was built from, model, trainable
@@ -243,12 +243,17 @@ def train(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, server
     maybe_fail(faults, pid, node.settings.num_partitions, server_round)
     model, manifest, _ = _global_model(node, arrays, backbone_sha, "train message")
     site = node.site(manifest)
-    x_train, cached = node.train_inputs(model, site, backbone_sha)
+    trainable = round_trainable(node.cfg.model.trainable, node.cfg.federation.head_warmup_rounds,
+                                server_round)
+    if trainable == node.cfg.model.trainable:
+        x_train, cached = node.train_inputs(model, site, backbone_sha)
+    else:  # head warm-up: the received backbone runs whole, so no cached prefix applies
+        x_train, cached = site.x_train, False
     optim = replace(node.cfg.federation.local, proximal_mu=proximal_mu)
     seed = node.seed(server_round)
     seed_everything(seed)
     result = train_local(
-        model, x_train, site.y_train, optim, node.cfg.model.trainable, node.device, seed,
+        model, x_train, site.y_train, optim, trainable, node.device, seed,
         global_state=arrays if proximal_mu > 0 else None, features_cached=cached,
     )
     state = model.state_dict()

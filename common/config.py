@@ -247,6 +247,10 @@ class FederationConfig:
     # true when the target task differs from the source task (e.g. pneumonia -> breast):
     # the pretrained head is replaced by a fresh, seeded one before round 1
     reset_head: bool = False
+    # the first N rounds train only the head on the received backbone, then model.trainable
+    # applies: a fresh head's first, random gradients would otherwise reshape the pretrained
+    # features before the head has learnt anything (linear probing, then fine-tuning)
+    head_warmup_rounds: int = 0
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

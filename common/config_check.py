@@ -126,6 +126,9 @@ def _check_federation(cfg: Config) -> None:
             "config key 'federation.evaluate_with_train' is true but "
             "'federation.privacy.secure_aggregation' runs Flower's legacy workflow, whose train "
             "replies carry only the masked update; set one of them to false")
+    if fed.head_warmup_rounds < 0:
+        raise ConfigError("config key 'federation.head_warmup_rounds' must be 0 or more, "
+                          f"got {fed.head_warmup_rounds}")
     if fed.final_model not in ("best", "latest"):
         raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
                           f"got {fed.final_model!r}")

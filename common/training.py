@@ -97,6 +97,13 @@ def _batches(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterator[
             done += 1
 
 
+def round_trainable(trainable: str, head_warmup_rounds: int, server_round: int) -> str:
+    """What trains in ``server_round`` (1-based): the head alone in the first
+    ``head_warmup_rounds`` rounds, then ``trainable``. The tensors exchanged stay
+    ``trainable``'s: during the warm-up the backbone's come back as they were received."""
+    return "head" if server_round <= head_warmup_rounds else trainable
+
+
 def _optimizer(params: Mapping[str, nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The configured optimiser; backbone tensors at ``lr * backbone_lr_scale``."""
     head = [p for n, p in params.items() if not n.startswith("backbone.")]

@@ -226,6 +226,11 @@ def config_backbone_lr_scale_not_positive(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("federation.local.backbone_lr_scale", "more than 0"))
 
 
+def config_negative_head_warmup(c: Ctx) -> Call:
+    argv = _pretrain(c, HEART, "federation.head_warmup_rounds=-1")
+    return Call(argv, c.tmp / "bundle", ("federation.head_warmup_rounds", "0 or more"))
+
+
 def config_yaml_alias_bomb(c: Ctx) -> Call:
     """393 bytes of nested aliases once expanded to a 254 MB error line."""
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
@@ -246,6 +251,7 @@ CONFIG_CASES: list[Builder] = [
     config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
     config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
     config_unknown_augmentation, config_unknown_loss, config_backbone_lr_scale_not_positive,
+    config_negative_head_warmup,
 ]
 
 

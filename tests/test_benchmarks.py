@@ -202,6 +202,19 @@ def test_breast_gain_compares_the_chosen_pretrained_row_with_the_same_setting_fr
         "breast_auc_gain_pretrained_vs_scratch"]
     assert (gain["row"], gain["scratch_row"]) == ("cnn-all-80", "cnn-scratch-80")
     assert gain["value"] == pytest.approx(0.03)
+    # of two scratch recipes of that setting, the one with the higher validation AUC
+    rows += [row("cnn-scratch-80-b", "fed+scratch", "cnn", 0.86, 0.86, rounds=80),
+             row("cnn-scratch-80-c", "fed+scratch", "cnn", 0.84, 0.70, rounds=80)]
+    gain = breast._finish(rows, quick=True, real=None)["headline"][
+        "breast_auc_gain_pretrained_vs_scratch"]
+    assert (gain["row"], gain["scratch_row"]) == ("cnn-all-80", "cnn-scratch-80-b")
+    assert gain["value"] == pytest.approx(0.04)
+    # a scratch row leading on validation stays a comparator: medfed runs pretrained settings
+    rows.append(row("cnn-scratch-80-d", "fed+scratch", "cnn", 0.95, 0.60, rounds=80))
+    out = breast._finish(rows, quick=True, real=None)
+    assert out["headline_row"] == "cnn-all-80"
+    assert out["headline"]["breast_auc_gain_pretrained_vs_scratch"]["scratch_row"] == (
+        "cnn-scratch-80-d")
 
 
 def test_adding_a_row_runs_only_the_hospital_counts_not_stored_for_its_settings() -> None:

@@ -24,11 +24,13 @@ from client.cache import MissingBackbone
 from client.client_app import make_client_app
 from common import records as rk
 from common.bundle import BundleError, load_bundle
+from common.config_check import load_config
 from common.data.heart import load_heart_sites
+from common.pretrain import pretrain
 from common.settings import RunSettings
 from server.federation import load_payload
 from server.provisioning import BackbonePayload
-from tests.conftest import HEART
+from tests.conftest import FAST_PRETRAIN, HEART
 from tests.flower_helpers import call_client_app, task_identity
 
 SITES = ("cleveland", "hungary", "switzerland", "va")
@@ -220,6 +222,37 @@ def test_cached_features_give_the_same_update_as_fresh_ones(app, payload, heart_
     second = _train(app, heart_bundle, payload, 2).content.array_records[rk.ARRAYS]
     for name in HEAD_SHAPES:
         np.testing.assert_array_equal(first[name].numpy(), second[name].numpy())
+
+
+def test_head_warmup_rounds_train_the_head_alone_then_the_trainable_set(
+        signing_key, signing_key_path, tmp_path) -> None:
+    # two backbone blocks: head+last-1 exchanges block 1 and the head and caches block 0's
+    # features; the first 2 rounds must return block 1 as received and train the head on the
+    # whole received backbone, then block 1 trains too
+    two_blocks = ("model.hidden=[16,8]", "model.trainable=head+last-1")
+    bundle_dir = tmp_path / "bundle"
+    pretrain(load_config(HEART, [*FAST_PRETRAIN, *two_blocks]), bundle_dir, signing_key)
+    settings = RunSettings(config_path=HEART, run_dir=tmp_path / "run", bundle=bundle_dir,
+                           keys=signing_key_path,
+                           overrides=(*two_blocks, "federation.head_warmup_rounds=2"))
+    app = make_client_app(settings)
+    payload = load_payload(bundle_dir)
+    _ask(app, payload, 0, with_file=True)
+    bundle = load_bundle(bundle_dir)
+    sent = {**{n: t for n, t in bundle.backbone.items() if n.startswith("backbone.1.")},
+            **bundle.head}
+    changed = {}
+    for server_round in (1, 2, 3):
+        content = RecordDict({
+            rk.ARRAYS: ArrayRecord(sent),
+            rk.CONFIG: ConfigRecord({rk.SERVER_ROUND: server_round,
+                                     rk.BACKBONE_SHA256: payload.sha256})})
+        reply = call_client_app(app, "train", content, _node(0))
+        got = reply.content.array_records[rk.ARRAYS].to_torch_state_dict()
+        assert got.keys() == sent.keys()
+        changed[server_round] = {n for n in sent if not torch.equal(got[n], sent[n])}
+    assert changed[1] == changed[2] == {"head.weight", "head.bias"}
+    assert changed[3] == set(sent)
 
 
 # --- a hospital whose data does not match the model ----------------------------------------

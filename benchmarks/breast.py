@@ -258,9 +258,8 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
     # the gain compares that row with the same model family and rounds trained from scratch,
     # the scratch recipe also chosen on validation (with or without the head warm-up):
     # pretraining, not another architecture or recipe
-    pre = head
     scratch = max((r for r in rows
-                   if r["kind"] == "fed+scratch" and _setting(r) == _setting(pre)),
+                   if r["kind"] == "fed+scratch" and _setting(r) == _setting(head)),
                   key=lambda r: r["5"]["validation_auc"]["mean"])
     if quick:
         real = []
@@ -279,8 +278,8 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
                                      "selected_on": "validation", "hospitals": 5,
                                      "seeds": len(seeds), "row": head["key"]},
             "breast_auc_gain_pretrained_vs_scratch": {
-                "value": (pre["5"]["test_auc"]["mean"] - scratch["5"]["test_auc"]["mean"]),
-                "selected_on": "validation", "row": pre["key"], "scratch_row": scratch["key"]},
+                "value": (head["5"]["test_auc"]["mean"] - scratch["5"]["test_auc"]["mean"]),
+                "selected_on": "validation", "row": head["key"], "scratch_row": scratch["key"]},
             **({"breast_minutes_cpu": {"value": real[0]["wall_s"] / 60, "hospitals": 5,
                                        "rounds": real[0]["rounds"], "row": head["key"],
                                        "command": "medfed simulate, 2 CPU cores"}}

@@ -155,9 +155,24 @@ def real_simulation(extra: tuple[str, ...], hospitals: int, seed: int) -> dict[s
                          "--out", str(out), "--cpus-per-client", "1"), bench_env(home), log)
     require_ok(res, log)
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    kept = out / "registry" / f"v{s['final']['version']:04d}" / "manifest.json"
+    files = json.loads(kept.read_text(encoding="utf-8"))["files"]
     return {"wall_s": res.wall_s, "version": s["final"]["version"],
             "validation_auc": s["validation"].get("auc"), "test_auc": s["test"].get("auc"),
-            "rounds": cfg.federation.rounds}
+            "rounds": cfg.federation.rounds,
+            "kept_sha256": {name: files[name] for name in sorted(files)}}
+
+
+def real_runs(head: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline row's `medfed simulate`, twice: the second run must keep the same model
+    (same version, same file hashes) for the figures to be repeatable."""
+    runs = [{**real_simulation(tuple(head["overrides"]), 5, 0), "row": head["key"]}
+            for _ in range(2)]
+    same = all(r["version"] == runs[0]["version"] and r["kept_sha256"] == runs[0]["kept_sha256"]
+               for r in runs)
+    print(f"  breast real simulate x2: versions {[r['version'] for r in runs]}, "
+          f"same model: {same}", flush=True)
+    return runs
 
 
 def _one_thread() -> None:
@@ -264,7 +279,7 @@ def _finish(rows: list[dict[str, Any]], quick: bool, real: list[dict[str, Any]] 
     if quick:
         real = []
     elif not real or real[0].get("row") != head["key"]:
-        real = [{**real_simulation(tuple(head["overrides"]), 5, 0), "row": head["key"]}]
+        real = real_runs(head)
     seeds = seeds_by[hospitals[0]]
     return {
         "seeds": list(seeds), "hospitals": list(hospitals),
@@ -312,6 +327,13 @@ def add_rows(keys: list[str], path: Path) -> dict[str, Any]:
     return out
 
 
+def real_runs_again(path: Path) -> dict[str, Any]:
+    """The stored full result at `path` with the headline row's real runs done again."""
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    head = next(r for r in stored["rows"] if r["key"] == stored["headline_row"])
+    return {**stored, **_finish(stored["rows"], False, real_runs(head))}
+
+
 def _seed_text(res: dict[str, Any]) -> str:
     by = res.get("seeds_by_hospitals") or {str(k): res["seeds"] for k in res["hospitals"]}
     return ", ".join(f"{seeds} for {k} hospitals" for k, seeds in by.items())
@@ -347,22 +369,30 @@ def markdown(res: dict[str, Any]) -> str:
             table.append(["MedMNIST v2 ResNet-18 (28), centralised, full train split", "—",
                           fmt(REFERENCE["auc"]), "—", "—", "—"])
         parts += [f"**{k} hospitals** (Dirichlet 0.5):", md_table(header, table)]
-    real = [[str(x["rounds"]), str(x["version"]), fmt(x["validation_auc"]), fmt(x["test_auc"]),
-             f"{x['wall_s']:.0f} s"] for x in res["real_simulation"]]
+    real = [[str(x["rounds"]), str(x["version"]),
+             x.get("kept_sha256", {}).get("head.safetensors", "not recorded")[:16],
+             fmt(x["validation_auc"]), fmt(x["test_auc"]), f"{x['wall_s']:.0f} s"]
+            for x in res["real_simulation"]]
     if real:
-        parts += ["Real `medfed simulate` of the headline row (5 hospitals, seed 0); AUC here "
-                  "is the mean over hospitals weighted by rows, as the server aggregates it:",
-                  md_table(["rounds", "version kept", "validation AUC", "test AUC", "wall"],
-                           real)]
+        parts += ["Real `medfed simulate` of the headline row (5 hospitals, seed 0), the same "
+                  "command run twice; AUC here is the mean over hospitals weighted by rows, as "
+                  "the server aggregates it:",
+                  md_table(["rounds", "version kept", "its head (sha256)", "validation AUC",
+                            "test AUC", "wall"], real)]
     return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
     # python -m benchmarks.breast --add-rows cnn-scratch: those rows into results/breast.json
     # (then `python -m benchmarks.run --render` rewrites RESULTS.md and headline.json)
-    if len(sys.argv) != 3 or sys.argv[1] != "--add-rows":
-        raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...]")
+    # python -m benchmarks.breast --real-runs: the headline row's real runs again
     target = ROOT / "benchmarks" / "results" / "breast.json"
-    result = add_rows(sys.argv[2].split(","), target)
+    if sys.argv[1:] == ["--real-runs"]:
+        result = real_runs_again(target)
+    elif len(sys.argv) == 3 and sys.argv[1] == "--add-rows":
+        result = add_rows(sys.argv[2].split(","), target)
+    else:
+        raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...] | "
+                         "--real-runs")
     target.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {target}")

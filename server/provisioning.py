@@ -180,7 +180,22 @@ class ProvisioningGrid(DelegatingGrid):
         look when it comes back: its hospital may have fixed the file."""
         live = list(self.inner.get_node_ids())
         self.gone &= set(live)
-        return live
+        return self.in_site_order(live)
+
+    def in_site_order(self, nodes: Iterable[int]) -> list[int]:
+        """`nodes` by hospital name, then node id.
+
+        Flower draws node ids at random each run and hands replies over as they arrive, so
+        neither order repeats. In this one, the same config and seed sample the same
+        hospitals (Flower's strategies draw from this list) and sum their updates in the same
+        order (a float sum depends on it): a run can be repeated, version for version.
+        """
+        return sorted(nodes, key=lambda node: (self.site(node), node))
+
+    def _by_site(self, replies: list[Message]) -> list[Message]:
+        order = {n: i for i, n in enumerate(self.in_site_order(
+            {r.metadata.src_node_id for r in replies}))}
+        return sorted(replies, key=lambda r: order[r.metadata.src_node_id])
 
     def site(self, node: int) -> str:
         """The hospital's name: enrolled, else reported (unique), else `node-<id>`."""
@@ -294,7 +309,7 @@ class ProvisioningGrid(DelegatingGrid):
         replies = send_and_receive(self.inner, messages, wait)
         _attribute_errors(messages, replies)
         self._count_in(replies, _round_of(messages))
-        return replies
+        return self._by_site(replies)  # after _count_in: a first reply names its site
 
     # --- provisioning ---------------------------------------------------------------------
     def _declare(self, node: int, metrics: MetricRecord) -> None:
@@ -400,7 +415,7 @@ class ProvisioningGrid(DelegatingGrid):
                 for m in messages if m.metadata.dst_node_id in lost
             ]
             replies = [r for r in replies if r.metadata.src_node_id not in lost]
-            replies += self._exchange(retry, timeout)
+            replies = self._by_site(replies + self._exchange(retry, timeout))
         kind = messages[0].metadata.message_type if messages else ""
         if kind == "train":
             originals, replies = self._validated(messages, replies, timeout)

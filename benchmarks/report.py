@@ -229,11 +229,17 @@ NOTES = {
     ),
     "scale": (
         "One run, not repeated. Every node holds its own context in Flower's in-memory state "
-        "and gets the final model at the end; the sampled nodes train and evaluate. The run "
-        "before (2026-12-02, an Intel Xeon) took 360 s of wall time and 500 s of CPU, with "
-        "rounds of 17-20 s; between the two, each exchange's messages are found in one pass "
-        "over Flower's state (section 3, fix of 2026-12-05), which matters most for "
-        "provisioning and the final delivery, exchanges with all 10,000 nodes."
+        "and gets the final model at the end; the sampled nodes train and evaluate. Earlier "
+        "runs: 2026-12-02 on an Intel Xeon, 360 s of wall time and 500 s of CPU, rounds of "
+        "17-20 s; then each exchange's messages were found in one pass over Flower's state "
+        "(section 3, fix of 2026-12-05), which matters most for provisioning and the final "
+        "delivery, exchanges with all 10,000 nodes: 186 s, 273 s of CPU and 3.10 GB on an "
+        "AMD EPYC (2026-12-05 02:22). The run above is after the server began listing "
+        "hospitals and ordering replies by name (repeatable runs, 2026-12-05 evening); it "
+        "started at a 1-min load of 5.1 (a profiling run had just ended). Run right after it "
+        "on the same machine, the code before that change (f4e38f8, idle start, load 0.5) "
+        "took 350 s, 485 s of CPU and 3.89 GB: the ordering costs nothing visible here, and "
+        "the spread between runs and machines is larger than its cost."
     ),
     "deploy_vs_flower": (
         "Both sides pay Flower's deployment floor per message phase: an idle SuperNode polls "

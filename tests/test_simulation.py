@@ -124,6 +124,24 @@ def test_backbone_went_to_every_node_exactly_once(heart_run) -> None:
     assert sends == dict.fromkeys(HEART_SITES, 1)
 
 
+def _published(run: Path) -> dict[str, dict[str, str]]:
+    return {v.name: json.loads((v / "manifest.json").read_text())["files"]
+            for v in sorted((run / "registry").glob("v*"))}
+
+
+def test_the_same_command_again_publishes_the_same_versions(tmp_path, heart_run, heart_bundle,
+                                                            cli_env) -> None:
+    """Flower's runtime draws new node ids each run and hands replies over as they arrive;
+    the versions must not depend on either (tests/test_repeatable_run.py shows why)."""
+    first, _ = heart_run
+    again = _simulate(HEART, heart_bundle, tmp_path / "run", cli_env, RUN_S, "--rounds", "2")
+    assert again.code == 0, again.err[-3000:]
+    assert len(_published(first)) == 3
+    assert _published(tmp_path / "run") == _published(first)
+    best = json.loads((first / "registry" / "best.json").read_text())["version"]
+    assert json.loads((tmp_path / "run" / "registry" / "best.json").read_text())["version"] == best
+
+
 def test_every_simulated_hospital_trained_with_one_torch_thread_on_the_cpu(heart_run) -> None:
     """One core reserved per ClientApp (--cpus-per-client 1): one torch thread (Ray sets
     OMP_NUM_THREADS from the cores an actor holds), not one per core of the machine

@@ -190,12 +190,14 @@ class ProvisioningGrid(DelegatingGrid):
         hospitals (Flower's strategies draw from this list) and sum their updates in the same
         order (a float sum depends on it): a run can be repeated, version for version.
         """
-        return sorted(nodes, key=lambda node: (self.site(node), node))
+        return sorted(nodes, key=self._site_key)
+
+    def _site_key(self, node: int) -> tuple[str, int]:
+        return self.site(node), node
 
     def _by_site(self, replies: list[Message]) -> list[Message]:
-        order = {n: i for i, n in enumerate(self.in_site_order(
-            {r.metadata.src_node_id for r in replies}))}
-        return sorted(replies, key=lambda r: order[r.metadata.src_node_id])
+        """`replies` in :meth:`in_site_order` of their senders."""
+        return sorted(replies, key=lambda r: self._site_key(r.metadata.src_node_id))
 
     def site(self, node: int) -> str:
         """The hospital's name: enrolled, else reported (unique), else `node-<id>`."""

@@ -28,7 +28,17 @@ import numpy as np
 import torch
 
 from benchmarks import emulate
-from benchmarks.util import ROOT, WORK, bench_env, fmt, md_table, medfed, require_ok, run_cmd
+from benchmarks.util import (
+    ROOT,
+    WORK,
+    bench_env,
+    fmt,
+    machine,
+    md_table,
+    medfed,
+    require_ok,
+    run_cmd,
+)
 from benchmarks.util import summary as over_seeds
 from common.config import Config
 from common.config_check import load_config
@@ -193,30 +203,50 @@ def _plan(quick: bool) -> tuple[int | None, tuple[int, ...], dict[int, tuple[int
 
 def _kept(stored: dict[str, dict[str, Any]], key: str, extra: tuple[str, ...], hospitals: int,
           seeds: tuple[int, ...]) -> dict[str, Any] | None:
-    """Row `key`'s stored summary at `hospitals`, if it ran the same overrides and seeds:
-    the runs are seeded, so running it again would give the same figures."""
+    """Row `key`'s stored summary at `hospitals`, if it ran the same overrides and seeds with
+    the same emulation: the runs are seeded, so running it again would give the same figures."""
     old = stored.get(key)
     if old is None or old["overrides"] != list(extra) or str(hospitals) not in old:
         return None
     summary: dict[str, Any] = old[str(hospitals)]
-    return summary if summary["seeds"] == list(seeds) else None
+    return summary if summary["seeds"] == list(seeds) and current(old, hospitals) else None
 
 
-def _jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]]
+def current(row: dict[str, Any], hospitals: int) -> bool:
+    """Whether the row's summary at `hospitals` comes from the emulation as it is now (the
+    centralised row aggregates nothing: the aggregation's change left it as it was)."""
+    return (row["kind"] == "central"
+            or row[str(hospitals)].get("aggregation") == emulate.AGGREGATION)
+
+
+def _reused(stored: dict[str, dict[str, Any]], key: str, extra: tuple[str, ...],
+            hospitals: int, seeds: tuple[int, ...], only: tuple[int, ...] | None
+            ) -> dict[str, Any] | None:
+    """The stored summary kept instead of running: :func:`_kept`'s, or at a hospital count
+    outside `only` (None: all counts run) whatever is stored, stale or not."""
+    if only is not None and hospitals not in only:
+        return stored.get(key, {}).get(str(hospitals))
+    return _kept(stored, key, extra, hospitals, seeds)
+
+
+def _jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]],
+          only: tuple[int, ...] | None = None
           ) -> list[tuple[str, tuple[str, ...], int, int, int | None]]:
     """(kind, overrides, hospitals, seed, rounds) of each run `rows` need beyond `stored`."""
     rounds, hospitals, seeds_by = _plan(quick)
     return [(kind, extra, k, s, rounds) for key, _, kind, extra in rows for k in hospitals
-            if _kept(stored, key, extra, k, seeds_by[k]) is None for s in seeds_by[k]]
+            if _reused(stored, key, extra, k, seeds_by[k], only) is None
+            and (only is None or k in only) for s in seeds_by[k]]
 
 
-def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None = None
-              ) -> list[dict[str, Any]]:
+def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None = None,
+              only: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Every run of `rows`, then one summary per row over the seeds; the hospital counts
-    that `stored` (rows by key) holds for the same overrides and seeds are kept, not run."""
+    that `stored` (rows by key) holds for the same overrides, seeds and emulation are kept,
+    not run, and so are those outside `only` (None: every count)."""
     stored = stored or {}
     rounds, hospitals, seeds_by = _plan(quick)
-    jobs = _jobs(rows, quick, stored)
+    jobs = _jobs(rows, quick, stored, only)
     for _, _, kind, extra in rows:  # pretrain each backbone once, before the workers share it
         if kind != "fed+scratch":
             emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
@@ -229,8 +259,10 @@ def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None 
         row: dict[str, Any] = {"key": key, "label": label, "kind": kind,
                                "overrides": list(extra)}
         for k in hospitals:
-            if (old := _kept(stored, key, extra, k, seeds_by[k])) is not None:
+            if (old := _reused(stored, key, extra, k, seeds_by[k], only)) is not None:
                 row[str(k)] = old
+                continue
+            if only is not None and k not in only:
                 continue
             seeds = seeds_by[k]
             runs = [done[(kind, extra, k, s, rounds)] for s in seeds]
@@ -246,7 +278,9 @@ def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None 
                 "test_specificity": over_seeds(r["test"]["specificity"] for r in runs),
                 "site_test_auc": over_seeds(r["site_test_auc"] for r in runs),
                 "versions": [r["version"] for r in runs], "train_rows": runs[0]["train_rows"],
-                "seeds": list(seeds)}
+                "seeds": list(seeds), "aggregation": emulate.AGGREGATION,
+                # float kernels may differ between CPU types: figures are repeatable on one
+                "cpu": machine()["cpu"]}
             print(f"  breast {key} x{k}: validation AUC {fmt(row[str(k)]['validation_auc'])}",
                   flush=True)
         out.append(row)
@@ -308,10 +342,12 @@ def run(quick: bool) -> dict[str, Any]:
     return _finish(_run_jobs(ROWS, quick), quick, None)
 
 
-def add_rows(keys: list[str], path: Path) -> dict[str, Any]:
-    """Run only the rows `keys` and put them into the stored full result at `path` (the
-    other rows as stored; of these rows, the hospital counts stored for the same overrides
-    and seeds are kept); the headline is chosen again over all rows."""
+def add_rows(keys: list[str], path: Path, only: tuple[int, ...] | None = None
+             ) -> dict[str, Any]:
+    """Run only the rows `keys` (at the hospital counts `only`; None: all) and put them into
+    the stored full result at `path` (the other rows as stored; of these rows, the hospital
+    counts stored for the same overrides, seeds and emulation are kept); the headline is
+    chosen again over all rows."""
     stored = json.loads(path.read_text(encoding="utf-8"))
     chosen = tuple(r for r in ROWS if r[0] in keys)
     unknown = sorted(set(keys) - {r[0] for r in chosen})
@@ -319,7 +355,7 @@ def add_rows(keys: list[str], path: Path) -> dict[str, Any]:
         raise SystemExit(f"unknown row {unknown} (choose from {[r[0] for r in ROWS]}) "
                          "or a quick result")
     old = {r["key"]: r for r in stored["rows"]}
-    new = {r["key"]: r for r in _run_jobs(chosen, quick=False, stored=old)}
+    new = {r["key"]: r for r in _run_jobs(chosen, quick=False, stored=old, only=only)}
     rows = [new.get(key) or old[key] for key, *_ in ROWS if key in new or key in old]
     real = [{**x, "row": x.get("row", stored["headline_row"])} for x in stored["real_simulation"]]
     out = {**stored, **_finish(rows, False, real)}
@@ -354,6 +390,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     header = ["configuration", "validation AUC (chooses)", "test AUC [95% CI]",
               "test balanced acc", "test sensitivity", "test specificity"]
+    stale = False
     for k in res["hospitals"]:
         table = []
         for r in res["rows"]:
@@ -363,20 +400,33 @@ def markdown(res: dict[str, Any]) -> str:
             part = r[str(k)]
             ci = (f"{fmt(part['test_auc'])} [{fmt(part['test_auc_lo']['mean'])}, "
                   f"{fmt(part['test_auc_hi']['mean'])}]")
-            table.append([r["label"], part["validation_auc"], ci, part["test_balanced_acc"],
+            label = r["label"] if current(r, k) else f"{r['label']} ‡"
+            stale = stale or not current(r, k)
+            table.append([label, part["validation_auc"], ci, part["test_balanced_acc"],
                           part.get("test_sensitivity", "—"), part.get("test_specificity", "—")])
         if k == res["hospitals"][0]:
             table.append(["MedMNIST v2 ResNet-18 (28), centralised, full train split", "—",
                           fmt(REFERENCE["auc"]), "—", "—", "—"])
         parts += [f"**{k} hospitals** (Dirichlet 0.5):", md_table(header, table)]
+    if stale:
+        parts.append(
+            "‡ Not run again since the emulation became exact (2026-12-05): it then averaged "
+            "the hospitals' updates in float64 where `medfed simulate` (Flower's FedAvg) sums "
+            "float32 products in site order, ~1e-7 apart per round, enough to change the "
+            "version a long run keeps. Every other federated row's versions are the ones "
+            "`medfed simulate` publishes, bit for bit (tests/test_emulation_exact.py).")
     real = [[str(x["rounds"]), str(x["version"]),
              x.get("kept_sha256", {}).get("head.safetensors", "not recorded")[:16],
              fmt(x["validation_auc"]), fmt(x["test_auc"]), f"{x['wall_s']:.0f} s"]
             for x in res["real_simulation"]]
     if real:
+        head = next(r for r in res["rows"] if r["key"] == res["headline_row"])
+        emulated = dict(zip(head["5"]["seeds"], head["5"]["versions"], strict=True)).get(0)
         parts += ["Real `medfed simulate` of the headline row (5 hospitals, seed 0), the same "
                   "command run twice; AUC here is the mean over hospitals weighted by rows, as "
-                  "the server aggregates it:",
+                  f"the server aggregates it. The emulated seed 0 of the row above kept "
+                  f"version {emulated}"
+                  f"{'' if current(head, 5) else ' (before the emulation became exact)'}:",
                   md_table(["rounds", "version kept", "its head (sha256)", "validation AUC",
                             "test AUC", "wall"], real)]
     return "\n\n".join(parts)
@@ -384,15 +434,18 @@ def markdown(res: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     # python -m benchmarks.breast --add-rows cnn-scratch: those rows into results/breast.json
+    # (--hospitals 5: only at 5 hospitals; the other counts stay as stored)
     # (then `python -m benchmarks.run --render` rewrites RESULTS.md and headline.json)
     # python -m benchmarks.breast --real-runs: the headline row's real runs again
     target = ROOT / "benchmarks" / "results" / "breast.json"
     if sys.argv[1:] == ["--real-runs"]:
         result = real_runs_again(target)
-    elif len(sys.argv) == 3 and sys.argv[1] == "--add-rows":
-        result = add_rows(sys.argv[2].split(","), target)
+    elif len(sys.argv) in (3, 5) and sys.argv[1] == "--add-rows" and sys.argv[3:4] in (
+            [], ["--hospitals"]):
+        counts = tuple(int(k) for k in sys.argv[4].split(",")) if len(sys.argv) == 5 else None
+        result = add_rows(sys.argv[2].split(","), target, counts)
     else:
-        raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...] | "
-                         "--real-runs")
+        raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...] "
+                         "[--hospitals 5[,20]] | --real-runs")
     target.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {target}")

@@ -8,16 +8,17 @@ data from :func:`common.data.federated.load_federated`, every node trains with
 features as `client/node.py` caches them, every round's global model is scored at the sites
 with :func:`common.scoring.score_model` and aggregated with
 :func:`server.heldout.aggregate_sites`, `best` is picked by the registry's rule on validation,
-and each site builds its model with :func:`common.personalise.personalise`. The server
-aggregates like Flower's FedAvg / FedProx / FedYogi. `benchmarks/heart.py` runs the real
-`medfed simulate` for the headline configuration and shows that both agree.
+and each site builds its model with :func:`common.personalise.personalise`. The server's
+aggregation is Flower's arithmetic, operation for operation (:class:`Aggregator`), so every
+version equals the one `medfed simulate` publishes, bit for bit, on the same machine
+(tests/test_emulation_exact.py); `benchmarks/heart.py` and `benchmarks/breast.py` also run
+the real `medfed simulate` for their headline configuration and compare.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ from common.training import round_trainable, train_local
 from server.heldout import aggregate_sites, aggregate_test
 
 State = dict[str, torch.Tensor]
+# how Aggregator computes; results record it, and a stored result computed otherwise is stale
+# (before 2026-12-05 it averaged in float64: within ~1e-7 per round of the published tensors)
+AGGREGATION = "flwr-1.42-exact"
 
 
 def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
@@ -125,46 +129,63 @@ def site_inputs(model: SplitModel, sites: list[SiteSplit], trainable: str,
 
 
 class Aggregator:
-    """Flower's FedAvg weighting (num-examples), plus FedYogi's and FedAdam's server
-    optimisers (flwr 1.42 `flwr/serverapp/strategy/fedyogi.py`, `fedadam.py`)."""
+    """The server's aggregation, operation for operation as flwr 1.42 computes it, so that an
+    emulated run publishes the very tensors `medfed simulate` publishes (checked bit for bit in
+    tests/test_emulation_exact.py): FedAvg's and FedProx's weighted mean
+    (`flwr/serverapp/strategy/strategy_utils.py::aggregate_arrayrecords`: float32 products
+    summed in reply order, which the server makes site order), then FedAdagrad's, FedAdam's
+    or FedYogi's server step (`fedopt.py`, `fedadagrad.py`, `fedadam.py`, `fedyogi.py`: NumPy
+    with their own dtype promotions). Float sums depend on their order: averaging in float64
+    instead moved the weights by ~1e-7 per round, which after 160 BreastMNIST rounds had
+    changed the version kept."""
+
+    MEAN = ("fedavg", "fedprox")
+    SERVER_STEP = ("fedadagrad", "fedadam", "fedyogi")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg.federation.strategy
-        self.m: State = {}
-        self.v: State = {}
+        if self.cfg.name not in (*self.MEAN, *self.SERVER_STEP):
+            known = ", ".join((*self.MEAN, *self.SERVER_STEP))
+            raise ValueError(f"the emulation has no aggregation for strategy "
+                             f"'{self.cfg.name}' (it knows {known})")
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
         self.round = 0
 
     def __call__(self, current: State, replies: list[tuple[State, int]]) -> State:
-        total = float(sum(n for _, n in replies))
-        avg = {k: sum(s[k].double() * (n / total) for s, n in replies) for k in current}
+        """The next global tensors from `current` and the (tensors, examples) replies, given
+        in site order."""
+        total = sum(n for _, n in replies)
+        mean: dict[str, np.ndarray] = {}
+        for state, n in replies:
+            weight = n / total
+            for k in current:
+                value = state[k].numpy()
+                mean[k] = value * weight if k not in mean else mean[k] + value * weight
         self.round += 1
-        if self.cfg.name == "fedadam":
-            return self._adam(current, avg)
-        if self.cfg.name != "fedyogi":
-            return {k: v.float() for k, v in avg.items()}
+        if self.cfg.name in self.MEAN:
+            return {k: torch.from_numpy(v) for k, v in mean.items()}
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in self._step(current, mean).items()}
+
+    def _step(self, current: State, mean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self.cfg
-        new: State = {}
-        for k, x in current.items():
-            delta = avg[k] - x.double()
-            self.m[k] = s.beta_1 * self.m.get(k, torch.zeros_like(delta)) + (1 - s.beta_1) * delta
-            v = self.v.get(k, torch.zeros_like(delta))
-            self.v[k] = v - (1.0 - s.beta_2) * delta**2 * torch.sign(v - delta**2)
-            new[k] = (x.double() + s.eta * self.m[k] / (self.v[k].sqrt() + s.tau)).float()
-        return new
-
-
-    def _adam(self, current: State, avg: State) -> State:
-        s, t = self.cfg, self.round
-        # Flower's bias-corrected step size, with its exponent t + 1
-        eta = s.eta * math.sqrt(1 - s.beta_2 ** (t + 1)) / (1 - s.beta_1 ** (t + 1))
-        new: State = {}
-        for k, x in current.items():
-            delta = avg[k] - x.double()
-            zero = torch.zeros_like(delta)
-            self.m[k] = s.beta_1 * self.m.get(k, zero) + (1 - s.beta_1) * delta
-            self.v[k] = s.beta_2 * self.v.get(k, zero) + (1 - s.beta_2) * delta**2
-            new[k] = (x.double() + eta * self.m[k] / (self.v[k].sqrt() + s.tau)).float()
-        return new
+        x = {k: t.numpy() for k, t in current.items()}
+        delta = {k: mean[k] - x[k] for k in mean}
+        beta_1 = 0.0 if s.name == "fedadagrad" else s.beta_1  # FedAdagrad fixes it at 0
+        m = self.m or {k: np.zeros_like(v) for k, v in mean.items()}
+        self.m = {k: beta_1 * v + (1 - beta_1) * delta[k] for k, v in m.items()}
+        v0 = self.v or {k: np.zeros_like(v) for k, v in mean.items()}
+        eta = s.eta
+        if s.name == "fedadagrad":
+            self.v = {k: v + (delta[k] ** 2) for k, v in v0.items()}
+        elif s.name == "fedyogi":
+            self.v = {k: v - (1.0 - s.beta_2) * (delta[k] ** 2) * np.sign(v - delta[k] ** 2)
+                      for k, v in v0.items()}
+        else:  # fedadam, with Flower's bias-corrected step size (exponent round + 1)
+            self.v = {k: s.beta_2 * v + (1 - s.beta_2) * (delta[k] ** 2) for k, v in v0.items()}
+            eta = (s.eta * np.sqrt(1 - np.power(s.beta_2, self.round + 1.0))
+                   / (1 - np.power(s.beta_1, self.round + 1.0)))
+        return {k: xk + eta * self.m[k] / (np.sqrt(self.v[k]) + s.tau) for k, xk in x.items()}
 
 
 def site_scores(model: SplitModel, sites: list[SiteSplit]) -> dict[str, dict[str, Any]]:

@@ -214,19 +214,26 @@ def test_breast_gain_compares_the_chosen_pretrained_row_with_the_same_setting_fr
 
 def test_adding_a_row_runs_only_the_hospital_counts_not_stored_for_its_settings() -> None:
     """`python -m benchmarks.breast --add-rows`: a (row, hospitals) summary stored for the same
-    overrides and seeds is kept; anything else about it changed, and it runs again."""
-    from benchmarks import breast
+    overrides and seeds by the same emulation is kept; anything else about it changed, and it
+    runs again; `--hospitals 5` runs only that count and keeps whatever the others hold."""
+    from benchmarks import breast, emulate
 
     key, label, kind, extra = next(r for r in breast.ROWS if r[0] == "cnn-all-160")
+    row = ((key, label, kind, extra),)
     seeds = list(breast.SEEDS_BY_HOSPITALS[5])
-    stored = {key: {"key": key, "overrides": list(extra), "5": {"seeds": seeds}}}
-    runs = breast._jobs(((key, label, kind, extra),), quick=False, stored=stored)
+    now = {"seeds": seeds, "aggregation": emulate.AGGREGATION}
+    stored = {key: {"key": key, "kind": kind, "overrides": list(extra), "5": now}}
+    runs = breast._jobs(row, quick=False, stored=stored)
     assert {(k, s) for _, _, k, s, _ in runs} == {(20, s) for s in breast.SEEDS_BY_HOSPITALS[20]}
     for changed in ({"overrides": [*extra, "federation.local.lr=0.5"]},
-                    {"5": {"seeds": seeds[:1]}}):
-        runs = breast._jobs(((key, label, kind, extra),), quick=False,
-                            stored={key: {**stored[key], **changed}})
+                    {"5": {**now, "seeds": seeds[:1]}},
+                    {"5": {"seeds": seeds}}):  # computed before the emulation was exact
+        runs = breast._jobs(row, quick=False, stored={key: {**stored[key], **changed}})
         assert sorted({k for _, _, k, _, _ in runs}) == [5, 20]
+    stale = {key: {**stored[key], "5": {"seeds": seeds}, "20": {"seeds": seeds}}}
+    runs = breast._jobs(row, quick=False, stored=stale, only=(5,))
+    assert {(k, s) for _, _, k, s, _ in runs} == {(5, s) for s in seeds}
+    assert not breast.current(stale[key], 20)  # kept, and marked stale in RESULTS.md
 
 
 @pytest.mark.usefixtures("one_thread")

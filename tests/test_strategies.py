@@ -135,8 +135,8 @@ def _train_reply(node: int, w: np.ndarray, n: int) -> Message:
     }), reply_to=sent)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
-def test_emulated_aggregation_matches_flowers_strategy(name: str) -> None:
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadagrad", "fedadam", "fedyogi"])
+def test_emulated_aggregation_is_flowers_to_the_bit(name: str) -> None:
     from benchmarks.emulate import Aggregator
 
     knobs = StrategyConfig(name=name, eta=0.05, tau=0.01, beta_1=0.8, beta_2=0.95)
@@ -151,12 +151,16 @@ def test_emulated_aggregation_matches_flowers_strategy(name: str) -> None:
 def _three_rounds(flower: fl.Strategy, ours: Any, rng: np.random.Generator,
                   current: np.ndarray) -> None:
     for server_round in (1, 2, 3):
-        updates = [(current + rng.normal(size=3).astype(np.float32), n) for n in (10, 30)]
+        # replies are float32 (the hospitals' models); the global arrays may be float64
+        updates = [((current + rng.normal(size=3)).astype(np.float32), n) for n in (10, 30, 7)]
         flower.current_arrays = {"w": current.copy()}  # what FedOpt.configure_train keeps
         arrays, _ = flower.aggregate_train(
             server_round, [_train_reply(i + 1, w, n) for i, (w, n) in enumerate(updates)])
         assert arrays is not None
         emulated = ours({"w": torch.from_numpy(current)},
                         [({"w": torch.from_numpy(w)}, n) for w, n in updates])["w"].numpy()
-        np.testing.assert_allclose(emulated, arrays["w"].numpy(), rtol=1e-5, atol=1e-6)
+        # equal, not close: a difference of 1e-7 per round changes which version a long
+        # run keeps (benchmarks/RESULTS.md section 2)
+        assert emulated.dtype == arrays["w"].numpy().dtype
+        np.testing.assert_array_equal(emulated, arrays["w"].numpy())
         current = arrays["w"].numpy()

@@ -19,9 +19,10 @@ from flwr.clientapp import ClientApp
 
 from client.client_app import make_client_app
 from server.federation import run_federation
+from server.secagg import run_secagg
 from tests.conftest import HEART
 from tests.flower_helpers import RUN_ID, task_identity
-from tests.inprocess_grid import InProcessGrid, run_settings
+from tests.inprocess_grid import InProcessGrid, run_settings, server_context
 
 FAST = ("federation.rounds=3", "federation.local.steps=3", "federation.adaptation.enabled=false")
 
@@ -68,18 +69,25 @@ def _run(tmp: Path, bundle: Path, keys: Path, grid_seed: int, *overrides: str
          ) -> tuple[dict[str, str], list[list[str]]]:
     run = tmp / f"run{grid_seed}"
     settings = run_settings(HEART, (*FAST, *overrides), run, bundle, keys)
-    run_federation(ShuffledGrid(make_client_app(settings), 4, grid_seed), settings)
+    grid = ShuffledGrid(make_client_app(settings), 4, grid_seed)
+    if "federation.privacy.secure_aggregation=true" in overrides:
+        run_secagg(grid, server_context(), settings)
+    else:
+        run_federation(grid, settings)
     audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
     trained = [sorted(e["site"] for e in audit if e["type"] == "train" and e["round"] == r)
                for r in (1, 2, 3)]
     return _versions(run), trained
 
 
-@pytest.mark.parametrize("sampled", ["all", "half"])
+@pytest.mark.parametrize("sampled", ["all", "half", "secagg"])
 def test_a_repeated_run_publishes_the_same_versions(tmp_path, heart_bundle, signing_key_path,
                                                    sampled) -> None:
-    extra = ("federation.strategy.fraction_train=0.5",
-             "federation.strategy.min_nodes=2") if sampled == "half" else ()
+    extra = {"all": (), "half": ("federation.strategy.fraction_train=0.5",
+                                 "federation.strategy.min_nodes=2"),
+             # SecAgg+ masks each update with fresh random numbers; they cancel exactly in
+             # the server's modular sum, so the published mean must not depend on them
+             "secagg": ("federation.privacy.secure_aggregation=true",)}[sampled]
     first, first_sites = _run(tmp_path, heart_bundle, signing_key_path, 1, *extra)
     second, second_sites = _run(tmp_path, heart_bundle, signing_key_path, 2, *extra)
     assert len(first) == 4  # round 0's model and three rounds

@@ -138,7 +138,8 @@ def _baseline(cfg: Config, kind: str, home: Path) -> dict[str, Any]:
     """Majority, local-only or pooled training (same optimiser steps as the federation)."""
     bundle = None if "scratch" in kind else emulate.bundle_for(cfg, home / "bundles",
                                                                home / "signing.key")
-    model, stats = emulate.start_model(cfg, bundle, home / "signing.key")
+    model, stats = emulate.start_model(cfg, bundle, home / "signing.key",
+                                       pretrained=bundle is not None)
     data = load_federated(cfg.federation.data, stats, seed=cfg.seed)
     if kind == "majority":
         sites = {}
@@ -172,7 +173,8 @@ def federated(cfg: Config, kind: str, home: Path, site_cfgs: tuple[Config, ...] 
     """One emulated federation; site models for `cfg` (or for each of `site_cfgs`)."""
     bundle = None if "scratch" in kind else emulate.bundle_for(cfg, home / "bundles",
                                                                home / "signing.key")
-    model, stats = emulate.start_model(cfg, bundle, home / "signing.key")
+    model, stats = emulate.start_model(cfg, bundle, home / "signing.key",
+                                       pretrained=bundle is not None)
     data = load_federated(cfg.federation.data, stats, seed=cfg.seed)
     out = emulate.federate(cfg, model, data, personalise=site_cfgs is None)
     if site_cfgs is not None:

@@ -372,6 +372,9 @@ def render(results: dict[str, dict[str, Any]], head: dict[str, Any],
         if "error" in res:
             lines.append(f"FAILED: `{res['error']}`")
             continue
+        if fail := res.get("last_failure"):
+            lines += [f"**The latest run ({fail.get('started')}) FAILED:** `{fail['error']}`. "
+                      "The figures below are the stored ones of the run above.", ""]
         module = importlib.import_module(f"benchmarks.{name}")
         lines += [module.markdown(res), "", NOTES[name]]
         extra = getattr(module, "EXTRA_NOTES", "")

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from benchmarks import report
@@ -43,6 +44,20 @@ def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:
                    "load_average_at_end": info_load(),
                    "wall_s": round(time.perf_counter() - t0, 1)})
     return result
+
+
+def keep_stored(path: Path, failure: dict[str, Any]) -> dict[str, Any]:
+    """What to store after a failed run: the stored figures, if any, with the failure noted
+    (a broken benchmark must not erase the last good result), else the failure itself."""
+    try:
+        stored: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return failure
+    if "error" in stored:
+        return failure
+    stored.pop("last_failure", None)
+    note = {k: failure[k] for k in ("error", "started", "command", "wall_s") if k in failure}
+    return {**stored, "last_failure": note}
 
 
 def info_load() -> list[float]:
@@ -110,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         print(f"[bench] {name} ({'quick' if args.quick else 'full'})", flush=True)
         res = run_one(name, args.quick, command)
-        (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n",
-                                              encoding="utf-8")
-        print(f"[bench] {name}: {'FAILED ' + res['error'] if 'error' in res else 'done'} "
+        path = out_dir / f"{name}.json"
+        if "error" in res:
+            res = keep_stored(path, res)
+        path.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        failed = res.get("error") or res.get("last_failure", {}).get("error")
+        print(f"[bench] {name}: {'FAILED ' + failed if failed else 'done'} "
               f"in {res['wall_s']:.0f} s", flush=True)
     wall = round(time.perf_counter() - t0, 1)
     results = {}
@@ -129,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     md_path = (out_dir / "RESULTS.md") if args.quick else RESULTS.parent / "RESULTS.md"
     md_path.write_text(report.render(results, head, gpu_record()), encoding="utf-8")
     print(f"[bench] wrote {md_path} and {out_dir / 'headline.json'} ({wall:.0f} s)")
-    return 1 if any("error" in results[n] for n in chosen if n in results) else 0
+    return 1 if any("error" in results[n] or "last_failure" in results[n]
+                    for n in chosen if n in results) else 0
 
 
 if __name__ == "__main__":

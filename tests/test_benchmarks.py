@@ -89,6 +89,28 @@ def test_failing_benchmark_is_recorded_and_exit_code_is_one(
     assert "FAILED: `RuntimeError: boom`" in (out / "RESULTS.md").read_text()
 
 
+def test_a_failing_run_keeps_the_stored_result_and_says_it_failed(
+        fake_bench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark broken by a later change must not erase its last good figures."""
+    assert bench_run.main([]) == 0
+    stored = json.loads((fake_bench / "results" / "fake.json").read_text())
+
+    def broken(quick: bool) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sys.modules["benchmarks.fake"], "run", broken)
+    assert bench_run.main([]) == 1
+    kept = json.loads((fake_bench / "results" / "fake.json").read_text())
+    assert kept["value"] == 3 and kept["started"] == stored["started"]
+    assert kept["last_failure"]["error"] == "RuntimeError: boom"
+    text = (fake_bench / "RESULTS.md").read_text()
+    assert "FAILED:** `RuntimeError: boom`" in text and "fake value 3" in text
+    assert bench_run.main(["--render"]) == 0  # rendering alone reports, it does not fail
+    monkeypatch.setattr(sys.modules["benchmarks.fake"], "run", _fake_module().run)
+    assert bench_run.main([]) == 0
+    assert "last_failure" not in json.loads((fake_bench / "results" / "fake.json").read_text())
+
+
 def test_status_compares_with_the_target() -> None:
     assert report._status("tls_latency_ratio", 1.05) == "met (<= 1.1)"
     assert report._status("feature_cache_speedup", 9.0) == "MISSED (>= 10)"
@@ -118,6 +140,18 @@ def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
     agg = heart.aggregate([res, res])
     assert agg["mean_centre_acc"]["std"] == 0.0 and agg["mean_centre_acc"]["n"] == 2
     assert agg["site_models"]["sites"]["switzerland"]["kept_adapted"] in (0, 2)
+
+
+def test_every_kind_of_heart_row_runs(tmp_path: Path) -> None:
+    """One tiny seed of each kind of row the heart table has (the from-scratch rows broke
+    once without a test noticing: the benchmark failed only when run in full)."""
+    tiny = ("pretrain.optim.epochs=1", "federation.rounds=1", "federation.local.steps=2",
+            "federation.adaptation.enabled=false")
+    kinds = {kind: extra for _, _, kind, extra in heart.ROWS}
+    assert {"majority", "fed", "fed+scratch"} <= set(kinds)
+    for kind, extra in kinds.items():
+        res = heart.one_run((*tiny, *extra), kind, 0, tmp_path)
+        assert set(res["sites"]) == set(heart.SITES), kind
 
 
 def test_render_rewrites_the_report_without_running(

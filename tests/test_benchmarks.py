@@ -270,6 +270,30 @@ def test_adding_a_row_runs_only_the_hospital_counts_not_stored_for_its_settings(
     assert not breast.current(stale[key], 20)  # kept, and marked stale in RESULTS.md
 
 
+def test_breast_tables_mark_the_rows_the_exact_emulation_did_not_run() -> None:
+    """A stored row from the float64 emulation is marked, and the note says why; the
+    centralised row aggregates nothing and is never marked."""
+    from benchmarks import breast, emulate
+
+    def part(val: float, tag: bool) -> dict[str, Any]:
+        one = {"mean": val, "std": 0.0, "n": 3}
+        return {"validation_auc": one, "test_auc": one, "test_auc_lo": one, "test_auc_hi": one,
+                "test_balanced_acc": one, "test_sensitivity": one, "test_specificity": one,
+                "seeds": [0, 1, 2], "versions": [9, 9, 9],
+                **({"aggregation": emulate.AGGREGATION} if tag else {})}
+
+    rows = [{"key": "new", "label": "Re-run row", "kind": "fed", "5": part(0.9, True)},
+            {"key": "old", "label": "Stored row", "kind": "fed", "5": part(0.8, False)},
+            {"key": "central", "label": "Pooled row", "kind": "central", "5": part(0.7, False)}]
+    res = {"rows": rows, "hospitals": [5], "seeds": [0, 1, 2], "rounds": 40, "config": "c",
+           "tuned_overrides": [], "headline_row": "new", "real_simulation": []}
+    text = breast.markdown(res)
+    assert "| Stored row ‡ |" in text and "| Re-run row |" in text and "| Pooled row |" in text
+    assert "‡ Not run again since the emulation became exact" in text
+    rows[1]["5"]["aggregation"] = emulate.AGGREGATION
+    assert "‡" not in breast.markdown(res)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_the_plain_flower_side_trains_every_hospital_every_round(tmp_path: Path) -> None:
     """benchmarks/plain_sim.py (the overhead benchmark's plain Flower app), its ServerApp and

@@ -15,11 +15,13 @@ also run once with the real `medfed simulate`.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import multiprocessing
 import os
 import shutil
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -355,11 +357,18 @@ def add_rows(keys: list[str], path: Path, only: tuple[int, ...] | None = None
         raise SystemExit(f"unknown row {unknown} (choose from {[r[0] for r in ROWS]}) "
                          "or a quick result")
     old = {r["key"]: r for r in stored["rows"]}
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
     new = {r["key"]: r for r in _run_jobs(chosen, quick=False, stored=old, only=only)}
     rows = [new.get(key) or old[key] for key, *_ in ROWS if key in new or key in old]
     real = [{**x, "row": x.get("row", stored["headline_row"])} for x in stored["real_simulation"]]
     out = {**stored, **_finish(rows, False, real)}
     out["added_rows"] = sorted({*stored.get("added_rows", []), *keys})
+    # the header of RESULTS.md names the first full run; these say when the rest ran, where
+    out["added_runs"] = [*stored.get("added_runs", []), {
+        "started": started, "rows": list(keys), "hospitals": list(only or HOSPITALS),
+        "cpu": machine()["cpu"], "wall_s": round(time.perf_counter() - t0, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}]
     return out
 
 
@@ -415,6 +424,11 @@ def markdown(res: dict[str, Any]) -> str:
             "float32 products in site order, ~1e-7 apart per round, enough to change the "
             "version a long run keeps. Every other federated row's versions are the ones "
             "`medfed simulate` publishes, bit for bit (tests/test_emulation_exact.py).")
+    if res.get("added_runs"):
+        parts.append("Rows run with `--add-rows` after the run named above: " + "; ".join(
+            f"{', '.join(a['rows'])} at {'/'.join(map(str, a['hospitals']))} hospitals, "
+            f"{a['started']} on {a['cpu']}, {a['wall_s']:.0f} s, load at end "
+            f"{a['load_average_at_end'][0]}" for a in res["added_runs"]) + ".")
     real = [[str(x["rounds"]), str(x["version"]),
              x.get("kept_sha256", {}).get("head.safetensors", "not recorded")[:16],
              fmt(x["validation_auc"]), fmt(x["test_auc"]), f"{x['wall_s']:.0f} s"]

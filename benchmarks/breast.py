@@ -428,7 +428,8 @@ def markdown(res: dict[str, Any]) -> str:
         parts.append("Rows run with `--add-rows` after the run named above: " + "; ".join(
             f"{', '.join(a['rows'])} at {'/'.join(map(str, a['hospitals']))} hospitals, "
             f"{a['started']} on {a['cpu']}, {a['wall_s']:.0f} s, load at end "
-            f"{a['load_average_at_end'][0]}" for a in res["added_runs"]) + ".")
+            f"{(a.get('load_average_at_end') or ['not recorded'])[0]}"
+            for a in res["added_runs"]) + ".")
     real = [[str(x["rounds"]), str(x["version"]),
              x.get("kept_sha256", {}).get("head.safetensors", "not recorded")[:16],
              fmt(x["validation_auc"]), fmt(x["test_auc"]), f"{x['wall_s']:.0f} s"]

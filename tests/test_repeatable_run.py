@@ -80,18 +80,18 @@ def _run(tmp: Path, bundle: Path, keys: Path, grid_seed: int, *overrides: str
     return _versions(run), trained
 
 
-@pytest.mark.parametrize("sampled", ["all", "half", "secagg"])
+@pytest.mark.parametrize("case", ["all", "half", "secagg"])
 def test_a_repeated_run_publishes_the_same_versions(tmp_path, heart_bundle, signing_key_path,
-                                                   sampled) -> None:
+                                                   case) -> None:
     extra = {"all": (), "half": ("federation.strategy.fraction_train=0.5",
                                  "federation.strategy.min_nodes=2"),
              # SecAgg+ masks each update with fresh random numbers; they cancel exactly in
              # the server's modular sum, so the published mean must not depend on them
-             "secagg": ("federation.privacy.secure_aggregation=true",)}[sampled]
+             "secagg": ("federation.privacy.secure_aggregation=true",)}[case]
     first, first_sites = _run(tmp_path, heart_bundle, signing_key_path, 1, *extra)
     second, second_sites = _run(tmp_path, heart_bundle, signing_key_path, 2, *extra)
     assert len(first) == 4  # round 0's model and three rounds
     assert second == first
     assert second_sites == first_sites
-    if sampled == "half":
+    if case == "half":
         assert all(len(sites) == 2 for sites in first_sites)

@@ -237,8 +237,8 @@ def _jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]],
     """(kind, overrides, hospitals, seed, rounds) of each run `rows` need beyond `stored`."""
     rounds, hospitals, seeds_by = _plan(quick)
     return [(kind, extra, k, s, rounds) for key, _, kind, extra in rows for k in hospitals
-            if _reused(stored, key, extra, k, seeds_by[k], only) is None
-            and (only is None or k in only) for s in seeds_by[k]]
+            if (only is None or k in only) and _kept(stored, key, extra, k, seeds_by[k]) is None
+            for s in seeds_by[k]]
 
 
 def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None = None,

@@ -1,17 +1,20 @@
 """Value checks on a loaded :class:`~common.config.Config`, run before anything is written.
 
 :mod:`common.config` checks keys and types; this module checks the texts that name something
-(strategy, model family, trainable part, partition, device), so that a typo stops
+(strategy, model family, trainable part, partition, device) and the range of every number
+(:data:`RANGES`), so that a typo stops
 `medfed pretrain`, `simulate` or `server` at once instead of after the first output (or the
 first federated round). Each check reuses the parser the consumer uses.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from common.augment import parse_augment
 from common.config import Config, ConfigError, read_config
@@ -56,6 +59,127 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return cfg
+# Numeric ranges: (lowest, lowest allowed, highest, highest allowed); None: no bound. A value
+# outside its range would otherwise surface late: a batch size of 0 failed every hospital in
+# round 1, a negative round count published the starting model as if trained.
+Range = tuple[float | None, bool, float | None, bool]
+POSITIVE: Range = (0, False, None, False)
+NON_NEGATIVE: Range = (0, True, None, False)
+COUNT: Range = (1, True, None, False)
+SHARE: Range = (0, True, 1, True)  # [0, 1]
+SAMPLED: Range = (0, False, 1, True)  # (0, 1]: a share that must pick someone
+UNDER_ONE: Range = (0, True, 1, False)  # [0, 1)
+TRIM: Range = (0, True, 0.5, False)  # a share cut at each end
+SEED: Range = (0, True, 2**32 - 1, True)  # what NumPy's global generator takes
+
+_OPTIM: dict[str, Range] = {"lr": POSITIVE, "backbone_lr_scale": POSITIVE,
+                            "weight_decay": NON_NEGATIVE, "batch_size": COUNT,
+                            "steps": NON_NEGATIVE, "epochs": NON_NEGATIVE,
+                            "proximal_mu": NON_NEGATIVE}
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    "model.dropout": UNDER_ONE,
+    **{f"{data}.split_seed": SEED for data in ("pretrain.data", "federation.data")},
+    **{f"{optim}.{key}": bound for optim in ("pretrain.optim", "federation.local")
+       for key, bound in _OPTIM.items()},
+    "federation.rounds": COUNT,
+    "federation.head_warmup_rounds": NON_NEGATIVE,
+    "federation.strategy.fraction_train": SAMPLED,
+    "federation.strategy.fraction_evaluate": SHARE,
+    "federation.strategy.min_nodes": COUNT,
+    "federation.strategy.proximal_mu": NON_NEGATIVE,
+    "federation.strategy.eta": POSITIVE,
+    "federation.strategy.eta_l": POSITIVE,
+    "federation.strategy.beta_1": UNDER_ONE,
+    "federation.strategy.beta_2": UNDER_ONE,
+    "federation.strategy.tau": POSITIVE,
+    "federation.strategy.beta": TRIM,
+    "federation.strategy.num_malicious_nodes": NON_NEGATIVE,
+    "federation.strategy.num_nodes_to_select": NON_NEGATIVE,
+    "federation.strategy.round_timeout": POSITIVE,
+    "federation.adaptation.steps": COUNT,
+    "federation.adaptation.lr": POSITIVE,
+    "federation.adaptation.eval_every": COUNT,
+    "federation.adaptation.patience": COUNT,
+    "federation.adaptation.proximal_mu": NON_NEGATIVE,
+    "federation.adaptation.min_improvement": NON_NEGATIVE,
+    "federation.adaptation.prior_shift_max": NON_NEGATIVE,
+    "federation.operating_point.min_class_rows": COUNT,
+    "federation.validation.max_norm_ratio": NON_NEGATIVE,
+    "federation.validation.max_update_norm": NON_NEGATIVE,
+    "federation.validation.max_examples": NON_NEGATIVE,
+    "federation.validation.max_examples_ratio": NON_NEGATIVE,
+    "federation.validation.min_valid_replies": COUNT,
+    "federation.validation.max_round_retries": NON_NEGATIVE,
+    "federation.faults.byzantine_fraction": SHARE,
+    "federation.faults.fail_fraction": SHARE,
+    "federation.faults.attack_fraction": SHARE,
+    "federation.faults.hang_seconds": NON_NEGATIVE,
+    "federation.faults.seed": SEED,
+}
+# numbers checked elsewhere, where they are used: privacy (server/privacy.py, server/secagg.py),
+# the synthetic source's sizes (common/data/synthetic.py), the number of sites and the split
+# fractions (common/data/federated.py, splits.py); and those where any finite value is an answer
+UNBOUNDED = ("byzantine_scale", "attack_value", "noise_multiplier", "clipping_norm", "delta",
+             "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
+             "secagg_quantization_range", "synthetic_sites", "synthetic_features",
+             "synthetic_samples", "num_sites", "test_fraction", "validation_fraction")
+
+
+def shown(value: float) -> str:
+    """A number as a config file would hold it: whole numbers in full, others short."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def range_text(bound: Range) -> str:
+    """`more than 0`, `at least 1`, `0 or more`, `in [0, 1)`."""
+    low, low_ok, high, high_ok = bound
+    if high is None:
+        assert low is not None
+        if low_ok:
+            return "0 or more" if low == 0 else f"at least {shown(low)}"
+        return f"more than {shown(low)}"
+    return (f"in {'[' if low_ok else '('}{shown(low or 0)}, {shown(high)}"
+            f"{']' if high_ok else ')'}")
+
+
+def in_range(value: float, bound: Range) -> bool:
+    """Whether the finite `value` lies in `bound` (inf and nan never do)."""
+    low, low_ok, high, high_ok = bound
+    if not math.isfinite(value):
+        return False
+    above = low is None or value > low or (low_ok and value == low)
+    below = high is None or value < high or (high_ok and value == high)
+    return above and below
+
+
+def config_value(cfg: Config, key: str) -> Any:
+    """The value at dotted `key` (`federation.local.lr`)."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_numbers(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first number outside its range."""
+    for key, bound in RANGES.items():
+        value = config_value(cfg, key)
+        if not in_range(value, bound):
+            raise ConfigError(f"config key {key!r} must be {range_text(bound)}, "
+                              f"got {value if isinstance(value, int) else f'{value:g}'}")
+    width_key = _BLOCK_WIDTHS.get(cfg.model.family)
+    for i, width in enumerate(getattr(cfg.model, width_key) if width_key else ()):
+        if width < 1:
+            raise ConfigError(f"config key 'model.{width_key}[{i}]' must be at least 1 (a "
+                              f"block's width), got {width}")
+    for key in ("pretrain.optim", "federation.local"):
+        optim = config_value(cfg, key)
+        if optim.steps == 0 and optim.epochs == 0:
+            raise ConfigError(f"config key '{key}.steps' must be at least 1 when "
+                              f"'{key}.epochs' is 0 (one of them sets how long to train)")
+
+
 # one backbone block per listed width
 _BLOCK_WIDTHS = {"mlp": "hidden", "cnn": "channels", "resnet": "channels"}
 
@@ -98,9 +222,7 @@ def check_config(cfg: Config) -> None:
         except ValueError as err:
             raise ConfigError(f"config key '{key}.augment': {err}") from err
         _one_of(f"{key}.loss", optim.loss, LOSSES)
-        if not optim.backbone_lr_scale > 0:
-            raise ConfigError(f"config key '{key}.backbone_lr_scale' must be more than 0 "
-                              f"(1: the backbone trains at lr), got {optim.backbone_lr_scale}")
+    check_numbers(cfg)
     _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
         raise ConfigError(
@@ -126,31 +248,15 @@ def _check_federation(cfg: Config) -> None:
             "config key 'federation.evaluate_with_train' is true but "
             "'federation.privacy.secure_aggregation' runs Flower's legacy workflow, whose train "
             "replies carry only the masked update; set one of them to false")
-    if fed.head_warmup_rounds < 0:
-        raise ConfigError("config key 'federation.head_warmup_rounds' must be 0 or more, "
-                          f"got {fed.head_warmup_rounds}")
     if fed.final_model not in ("best", "latest"):
         raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
                           f"got {fed.final_model!r}")
     _one_of("federation.best_metric", fed.best_metric, SELECTION_METRICS)
     ad = fed.adaptation
     _one_of("federation.adaptation.selection_metric", ad.selection_metric, ADAPTATION_METRICS)
-    for key, value, low in (("steps", ad.steps, 1), ("eval_every", ad.eval_every, 1),
-                            ("patience", ad.patience, 1)):
-        if value < low:
-            raise ConfigError(f"config key 'federation.adaptation.{key}' must be at least {low}, "
-                              f"got {value}")
-    for key, fvalue in (("proximal_mu", ad.proximal_mu), ("prior_shift_max", ad.prior_shift_max),
-                        ("min_improvement", ad.min_improvement)):
-        if not fvalue >= 0:
-            raise ConfigError(f"config key 'federation.adaptation.{key}' must be 0 or more, "
-                              f"got {fvalue}")
     _one_of("federation.faults.attack", fed.faults.attack, ("none", *ATTACKS, "mixed"))
     op = fed.operating_point
     _one_of("federation.operating_point.calibration", op.calibration, CALIBRATIONS)
-    if op.min_class_rows < 1:
-        raise ConfigError("config key 'federation.operating_point.min_class_rows' must be at "
-                          f"least 1, got {op.min_class_rows}")
     if not _THRESHOLD.fullmatch(op.threshold):
         raise ConfigError(
             "config key 'federation.operating_point.threshold' must be youden, "

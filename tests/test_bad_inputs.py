@@ -231,6 +231,18 @@ def config_negative_head_warmup(c: Ctx) -> Call:
     return Call(argv, c.tmp / "bundle", ("federation.head_warmup_rounds", "0 or more"))
 
 
+def config_zero_batch_size(c: Ctx) -> Call:
+    """Once accepted: every hospital then failed in round 1 with a traceback."""
+    argv = _pretrain(c, HEART, "federation.local.batch_size=0")
+    return Call(argv, c.tmp / "bundle", ("federation.local.batch_size", "at least 1", "got 0"))
+
+
+def config_no_rounds(c: Ctx) -> Call:
+    """Once accepted: the run published the starting model as if it had been trained."""
+    argv = _pretrain(c, HEART, "federation.rounds=-1")
+    return Call(argv, c.tmp / "bundle", ("federation.rounds", "at least 1", "got -1"))
+
+
 def config_yaml_alias_bomb(c: Ctx) -> Call:
     """393 bytes of nested aliases once expanded to a 254 MB error line."""
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
@@ -251,7 +263,7 @@ CONFIG_CASES: list[Builder] = [
     config_missing_file, config_invalid_yaml, config_not_utf8, config_bad_partition,
     config_unknown_strategy, config_unknown_family, config_bad_trainable, config_unknown_device,
     config_unknown_augmentation, config_unknown_loss, config_backbone_lr_scale_not_positive,
-    config_negative_head_warmup,
+    config_negative_head_warmup, config_zero_batch_size, config_no_rounds,
 ]
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from common.config import Config, ConfigError, from_dict, parse_override, to_dict
-from common.config_check import load_config
+from common.config_check import (
+    RANGES,
+    UNBOUNDED,
+    Range,
+    config_value,
+    load_config,
+    range_text,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -101,3 +110,91 @@ def test_resolved_config_round_trips_through_plain_dict() -> None:
     cfg = load_config(CONFIGS / "breast.yaml", ["federation.rounds=7"])
     again = from_dict(to_dict(cfg))
     assert again == cfg
+
+
+def _outside(bound: Range, integer: bool) -> list[float]:
+    """Values just outside `bound` (below it, above it where it has a top)."""
+    low, low_ok, high, high_ok = bound
+    step: float = 1 if integer else 0.5
+    values = [] if low is None else [low - step if low_ok else low]
+    if high is not None:
+        values.append(high + step if high_ok else high)
+    return values
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted key, type) of every leaf field of the config dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", tp))
+    return out
+
+
+NUMBER_KEYS = [key for key, tp in _leaf_fields(Config) if tp in (int, float)]
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_a_number_outside_its_range_is_refused_naming_key_range_and_value(key: str) -> None:
+    integer = isinstance(config_value(Config(), key), int)
+    bound = RANGES[key]
+    for value in _outside(bound, integer):
+        text = str(value) if integer else f"{value:g}"
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIGS / "heart.yaml", [f"{key}={text}"])
+        assert str(err.value).endswith(
+            f"config key '{key}' must be {range_text(bound)}, got {text}"), str(err.value)
+
+
+# what else an edge value needs to make a valid config (0 steps: epochs; no site evaluation:
+# another held-out check)
+EDGE_NEEDS = {"federation.local.steps": ["federation.local.epochs=1"],
+              "pretrain.optim.steps": ["pretrain.optim.epochs=1"],
+              "federation.strategy.fraction_evaluate": ["federation.heldout=source-validation"]}
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_the_edge_of_each_range_is_accepted(key: str) -> None:
+    low, low_ok, high, high_ok = RANGES[key]
+    edges = [v for v, ok in ((low, low_ok), (high, high_ok)) if v is not None and ok]
+    for value in edges:
+        extra = EDGE_NEEDS.get(key, [])
+        cfg = load_config(CONFIGS / "heart.yaml", [f"{key}={value!r}", *extra])
+        assert config_value(cfg, key) == value
+
+
+def test_every_number_in_the_config_has_a_range_or_is_checked_where_it_is_used() -> None:
+    unclassified = [key for key in NUMBER_KEYS
+                    if key not in RANGES and key.rsplit(".", 1)[-1] not in UNBOUNDED]
+    assert not unclassified
+    assert len(RANGES) >= 45
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_an_infinite_or_missing_number_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="config key 'federation.local.lr' must be"):
+        load_config(CONFIGS / "heart.yaml", [f"federation.local.lr={value}"])
+
+
+def test_training_needs_steps_or_epochs() -> None:
+    with pytest.raises(ConfigError, match=r"'federation\.local\.steps' must be at least 1 when "
+                                          r"'federation\.local\.epochs' is 0"):
+        load_config(CONFIGS / "heart.yaml", ["federation.local.steps=0"])
+    cfg = load_config(CONFIGS / "heart.yaml", ["federation.local.steps=0",
+                                               "federation.local.epochs=2"])
+    assert cfg.federation.local.epochs == 2
+
+
+@pytest.mark.parametrize(("family", "key"), [("mlp", "hidden"), ("cnn", "channels")])
+def test_a_block_width_below_one_is_refused(family: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'model\.{key}\[1\]' must be at least 1.*got 0"):
+        load_config(CONFIGS / "heart.yaml", [f"model.family={family}", f"model.{key}=[8, 0]"])
+
+
+def test_a_seed_numpy_cannot_take_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'seed' must be in \[0, 4294967295\], got 4294967296"):
+        load_config(CONFIGS / "heart.yaml", ["seed=4294967296"])

@@ -157,6 +157,8 @@ def test_missing_cells_are_drafted_as_median_and_flagged(tmp_path) -> None:
     ("y", "age,y\n40,0\n50,0\n", "single value"),
     ("y", "age,y\n40,0\n50,\n", "1 row without a value"),
     ("y", "age,y\n40,0\n50,sick\n", "holds numbers and, in 1 row, text"),
+    ("y", "age,y\n", "site.csv: the file has a header but no data rows"),
+    ("y", "age,y\n,\n,\n", "site.csv: the file has a header but no data rows"),
 ])
 def test_bad_input_to_schema_is_one_sentence_and_writes_nothing(
         tmp_path, capsys, label, content, fragment) -> None:

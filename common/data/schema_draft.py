@@ -95,6 +95,9 @@ def _nice(value: float, down: bool) -> float:
 
 def _frames(paths: list[Path]) -> pd.DataFrame:
     frames = [read_csv_frame(Path(path)) for path in paths]
+    for path, df in zip(paths, frames, strict=True):
+        if df.empty:  # nothing to infer a type or a label code from
+            raise DataError(f"{path}: the file has a header but no data rows")
     columns = list(frames[0].columns)
     for path, df in zip(paths[1:], frames[1:], strict=True):
         if list(df.columns) != columns:

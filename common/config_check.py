@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.augment import parse_augment
-from common.config import Config, ConfigError, read_config
+from common.config import Config, ConfigError, PrivacyConfig, read_config
 from common.data.federated import check_data_config, data_key_prefix
 from common.data.partition import parse_partition
 from common.data.schema import DataError
@@ -111,19 +111,26 @@ RANGES: dict[str, Range] = {
     "federation.validation.max_examples_ratio": NON_NEGATIVE,
     "federation.validation.min_valid_replies": COUNT,
     "federation.validation.max_round_retries": NON_NEGATIVE,
+    "federation.privacy.noise_multiplier": NON_NEGATIVE,
+    "federation.privacy.clipping_norm": POSITIVE,
+    "federation.privacy.delta": (0, False, 1, False),
+    "federation.privacy.secagg_num_shares": (3, True, None, False),
+    "federation.privacy.secagg_reconstruction_threshold": (2, True, None, False),
+    "federation.privacy.secagg_clipping_range": POSITIVE,
+    "federation.privacy.secagg_quantization_range": COUNT,
     "federation.faults.byzantine_fraction": SHARE,
     "federation.faults.fail_fraction": SHARE,
     "federation.faults.attack_fraction": SHARE,
     "federation.faults.hang_seconds": NON_NEGATIVE,
     "federation.faults.seed": SEED,
 }
-# numbers checked elsewhere, where they are used: privacy (server/privacy.py, server/secagg.py),
-# the synthetic source's sizes (common/data/synthetic.py), the number of sites and the split
-# fractions (common/data/federated.py, splits.py); and those where any finite value is an answer
-UNBOUNDED = ("byzantine_scale", "attack_value", "noise_multiplier", "clipping_norm", "delta",
-             "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
-             "secagg_quantization_range", "synthetic_sites", "synthetic_features",
+# numbers checked elsewhere: the synthetic source's sizes (common/data/synthetic.py), the number
+# of sites and the split fractions (common/data/federated.py, splits.py); and those where any
+# finite value is an answer
+UNBOUNDED = ("byzantine_scale", "attack_value", "synthetic_sites", "synthetic_features",
              "synthetic_samples", "num_sites", "test_fraction", "validation_fraction")
+DP_MODES = ("off", "server", "client")  # server/privacy.py: Flower's fixed-clipping wrappers
+DP_STRATEGIES = ("fedavg", "fedprox")  # the wrappers add noise to a weighted mean
 
 
 def shown(value: float) -> str:
@@ -161,13 +168,44 @@ def config_value(cfg: Config, key: str) -> Any:
     return value
 
 
-def check_numbers(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the first number outside its range."""
-    for key, bound in RANGES.items():
-        value = config_value(cfg, key)
+def _check_range(root: Any, ranges: dict[str, Range], prefix: str = "") -> None:
+    """Each `prefix + key` of `ranges` inside its range (`key` is read from `root`)."""
+    for key, bound in ranges.items():
+        value = config_value(root, key.removeprefix(prefix))
         if not in_range(value, bound):
             raise ConfigError(f"config key {key!r} must be {range_text(bound)}, "
                               f"got {value if isinstance(value, int) else f'{value:g}'}")
+
+
+def check_privacy(pc: PrivacyConfig, strategy_name: str | None = None) -> None:
+    """`federation.privacy` on its own and, given `strategy_name`, with the strategy (the
+    server calls it too before it wraps a strategy, whoever built the config)."""
+    _one_of("federation.privacy.dp", pc.dp, DP_MODES)
+    prefix = "federation.privacy."
+    _check_range(pc, {k: b for k, b in RANGES.items() if k.startswith(prefix)}, prefix)
+    if strategy_name is None:
+        return
+    if pc.dp != "off" and strategy_name.lower() not in DP_STRATEGIES:
+        raise ConfigError(f"config key 'federation.strategy.name' must be "
+                          f"{' or '.join(DP_STRATEGIES)} when federation.privacy.dp is "
+                          f"'{pc.dp}', got '{strategy_name}'")
+    if not pc.secure_aggregation:
+        return
+    if pc.dp != "off":
+        raise ConfigError("config key 'federation.privacy.dp' must be 'off' when "
+                          f"federation.privacy.secure_aggregation is true, got '{pc.dp}'")
+    if strategy_name.lower() != "fedavg":
+        raise ConfigError("config key 'federation.strategy.name' must be 'fedavg' with secure "
+                          f"aggregation, got '{strategy_name}'")
+    if not pc.secagg_reconstruction_threshold < pc.secagg_num_shares:
+        raise ConfigError("config key 'federation.privacy.secagg_reconstruction_threshold' must "
+                          f"be in 2..{pc.secagg_num_shares - 1} (below secagg_num_shares), got "
+                          f"{pc.secagg_reconstruction_threshold}")
+
+
+def check_numbers(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first number outside its range."""
+    _check_range(cfg, RANGES)
     width_key = _BLOCK_WIDTHS.get(cfg.model.family)
     for i, width in enumerate(getattr(cfg.model, width_key) if width_key else ()):
         if width < 1:
@@ -223,6 +261,7 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}.augment': {err}") from err
         _one_of(f"{key}.loss", optim.loss, LOSSES)
     check_numbers(cfg)
+    check_privacy(cfg.federation.privacy, cfg.federation.strategy.name)
     _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
         raise ConfigError(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable
 from importlib.metadata import version
 from typing import Any, cast
@@ -41,8 +40,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import Config, ConfigError, PrivacyConfig, StrategyConfig
-
-DP_MODES = ("off", "server", "client")
+from common.config_check import check_privacy
 
 log = logging.getLogger("medfed.server")
 
@@ -98,23 +96,6 @@ class ClientSideDP(_EqualWeights, DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed clipping (`fixedclipping_mod`) + server noise, equal weights."""
 
 
-def _check(cfg: PrivacyConfig) -> None:
-    if cfg.dp not in DP_MODES:
-        raise ConfigError(f"config key 'federation.privacy.dp' must be one of "
-                          f"{', '.join(DP_MODES)}, got '{cfg.dp}'")
-    if cfg.dp == "off":
-        return
-    if not math.isfinite(cfg.noise_multiplier) or cfg.noise_multiplier < 0:
-        raise ConfigError("config key 'federation.privacy.noise_multiplier' must be a number "
-                          f">= 0, got {cfg.noise_multiplier}")
-    if not math.isfinite(cfg.clipping_norm) or cfg.clipping_norm <= 0:
-        raise ConfigError("config key 'federation.privacy.clipping_norm' must be a number > 0, "
-                          f"got {cfg.clipping_norm}")
-    if not 0 < cfg.delta < 1:
-        raise ConfigError("config key 'federation.privacy.delta' must be in (0, 1), "
-                          f"got {cfg.delta}")
-
-
 def wrap_privacy(strategy: Strategy, cfg: PrivacyConfig, num_sampled: int) -> Strategy:
     """Wrap `strategy` in Flower's fixed-clipping DP wrapper chosen by `cfg.dp`.
 
@@ -132,7 +113,7 @@ def wrap_privacy(strategy: Strategy, cfg: PrivacyConfig, num_sampled: int) -> St
     Strategy
         `strategy` itself when `cfg.dp` is "off", else the DP wrapper around it.
     """
-    _check(cfg)
+    check_privacy(cfg)
     if cfg.dp == "off":
         return strategy
     if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train \
@@ -195,7 +176,7 @@ def privacy_report(cfg: PrivacyConfig, rounds: int, sample_rate: float) -> dict[
         `epsilon` (None when there is no noise: no guarantee), `delta`, `rounds` and the
         mechanism's parameters.
     """
-    _check(cfg)
+    check_privacy(cfg)
     if cfg.dp == "off":
         return None
     if not 0 < sample_rate <= 1:

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 
 from common import records as rk
 from common.config import ConfigError, PrivacyConfig
+from common.config_check import check_privacy
 from common.settings import RunSettings
 from server.delegating_grid import DelegatingGrid
 from server.federation import Federation, prepare
@@ -103,19 +104,11 @@ def _no_metrics(_: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
 
 
 def _check(pc: PrivacyConfig, strategy_name: str, sampled: int) -> None:
-    if pc.dp != "off":
-        raise ConfigError("config key 'federation.privacy.dp' must be 'off' when "
-                          f"federation.privacy.secure_aggregation is true, got '{pc.dp}'")
-    if strategy_name.lower() != "fedavg":
-        raise ConfigError("config key 'federation.strategy.name' must be 'fedavg' with secure "
-                          f"aggregation, got '{strategy_name}'")
-    if not 2 < pc.secagg_num_shares <= sampled:
+    check_privacy(pc, strategy_name)
+    # the one bound the config alone cannot give: the hospitals sampled in a round
+    if not pc.secagg_num_shares <= sampled:
         raise ConfigError("config key 'federation.privacy.secagg_num_shares' must be in "
                           f"3..{sampled} (hospitals per round), got {pc.secagg_num_shares}")
-    if not 1 < pc.secagg_reconstruction_threshold < pc.secagg_num_shares:
-        raise ConfigError("config key 'federation.privacy.secagg_reconstruction_threshold' must "
-                          f"be in 2..{pc.secagg_num_shares - 1}, got "
-                          f"{pc.secagg_reconstruction_threshold}")
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

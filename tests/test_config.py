@@ -198,3 +198,24 @@ def test_a_block_width_below_one_is_refused(family: str, key: str) -> None:
 def test_a_seed_numpy_cannot_take_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"'seed' must be in \[0, 4294967295\], got 4294967296"):
         load_config(CONFIGS / "heart.yaml", ["seed=4294967296"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["federation.privacy.dp=local"], r"'federation\.privacy\.dp' must be one of off, server, "
+                                      r"client, got 'local'"),
+    (["federation.privacy.dp=server", "federation.strategy.name=fedadam"],
+     r"'federation\.strategy\.name' must be fedavg or fedprox when federation\.privacy\.dp is "
+     r"'server', got 'fedadam'"),
+    (["federation.privacy.secure_aggregation=true", "federation.privacy.dp=client"],
+     r"'federation\.privacy\.dp' must be 'off' when federation\.privacy\.secure_aggregation"),
+    (["federation.privacy.secure_aggregation=true", "federation.strategy.name=fedprox"],
+     r"'federation\.strategy\.name' must be 'fedavg' with secure aggregation"),
+    (["federation.privacy.secure_aggregation=true",
+      "federation.privacy.secagg_reconstruction_threshold=3"],
+     r"'federation\.privacy\.secagg_reconstruction_threshold' must be in 2\.\.2"),
+])
+def test_privacy_settings_that_cannot_run_are_refused_when_the_config_loads(
+        overrides: list[str], message: str) -> None:
+    """Once found only inside the ServerApp, after the run directory was started."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "heart.yaml", overrides)

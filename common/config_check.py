@@ -203,6 +203,17 @@ def check_privacy(pc: PrivacyConfig, strategy_name: str | None = None) -> None:
                           f"{pc.secagg_reconstruction_threshold}")
 
 
+def check_min_nodes(cfg: Config, available: int, which: str) -> None:
+    """Refuse a run whose first round would wait for more hospitals than can ever join:
+    `available` of them, `which` says how that is known (the simulated sites, the enrolment)."""
+    need = cfg.federation.strategy.min_nodes
+    if need > available:
+        raise ConfigError(
+            f"config key 'federation.strategy.min_nodes' is {need} but {which} {available} "
+            f"hospital{'s' if available != 1 else ''}: every round would wait for hospitals "
+            f"that cannot join; set it to at most {available}")
+
+
 def check_numbers(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first number outside its range."""
     _check_range(cfg, RANGES)

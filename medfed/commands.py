@@ -61,6 +61,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.partition is not None:
         overrides.append(f"federation.data.partition={args.partition}")
     if args.hospitals is not None:
+        if args.hospitals < 1:
+            raise ConfigError(f"--hospitals must be at least 1, got {args.hospitals}")
         data = load_config(args.config, overrides).federation.data
         if data.partition == "natural" and data.source == "synthetic":
             overrides.append(f"federation.data.synthetic_sites={args.hospitals}")

@@ -495,6 +495,19 @@ def heldout_file_with_a_missing_column(c: Ctx) -> Call:
     return Call(argv, c.tmp / "run", ("operator.csv", "'chol'", "missing"))
 
 
+def simulate_waits_for_more_hospitals_than_it_has(c: Ctx) -> Call:
+    """Once accepted: the first round waited for hospitals that never joined, until the round
+    timeout."""
+    argv = _simulate_heart(c, "federation.strategy.min_nodes=5")
+    return Call(argv, c.tmp / "run", ("federation.strategy.min_nodes", "is 5",
+                                      "the simulation has 4 hospitals", "at most 4"))
+
+
+def simulate_no_hospitals(c: Ctx) -> Call:
+    argv = [*_simulate_heart(c), "--partition", "iid", "--hospitals", "0"]
+    return Call(argv, c.tmp / "run", ("--hospitals", "at least 1", "got 0"))
+
+
 def simulate_cuda_without_a_gpu(c: Ctx) -> Call:
     """Stops before Ray starts, not in every hospital's first round (cuda:99: missing on a
     GPU machine too)."""
@@ -545,6 +558,7 @@ CSV_CASES: list[Builder] = [
     predict_out_is_the_data_file, predict_out_is_a_link_to_the_data_file,
     evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
+    simulate_waits_for_more_hospitals_than_it_has, simulate_no_hospitals,
     simulate_cuda_without_a_gpu,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
     csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,
@@ -877,9 +891,19 @@ def server_hospitals_file_with_a_bad_name(c: Ctx) -> Call:
     return Call(argv, c.tmp / "run", ("hospitals.yaml", "entry 0", "lowercase letters"))
 
 
+def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:
+    """With node authentication only enrolled hospitals join: heart.yaml waits for 4."""
+    hospitals = c.tmp / "hospitals.yaml"
+    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
+    hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n")
+    argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals)]
+    return Call(argv, c.tmp / "run", ("federation.strategy.min_nodes", "is 4",
+                                      "hospitals.yaml enrols 1 hospital:", "at most 1"))
+
+
 CERT_CASES: list[Builder] = [
     certs_hospital_name_with_a_newline, certs_server_name_with_a_newline,
-    server_hospitals_file_with_a_bad_name,
+    server_hospitals_file_with_a_bad_name, server_waits_for_more_hospitals_than_it_enrols,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
 ]

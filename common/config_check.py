@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.augment import parse_augment
-from common.config import Config, ConfigError, PrivacyConfig, read_config
+from common.config import Config, ConfigError, PrivacyConfig, StrategyConfig, read_config
 from common.data.federated import check_data_config, data_key_prefix
 from common.data.partition import parse_partition
 from common.data.schema import DataError
@@ -203,15 +203,29 @@ def check_privacy(pc: PrivacyConfig, strategy_name: str | None = None) -> None:
                           f"{pc.secagg_reconstruction_threshold}")
 
 
-def check_min_nodes(cfg: Config, available: int, which: str) -> None:
-    """Refuse a run whose first round would wait for more hospitals than can ever join:
-    `available` of them, `which` says how that is known (the simulated sites, the enrolment)."""
+def sampled_per_round(cfg: StrategyConfig, num_nodes: int) -> int:
+    """How many of `num_nodes` hospitals Flower's FedAvg samples for training each round."""
+    return min(num_nodes, max(int(num_nodes * cfg.fraction_train), cfg.min_nodes))
+
+
+def check_hospital_count(cfg: Config, available: int, which: str) -> None:
+    """Refuse a run that `available` hospitals can never carry (`which` says how that count is
+    known: the simulated sites, the enrolment): a first round waiting for more hospitals than
+    can join, or SecAgg+ sharing each update among more hospitals than a round samples."""
     need = cfg.federation.strategy.min_nodes
+    plural = "s" if available != 1 else ""
     if need > available:
         raise ConfigError(
             f"config key 'federation.strategy.min_nodes' is {need} but {which} {available} "
-            f"hospital{'s' if available != 1 else ''}: every round would wait for hospitals "
-            f"that cannot join; set it to at most {available}")
+            f"hospital{plural}: every round would wait for hospitals that cannot join; set it "
+            f"to at most {available}")
+    pc = cfg.federation.privacy
+    sampled = sampled_per_round(cfg.federation.strategy, available)
+    if pc.secure_aggregation and pc.secagg_num_shares > sampled:
+        raise ConfigError(
+            f"config key 'federation.privacy.secagg_num_shares' is {pc.secagg_num_shares} but "
+            f"a round samples at most {sampled} of the {available} hospital{plural} {which} "
+            f"available; set it to at most {sampled}")
 
 
 def check_numbers(cfg: Config) -> None:

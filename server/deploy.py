@@ -28,7 +28,7 @@ import yaml
 from common.bundle import load_bundle
 from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
 from common.config import ConfigError, safe_yaml, show, yaml_problem
-from common.config_check import check_min_nodes, load_config
+from common.config_check import check_hospital_count, load_config
 from common.follow import TailReader
 from common.names import printable
 from common.processes import (
@@ -263,7 +263,7 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospi
                           "`medfed certs init`) or --insecure for a local test")
     certs = None if req.insecure else check_server_certs(req.certs)  # type: ignore[arg-type]
     if certs is not None:  # node authentication: only the enrolled hospitals can join
-        check_min_nodes(cfg, len(hospitals), f"{req.hospitals} enrols" if req.hospitals
+        check_hospital_count(cfg, len(hospitals), f"{req.hospitals} enrols" if req.hospitals
                         else "without --hospitals the server enrols")
     if certs is not None:
         keys = certs.signing_key

@@ -35,6 +35,7 @@ from common.bundle import (
     sign_manifest,
 )
 from common.config import Config
+from common.config_check import sampled_per_round
 from common.data.splits import DataSpec
 from common.device import resolve_device, seed_everything
 from common.manifest import (
@@ -57,7 +58,7 @@ from server.checkpoint import (
 )
 from server.heldout import Heldout, aggregate_test, task_and_heldout
 from server.history import RunHistory
-from server.privacy import privacy_summary, sampled_per_round, wrap_privacy
+from server.privacy import privacy_summary, wrap_privacy
 from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
 from server.strategies import build_strategy
 from server.validation import check_site_model_reply, site_model_from_reply

@@ -39,15 +39,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common.config import Config, ConfigError, PrivacyConfig, StrategyConfig
-from common.config_check import check_privacy
+from common.config import Config, ConfigError, PrivacyConfig
+from common.config_check import check_privacy, sampled_per_round
 
 log = logging.getLogger("medfed.server")
-
-
-def sampled_per_round(cfg: StrategyConfig, num_nodes: int) -> int:
-    """How many hospitals Flower's FedAvg samples for training each round."""
-    return min(num_nodes, max(int(num_nodes * cfg.fraction_train), cfg.min_nodes))
 
 
 def _equal_weight(reply: Message, key: str) -> Message:

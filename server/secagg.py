@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 
 from common import records as rk
 from common.config import ConfigError, PrivacyConfig
-from common.config_check import check_privacy
+from common.config_check import check_privacy, sampled_per_round
 from common.settings import RunSettings
 from server.delegating_grid import DelegatingGrid
 from server.federation import Federation, prepare
@@ -135,7 +135,7 @@ def run_secagg(grid: Grid, context: Context, settings: RunSettings) -> Federatio
     cfg = fed.cfg
     sc, pc = cfg.federation.strategy, cfg.federation.privacy
     nodes = wait_for_nodes(fed.grid, sc.min_nodes, sc.round_timeout)
-    sampled = min(len(nodes), max(int(len(nodes) * sc.fraction_train), sc.min_nodes))
+    sampled = sampled_per_round(sc, len(nodes))
     _check(pc, sc.name, sampled)
     fed.grid.provision(nodes)
     state = fed.model.state_dict()

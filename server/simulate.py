@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common.config_check import check_min_nodes, load_config
+from common.config_check import check_hospital_count, load_config
 from common.data.federated import data_key_prefix, raw_sites
 from common.data.splits import SiteSplit
 from common.device import resolve_device
@@ -96,7 +96,7 @@ def simulate(request: SimulateRequest) -> int:
     # ... and on bad hospital data or a bad heldout file, before anything is written
     with data_key_prefix("federation.data"):
         _, sites = raw_sites(cfg.federation.data, cfg.seed)
-    check_min_nodes(cfg, len(sites), "the simulation has")
+    check_hospital_count(cfg, len(sites), "the simulation has")
     preflight(cfg, request.bundle)
     # a GPU that is asked for but missing stops here, not in every hospital's first round
     device = resolve_device(cfg.device)

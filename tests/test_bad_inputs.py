@@ -503,6 +503,14 @@ def simulate_waits_for_more_hospitals_than_it_has(c: Ctx) -> Call:
                                       "the simulation has 4 hospitals", "at most 4"))
 
 
+def simulate_secagg_shares_above_the_hospitals_sampled(c: Ctx) -> Call:
+    """Once found in the ServerApp, after Flower's runtime had started: a traceback, exit 1."""
+    argv = _simulate_heart(c, "federation.privacy.secure_aggregation=true",
+                           "federation.privacy.secagg_num_shares=5")
+    return Call(argv, c.tmp / "run", ("federation.privacy.secagg_num_shares", "is 5",
+                                      "at most 4"))
+
+
 def simulate_no_hospitals(c: Ctx) -> Call:
     argv = [*_simulate_heart(c), "--partition", "iid", "--hospitals", "0"]
     return Call(argv, c.tmp / "run", ("--hospitals", "at least 1", "got 0"))
@@ -559,6 +567,7 @@ CSV_CASES: list[Builder] = [
     evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     simulate_waits_for_more_hospitals_than_it_has, simulate_no_hospitals,
+    simulate_secagg_shares_above_the_hospitals_sampled,
     simulate_cuda_without_a_gpu,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
     csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from client import events
 from common import records as rk
+from common.address import parse_address
 from common.certs import HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
@@ -112,6 +113,8 @@ def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None, port: int | N
 
 def _check(req: ClientRequest) -> HospitalPaths | None:
     """Everything that can be checked before a process starts; raises with one sentence."""
+    # Flower's SuperNode would only fail to connect (a URL, a space, no port), after retries
+    parse_address(req.server, "--server", default_port=None)
     if not req.data.exists():
         raise DataError(f"data file {req.data} does not exist")
     if req.test_data is not None and not req.test_data.exists():

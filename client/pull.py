@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.trust import verification_key
+from common import address as common_address
 from common.atomic import atomic_dir, atomic_write_text
 from common.bundle import (
     BACKBONE_FILE,
@@ -123,23 +124,10 @@ def pull_from_registry(
 
 def parse_address(server: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6addr]:PORT``; the port defaults to 8443)."""
-    text = server.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else rest
-        if not sep or (rest and not rest.startswith(":")):
-            raise PullError(f"--server {server!r} is malformed; expected HOST:PORT or [IPv6]:PORT")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    if not host or (":" in host and not text.startswith("[")):
-        raise PullError(f"--server {server!r} is malformed; expected HOST:PORT or [IPv6]:PORT")
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise PullError(f"--server {server!r} has port {port_text!r}; expected 1-65535")
-    return host, int(port_text)
+    try:
+        return common_address.parse_address(server.strip(), "--server", DEFAULT_PORT)
+    except common_address.AddressError as err:
+        raise PullError(str(err)) from None
 
 
 def _tls_context(certs: Path | None) -> tuple[ssl.SSLContext, HospitalPaths]:

@@ -814,10 +814,11 @@ def _server(c: Ctx, certs_dir: Path) -> list[str]:
             str(certs_dir), "--run-dir", str(c.tmp / "run"), "--exit-after-run"]
 
 
-def _client(c: Ctx, hospital: Path, device: str = "cpu") -> list[str]:
+def _client(c: Ctx, hospital: Path, device: str = "cpu", server: str = "127.0.0.1:9"
+            ) -> list[str]:
     data = c.tmp / "hospital.csv"
     data.write_text(c.heart_csv, encoding="utf-8")
-    return ["client", "--server", "127.0.0.1:9", "--data", str(data), "--certs", str(hospital),
+    return ["client", "--server", server, "--data", str(data), "--certs", str(hospital),
             "--name", "hospital-a", "--workdir", str(c.tmp / "work"), "--max-retries", "1",
             "--device", device]
 
@@ -880,6 +881,18 @@ def client_unknown_device(c: Ctx) -> Call:
     return Call(argv, c.tmp / "work", ("device", "tpu"))
 
 
+def client_server_given_as_a_url(c: Ctx) -> Call:
+    """Once: flower-supernode started and exited 1, pointing at its log."""
+    argv = _client(c, _hospital_certs(c), server="https://127.0.0.1:9092")
+    return Call(argv, c.tmp / "work", ("--server", "https://127.0.0.1:9092", "no https://"))
+
+
+def client_server_without_a_port(c: Ctx) -> Call:
+    """Once: 'cannot reach the server at 127.0.0.1 for 600 s' after retries."""
+    argv = _client(c, _hospital_certs(c), server="127.0.0.1")
+    return Call(argv, c.tmp / "work", ("--server", "'127.0.0.1'", "has no port"))
+
+
 def certs_hospital_name_with_a_newline(c: Ctx) -> Call:
     argv = ["certs", "hospital", "--name", "hospital-a\n", "--out", str(c.tmp / "h"),
             "--ca", str(c.federation)]
@@ -915,6 +928,7 @@ CERT_CASES: list[Builder] = [
     server_hospitals_file_with_a_bad_name, server_waits_for_more_hospitals_than_it_enrols,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
+    client_server_given_as_a_url, client_server_without_a_port,
 ]
 
 

@@ -238,7 +238,8 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["host:0", "host:http", "::1:80", ":80", "[::1"])
+@pytest.mark.parametrize("text", ["host:0", "host:http", "::1:80", ":80", "[::1",
+                                  "https://host:8443", "a host:8443"])
 def test_parse_address_refuses_malformed(text: str) -> None:
     with pytest.raises(PullError, match="--server"):
         parse_address(text)

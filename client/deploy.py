@@ -32,11 +32,11 @@ from common.data.schema import DataError
 from common.device import resolve_device
 from common.processes import (
     ProcessGroup,
+    bind_problem,
     flwr_env,
     free_port,
     interrupt_on_sigterm,
     kill_stale_groups,
-    port_taken,
 )
 from common.settings import medfed_home
 
@@ -122,9 +122,12 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     if req.certs is None and not req.insecure:
         raise ValueError("refusing to start without certificates: pass --certs DIR (made by "
                          "`medfed certs hospital`) or --insecure for a local test")
-    if req.port and port_taken("127.0.0.1", req.port):
+    problem = bind_problem("127.0.0.1", req.port) if req.port else None
+    if problem == "is in use":
         raise ValueError(f"local port {req.port} (--port) is in use, perhaps by another "
                          "hospital's client on this host; leave --port out to pick a free one")
+    if problem is not None:
+        raise ValueError(f"local port {req.port} (--port) {problem}")
     # the ClientApp would otherwise find an unknown or absent device only in round 1
     resolve_device(req.device)
     certs = None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ agents with an environment of its own.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import signal
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+
+from common.config import show
 
 STOP_GRACE_S = 10.0
 SWEEP_GRACE_S = 4.0  # marked stragglers get this long after SIGTERM before SIGKILL
@@ -260,16 +263,35 @@ class ProcessGroup:
         self._logs.clear()
 
 
-def port_taken(host: str, port: int) -> bool:
-    """True when `port` cannot be bound on `host` (another process listens there)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+def bind_problem(host: str, port: int) -> str | None:
+    """Why nothing can listen on `host`:`port` (the end of a sentence starting with the port
+    and host), or None when it can. A port outside 1-65535 or a host that is no address of
+    this machine is said as such, not as a port in use."""
+    if not 0 < port < 65536:
+        return "is outside 1-65535"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return f"cannot be opened: the host {show(host)} does not resolve"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+            sock.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return "is in use"
+            if err.errno == errno.EADDRNOTAVAIL:
+                return f"cannot be opened: {show(host)} is not an address of this machine"
+            if err.errno == errno.EACCES:
+                return "needs privileges this user lacks (a port below 1024?)"
+            return f"cannot be opened ({err.strerror})"
+    return None
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True when nothing can listen on `host`:`port` (see :func:`bind_problem`)."""
+    return bind_problem(host, port) is not None
 
 
 def wait_for_port(host: str, port: int, timeout: float,

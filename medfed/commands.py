@@ -257,15 +257,18 @@ def cmd_console(args: argparse.Namespace) -> int:
     """`medfed console`: serve the console over a directory of runs until Ctrl-C."""
     import uvicorn
 
-    from common.processes import interrupt_on_sigterm, port_taken
+    from common.config import show
+    from common.processes import bind_problem, interrupt_on_sigterm
     from console.app import create_app
 
     if not args.runs.is_dir():
         raise FileNotFoundError(f"--runs {args.runs} is not a directory")
     if args.public_key is not None and not args.public_key.is_file():
         raise FileNotFoundError(f"--public-key {args.public_key} does not exist")
-    if port_taken(args.host, args.port):
-        raise ValueError(f"port {args.port} on {args.host} is taken; choose another --port")
+    problem = bind_problem(args.host, args.port)
+    if problem is not None:
+        raise ValueError(f"port {args.port} on {show(args.host)} (--port) {problem}"
+                         f"{'; choose another --port' if problem == 'is in use' else ''}")
     app = create_app(args.runs, args.public_key)
     print(f"medfed console on http://{args.host}:{args.port}/ over {args.runs} (Ctrl-C to stop)",
           flush=True)

@@ -33,10 +33,10 @@ from common.follow import TailReader
 from common.names import printable
 from common.processes import (
     ProcessGroup,
+    bind_problem,
     flwr_env,
     interrupt_on_sigterm,
     kill_stale_groups,
-    port_taken,
     wait_for_port,
 )
 from common.settings import RunSettings
@@ -249,9 +249,12 @@ def _ports_free(req: ServerRequest, certs: FederationPaths | None) -> None:
     if req.health_port:
         wanted.append(("--health-port", req.health_port))
     for flag, port in wanted:
-        if port_taken(req.host, port):
+        problem = bind_problem(req.host, port)
+        if problem == "is in use":
             raise ConfigError(f"port {port} on {req.host} ({flag}) is in use, perhaps by another "
                               "medfed server; stop it or choose another port")
+        if problem is not None:
+            raise ConfigError(f"port {port} on {show(req.host)} ({flag}) {problem}")
 
 
 def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospital]]:
@@ -263,8 +266,12 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospi
                           "`medfed certs init`) or --insecure for a local test")
     certs = None if req.insecure else check_server_certs(req.certs)  # type: ignore[arg-type]
     if certs is not None:  # node authentication: only the enrolled hospitals can join
-        check_hospital_count(cfg, len(hospitals), f"{req.hospitals} enrols" if req.hospitals
-                        else "without --hospitals the server enrols")
+        if not req.hospitals:
+            raise ConfigError("with --certs only the hospitals listed in --hospitals can join, "
+                              "and no --hospitals file is given; pass one (a YAML list of "
+                              "{name, public_key})")
+        check_hospital_count(cfg, len(hospitals), f"{req.hospitals} enrols")
+    _ports_free(req, certs)
     if certs is not None:
         keys = certs.signing_key
     else:
@@ -277,7 +284,6 @@ def _check(req: ServerRequest) -> tuple[FederationPaths | None, Path, list[Hospi
     if (req.run_dir / "checkpoint").exists() and not req.resume:
         raise FileExistsError(f"run directory {req.run_dir} holds a started run; continue it "
                               "with --resume or choose another --run-dir")
-    _ports_free(req, certs)
     return certs, keys, hospitals
 
 

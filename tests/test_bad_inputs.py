@@ -913,6 +913,41 @@ def server_hospitals_file_with_a_bad_name(c: Ctx) -> Call:
     return Call(argv, c.tmp / "run", ("hospitals.yaml", "entry 0", "lowercase letters"))
 
 
+@dataclass(frozen=True)
+class _ServerFlag:
+    flag: str
+    value: str
+    names: tuple[str, ...]
+
+
+def _server_with(c: Ctx, case: _ServerFlag) -> Call:
+    """A server start whose only fault is `case` (hospital-a enrolled, waited for alone)."""
+    hospitals = c.tmp / "hospitals.yaml"
+    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
+    hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n")
+    argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals),
+            "--set", "federation.strategy.min_nodes=1", case.flag, case.value]
+    return Call(argv, c.tmp / "run", case.names)
+
+
+def server_tls_without_hospitals(c: Ctx) -> Call:
+    """Once: the server started and waited for hospitals none of which could join."""
+    return Call(_server(c, _server_certs(c)), c.tmp / "run",
+                ("--certs", "no --hospitals file is given"))
+
+
+def server_port_out_of_range(c: Ctx) -> Call:
+    """Once: an OverflowError traceback from bind()."""
+    return _server_with(c, _ServerFlag("--port", "70000",
+                                       ("port 70000", "(--port)", "outside 1-65535")))
+
+
+def server_host_not_of_this_machine(c: Ctx) -> Call:
+    """Once: 'port … is in use, perhaps by another medfed server'."""
+    return _server_with(c, _ServerFlag("--host", "192.0.2.1",
+                                       ("192.0.2.1", "not an address of this machine")))
+
+
 def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:
     """With node authentication only enrolled hospitals join: heart.yaml waits for 4."""
     hospitals = c.tmp / "hospitals.yaml"
@@ -926,6 +961,7 @@ def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:
 CERT_CASES: list[Builder] = [
     certs_hospital_name_with_a_newline, certs_server_name_with_a_newline,
     server_hospitals_file_with_a_bad_name, server_waits_for_more_hospitals_than_it_enrols,
+    server_port_out_of_range, server_host_not_of_this_machine, server_tls_without_hospitals,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
     client_server_given_as_a_url, client_server_without_a_port,

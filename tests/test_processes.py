@@ -18,6 +18,7 @@ from common.processes import (
     DirectoryInUse,
     ProcessGroup,
     alive,
+    bind_problem,
     kill_stale_groups,
     marked_pids,
     port_taken,
@@ -156,3 +157,24 @@ def test_port_taken() -> None:
         port = sock.getsockname()[1]
         assert port_taken("127.0.0.1", port)
     assert not port_taken("127.0.0.1", port)
+
+
+@pytest.mark.parametrize(("host", "port", "problem"), [
+    ("127.0.0.1", 0, "is outside 1-65535"),
+    ("127.0.0.1", 70000, "is outside 1-65535"),
+    # TEST-NET-1 (RFC 5737): never an address of this machine; no name lookup
+    ("192.0.2.1", 9000, "cannot be opened: '192.0.2.1' is not an address of this machine"),
+])
+def test_a_port_that_cannot_be_opened_says_why_not_that_it_is_in_use(host, port, problem
+                                                                     ) -> None:
+    """These used to read as 'in use' (or end in OverflowError from bind)."""
+    assert bind_problem(host, port) == problem
+
+
+def test_a_port_in_use_says_so() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert bind_problem("127.0.0.1", port) == "is in use"
+    assert bind_problem("127.0.0.1", port) is None

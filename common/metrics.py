@@ -43,6 +43,7 @@ MULTICLASS_METRIC_NAMES: tuple[str, ...] = (
 COUNT_KEYS = ("n", "positives")
 ECE_BINS = 10
 BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_BLOCK_CELLS = 2**21  # row indices per block of resamples (16 MB as int64)
 
 
 class MetricError(ValueError):
@@ -256,13 +257,18 @@ def bootstrap_intervals(
     """
     y, p = _check(y_true, proba)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(samples, len(y)))
+    # resamples drawn a block at a time (the same stream as one draw): memory stays near
+    # BOOTSTRAP_BLOCK_CELLS indices whatever the file's rows and the resamples asked for
+    block = max(1, BOOTSTRAP_BLOCK_CELLS // len(y))
+    blocks = (rng.integers(0, len(y), size=(min(block, samples - start), len(y)))
+              for start in range(0, samples, block))  # lazily: one block in memory at a time
     if p.shape[1] == 2:
-        draws = _binary_draws(y, p[:, 1], threshold, idx)
+        parts = [_binary_draws(y, p[:, 1], threshold, idx) for idx in blocks]
+        draws = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
         names = METRIC_NAMES
     else:
         names = MULTICLASS_METRIC_NAMES
-        per = [compute_metrics(y[i], p[i], threshold) for i in idx]
+        per = [compute_metrics(y[i], p[i], threshold) for idx in blocks for i in idx]
         draws = {k: np.array([np.nan if m[k] is None else float(m[k]) for m in per])  # type: ignore[arg-type]
                  for k in names if k not in COUNT_KEYS}
     tail = (1.0 - level) / 2.0

@@ -556,6 +556,21 @@ def evaluate_out_is_the_data_file(c: Ctx) -> Call:
     return Call(argv, c.tmp / "nothing", ("hospital.csv", "input file"))
 
 
+def evaluate_bootstrap_beyond_reason(c: Ctx) -> Call:
+    """Once: 10**11 resamples tried to allocate 220 TiB and ended in a MemoryError traceback."""
+    argv = ["evaluate", "--model", str(c.heart_bundle), "--data", str(_hospital_csv(c)),
+            "--out", str(c.tmp / "report"), "--public-key", str(c.signing_pub),
+            "--bootstrap", str(10**11)]
+    return Call(argv, c.tmp / "report", ("--bootstrap", "1..100000", str(10**11)))
+
+
+def evaluate_negative_seed(c: Ctx) -> Call:
+    """Once: NumPy's own 'expected non-negative integer', naming no flag."""
+    argv = ["evaluate", "--model", str(c.heart_bundle), "--data", str(_hospital_csv(c)),
+            "--out", str(c.tmp / "report"), "--public-key", str(c.signing_pub), "--seed", "-1"]
+    return Call(argv, c.tmp / "report", ("--seed", "got -1"))
+
+
 def schema_out_is_a_data_file_even_with_force(c: Ctx) -> Call:
     data = _hospital_csv(c)
     argv = ["schema", "--data", str(data), "--label", "num", "--out", str(data), "--force"]
@@ -565,6 +580,7 @@ def schema_out_is_a_data_file_even_with_force(c: Ctx) -> Call:
 CSV_CASES: list[Builder] = [
     predict_out_is_the_data_file, predict_out_is_a_link_to_the_data_file,
     evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
+    evaluate_bootstrap_beyond_reason, evaluate_negative_seed,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     simulate_waits_for_more_hospitals_than_it_has, simulate_no_hospitals,
     simulate_secagg_shares_above_the_hospitals_sampled,

@@ -13,6 +13,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from common import metrics
 from common.metrics import (
     METRIC_NAMES,
     MULTICLASS_METRIC_NAMES,
@@ -217,3 +218,17 @@ def test_average_ranks_equal_scipys_with_ties(shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=-1))
     smooth = rng.normal(size=shape)  # no ties
     np.testing.assert_array_equal(average_ranks(smooth), rankdata(smooth, axis=-1))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_bootstrap_in_blocks_gives_the_intervals_of_one_draw(monkeypatch, classes) -> None:
+    """Resamples come a block at a time so a large file or many resamples stay in bounded
+    memory; the intervals are those of drawing every resample at once."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, classes, size=90)
+    p = rng.dirichlet(np.ones(classes), size=90)
+    p[np.arange(90), y] += 0.5
+    p /= p.sum(axis=1, keepdims=True)
+    whole = bootstrap_intervals(y, p, samples=250, seed=3)  # one block: 250 x 90 cells
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_CELLS", 90 * 7)  # blocks of 7 resamples
+    assert bootstrap_intervals(y, p, samples=250, seed=3) == whole

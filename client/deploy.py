@@ -115,6 +115,14 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     """Everything that can be checked before a process starts; raises with one sentence."""
     # Flower's SuperNode would only fail to connect (a URL, a space, no port), after retries
     parse_address(req.server, "--server", default_port=None)
+    for flag, value in (("--give-up-after", req.give_up_after),
+                        ("--wait-registration", req.wait_registration),
+                        ("--max-retries", req.max_retries)):
+        if not value >= 0:
+            raise ValueError(f"{flag} must be 0 or more, got {value:g}")
+    if req.workdir.exists() and not req.workdir.is_dir():
+        raise ValueError(f"--workdir {req.workdir} is a file; give a directory (this "
+                         "hospital's models, logs and caches go there)")
     if not req.data.exists():
         raise DataError(f"data file {req.data} does not exist")
     if req.test_data is not None and not req.test_data.exists():
@@ -272,7 +280,10 @@ class Supervisor:
         code = proc.wait()
         relay.join(timeout=5)
         if self.verdict is None and code not in (0, -signal.SIGTERM) and self.unreachable:
-            waited = f" for {req.give_up_after:.0f} s" if req.give_up_after > 0 else ""
+            # what stopped it: --max-retries can end the wait long before --give-up-after
+            attempts = f"{req.max_retries} attempt{'s' if req.max_retries != 1 else ''}"
+            waited = (f" after at most {attempts}" if req.max_retries > 0
+                      else f" for {req.give_up_after:.0f} s" if req.give_up_after > 0 else "")
             self.verdict = Verdict(
                 "lost" if self.joined else "unreachable",
                 (f"lost the server at {req.server}: no answer{waited}" if self.joined else

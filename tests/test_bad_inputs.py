@@ -909,6 +909,18 @@ def client_server_without_a_port(c: Ctx) -> Call:
     return Call(argv, c.tmp / "work", ("--server", "'127.0.0.1'", "has no port"))
 
 
+def client_workdir_is_a_file(c: Ctx) -> Call:
+    """Once: '[Errno 17] File exists'."""
+    (c.tmp / "afile").write_text("")
+    argv = [*_client(c, _hospital_certs(c)), "--workdir", str(c.tmp / "afile")]
+    return Call(argv, c.tmp / "work", ("--workdir", "afile", "is a file"))
+
+
+def client_negative_give_up_after(c: Ctx) -> Call:
+    argv = [*_client(c, _hospital_certs(c)), "--give-up-after", "-5"]
+    return Call(argv, c.tmp / "work", ("--give-up-after", "0 or more", "got -5"))
+
+
 def certs_hospital_name_with_a_newline(c: Ctx) -> Call:
     argv = ["certs", "hospital", "--name", "hospital-a\n", "--out", str(c.tmp / "h"),
             "--ca", str(c.federation)]
@@ -980,7 +992,8 @@ CERT_CASES: list[Builder] = [
     server_port_out_of_range, server_host_not_of_this_machine, server_tls_without_hospitals,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,
-    client_server_given_as_a_url, client_server_without_a_port,
+    client_server_given_as_a_url, client_server_without_a_port, client_workdir_is_a_file,
+    client_negative_give_up_after,
 ]
 
 
@@ -1201,3 +1214,27 @@ def test_medfed_client_stops_its_supernode_when_the_data_is_refused(tmp_path) ->
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_client_that_cannot_reach_the_server_says_what_ended_its_wait(tmp_path, cli_env
+                                                                        ) -> None:
+    """--max-retries ends the wait long before --give-up-after: the sentence says which
+    (it used to say 'for 600 s' after a few seconds). A real flower-supernode, a closed port."""
+    import subprocess
+    import sys
+
+    from common.processes import free_port
+
+    data = tmp_path / "cleveland.csv"
+    export_site_csv("cleveland", data)
+    server = f"127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.cli", "client", "--server", server, "--data", str(data),
+         "--insecure", "--name", "hospital-a", "--workdir", str(tmp_path / "work"),
+         "--max-retries", "2"],
+        capture_output=True, text=True, env=cli_env, timeout=COMMAND_S)
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"medfed: error: hospital hospital-a: cannot reach the server at {server} "
+                    "after at most 2 attempts: connection refused or no route (is it running, "
+                    "and are the address and port right?)"), result.stderr

@@ -52,9 +52,12 @@ def _remove(path: Path) -> None:
 
 def refuse_replacing_input(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     """Stop before an output path would replace one of the command's input files (the same
-    file, also through a link): `predict --data x.csv --out x.csv` must not destroy the data."""
+    file, also through a link): `predict --data x.csv --out x.csv` must not destroy the data;
+    or is a directory."""
     sources = [p for p in inputs if p.is_file()]
     for out in outputs:
+        if out.is_dir():  # found before the work, not when the result is moved there
+            raise ValueError(f"{out} is a directory where a file is written; give a file path")
         if not out.is_file():
             continue
         for src in sources:

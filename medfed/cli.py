@@ -6,6 +6,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -329,9 +330,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medfed: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        print(f"medfed: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as err:
+        print(f"medfed: error: {sentence(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def sentence(err: BaseException) -> str:
+    """The message of `err`; an operating system's own (`[Errno 17] File exists: 'out'`,
+    raised where a path given on the command line is a file where a directory goes, or the
+    reverse) said in words naming the path."""
+    if not (isinstance(err, OSError) and err.errno is not None and str(err).startswith("[Errno")):
+        return str(err)  # medfed's own sentence
+    path = err.filename2 if err.filename2 is not None else err.filename  # a rename: its target
+    if err.errno == errno.EEXIST:
+        return f"{path} is a file where a directory is needed; give a directory path"
+    if err.errno == errno.EISDIR:
+        return f"{path} is a directory where a file is written; give a file path"
+    if err.errno == errno.ENOTDIR:
+        return f"{path}: a part of this path is a file, not a directory"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"{path}: permission denied"
+    return f"{path}: {err.strerror}"
 
 
 if __name__ == "__main__":

@@ -285,8 +285,10 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """`medfed report`."""
+    from common.atomic import refuse_replacing_input
     from console.report import write_report
 
+    refuse_replacing_input([args.out], [])
     out = write_report(args.run_dir, args.out)
     print(f"report written to {out}")
     return 0

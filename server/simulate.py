@@ -102,6 +102,8 @@ def simulate(request: SimulateRequest) -> int:
     device = resolve_device(cfg.device)
     request = replace(request, gpus_per_client=gpu_share(
         device, request.gpus_per_client, request.cpus_per_client, os.cpu_count() or 1))
+    if request.run_dir.exists() and not request.run_dir.is_dir():
+        raise FileExistsError(f"--out {request.run_dir} is a file; give a directory for the run")
     if (request.run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {request.run_dir} already holds a finished run; "
                               "choose another --out")

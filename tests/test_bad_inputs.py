@@ -541,6 +541,26 @@ def predict_out_is_the_data_file(c: Ctx) -> Call:
                 ("hospital.csv", "an input file", "another output"))
 
 
+def predict_out_is_a_directory(c: Ctx) -> Call:
+    """Once: an IsADirectoryError traceback, after every prediction was computed."""
+    (c.tmp / "preds").mkdir()
+    return Call(_predict_argv(c, _hospital_csv(c), c.tmp / "preds"), c.tmp / "nothing",
+                ("preds", "is a directory where a file is written"))
+
+
+def simulate_out_is_a_file(c: Ctx) -> Call:
+    """Once: '[Errno 17] File exists: ...'."""
+    (c.tmp / "run").write_text("")
+    return Call(_simulate_heart(c), c.tmp / "nothing",
+                ("--out", "run is a file; give a directory"))
+
+
+def export_heart_under_a_file(c: Ctx) -> Call:
+    (c.tmp / "data").write_text("")
+    argv = ["export-heart", "--out", str(c.tmp / "data" / "heart")]
+    return Call(argv, c.tmp / "data" / "heart", ("data/heart", "a part of this path is a file"))
+
+
 def predict_out_is_a_link_to_the_data_file(c: Ctx) -> Call:
     data = _hospital_csv(c)
     link = c.tmp / "preds.csv"
@@ -579,6 +599,7 @@ def schema_out_is_a_data_file_even_with_force(c: Ctx) -> Call:
 
 CSV_CASES: list[Builder] = [
     predict_out_is_the_data_file, predict_out_is_a_link_to_the_data_file,
+    predict_out_is_a_directory, simulate_out_is_a_file, export_heart_under_a_file,
     evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
     evaluate_bootstrap_beyond_reason, evaluate_negative_seed,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
@@ -1238,3 +1259,19 @@ def test_a_client_that_cannot_reach_the_server_says_what_ended_its_wait(tmp_path
     assert last == (f"medfed: error: hospital hospital-a: cannot reach the server at {server} "
                     "after at most 2 attempts: connection refused or no route (is it running, "
                     "and are the address and port right?)"), result.stderr
+
+
+def test_an_operating_system_error_is_said_in_words_naming_the_path(tmp_path) -> None:
+    from medfed.cli import sentence
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError) as exists:
+        (tmp_path / "afile").mkdir(parents=True, exist_ok=True)
+    assert sentence(exists.value) == (f"{tmp_path / 'afile'} is a file where a directory is "
+                                      "needed; give a directory path")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError) as is_dir:
+        os.replace(tmp_path / "afile", tmp_path / "adir")
+    assert sentence(is_dir.value).startswith(f"{tmp_path / 'adir'} is a directory")
+    assert sentence(FileExistsError("bundle b exists; pass --force")) == \
+        "bundle b exists; pass --force"  # medfed's own sentences are kept as they are

@@ -98,10 +98,15 @@ def simulate(request: SimulateRequest) -> int:
         _, sites = raw_sites(cfg.federation.data, cfg.seed)
     check_hospital_count(cfg, len(sites), "the simulation has")
     preflight(cfg, request.bundle)
+    cores = os.cpu_count() or 1  # what simulate_worker gives Ray
+    if not 0 < request.cpus_per_client <= cores:
+        # Ray would wait for ever for an actor it can never place
+        raise ValueError(f"--cpus-per-client must be above 0 and at most the {cores} CPU "
+                         f"cores of this machine, got {request.cpus_per_client:g}")
     # a GPU that is asked for but missing stops here, not in every hospital's first round
     device = resolve_device(cfg.device)
     request = replace(request, gpus_per_client=gpu_share(
-        device, request.gpus_per_client, request.cpus_per_client, os.cpu_count() or 1))
+        device, request.gpus_per_client, request.cpus_per_client, cores))
     if request.run_dir.exists() and not request.run_dir.is_dir():
         raise FileExistsError(f"--out {request.run_dir} is a file; give a directory for the run")
     if (request.run_dir / "summary.json").exists():

@@ -511,6 +511,14 @@ def simulate_secagg_shares_above_the_hospitals_sampled(c: Ctx) -> Call:
                                       "at most 4"))
 
 
+def simulate_more_cores_per_hospital_than_the_machine_has(c: Ctx) -> Call:
+    """Once: Ray waited for ever for a worker it could never place (0 and -1 hung too)."""
+    cores = os.cpu_count() or 1
+    argv = [*_simulate_heart(c), "--cpus-per-client", str(cores + 1)]
+    return Call(argv, c.tmp / "run", ("--cpus-per-client", f"at most the {cores} CPU cores",
+                                      f"got {cores + 1}"))
+
+
 def simulate_no_hospitals(c: Ctx) -> Call:
     argv = [*_simulate_heart(c), "--partition", "iid", "--hospitals", "0"]
     return Call(argv, c.tmp / "run", ("--hospitals", "at least 1", "got 0"))
@@ -605,6 +613,7 @@ CSV_CASES: list[Builder] = [
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     simulate_waits_for_more_hospitals_than_it_has, simulate_no_hospitals,
     simulate_secagg_shares_above_the_hospitals_sampled,
+    simulate_more_cores_per_hospital_than_the_machine_has,
     simulate_cuda_without_a_gpu,
     *(_csv_case(m, r) for r in CSV_READERS for m in CSV_MUTATIONS),
     csv_one_class_source_for_pretrain, own_schema_does_not_match_the_csv,

@@ -59,6 +59,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return cfg
+
+
 # Numeric ranges: (lowest, lowest allowed, highest, highest allowed); None: no bound. A value
 # outside its range would otherwise surface late: a batch size of 0 failed every hospital in
 # round 1, a negative round count published the starting model as if trained.
@@ -134,8 +136,8 @@ DP_STRATEGIES = ("fedavg", "fedprox")  # the wrappers add noise to a weighted me
 
 
 def shown(value: float) -> str:
-    """A number as a config file would hold it: whole numbers in full, others short."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """A number as a config file would hold it: integers in full, others short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def range_text(bound: Range) -> str:
@@ -174,7 +176,7 @@ def _check_range(root: Any, ranges: dict[str, Range], prefix: str = "") -> None:
         value = config_value(root, key.removeprefix(prefix))
         if not in_range(value, bound):
             raise ConfigError(f"config key {key!r} must be {range_text(bound)}, "
-                              f"got {value if isinstance(value, int) else f'{value:g}'}")
+                              f"got {shown(value)}")
 
 
 def check_privacy(pc: PrivacyConfig, strategy_name: str | None = None) -> None:

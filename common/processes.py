@@ -289,11 +289,6 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-def port_taken(host: str, port: int) -> bool:
-    """True when nothing can listen on `host`:`port` (see :func:`bind_problem`)."""
-    return bind_problem(host, port) is not None
-
-
 def wait_for_port(host: str, port: int, timeout: float,
                   proc: subprocess.Popen[Any] | None = None) -> bool:
     """True once something accepts TCP connections on host:port; False on timeout/exit."""

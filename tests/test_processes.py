@@ -21,7 +21,6 @@ from common.processes import (
     bind_problem,
     kill_stale_groups,
     marked_pids,
-    port_taken,
 )
 from tests.limits import GONE_WITHIN_S, STOP_S
 
@@ -148,15 +147,6 @@ def test_a_crashed_run_is_cleaned_up_on_the_next_start(tmp_path: Path) -> None:
         assert not stale.exists()
     finally:
         group.stop_all()
-
-
-def test_port_taken() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        assert port_taken("127.0.0.1", port)
-    assert not port_taken("127.0.0.1", port)
 
 
 @pytest.mark.parametrize(("host", "port", "problem"), [

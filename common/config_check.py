@@ -131,6 +131,7 @@ RANGES: dict[str, Range] = {
 # finite value is an answer
 UNBOUNDED = ("byzantine_scale", "attack_value", "synthetic_sites", "synthetic_features",
              "synthetic_samples", "num_sites", "test_fraction", "validation_fraction")
+PRIVACY = "federation.privacy."  # the keys check_privacy owns
 DP_MODES = ("off", "server", "client")  # server/privacy.py: Flower's fixed-clipping wrappers
 DP_STRATEGIES = ("fedavg", "fedprox")  # the wrappers add noise to a weighted mean
 
@@ -183,8 +184,7 @@ def check_privacy(pc: PrivacyConfig, strategy_name: str | None = None) -> None:
     """`federation.privacy` on its own and, given `strategy_name`, with the strategy (the
     server calls it too before it wraps a strategy, whoever built the config)."""
     _one_of("federation.privacy.dp", pc.dp, DP_MODES)
-    prefix = "federation.privacy."
-    _check_range(pc, {k: b for k, b in RANGES.items() if k.startswith(prefix)}, prefix)
+    _check_range(pc, {k: b for k, b in RANGES.items() if k.startswith(PRIVACY)}, PRIVACY)
     if strategy_name is None:
         return
     if pc.dp != "off" and strategy_name.lower() not in DP_STRATEGIES:
@@ -231,8 +231,9 @@ def check_hospital_count(cfg: Config, available: int, which: str) -> None:
 
 
 def check_numbers(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the first number outside its range."""
-    _check_range(cfg, RANGES)
+    """Raise :class:`ConfigError` naming the first number outside its range (privacy's are
+    :func:`check_privacy`'s, which the server also calls)."""
+    _check_range(cfg, {k: b for k, b in RANGES.items() if not k.startswith(PRIVACY)})
     width_key = _BLOCK_WIDTHS.get(cfg.model.family)
     for i, width in enumerate(getattr(cfg.model, width_key) if width_key else ()):
         if width < 1:

@@ -12,6 +12,7 @@ Everything here is a no-op unless configured, and only :func:`tamper` touches re
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -98,8 +99,12 @@ def attack_of(cfg: FaultsConfig, partition_id: int | None, num_nodes: int,
 
 
 def tamper(attack: str | None, kind: str, content: RecordDict, value: float,
-           other_name: str) -> RecordDict:
-    """The reply a malicious hospital sends instead of `content` (`kind`: the message type)."""
+           other_name: Callable[[], str]) -> RecordDict:
+    """The reply a malicious hospital sends instead of `content` (`kind`: the message type).
+
+    `other_name` is asked only by `spoof-name`: naming another simulated hospital reads the
+    whole federation's data, which no other attack needs (a deployed attacker paid it per
+    message)."""
     if attack is None:
         return content
     metrics = content.metric_records.get(rk.METRICS)
@@ -109,7 +114,7 @@ def tamper(attack: str | None, kind: str, content: RecordDict, value: float,
         out.pop(rk.ARRAYS if arrays is not None else rk.METRICS, None)
         return out
     if attack == "spoof-name" and rk.SITE in content.config_records:
-        out[rk.SITE] = ConfigRecord({rk.SITE_NAME: other_name})
+        out[rk.SITE] = ConfigRecord({rk.SITE_NAME: other_name()})
     if metrics is not None and attack in ("inflate-count", "omit-count"):
         counts = (rk.NUM_TRAIN, rk.NUM_EXAMPLES) if kind != "evaluate" else ()
         kept = {k: v for k, v in metrics.items()

@@ -201,7 +201,11 @@ class Node:
         if attack is None:
             return content
         pid = self.settings.partition_id or 0
-        other = simulated_site_name(self.cfg.federation.data, self.cfg.seed, 1 if pid == 0 else 0)
+
+        def other() -> str:
+            return simulated_site_name(self.cfg.federation.data, self.cfg.seed,
+                                       1 if pid == 0 else 0)
+
         return tamper(attack, kind, content, faults.attack_value, other)
 
     def seed(self, server_round: int) -> int:

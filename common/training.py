@@ -22,6 +22,7 @@ from common.config import OptimConfig
 from common.device import seed_torch
 from common.metrics import compute_metrics
 from common.models import SplitModel, forward_from, frozen_prefix_blocks, set_trainable
+from common.optim import LocalOptimizer, ParamGroup
 
 ArrayLike = np.ndarray | Tensor
 
@@ -104,17 +105,16 @@ def round_trainable(trainable: str, head_warmup_rounds: int, server_round: int) 
     return "head" if server_round <= head_warmup_rounds else trainable
 
 
-def _optimizer(params: Mapping[str, nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def _optimizer(params: Mapping[str, nn.Parameter], cfg: OptimConfig) -> LocalOptimizer:
     """The configured optimiser; backbone tensors at ``lr * backbone_lr_scale``."""
     head = [p for n, p in params.items() if not n.startswith("backbone.")]
     backbone = [p for n, p in params.items() if n.startswith("backbone.")]
-    groups = [{"params": group, "lr": lr} for group, lr in
+    groups = [ParamGroup(group, lr) for group, lr in
               ((head, cfg.lr), (backbone, cfg.lr * cfg.backbone_lr_scale)) if group]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise TrainingError(f"optimizer '{cfg.optimizer}' is unknown; expected adam or sgd")
+    try:
+        return LocalOptimizer(cfg.optimizer, groups, cfg.weight_decay)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _num_steps(num_rows: int, cfg: OptimConfig) -> int:
@@ -258,7 +258,7 @@ def train_local(
                 # FedProx: stay near the received weights so skewed sites drift less
                 drift = sum(((params[n] - anchor[n]) ** 2).sum() for n in anchor)
                 objective = loss + 0.5 * cfg.proximal_mu * drift
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             torch.autograd.backward(objective)
             optimizer.step()
             total += float(loss.detach())

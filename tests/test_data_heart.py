@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ from common.data.heart import (
     load_heart_sites,
     read_site,
 )
+from tests.limits import COMMAND_S
 
+PROJECT = Path(__file__).resolve().parents[1]
 FLAMBY_SIZES = {
     "cleveland": (199, 104),
     "hungary": (172, 89),
@@ -159,6 +163,31 @@ def test_flamby_split_indices_are_disjoint_and_cover():
     train, test = flamby_split(y, 43)
     assert len(np.intersect1d(train, test)) == 0
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
+
+
+def test_recorded_splits_are_scikit_learns_for_every_shipped_file():
+    vectors = heart.shipped_label_vectors()
+    assert len(vectors) == 8  # two protocols, four sites
+    for name, y in vectors.items():
+        recorded = flamby_split(y, 43)
+        assert heart._split_key(y, 43) in heart._known_splits(), name  # not computed here
+        for ours, theirs in zip(recorded, heart._sklearn_split(y, 43), strict=True):
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    # another seed, or data that is not shipped, is split by scikit-learn
+    y = vectors["flamby/va"]
+    for ours, theirs in zip(flamby_split(y, 44), heart._sklearn_split(y, 44), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert heart._split_key(y, 44) not in heart._known_splits()
+
+
+def test_loading_the_shipped_heart_data_does_not_import_scikit_learn():
+    # every simulated hospital and ServerApp loads it: scikit-learn costs about 1 s of CPU each
+    code = ("import sys; from common.data.heart import load_heart_sites; "
+            "[load_heart_sites(p) for p in ('flamby', 'impute')]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=COMMAND_S, cwd=PROJECT)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_source_split_pools_raw_train_rows_without_the_validation_rows(flamby_sites):

@@ -21,12 +21,14 @@ the pretraining cohort's.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from common.data.schema import DataError, Schema, encode, load_schema
 from common.data.splits import DataSpec, SiteSplit, with_validation
@@ -46,6 +48,8 @@ ZERO_MEANS_MISSING = ("trestbps", "chol")
 
 DATA_DIR = dataset_dir("heart_disease", "processed.cleveland.data")
 SCHEMA_PATH = DATA_DIR / "schema.yaml"  # columns, units and ranges of the UCI files
+# FLamby's splits of the shipped files, as scikit-learn computes them (write_known_splits)
+KNOWN_SPLITS_PATH = DATA_DIR / "flamby_splits.json"
 
 
 def heart_schema(protocol: str = "impute") -> Schema:
@@ -83,9 +87,27 @@ def read_site(site: str, data_dir: Path | None = None) -> pd.DataFrame:
     return df.astype("float64")
 
 
-def flamby_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """FLamby's per-centre split of ``arange(len(y))``; returns sorted (train, test) indices."""
-    y = np.asarray(y)
+def _split_key(y: np.ndarray, seed: int) -> str:
+    """What a split depends on: the label vector and the seed."""
+    return hashlib.sha256(np.asarray(y, dtype=np.int64).tobytes() + b"|%d" % seed).hexdigest()
+
+
+@functools.cache
+def _known_splits() -> dict[str, list[int]]:
+    """Test rows of the recorded splits by :func:`_split_key` (empty if the file is absent)."""
+    try:
+        raw = json.loads(KNOWN_SPLITS_PATH.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return {key: entry["test"] for key, entry in raw["splits"].items()}
+
+
+def _sklearn_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """FLamby's call to scikit-learn's ``train_test_split``; sorted (train, test) indices."""
+    # imported here: scikit-learn and SciPy cost about 1 s of CPU in every process that loads
+    # heart data (each simulated hospital, the ServerApp), and the shipped files need none
+    from sklearn.model_selection import train_test_split
+
     levels = np.unique(y)
     stratified = len(levels) > 1 and all((y == lev).sum() > 2 for lev in levels)
     train, test = train_test_split(
@@ -99,8 +121,30 @@ def flamby_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(train), np.sort(test)
 
 
+def flamby_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """FLamby's per-centre split of ``arange(len(y))``; returns sorted (train, test) indices.
+
+    Label vectors of the shipped files take the recorded split (tests check it equals
+    scikit-learn's); any other data or seed is split by scikit-learn.
+    """
+    y = np.asarray(y)
+    known = _known_splits().get(_split_key(y, seed))
+    if known is None:
+        return _sklearn_split(y, seed)
+    test = np.asarray(known, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(y)), test), test
+
+
 def _binary(df: pd.DataFrame, schema: Schema) -> np.ndarray:
     return np.isin(df[schema.label].to_numpy(), schema.positive).astype(np.int64)
+
+
+def _protocol_rows(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The rows (and columns) a protocol keeps: flamby drops three columns, then rows with a
+    missing value; impute keeps everything."""
+    if protocol != "flamby":
+        return df
+    return df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0).reset_index(drop=True)
 
 
 def _split_frame(df: pd.DataFrame, schema: Schema, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -115,11 +159,40 @@ def _site_frames(
     schema = heart_schema(protocol)
     frames = {}
     for site in sites:
-        df = read_site(site, data_dir)
-        if protocol == "flamby":
-            df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0).reset_index(drop=True)
-        frames[site] = _split_frame(df, schema, seed)
+        frames[site] = _split_frame(_protocol_rows(read_site(site, data_dir), protocol),
+                                    schema, seed)
     return frames
+
+
+def shipped_label_vectors() -> dict[str, np.ndarray]:
+    """Each shipped site's binary labels under each protocol, as :func:`_site_frames` splits
+    them (named ``<protocol>/<site>``)."""
+    vectors = {}
+    for protocol in PROTOCOLS:
+        schema = heart_schema(protocol)
+        for site in SITE_FILES:
+            df = _protocol_rows(read_site(site), protocol)
+            vectors[f"{protocol}/{site}"] = _binary(df, schema)
+    return vectors
+
+
+def write_known_splits(path: Path = KNOWN_SPLITS_PATH, seed: int = TEST_SEED) -> None:
+    """Record scikit-learn's FLamby split of every shipped label vector (run once per change
+    of the shipped files or of FLamby's protocol)."""
+    splits: dict[str, dict[str, object]] = {}
+    for name, y in shipped_label_vectors().items():
+        key = _split_key(y, seed)
+        if key in splits:  # another protocol kept the same rows (Cleveland has no gap)
+            splits[key]["name"] = f"{splits[key]['name']}, {name}"
+            continue
+        _, test = _sklearn_split(y, seed)
+        splits[key] = {"name": name, "seed": seed, "rows": len(y), "test": test.tolist()}
+    about = ("FLamby's train/test split of each shipped heart file (test rows), as "
+             "scikit-learn's train_test_split computes it; keyed by sha256 of the int64 label "
+             "vector and the seed; written by common.data.heart.write_known_splits")
+    lines = [f"  {json.dumps(key)}: {json.dumps(entry)}" for key, entry in splits.items()]
+    path.write_text(f'{{"about": {json.dumps(about)},\n "splits": {{\n' + ",\n".join(lines)
+                    + "\n }\n}\n", encoding="utf-8")
 
 
 def spec_for(schema: Schema) -> DataSpec:
@@ -166,9 +239,7 @@ def export_site_csv(site: str, out: Path, protocol: str = "flamby",
     and only its train rows to `out` (a test file kept aside). Returns the rows written.
     """
     schema = heart_schema(protocol)
-    df = read_site(site)
-    if protocol == "flamby":
-        df = df.drop(columns=list(FLAMBY_DROPPED)).dropna(axis=0).reset_index(drop=True)
+    df = _protocol_rows(read_site(site), protocol)
     columns = [c.name for c in schema.columns] + [schema.label]
     parts = [(out, df)]
     if test_out is not None:

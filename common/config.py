@@ -132,7 +132,7 @@ class StrategyConfig:
     beta_2: float = 0.99
     tau: float = 0.001
     beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
-    num_malicious_nodes: int = 0  # krum
+    num_malicious_nodes: int = 0  # krum: f attackers tolerated; needs min_nodes >= 2f + 3
     num_nodes_to_select: int = 0  # krum: 0 = Krum, >0 = MultiKrum
     round_timeout: float = 600.0  # seconds to wait for replies in one round
 

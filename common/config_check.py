@@ -315,6 +315,16 @@ def _check_federation(cfg: Config) -> None:
             "config key 'federation.evaluate_with_train' is true but "
             "'federation.privacy.secure_aggregation' runs Flower's legacy workflow, whose train "
             "replies carry only the masked update; set one of them to false")
+    st = fed.strategy
+    if st.name.lower() == "krum" and st.num_malicious_nodes > 0 \
+            and st.min_nodes < 2 * st.num_malicious_nodes + 3:
+        # Flower's Krum then scores each update against max(1, n - f - 2) neighbours: it
+        # runs, but without the protection the setting promises
+        raise ConfigError(
+            f"config key 'federation.strategy.num_malicious_nodes' is "
+            f"{st.num_malicious_nodes}, but Krum withstands f malicious hospitals only among "
+            f"at least 2f + 3 = {2 * st.num_malicious_nodes + 3} per round and "
+            f"'federation.strategy.min_nodes' is {st.min_nodes}; lower it or raise min_nodes")
     if fed.final_model not in ("best", "latest"):
         raise ConfigError(f"config key 'federation.final_model' must be best or latest, "
                           f"got {fed.final_model!r}")

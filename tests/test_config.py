@@ -219,3 +219,18 @@ def test_privacy_settings_that_cannot_run_are_refused_when_the_config_loads(
     """Once found only inside the ServerApp, after the run directory was started."""
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "heart.yaml", overrides)
+
+
+def test_krum_promising_more_than_its_hospitals_allow_is_refused() -> None:
+    """Krum withstands f attackers among at least 2f + 3 updates; below that Flower's Krum
+    still runs, silently without that protection."""
+    with pytest.raises(ConfigError, match=r"'federation\.strategy\.num_malicious_nodes' is 2, "
+                       r"but Krum withstands f malicious hospitals only among at least 2f \+ 3 "
+                       r"= 7 per round and 'federation\.strategy\.min_nodes' is 5"):
+        load_config(CONFIGS / "heart.yaml", ["federation.strategy.name=krum",
+                                             "federation.strategy.num_malicious_nodes=2",
+                                             "federation.strategy.min_nodes=5"])
+    for ok in (["federation.strategy.min_nodes=7"], ["federation.strategy.num_malicious_nodes=0"]):
+        load_config(CONFIGS / "heart.yaml", ["federation.strategy.name=krum",
+                                             "federation.strategy.num_malicious_nodes=2",
+                                             "federation.strategy.min_nodes=5", *ok])

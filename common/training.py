@@ -105,6 +105,16 @@ def round_trainable(trainable: str, head_warmup_rounds: int, server_round: int) 
     return "head" if server_round <= head_warmup_rounds else trainable
 
 
+def warmup_note(trainable: str, head_warmup_rounds: int, rounds: int) -> str | None:
+    """A sentence when the head-only warm-up spans the whole run, so ``trainable`` beyond the
+    head never trains (a short run of a config made for many rounds); else None."""
+    if trainable == "head" or head_warmup_rounds < rounds:
+        return None
+    return (f"federation.head_warmup_rounds is {head_warmup_rounds} and federation.rounds "
+            f"{rounds}: every round trains the head only, and the rest of trainable "
+            f"'{trainable}' goes back to the server as it was received")
+
+
 def _optimizer(params: Mapping[str, nn.Parameter], cfg: OptimConfig) -> LocalOptimizer:
     """The configured optimiser; backbone tensors at ``lr * backbone_lr_scale``."""
     head = [p for n, p in params.items() if not n.startswith("backbone.")]

@@ -48,6 +48,7 @@ from common.models import SplitModel, load_state, set_trainable, split_state
 from common.registry import Registry
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
+from common.training import warmup_note
 from server.checkpoint import (
     count_rounds_from,
     drop_uncommitted_versions,
@@ -463,6 +464,14 @@ class FederationRounds(logging.Filter):
         return True
 
 
+def warn_if_warmup_spans_run(cfg: Config) -> None:
+    """Say so when the head-only warm-up leaves no round for the rest of ``trainable``."""
+    note = warmup_note(cfg.model.trainable, cfg.federation.head_warmup_rounds,
+                       cfg.federation.rounds)
+    if note:
+        log.warning(note)
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     """The whole run: rounds, checks, publication, delivery, site models, summary."""
     fed = prepare(grid, settings)
@@ -487,6 +496,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Federation:
     log.info("federated run: %s, %d rounds, strategy %s, trainable %s (%d tensors), "
              "validation: %s", cfg.name, cfg.federation.rounds, cfg.federation.strategy.name,
              cfg.model.trainable, len(fed.trainable), fed.heldout.label)
+    warn_if_warmup_spans_run(cfg)
     rounds = FederationRounds(fed.round_offset, cfg.federation.rounds)
     logging.getLogger("flwr").addFilter(rounds)
     try:

@@ -50,7 +50,7 @@ from common.config import ConfigError, PrivacyConfig
 from common.config_check import check_privacy, sampled_per_round
 from common.settings import RunSettings
 from server.delegating_grid import DelegatingGrid
-from server.federation import Federation, prepare
+from server.federation import Federation, prepare, warn_if_warmup_spans_run
 from server.provisioning import ProvisioningGrid, RunStopped
 
 log = logging.getLogger("medfed.server")
@@ -175,6 +175,7 @@ def run_secagg(grid: Grid, context: Context, settings: RunSettings) -> Federatio
         fed.evaluate_round(current, _arrays(fed, list(params.to_numpy_ndarrays())))
 
     remaining = max(cfg.federation.rounds - offset, 0)
+    warn_if_warmup_spans_run(cfg)
     log.info("federated run with SecAgg+: %s, %d rounds, %d shares, threshold %d, "
              "max weight %g", cfg.name, remaining, pc.secagg_num_shares,
              pc.secagg_reconstruction_threshold, max_weight)

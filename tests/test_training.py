@@ -14,6 +14,7 @@ from common.training import (
     evaluate,
     predict_proba,
     train_local,
+    warmup_note,
 )
 
 CPU = torch.device("cpu")
@@ -250,3 +251,14 @@ def test_unknown_loss_is_refused() -> None:
     x, y = _toy(8)
     with pytest.raises(TrainingError, match="loss 'focal' is unknown"):
         train_local(_model(), x, y, OptimConfig(steps=1, loss="focal"), "all", CPU, 0)
+
+
+def test_a_warm_up_that_spans_the_whole_run_is_named() -> None:
+    # configs/breast.yaml warms up for 10 of 160 rounds; a 5-round check of it trains no backbone
+    note = warmup_note("all", 10, 5)
+    assert note == ("federation.head_warmup_rounds is 10 and federation.rounds 5: every round "
+                    "trains the head only, and the rest of trainable 'all' goes back to the "
+                    "server as it was received")
+    assert warmup_note("all", 5, 5) is not None  # round 5 is still a warm-up round
+    assert warmup_note("all", 10, 11) is None
+    assert warmup_note("head", 10, 5) is None  # the head alone was asked for anyway

@@ -32,6 +32,15 @@ class ParamGroup:
 
 
 @dataclass
+class _AdamState:
+    """One tensor's running moments and how many steps it took."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    steps: int = 0
+
+
+@dataclass
 class LocalOptimizer:
     """``zero_grad()`` and ``step()`` over parameter groups, like a ``torch.optim`` optimiser.
 
@@ -41,7 +50,7 @@ class LocalOptimizer:
     kind: str  # "adam" or "sgd"
     groups: Sequence[ParamGroup]
     weight_decay: float = 0.0
-    _state: dict[int, tuple[Tensor, Tensor, list[int]]] = field(default_factory=dict)
+    _adam_state: dict[nn.Parameter, _AdamState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("adam", "sgd"):
@@ -69,17 +78,17 @@ class LocalOptimizer:
                     self._adam(param, grad, group.lr)
 
     def _adam(self, param: nn.Parameter, grad: Tensor, lr: float) -> None:
-        if id(param) not in self._state:
-            self._state[id(param)] = (
+        state = self._adam_state.get(param)
+        if state is None:
+            state = self._adam_state[param] = _AdamState(
                 torch.zeros_like(param, memory_format=torch.preserve_format),
-                torch.zeros_like(param, memory_format=torch.preserve_format), [0])
-        exp_avg, exp_avg_sq, count = self._state[id(param)]
-        count[0] += 1
-        step = float(count[0])
-        exp_avg.lerp_(grad, 1 - BETA1)
-        exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+                torch.zeros_like(param, memory_format=torch.preserve_format))
+        state.steps += 1
+        step = float(state.steps)
+        state.exp_avg.lerp_(grad, 1 - BETA1)
+        state.exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
         bias_correction1 = 1 - BETA1**step
         bias_correction2 = 1 - BETA2**step
         step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(EPS)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        denom = (state.exp_avg_sq.sqrt() / bias_correction2**0.5).add_(EPS)
+        param.addcdiv_(state.exp_avg, denom, value=-step_size)

@@ -14,25 +14,23 @@ import sysconfig
 from importlib.metadata import distribution
 from pathlib import Path
 
+from tests.conftest import PROJECT
 from tests.limits import INSTALL_S
-
-ROOT = Path(__file__).resolve().parents[1]
-INSTALL_TIMEOUT_S = INSTALL_S
 
 
 def fresh_env(tmp: Path) -> Path:
     """A venv holding medfed's wheel only, with this environment's dependencies importable."""
     wheels = tmp / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(ROOT)],
-                   check=True, timeout=INSTALL_TIMEOUT_S, cwd=tmp)
+                    "--no-build-isolation", "-w", str(wheels), str(PROJECT)],
+                   check=True, timeout=INSTALL_S, cwd=tmp)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=INSTALL_TIMEOUT_S)
+                   timeout=INSTALL_S)
     python = venv / "bin" / "python"
     (wheel,) = wheels.glob("medfed-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                    "--no-deps", str(wheel)], check=True, timeout=INSTALL_TIMEOUT_S, cwd=tmp)
+                    "--no-deps", str(wheel)], check=True, timeout=INSTALL_S, cwd=tmp)
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], capture_output=True, text=True, check=True).stdout
     # .pth lines only extend sys.path: the test env's editable-install hook is not run

@@ -21,9 +21,9 @@ from common.data.heart import (
     load_heart_sites,
     read_site,
 )
+from tests.conftest import PROJECT
 from tests.limits import COMMAND_S
 
-PROJECT = Path(__file__).resolve().parents[1]
 FLAMBY_SIZES = {
     "cleveland": (199, 104),
     "hungary": (172, 89),

@@ -20,16 +20,15 @@ from common.bundle import load_bundle
 from common.processes import free_port
 from common.signing import load_public_key
 from server.checkpoint import load_checkpoint
+from tests.conftest import HEART
 from tests.installed import fresh_env
 from tests.limits import COMMAND_S, GONE_WITHIN_S, RUN_S, STOP_S
 from tests.test_deploy_e2e import _gone_within, _pids_in, _stop, _wait_for
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS_DEPLOYED = 2  # killed once v0001 is published, resumed for the last round
 ROUNDS = 5
-HEART = ROOT / "configs" / "heart.yaml"
 # two hospitals: every message starts a ClientApp process per hospital (Flower's design, about
 # 4 s of CPU each), and a third checks nothing more about resuming
 HOSPITALS = {"hospital-a": "cleveland", "hospital-b": "hungary"}
@@ -73,7 +72,7 @@ def test_simulate_resumes_after_kill_9(tmp_path: Path, heart_bundle: Path, medfe
     env = {**os.environ, "MEDFED_HOME": str(medfed_home)}
     # enough local work per round that the kill lands mid-run
     args = [sys.executable, "-m", "medfed.cli", "simulate", "--config",
-            str(ROOT / "configs" / "heart.yaml"), "--bundle", str(heart_bundle), "--out",
+            str(HEART), "--bundle", str(heart_bundle), "--out",
             str(run_dir), "--rounds", str(ROUNDS), "--set", "federation.local.steps=2500",
             "--set", "federation.adaptation.enabled=false"]
     log = tmp_path / "first.log"
@@ -145,7 +144,7 @@ def test_server_from_a_non_editable_install_resumes_after_kill_9(tmp_path: Path)
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
                             "import common, server, client; print(common.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
-    assert where.stdout.startswith(str(venv)), where.stdout  # the installed copy, not ROOT
+    assert where.stdout.startswith(str(venv)), where.stdout  # the installed copy, not the checkout
     _installed_federation(venv, work, env)
 
     run_dir = work / "server-run"

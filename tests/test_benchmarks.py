@@ -322,3 +322,22 @@ def test_the_plain_flower_side_trains_every_hospital_every_round(tmp_path: Path)
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert [line["replies"] for line in lines[1:]] == [hospitals] * rounds
     assert all(not r.has_error() for r in grid.received) and len(grid.received) == 6
+
+
+def test_pretraining_sweep_writes_signed_bundles_with_pneumonias_two_classes(
+        tmp_path: Path) -> None:
+    """The sixth BreastMNIST sweep's backbones must load as the product loads a bundle, with
+    PneumoniaMNIST's head (a joint head over RetinaMNIST's grades too is cut back to it)."""
+    from benchmarks import pretrain_sources
+    from common.bundle import load_bundle
+    from common.signing import load_or_create_signing_key
+
+    keys = tmp_path / "signing.key"
+    pretrain_sources.pretrain_variant("simclr-2-retina", tmp_path / "bundle", keys)
+    key, _ = load_or_create_signing_key(keys)
+    bundle = load_bundle(tmp_path / "bundle", key.public_key(), require_signature=True)
+    assert bundle.head["head.weight"].shape[0] == 2
+    assert bundle.manifest["source"] == "benchmarks.pretrain_sources:simclr-2-retina"
+    colour = torch.rand(4, 1, 28, 28).numpy()
+    # grey equal channels stay as they were (the luminance weights sum to 1)
+    assert pretrain_sources.grey(colour.repeat(3, axis=1)) == pytest.approx(colour, abs=1e-6)

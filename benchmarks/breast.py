@@ -116,14 +116,17 @@ def _pooled(model: Any, data: Any, split: str, seed: int) -> dict[str, Any]:
 
 
 def one_run(kind: str, extra: tuple[str, ...], hospitals: int, seed: int,
-            rounds: int | None) -> dict[str, Any]:
-    """One row, one hospital count, one seed: validation and test figures."""
+            rounds: int | None, bundle: Path | None = None) -> dict[str, Any]:
+    """One row, one hospital count, one seed: validation and test figures. The backbone is
+    configs/breast.yaml's pretraining of the row's model, or `bundle` (signed with the key
+    under WORK / "home")."""
     home = WORK / "home"
     cfg = row_config(extra, hospitals, seed)
     if rounds is not None:
         cfg = replace(cfg, federation=replace(cfg.federation, rounds=rounds))
-    source = row_config(extra, hospitals, 0)  # the one pretrained backbone (seed 0)
-    bundle = emulate.bundle_for(source, home / "bundles", home / "signing.key")
+    if bundle is None:
+        source = row_config(extra, hospitals, 0)  # the one pretrained backbone (seed 0)
+        bundle = emulate.bundle_for(source, home / "bundles", home / "signing.key")
     model, stats = emulate.start_model(cfg, bundle, home / "signing.key",
                                        pretrained="scratch" not in kind)
     data = load_federated(cfg.federation.data, stats, seed=cfg.seed)
@@ -187,7 +190,7 @@ def real_runs(head: dict[str, Any]) -> list[dict[str, Any]]:
     return runs
 
 
-def _one_thread() -> None:
+def one_thread() -> None:
     # one thread per process, as a Ray-simulated node gets: on a shared 2-core machine torch's
     # default (2 threads each) ran the CNN 10x slower per step than one thread did
     torch.set_num_threads(1)
@@ -254,7 +257,7 @@ def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None 
             emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
                                WORK / "home" / "signing.key")
     # runs are independently seeded: the same figures for any number of worker processes
-    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=_one_thread) as pool:
+    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=one_thread) as pool:
         done = dict(zip(jobs, pool.starmap(one_run, jobs), strict=True))
     out = []
     for key, label, kind, extra in rows:

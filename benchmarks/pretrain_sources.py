@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import breast, emulate
+from benchmarks import breast
 from benchmarks.util import RESULTS, WORK, machine
 from common.augment import augment_batch
 from common.bundle import write_bundle
@@ -102,10 +102,10 @@ def simclr(model: SplitModel, x: np.ndarray, steps: int, seed: int, batch: int =
     model.eval()
 
 
-def pretrain_variant(variant: str, out: Path, key_file: Path = HOME / "home" / "signing.key"
+def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "signing.key"
                      ) -> None:
-    """Write the signed bundle of one variant (seed 0, as benchmarks.breast pretrains);
-    :func:`benchmarks.breast.one_run` checks it with the key under ``breast.WORK / "home"``."""
+    """Write the signed bundle of one variant (seed 0, as benchmarks.breast pretrains),
+    signed with the key :func:`benchmarks.breast.one_run` checks it with."""
     cfg = breast.row_config(HEADLINE, 5, 0)
     seed_everything(cfg.seed)
     spec, (pneumonia,) = load_medmnist_sites("pneumonia")
@@ -150,21 +150,15 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = HOME / "home" / "
                  replace=True)
 
 
-def _worker(bundle: str) -> None:
-    torch.set_num_threads(1)
-    breast.WORK = HOME  # one_run's signing key and scratch
-    emulate.bundle_for = lambda cfg, root, keys: Path(bundle)
-
-
 def run_variant(variant: str, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
     """Pretrain (once) and run the headline row over `seeds`; validation AUC only."""
     bundle = HOME / "bundles" / variant
     started = time.time()
     if not (bundle / "manifest.sig").exists():
         pretrain_variant(variant, bundle)
-    jobs = [("fed", HEADLINE, 5, s, None) for s in seeds]
+    jobs = [("fed", HEADLINE, 5, s, None, bundle) for s in seeds]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(breast.WORKERS, initializer=_worker, initargs=(str(bundle),)) as pool:
+    with ctx.Pool(breast.WORKERS, initializer=breast.one_thread) as pool:
         runs = pool.starmap(breast.one_run, jobs)
     return {"variant": variant, "seeds": list(seeds),
             "validation_auc_pooled": [round(r["validation"]["auc"], 4) for r in runs],

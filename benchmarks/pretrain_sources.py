@@ -5,7 +5,8 @@ rounds, 160 rounds, 5 hospitals) is run from backbones pretrained in other ways 
 configs/breast.yaml's supervised PneumoniaMNIST recipe, on the shipped sets other than the
 target (PneumoniaMNIST, and RetinaMNIST's fundus photographs in grey):
 
-- ``pneumonia``: configs/breast.yaml's recipe, the control (run here on the same machine);
+- ``pneumonia``: configs/breast.yaml's recipe by the product's own pretraining function, the
+  control (run here on the same machine);
 - ``pneumonia+retina``: supervised on both at once, one head over their 2 + 5 classes;
 - ``simclr-N[-retina][+supervised]``: contrastive self-supervision (SimCLR's loss on two
   augmented views of each image) for N steps, then a PneumoniaMNIST head on the frozen
@@ -44,6 +45,7 @@ from common.data.preprocess import SiteStats
 from common.device import seed_everything
 from common.manifest import json_metrics, make_manifest
 from common.models import SplitModel, build_model, model_args, set_trainable, split_state
+from common.pretrain import pretrain
 from common.signing import load_or_create_signing_key
 from common.training import evaluate, train_local
 
@@ -107,6 +109,10 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
     """Write the signed bundle of one variant (seed 0, as benchmarks.breast pretrains),
     signed with the key :func:`benchmarks.breast.one_run` checks it with."""
     cfg = breast.row_config(HEADLINE, 5, 0)
+    key, _ = load_or_create_signing_key(key_file)
+    if variant == "pneumonia":  # the control: what `medfed pretrain` writes for the config
+        pretrain(cfg, out, key, replace=True)
+        return
     seed_everything(cfg.seed)
     spec, (pneumonia,) = load_medmnist_sites("pneumonia")
     xs, ys, classes = [pneumonia.x_train], [pneumonia.y_train], 2
@@ -129,7 +135,7 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
         train_local(model, ours, pneumonia.y_train, optim, "head", CPU, cfg.seed)
         if variant.endswith("+supervised"):
             train_local(model, ours, pneumonia.y_train, optim, "all", CPU, cfg.seed)
-    elif variant in ("pneumonia", "pneumonia+retina"):
+    elif variant == "pneumonia+retina":
         train_local(model, x, y, optim, "all", CPU, cfg.seed)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -145,7 +151,6 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
         cfg, spec, stats, model_args("cnn", spec.input_shape, 2, cfg.model), version=0,
         round_num=0, strategy=None, metrics=json_metrics(metrics), sites=[],
         source=f"benchmarks.pretrain_sources:{variant}")
-    key, _ = load_or_create_signing_key(key_file)
     write_bundle(out, backbone=backbone, head=head, manifest=manifest, signing_key=key,
                  replace=True)
 

@@ -214,7 +214,22 @@ def _kept(stored: dict[str, dict[str, Any]], key: str, extra: tuple[str, ...], h
     if old is None or old["overrides"] != list(extra) or str(hospitals) not in old:
         return None
     summary: dict[str, Any] = old[str(hospitals)]
-    return summary if summary["seeds"] == list(seeds) and current(old, hospitals) else None
+    same_backbone = summary.get("pretrain", {}).get("tag") == pretrain_of(extra)["tag"]
+    return (summary if summary["seeds"] == list(seeds) and current(old, hospitals)
+            and same_backbone else None)
+
+
+def pretrain_of(extra: tuple[str, ...]) -> dict[str, str]:
+    """The pretraining recipe behind a row's runs: its bundle's tag and a few words. A row
+    pretrained otherwise (the recipe changed in configs/breast.yaml) is stale."""
+    cfg = row_config(extra, HOSPITALS[0], 0)
+    pre = cfg.pretrain
+    sets = "+".join([pre.data.medmnist, *pre.contrastive.also_medmnist]
+                    if pre.objective == "simclr" else [pre.data.medmnist])
+    how = (f"simclr {pre.contrastive.steps} steps on {sets}, then the head"
+           if pre.objective == "simclr" else f"supervised on {sets}")
+    return {"tag": emulate.pretrain_tag(cfg),
+            "recipe": f"{how} ({pre.optim.epochs} epochs), {cfg.model.family}"}
 
 
 def current(row: dict[str, Any], hospitals: int) -> bool:
@@ -284,6 +299,7 @@ def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None 
                 "site_test_auc": over_seeds(r["site_test_auc"] for r in runs),
                 "versions": [r["version"] for r in runs], "train_rows": runs[0]["train_rows"],
                 "seeds": list(seeds), "aggregation": emulate.AGGREGATION,
+                "pretrain": pretrain_of(extra),
                 # float kernels may differ between CPU types: figures are repeatable on one
                 "cpu": machine()["cpu"]}
             print(f"  breast {key} x{k}: validation AUC {fmt(row[str(k)]['validation_auc'])}",
@@ -400,6 +416,11 @@ def markdown(res: dict[str, Any]) -> str:
         "balanced accuracy, sensitivity (malignant images called malignant) and specificity "
         "at the global model's default threshold 0.5, mean ± std over seeds.",
     ]
+    recipes = sorted({part["pretrain"]["recipe"] for r in res["rows"] for k in res["hospitals"]
+                      if (part := r.get(str(k))) and "pretrain" in part})
+    if recipes:
+        parts.append("Pretrained backbones (seed 0; the from-scratch rows use their bundle's "
+                     f"normalisation only): {'; '.join(recipes)}.")
     header = ["configuration", "validation AUC (chooses)", "test AUC [95% CI]",
               "test balanced acc", "test sensitivity", "test specificity"]
     stale = False

@@ -57,12 +57,16 @@ State = dict[str, torch.Tensor]
 AGGREGATION = "flwr-1.42-exact"
 
 
-def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
-    """Pretrain once per (seed, pretrain + model config) into `root`; reuse afterwards."""
+def pretrain_tag(cfg: Config) -> str:
+    """A short hash of what decides a pretrained bundle: the pretrain and model sections."""
     # pretraining always trains every tensor: `trainable` does not change the bundle
     model_cfg = replace(cfg.model, trainable="all")
-    tag = hashlib.sha256(repr((cfg.pretrain, model_cfg)).encode()).hexdigest()[:10]
-    out = root / f"pretrain-seed{cfg.seed}-{tag}"
+    return hashlib.sha256(repr((cfg.pretrain, model_cfg)).encode()).hexdigest()[:10]
+
+
+def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
+    """Pretrain once per (seed, pretrain + model config) into `root`; reuse afterwards."""
+    out = root / f"pretrain-seed{cfg.seed}-{pretrain_tag(cfg)}"
     if not (out / "manifest.sig").exists():
         key, _ = load_or_create_signing_key(keys)
         pretrain(cfg, out, key, replace=True)

@@ -10,7 +10,11 @@ target (PneumoniaMNIST, and RetinaMNIST's fundus photographs in grey):
 - ``pneumonia+retina``: supervised on both at once, one head over their 2 + 5 classes;
 - ``simclr-N[-retina][+supervised]``: contrastive self-supervision (SimCLR's loss on two
   augmented views of each image) for N steps, then a PneumoniaMNIST head on the frozen
-  features, and with ``+supervised`` PneumoniaMNIST's supervised recipe on top.
+  features, and with ``+supervised`` PneumoniaMNIST's supervised recipe on top (prototypes
+  of the contrastive recipe, written here);
+- ``medfed-simclr-3000-retina``: the rule's pick as ``medfed pretrain`` runs it
+  (``pretrain.objective: simclr``, common/contrastive.py), which decides adoption: the
+  product's recipe is what configs/breast.yaml would name.
 
 Every bundle keeps PneumoniaMNIST's two-class head, as the product's pretraining writes it;
 the federated runs reset the head anyway (``federation.reset_head``). A variant would replace
@@ -33,18 +37,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks import breast
 from benchmarks.util import RESULTS, WORK, machine
-from common.augment import augment_batch
 from common.bundle import write_bundle
+from common.config import ContrastiveConfig
+from common.contrastive import simclr, to_channels
 from common.data.medmnist import load_medmnist_sites
 from common.data.preprocess import SiteStats
 from common.device import seed_everything
 from common.manifest import json_metrics, make_manifest
-from common.models import SplitModel, build_model, model_args, set_trainable, split_state
+from common.models import build_model, model_args, set_trainable, split_state
 from common.pretrain import pretrain
 from common.signing import load_or_create_signing_key
 from common.training import evaluate, train_local
@@ -52,73 +56,37 @@ from common.training import evaluate, train_local
 HEADLINE = ("model.family=cnn", "model.trainable=all", "federation.rounds=160",
             "federation.head_warmup_rounds=10")
 SEEDS = (0, 1, 2)
+# variants that are product recipes: medfed's own pretraining with these config keys
+SUPERVISED = ("pretrain.objective=supervised", "pretrain.contrastive.also_medmnist=[]")
+PRODUCT = {
+    "pneumonia": SUPERVISED,  # configs/breast.yaml's recipe until the sixth sweep
+    # the rule's pick as `medfed pretrain` does it (pretrain.objective: simclr): the sweep's
+    # prototype built its model with a 7-output head, which shifted the random draws
+    "medfed-simclr-3000-retina": ("pretrain.objective=simclr",
+                                  "pretrain.contrastive.steps=3000",
+                                  "pretrain.contrastive.also_medmnist=[retina]"),
+}
 SWEEP = RESULTS / "breast_sweep.json"
 HOME = WORK / "pretrain-sources"
 CPU = torch.device("cpu")
-
-
-def grey(x: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) colour images in [0, 1] -> (N, 1, H, W) luminance (ITU-R BT.601)."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].astype(np.float32)
-
-
-def two_views(x: Tensor, g: torch.Generator) -> Tensor:
-    """A random view of each image: resized crop (0.55-1 of the side), flip, contrast,
-    brightness and noise; stronger than local training's augmentation, as contrastive
-    learning needs views that differ in more than a 2-pixel shift."""
-    n = x.shape[0]
-    side = 0.55 + 0.45 * torch.rand(n, generator=g)
-    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - side)
-    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - side)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = side, side, cx, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = augment_batch(x, ("flip", "intensity"), g)
-    return (x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
-            + 0.1 * torch.randn(x.shape, generator=g))
-
-
-def simclr(model: SplitModel, x: np.ndarray, steps: int, seed: int, batch: int = 256,
-           lr: float = 0.002, temperature: float = 0.2) -> None:
-    """Train the backbone with SimCLR's NT-Xent loss through a 64-32 projection."""
-    g = torch.Generator().manual_seed(seed)
-    proj = nn.Sequential(nn.Linear(model.feature_dim, 64), nn.ReLU(), nn.Linear(64, 32))
-    opt = torch.optim.Adam([*model.backbone.parameters(), *proj.parameters()], lr=lr)
-    images = torch.as_tensor(x)
-    # each view's positive is the other view of its image
-    target = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)])
-    model.train()
-    for step in range(steps):
-        b = images[torch.randint(0, len(images), (batch,), generator=g)]
-        z = F.normalize(proj(model.features(torch.cat([two_views(b, g), two_views(b, g)]))),
-                        dim=1)
-        sim = z @ z.T / temperature
-        sim.fill_diagonal_(-1e9)
-        loss = F.cross_entropy(sim, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 500 == 0 or step == steps - 1:
-            print(f"  simclr step {step}: loss {loss.item():.3f}", flush=True)
-    model.eval()
 
 
 def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "signing.key"
                      ) -> None:
     """Write the signed bundle of one variant (seed 0, as benchmarks.breast pretrains),
     signed with the key :func:`benchmarks.breast.one_run` checks it with."""
-    cfg = breast.row_config(HEADLINE, 5, 0)
     key, _ = load_or_create_signing_key(key_file)
-    if variant == "pneumonia":  # the control: what `medfed pretrain` writes for the config
-        pretrain(cfg, out, key, replace=True)
+    if variant in PRODUCT:  # what `medfed pretrain` writes for the config with these keys
+        pretrain(breast.row_config((*HEADLINE, *PRODUCT[variant]), 5, 0), out, key,
+                 replace=True)
         return
+    cfg = breast.row_config((*HEADLINE, *PRODUCT["pneumonia"]), 5, 0)
     seed_everything(cfg.seed)
     spec, (pneumonia,) = load_medmnist_sites("pneumonia")
     xs, ys, classes = [pneumonia.x_train], [pneumonia.y_train], 2
     if "retina" in variant:
         _, (retina,) = load_medmnist_sites("retina")
-        xs.append(grey(retina.x_train))
+        xs.append(to_channels(retina.x_train, 1, "RetinaMNIST"))
         ys.append(retina.y_train + 2)  # RetinaMNIST's 5 grades after pneumonia's 2 classes
         classes = 7
     x_raw = np.concatenate(xs)
@@ -129,7 +97,7 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
     optim = cfg.pretrain.optim
     if variant.startswith("simclr-"):
         steps = int(variant.split("-")[1].split("+")[0])
-        simclr(model, x, steps, cfg.seed)
+        simclr(model, x, ContrastiveConfig(steps=steps), cfg.seed, CPU)
         ours = x[: len(pneumonia.y_train)]
         model.head = nn.Linear(model.feature_dim, classes)
         train_local(model, ours, pneumonia.y_train, optim, "head", CPU, cfg.seed)
@@ -205,6 +173,9 @@ def main(variants: list[str], seeds: tuple[int, ...] = SEEDS) -> None:
         means = {r["variant"]: r["mean"] for r in record["runs"]}
         record["three_seed_means"] = means
         record["rule_picks"] = max(means, key=means.__getitem__) if means else None
+        # what configs/breast.yaml can name: the recipes medfed's own pretraining runs
+        ours = {v: m for v, m in means.items() if v in PRODUCT}
+        record["rule_picks_among_medfed_recipes"] = max(ours, key=ours.__getitem__)
         record["machine"] = machine()
         SWEEP.write_text(json.dumps(sweep, indent=2) + "\n", encoding="utf-8")
 

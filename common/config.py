@@ -109,12 +109,34 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class ContrastiveConfig:
+    """The self-supervised stage of ``pretrain.objective: simclr`` (common/contrastive.py).
+
+    The backbone learns from two random views of each image (SimCLR's NT-Xent loss through a
+    small projection), on the source's training images and those of `also_medmnist` (labels
+    unused); then the head is fitted on the source's labels with the backbone frozen.
+    """
+
+    steps: int = 3000  # optimiser steps of the contrastive stage
+    batch_size: int = 256  # images per step (each gives two views)
+    lr: float = 0.002  # Adam
+    temperature: float = 0.2
+    # other shipped MedMNIST sets whose train-split images join the contrastive stage, in the
+    # source's channels (colour to grey by luminance); never the federation's own set
+    also_medmnist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Central training of backbone + head on the source dataset."""
 
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "train"  # which split of the listed sites to train on
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, epochs=60))
+    # supervised: backbone + head on the source's labels (optim); simclr: the contrastive
+    # stage first, then the head alone on the source's labels (optim)
+    objective: str = "supervised"
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 @dataclass(frozen=True)

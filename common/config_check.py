@@ -19,6 +19,7 @@ from typing import Any
 from common.augment import parse_augment
 from common.config import Config, ConfigError, PrivacyConfig, StrategyConfig, read_config
 from common.data.federated import check_data_config, data_key_prefix
+from common.data.medmnist import DATASETS as MEDMNIST_SETS
 from common.data.partition import parse_partition
 from common.data.schema import DataError
 from common.device import DEVICE_NAMES
@@ -84,6 +85,10 @@ RANGES: dict[str, Range] = {
     **{f"{data}.split_seed": SEED for data in ("pretrain.data", "federation.data")},
     **{f"{optim}.{key}": bound for optim in ("pretrain.optim", "federation.local")
        for key, bound in _OPTIM.items()},
+    "pretrain.contrastive.steps": COUNT,
+    "pretrain.contrastive.batch_size": (2, True, None, False),  # each view needs a negative
+    "pretrain.contrastive.lr": POSITIVE,
+    "pretrain.contrastive.temperature": POSITIVE,
     "federation.rounds": COUNT,
     "federation.head_warmup_rounds": NON_NEGATIVE,
     "federation.strategy.fraction_train": SAMPLED,
@@ -288,6 +293,7 @@ def check_config(cfg: Config) -> None:
         except ValueError as err:
             raise ConfigError(f"config key '{key}.augment': {err}") from err
         _one_of(f"{key}.loss", optim.loss, LOSSES)
+    _check_pretrain(cfg)
     check_numbers(cfg)
     check_privacy(cfg.federation.privacy, cfg.federation.strategy.name)
     _check_federation(cfg)
@@ -296,6 +302,35 @@ def check_config(cfg: Config) -> None:
             f"config key 'federation.strategy.name' must be one of {', '.join(STRATEGY_NAMES)}, "
             f"got {cfg.federation.strategy.name!r}"
         )
+
+
+PRETRAIN_OBJECTIVES = ("supervised", "simclr")  # common/pretrain.py
+
+
+def _check_pretrain(cfg: Config) -> None:
+    """The objective, and the extra sets of the contrastive stage: shipped MedMNIST sets other
+    than the source and never the federation's own (its hospitals' images stay with them)."""
+    pre = cfg.pretrain
+    _one_of("pretrain.objective", pre.objective, PRETRAIN_OBJECTIVES)
+    also = pre.contrastive.also_medmnist
+    if pre.objective != "simclr":
+        if also:
+            raise ConfigError("config key 'pretrain.contrastive.also_medmnist' is used only by "
+                              "pretrain.objective simclr, which is not set")
+        return
+    if pre.data.source != "medmnist":
+        raise ConfigError(f"config key 'pretrain.objective' simclr needs images (pretrain.data."
+                          f"source medmnist), got source {pre.data.source!r}")
+    own = cfg.federation.data.medmnist if cfg.federation.data.source == "medmnist" else None
+    for i, name in enumerate(also):
+        key = f"pretrain.contrastive.also_medmnist[{i}]"
+        _one_of(key, name, MEDMNIST_SETS)
+        if name == own:
+            raise ConfigError(f"config key {key!r} names {name!r}, the federation's own set: "
+                              "its hospitals' images must not be pooled for pretraining")
+        if name == pre.data.medmnist or name in also[:i]:
+            raise ConfigError(f"config key {key!r} names {name!r} twice (the source is "
+                              f"{pre.data.medmnist!r})")
 
 
 def _check_federation(cfg: Config) -> None:

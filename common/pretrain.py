@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from torch import nn
 
 from common.bundle import write_bundle
 from common.config import Config, DataConfig
+from common.contrastive import simclr, to_channels
 from common.data.federated import data_key_prefix, natural_sites
+from common.data.medmnist import load_medmnist_sites
 from common.data.preprocess import SiteStats
 from common.data.schema import DataError
 from common.data.splits import TEST_LABEL, DataSpec, SiteSplit
@@ -75,6 +78,37 @@ def _check_classes(y: np.ndarray, spec: DataSpec, source: DataConfig, split: str
     )
 
 
+def contrastive_images(cfg: Config, spec: DataSpec) -> list[np.ndarray]:
+    """Raw train-split images of ``pretrain.contrastive.also_medmnist``, in the source's
+    channels (an empty list unless the objective is simclr)."""
+    if cfg.pretrain.objective != "simclr":
+        return []
+    out = []
+    for i, name in enumerate(cfg.pretrain.contrastive.also_medmnist):
+        where = f"config key 'pretrain.contrastive.also_medmnist[{i}]' ({name})"
+        _, (site,) = load_medmnist_sites(name)
+        try:
+            images = to_channels(site.x_train, spec.input_shape[0], where)
+        except ValueError as err:
+            raise DataError(str(err)) from err
+        if images.shape[1:] != tuple(spec.input_shape):
+            raise DataError(f"{where}: images of shape {list(images.shape[1:])} cannot join "
+                            f"the source's {list(spec.input_shape)}")
+        out.append(images)
+    return out
+
+
+def source_name(cfg: Config, data: SourceData) -> str:
+    """What the backbone learnt from, e.g. `medmnist/pneumonia:all:train` or, by SimCLR,
+    `medmnist/pneumonia:all:train+simclr(medmnist/retina:train:grey)` (a model card says)."""
+    name = data.name(cfg.pretrain.data)
+    if cfg.pretrain.objective != "simclr":
+        return name
+    grey = ":grey" if data.spec.input_shape[0] == 1 else ""
+    also = ",".join(f"medmnist/{n}:train{grey}" for n in cfg.pretrain.contrastive.also_medmnist)
+    return f"{name}+simclr" + (f"({also})" if also else "")
+
+
 def pretrain(
     cfg: Config, out: Path, signing_key: Ed25519PrivateKey, replace: bool = False,
     data: SourceData | None = None,
@@ -86,17 +120,28 @@ def pretrain(
     `source-validation` check uses it). Returns the written manifest.
     """
     data = data or load_source(cfg)
+    extra = contrastive_images(cfg, data.spec)  # read (and checked) before any training
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     spec = data.spec
     x_raw, y = data.pooled(data.split)
-    stats = SiteStats.fit(x_raw, spec.schema, where=f"pretraining {data.split} split")
+    # the statistics the bundle carries are those of every image the backbone learnt from
+    stats = SiteStats.fit(np.concatenate([x_raw, *extra]) if extra else x_raw, spec.schema,
+                          where=f"pretraining {data.split} split")
     x = stats.apply(x_raw)
 
     args = model_args(cfg.model.family, spec.input_shape, spec.num_classes, cfg.model)
     model = build_model(cfg.model.family, spec.input_shape, spec.num_classes, cfg.model)
     set_trainable(model, "all")
-    result = train_local(model, x, y, cfg.pretrain.optim, "all", device, cfg.seed)
+    if cfg.pretrain.objective == "simclr":
+        images = np.concatenate([x, *(stats.apply(e) for e in extra)]) if extra else x
+        loss = simclr(model, images, cfg.pretrain.contrastive, cfg.seed, device)
+        log.info("contrastive stage on %d images: final loss %.4f", len(images), loss)
+        # a fresh head on the learnt features, fitted alone: the labels must not reshape them
+        model.head = nn.Linear(model.feature_dim, spec.num_classes)
+        result = train_local(model, x, y, cfg.pretrain.optim, "head", device, cfg.seed)
+    else:
+        result = train_local(model, x, y, cfg.pretrain.optim, "all", device, cfg.seed)
     log.info("pretrained on %d examples: final loss %.4f", result.num_examples, result.loss)
 
     metrics: dict[str, Any] = {}
@@ -110,7 +155,7 @@ def pretrain(
     backbone, head = split_state(model)
     manifest = make_manifest(
         cfg, spec, stats, args, version=0, round_num=0, strategy=None,
-        metrics=json_metrics(metrics), sites=[], source=data.name(cfg.pretrain.data),
+        metrics=json_metrics(metrics), sites=[], source=source_name(cfg, data),
     )
     return write_bundle(
         out, backbone=backbone, head=head, manifest=manifest, signing_key=signing_key,

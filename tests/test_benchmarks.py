@@ -255,12 +255,17 @@ def test_adding_a_row_runs_only_the_hospital_counts_not_stored_for_its_settings(
     key, label, kind, extra = next(r for r in breast.ROWS if r[0] == "cnn-all-160")
     row = ((key, label, kind, extra),)
     seeds = list(breast.SEEDS_BY_HOSPITALS[5])
-    now = {"seeds": seeds, "aggregation": emulate.AGGREGATION}
+    now = {"seeds": seeds, "aggregation": emulate.AGGREGATION,
+           "pretrain": breast.pretrain_of(extra)}
     stored = {key: {"key": key, "kind": kind, "overrides": list(extra), "5": now}}
     runs = breast._jobs(row, quick=False, stored=stored)
     assert {(k, s) for _, _, k, s, _ in runs} == {(20, s) for s in breast.SEEDS_BY_HOSPITALS[20]}
+    other_recipe = breast.pretrain_of((*extra, "pretrain.objective=simclr"))
+    assert other_recipe["recipe"] != now["pretrain"]["recipe"]
     for changed in ({"overrides": [*extra, "federation.local.lr=0.5"]},
                     {"5": {**now, "seeds": seeds[:1]}},
+                    # configs/breast.yaml's pretraining changed since the row ran
+                    {"5": {**now, "pretrain": other_recipe}},
                     {"5": {"seeds": seeds}}):  # computed before the emulation was exact
         runs = breast._jobs(row, quick=False, stored={key: {**stored[key], **changed}})
         assert sorted({k for _, _, k, _, _ in runs}) == [5, 20]
@@ -330,6 +335,7 @@ def test_pretraining_sweep_writes_signed_bundles_with_pneumonias_two_classes(
     PneumoniaMNIST's head (a joint head over RetinaMNIST's grades too is cut back to it)."""
     from benchmarks import pretrain_sources
     from common.bundle import load_bundle
+    from common.contrastive import to_channels
     from common.signing import load_or_create_signing_key
 
     keys = tmp_path / "signing.key"
@@ -338,6 +344,6 @@ def test_pretraining_sweep_writes_signed_bundles_with_pneumonias_two_classes(
     bundle = load_bundle(tmp_path / "bundle", key.public_key(), require_signature=True)
     assert bundle.head["head.weight"].shape[0] == 2
     assert bundle.manifest["source"] == "benchmarks.pretrain_sources:simclr-2-retina"
-    colour = torch.rand(4, 1, 28, 28).numpy()
+    grey = torch.rand(4, 1, 28, 28).numpy()
     # grey equal channels stay as they were (the luminance weights sum to 1)
-    assert pretrain_sources.grey(colour.repeat(3, axis=1)) == pytest.approx(colour, abs=1e-6)
+    assert to_channels(grey.repeat(3, axis=1), 1, "test") == pytest.approx(grey, abs=1e-6)

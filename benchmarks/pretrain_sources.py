@@ -41,7 +41,7 @@ from torch import nn
 
 from benchmarks import breast
 from benchmarks.util import RESULTS, WORK, machine
-from common.bundle import write_bundle
+from common.bundle import BundleError, load_bundle, write_bundle
 from common.config import ContrastiveConfig
 from common.contrastive import simclr, to_channels
 from common.data.medmnist import load_medmnist_sites
@@ -123,11 +123,25 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
                  replace=True)
 
 
+def _signed_by_the_bench_key(bundle: Path) -> bool:
+    """Whether a cached bundle is complete and signed with the key the runs check it with
+    (a bundle left by an interrupted run, or signed by an older key, is pretrained again)."""
+    key_file = WORK / "home" / "signing.key"
+    if not (bundle / "manifest.sig").exists() or not key_file.exists():
+        return False
+    key, _ = load_or_create_signing_key(key_file)
+    try:
+        load_bundle(bundle, key.public_key(), require_signature=True)
+    except BundleError:
+        return False
+    return True
+
+
 def run_variant(variant: str, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
     """Pretrain (once) and run the headline row over `seeds`; validation AUC only."""
     bundle = HOME / "bundles" / variant
     started = time.time()
-    if not (bundle / "manifest.sig").exists():
+    if not _signed_by_the_bench_key(bundle):
         pretrain_variant(variant, bundle)
     jobs = [("fed", HEADLINE, 5, s, None, bundle) for s in seeds]
     ctx = multiprocessing.get_context("spawn")

@@ -189,7 +189,8 @@ def main(variants: list[str], seeds: tuple[int, ...] = SEEDS) -> None:
         record["rule_picks"] = max(means, key=means.__getitem__) if means else None
         # what configs/breast.yaml can name: the recipes medfed's own pretraining runs
         ours = {v: m for v, m in means.items() if v in PRODUCT}
-        record["rule_picks_among_medfed_recipes"] = max(ours, key=ours.__getitem__)
+        record["rule_picks_among_medfed_recipes"] = (max(ours, key=ours.__getitem__)
+                                                     if ours else None)
         record["machine"] = machine()
         SWEEP.write_text(json.dumps(sweep, indent=2) + "\n", encoding="utf-8")
 

@@ -59,7 +59,7 @@ SEEDS = (0, 1, 2)
 # variants that are product recipes: medfed's own pretraining with these config keys
 SUPERVISED = ("pretrain.objective=supervised", "pretrain.contrastive.also_medmnist=[]")
 PRODUCT = {
-    "pneumonia": SUPERVISED,  # configs/breast.yaml's recipe until the sixth sweep
+    "pneumonia": SUPERVISED,  # configs/breast.yaml's recipe: the control
     # the rule's pick as `medfed pretrain` does it (pretrain.objective: simclr): the sweep's
     # prototype built its model with a 7-output head, which shifted the random draws
     "medfed-simclr-3000-retina": ("pretrain.objective=simclr",

@@ -15,7 +15,7 @@ from common.bundle import write_bundle
 from common.config import Config, DataConfig
 from common.contrastive import simclr, to_channels
 from common.data.federated import data_key_prefix, natural_sites
-from common.data.medmnist import load_medmnist_sites
+from common.data.medmnist import load_medmnist_split
 from common.data.preprocess import SiteStats
 from common.data.schema import DataError
 from common.data.splits import TEST_LABEL, DataSpec, SiteSplit
@@ -86,9 +86,9 @@ def contrastive_images(cfg: Config, spec: DataSpec) -> list[np.ndarray]:
     out = []
     for i, name in enumerate(cfg.pretrain.contrastive.also_medmnist):
         where = f"config key 'pretrain.contrastive.also_medmnist[{i}]' ({name})"
-        _, (site,) = load_medmnist_sites(name)
+        x_train, _, _ = load_medmnist_split(name, "train")  # labels unused
         try:
-            images = to_channels(site.x_train, spec.input_shape[0], where)
+            images = to_channels(x_train, spec.input_shape[0], where)
         except ValueError as err:
             raise DataError(str(err)) from err
         if images.shape[1:] != tuple(spec.input_shape):

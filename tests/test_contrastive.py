@@ -143,17 +143,14 @@ def test_a_set_of_another_image_size_is_refused_before_training(tmp_path: Path, 
                                                                 monkeypatch) -> None:
     import common.pretrain as module
 
-    real = module.load_medmnist_sites
+    real = module.load_medmnist_split
 
-    def bigger(name: str):  # a 64x64 edition of RetinaMNIST, as MedMNIST+ ships
-        spec, (site,) = real(name)
-        if name == "retina":
-            site = type(site)(site.name, np.zeros((3, 3, 64, 64), np.float32),
-                              site.y_train[:3], site.x_val, site.y_val, site.x_test,
-                              site.y_test)
-        return spec, [site]
+    def bigger(name: str, split: str):  # a 64x64 edition of RetinaMNIST, as MedMNIST+ ships
+        x, y, spec = real(name, split)
+        return (np.zeros((3, 3, 64, 64), np.float32), y[:3], spec) if name == "retina" else \
+            (x, y, spec)
 
-    monkeypatch.setattr(module, "load_medmnist_sites", bigger)
+    monkeypatch.setattr(module, "load_medmnist_split", bigger)
     cfg = load_config(BREAST, [*SMALL, "pretrain.contrastive.also_medmnist=[retina]"])
     with pytest.raises(DataError, match=r"also_medmnist\[0\]' \(retina\): images of shape "
                                         r"\[1, 64, 64\] cannot join the source's \[1, 28, 28\]"):

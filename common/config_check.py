@@ -328,9 +328,11 @@ def _check_pretrain(cfg: Config) -> None:
         if name == own:
             raise ConfigError(f"config key {key!r} names {name!r}, the federation's own set: "
                               "its hospitals' images must not be pooled for pretraining")
-        if name == pre.data.medmnist or name in also[:i]:
-            raise ConfigError(f"config key {key!r} names {name!r} twice (the source is "
-                              f"{pre.data.medmnist!r})")
+        if name == pre.data.medmnist:
+            raise ConfigError(f"config key {key!r} names {name!r}, pretrain.data's own set: "
+                              "its images are in the contrastive stage already")
+        if name in also[:i]:
+            raise ConfigError(f"config key {key!r} names {name!r} a second time")
 
 
 def _check_federation(cfg: Config) -> None:

@@ -15,7 +15,7 @@ from common.bundle import write_bundle
 from common.config import Config, DataConfig
 from common.contrastive import simclr, to_channels
 from common.data.federated import data_key_prefix, natural_sites
-from common.data.medmnist import load_medmnist_split
+from common.data.medmnist import DATASETS, load_medmnist_split
 from common.data.preprocess import SiteStats
 from common.data.schema import DataError
 from common.data.splits import TEST_LABEL, DataSpec, SiteSplit
@@ -104,8 +104,15 @@ def source_name(cfg: Config, data: SourceData) -> str:
     name = data.name(cfg.pretrain.data)
     if cfg.pretrain.objective != "simclr":
         return name
-    grey = ":grey" if data.spec.input_shape[0] == 1 else ""
-    also = ",".join(f"medmnist/{n}:train{grey}" for n in cfg.pretrain.contrastive.also_medmnist)
+    channels = data.spec.input_shape[0]
+
+    def converted(name: str) -> str:  # the set's own channels, or what they became
+        if DATASETS[name][2] == channels:
+            return ""
+        return ":grey" if channels == 1 else f":{channels}-channel"
+
+    also = ",".join(f"medmnist/{n}:train{converted(n)}"
+                    for n in cfg.pretrain.contrastive.also_medmnist)
     return f"{name}+simclr" + (f"({also})" if also else "")
 
 

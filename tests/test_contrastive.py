@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_pretraining_by_simclr_records_its_recipe_and_the_images_it_learnt_from(
     assert not np.allclose(mean, [pneumonia.x_train.mean()], atol=1e-3)
     bundle = load_bundle(tmp_path / "b", signing_key.public_key(), require_signature=True)
     assert bundle.manifest["labels"] == ["normal", "pneumonia"]  # the head: source classes
+
+
+def test_the_source_names_each_set_and_the_conversion_it_went_through() -> None:
+    from common.pretrain import SourceData, source_name
+
+    def named(source: str, also: str, shape: tuple[int, ...]) -> str:
+        cfg = load_config(BREAST, [*SMALL, f"pretrain.data.medmnist={source}",
+                                   f"pretrain.contrastive.also_medmnist=[{also}]",
+                                   "federation.data.medmnist=pneumonia" if "breast" in also
+                                   else "federation.data.medmnist=breast"])
+        spec = types.SimpleNamespace(input_shape=shape)
+        site = types.SimpleNamespace(name="all")
+        return source_name(cfg, SourceData(spec, (site,), "train"))  # type: ignore[arg-type]
+
+    assert named("retina", "breast", (3, 28, 28)) == (
+        "medmnist/retina:all:train+simclr(medmnist/breast:train:3-channel)")
+    assert named("pneumonia", "retina", (1, 28, 28)) == (
+        "medmnist/pneumonia:all:train+simclr(medmnist/retina:train:grey)")
 
 
 def test_supervised_pretraining_is_unchanged_by_the_contrastive_keys(tmp_path: Path,

@@ -391,6 +391,78 @@ def add_rows(keys: list[str], path: Path, only: tuple[int, ...] | None = None
     return out
 
 
+def seed_check(keys: list[str], seeds: tuple[int, ...], path: Path) -> dict[str, Any]:
+    """The stored full result at `path` plus `more_seeds`: rows `keys` at 5 hospitals over
+    `seeds`, all run here on one machine. Kept apart from the rows: it chooses nothing (the
+    headline and the gain stay those of :func:`_finish`); it shows how far the seeds move the
+    headline row's figures and its gain over the scratch row (`keys`: those two)."""
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    chosen = [r for r in ROWS if r[0] in keys]
+    if len(chosen) != len(keys) or stored.get("quick"):
+        raise SystemExit(f"unknown row in {keys} (choose from {[r[0] for r in ROWS]})")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    for _, _, _, extra in chosen:  # pretrain once, before the workers share the bundle
+        emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
+                           WORK / "home" / "signing.key")
+    jobs = [(kind, extra, 5, s, None) for _, _, kind, extra in chosen for s in seeds]
+    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=one_thread) as pool:
+        runs = dict(zip(jobs, pool.starmap(one_run, jobs), strict=True))
+    rows = {}
+    for key, _, kind, extra in chosen:
+        mine = [runs[(kind, extra, 5, s, None)] for s in seeds]
+        rows[key] = {"validation_auc": [round(r["validation"]["auc"], 4) for r in mine],
+                     "test_auc": [round(r["test"]["auc"], 4) for r in mine],
+                     "test_auc_ci": [[round(v, 4) for v in r["test"]["auc_ci"]] for r in mine],
+                     "versions": [r["version"] for r in mine], "pretrain": pretrain_of(extra)}
+    return with_seed_check(stored, {
+        "rows": rows, "seeds": list(seeds), "hospitals": 5, "started": started,
+        "cpu": machine()["cpu"], "wall_s": round(time.perf_counter() - t0, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "about": "kept apart from the rows above: chooses nothing (not the headline row, not "
+                 "the version kept, not the scratch row); every seed run again on one machine"})
+
+
+def with_seed_check(stored: dict[str, Any], check: dict[str, Any]) -> dict[str, Any]:
+    """`stored` with `more_seeds`, and beside the headline figures (not instead of them) what
+    the same rows gave over those seeds: the target is then read against both."""
+    out = {**stored, "more_seeds": check,
+           "headline": {k: dict(v) for k, v in stored["headline"].items()}}
+    head = out["headline"]["breast_auc_federated"]
+    gain = out["headline"]["breast_auc_gain_pretrained_vs_scratch"]
+    rows = check["rows"]
+    where = {"seeds": check["seeds"], "cpu": check["cpu"], "kept_apart": True}
+    if head["row"] in rows:
+        head["more_seeds"] = {"value": over_seeds(rows[head["row"]]["test_auc"])["mean"],
+                              **where}
+    if gain["row"] in rows and gain["scratch_row"] in rows:
+        diffs = [a - b for a, b in zip(rows[gain["row"]]["test_auc"],
+                                       rows[gain["scratch_row"]]["test_auc"], strict=True)]
+        gain["more_seeds"] = {"value": over_seeds(diffs)["mean"], **where}
+    return out
+
+
+def seed_check_text(check: dict[str, Any]) -> str:
+    """RESULTS.md's table of :func:`seed_check`: per row, figures over the seeds, and each
+    seed's gain of the first row over the second."""
+    names = list(check["rows"])
+    table = [[key, fmt(over_seeds(r["validation_auc"])), fmt(over_seeds(r["test_auc"])),
+              ", ".join(f"{v:.3f}" for v in r["test_auc"]), ", ".join(map(str, r["versions"]))]
+             for key, r in check["rows"].items()]
+    text = (f"**More seeds, kept apart** (they choose nothing): seeds {check['seeds']} at "
+            f"{check['hospitals']} hospitals, every one run {check['started']} on "
+            f"{check['cpu']} ({check['wall_s']:.0f} s, load at end "
+            f"{check['load_average_at_end'][0]}):\n\n" + md_table(
+                ["row", "validation AUC", "test AUC", "test AUC per seed", "versions kept"],
+                table))
+    if len(names) == 2:
+        a, b = (check["rows"][k]["test_auc"] for k in names)
+        gain = [x - y for x, y in zip(a, b, strict=True)]
+        text += (f"\n\nTest AUC of `{names[0]}` minus `{names[1]}`, per seed: "
+                 f"{', '.join(f'{g:+.3f}' for g in gain)}; mean {fmt(over_seeds(gain))}.")
+    return text
+
+
 def real_runs_again(path: Path) -> dict[str, Any]:
     """The stored full result at `path` with the headline row's real runs done again."""
     stored = json.loads(path.read_text(encoding="utf-8"))
@@ -454,6 +526,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"{a['started']} on {a['cpu']}, {a['wall_s']:.0f} s, load at end "
             f"{(a.get('load_average_at_end') or ['not recorded'])[0]}"
             for a in res["added_runs"]) + ".")
+    if res.get("more_seeds"):
+        parts.append(seed_check_text(res["more_seeds"]))
     real = [[str(x["rounds"]), str(x["version"]),
              x.get("kept_sha256", {}).get("head.safetensors", "not recorded")[:16],
              fmt(x["validation_auc"]), fmt(x["test_auc"]), f"{x['wall_s']:.0f} s"]
@@ -479,12 +553,17 @@ if __name__ == "__main__":
     target = ROOT / "benchmarks" / "results" / "breast.json"
     if sys.argv[1:] == ["--real-runs"]:
         result = real_runs_again(target)
+    elif len(sys.argv) == 5 and sys.argv[1] == "--more-seeds" and sys.argv[3] == "--seeds":
+        # python -m benchmarks.breast --more-seeds ROW,SCRATCH_ROW --seeds 0,1,2,3,4
+        result = seed_check(sys.argv[2].split(","),
+                            tuple(int(s) for s in sys.argv[4].split(",")), target)
     elif len(sys.argv) in (3, 5) and sys.argv[1] == "--add-rows" and sys.argv[3:4] in (
             [], ["--hospitals"]):
         counts = tuple(int(k) for k in sys.argv[4].split(",")) if len(sys.argv) == 5 else None
         result = add_rows(sys.argv[2].split(","), target, counts)
     else:
         raise SystemExit("usage: python -m benchmarks.breast --add-rows KEY[,KEY...] "
-                         "[--hospitals 5[,20]] | --real-runs")
+                         "[--hospitals 5[,20]] | --real-runs | --more-seeds KEY,KEY "
+                         "--seeds 0,1,2,3,4")
     target.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {target}")

@@ -115,6 +115,9 @@ def test_status_compares_with_the_target() -> None:
     assert report._status("tls_latency_ratio", 1.05) == "met (<= 1.1)"
     assert report._status("feature_cache_speedup", 9.0) == "MISSED (>= 10)"
     assert report._status("upload_bytes_ratio", None) == "not measured"
+    check = {"value": 0.899, "seeds": [0, 1, 2, 3, 4], "cpu": "C", "kept_apart": True}
+    assert report._status("breast_auc_federated", {"value": 0.901, "more_seeds": check}) == (
+        "met (>= 0.9); seeds 0, 1, 2, 3, 4 on C, kept apart: 0.899, MISSED")
 
 
 @pytest.fixture
@@ -124,6 +127,36 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_more_seeds_are_shown_apart_with_each_seeds_gain() -> None:
+    """`--more-seeds`: a table of its own, marked as choosing nothing, with the gain of the
+    first row over the second seed by seed."""
+    from benchmarks import breast
+
+    check = {"rows": {"a": {"validation_auc": [0.9, 0.8], "test_auc": [0.91, 0.85],
+                            "versions": [7, 9]},
+                      "b": {"validation_auc": [0.8, 0.8], "test_auc": [0.88, 0.86],
+                            "versions": [5, 6]}},
+             "seeds": [3, 4], "hospitals": 5, "started": "t", "cpu": "c", "wall_s": 9.0,
+             "load_average_at_end": [1.5, 1.0, 1.0]}
+    text = breast.seed_check_text(check)
+    assert text.startswith("**More seeds, kept apart** (they choose nothing): seeds [3, 4]")
+    assert "| a | 0.850 ± 0.071 | 0.880 ± 0.042 | 0.910, 0.850 | 7, 9 |" in text
+    assert "per seed: +0.030, -0.010; mean 0.010 ± 0.028." in text
+    res = {"rows": [], "hospitals": [], "seeds": [3, 4], "rounds": 40, "config": "c",
+           "tuned_overrides": [], "headline_row": "a", "real_simulation": [],
+           "more_seeds": check}
+    assert text in breast.markdown(res)
+    stored = {"headline": {"breast_auc_federated": {"row": "a", "value": 0.95},
+                           "breast_auc_gain_pretrained_vs_scratch": {
+                               "row": "a", "scratch_row": "b", "value": 0.05}}}
+    out = breast.with_seed_check(stored, check)["headline"]
+    assert out["breast_auc_federated"]["value"] == 0.95  # beside, not instead
+    assert out["breast_auc_federated"]["more_seeds"]["value"] == pytest.approx(0.88)
+    assert out["breast_auc_gain_pretrained_vs_scratch"]["more_seeds"]["value"] == \
+        pytest.approx(0.01)
+    assert "more_seeds" not in stored["headline"]["breast_auc_federated"]  # a copy
 
 
 @pytest.mark.usefixtures("one_thread")

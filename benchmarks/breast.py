@@ -388,7 +388,20 @@ def add_rows(keys: list[str], path: Path, only: tuple[int, ...] | None = None
         "started": started, "rows": list(keys), "hospitals": list(only or HOSPITALS),
         "cpu": machine()["cpu"], "wall_s": round(time.perf_counter() - t0, 1),
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}]
-    return out
+    return _keep_seed_check(out)
+
+
+def _keep_seed_check(out: dict[str, Any]) -> dict[str, Any]:
+    """`out` (a result whose headline was chosen again) with its `more_seeds` shown beside
+    the new headline while its rows keep their overrides and pretraining; dropped if not."""
+    check = out.get("more_seeds")
+    if not check:
+        return out
+    overrides = {r["key"]: tuple(r["overrides"]) for r in out["rows"]}
+    if all(key in overrides and r["pretrain"] == pretrain_of(overrides[key])
+           for key, r in check["rows"].items()):
+        return with_seed_check(out, check)
+    return {k: v for k, v in out.items() if k != "more_seeds"}
 
 
 def seed_check(keys: list[str], seeds: tuple[int, ...], path: Path) -> dict[str, Any]:
@@ -467,7 +480,7 @@ def real_runs_again(path: Path) -> dict[str, Any]:
     """The stored full result at `path` with the headline row's real runs done again."""
     stored = json.loads(path.read_text(encoding="utf-8"))
     head = next(r for r in stored["rows"] if r["key"] == stored["headline_row"])
-    return {**stored, **_finish(stored["rows"], False, real_runs(head))}
+    return _keep_seed_check({**stored, **_finish(stored["rows"], False, real_runs(head))})
 
 
 def _seed_text(res: dict[str, Any]) -> str:

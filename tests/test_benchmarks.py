@@ -159,6 +159,28 @@ def test_more_seeds_are_shown_apart_with_each_seeds_gain() -> None:
     assert "more_seeds" not in stored["headline"]["breast_auc_federated"]  # a copy
 
 
+def test_a_new_headline_keeps_the_seed_check_only_while_its_rows_are_current() -> None:
+    """After `--add-rows` or `--real-runs` choose the headline again, the seed check is shown
+    beside it if its rows still have the same overrides and pretraining, else dropped."""
+    from benchmarks import breast
+
+    key, _, _, extra = next(r for r in breast.ROWS if r[0] == "cnn-all-160-warmup")
+    check = {"rows": {key: {"test_auc": [0.9, 0.8], "pretrain": breast.pretrain_of(extra)}},
+             "seeds": [0, 1], "cpu": "C"}
+    out = {"rows": [{"key": key, "overrides": list(extra)}], "more_seeds": check,
+           "headline": {"breast_auc_federated": {"row": key, "value": 0.9},
+                        "breast_auc_gain_pretrained_vs_scratch": {
+                            "row": key, "scratch_row": "other", "value": 0.0}}}
+    kept = breast._keep_seed_check(out)
+    assert kept["headline"]["breast_auc_federated"]["more_seeds"]["value"] == \
+        pytest.approx(0.85)
+    stale = {**check, "rows": {key: {**check["rows"][key],
+                                     "pretrain": {"tag": "x", "recipe": "y"}}}}
+    dropped = breast._keep_seed_check({**out, "more_seeds": stale})
+    assert "more_seeds" not in dropped
+    assert "more_seeds" not in dropped["headline"]["breast_auc_federated"]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_heart_emulation_tiny_run_reports_every_centre(tmp_path: Path) -> None:
     tiny = ("pretrain.optim.epochs=1", "federation.rounds=1", "federation.local.steps=2",

@@ -105,6 +105,21 @@ def row_config(extra: tuple[str, ...], hospitals: int, seed: int) -> Config:
                                 f"federation.strategy.min_nodes={hospitals}", f"seed={seed}"])
 
 
+def pretrained_bundle(extra: tuple[str, ...]) -> Path:
+    """The row's one pretrained backbone (configs/breast.yaml's pretraining of its model,
+    seed 0), pretrained on first use and signed with the key under WORK / "home"."""
+    home = WORK / "home"
+    return emulate.bundle_for(row_config(extra, HOSPITALS[0], 0), home / "bundles",
+                              home / "signing.key")
+
+
+def run_many(jobs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """:func:`one_run` of each job's arguments, in worker processes of one thread each; the
+    runs are independently seeded: the same figures for any number of workers."""
+    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=one_thread) as pool:
+        return pool.starmap(one_run, jobs)
+
+
 def _pooled(model: Any, data: Any, split: str, seed: int) -> dict[str, Any]:
     """The model on every hospital's rows of `split` together (each site's preprocessing)."""
     logits = np.concatenate([logits64(model, s.split(split)[0]) for s in data.sites])
@@ -124,9 +139,7 @@ def one_run(kind: str, extra: tuple[str, ...], hospitals: int, seed: int,
     cfg = row_config(extra, hospitals, seed)
     if rounds is not None:
         cfg = replace(cfg, federation=replace(cfg.federation, rounds=rounds))
-    if bundle is None:
-        source = row_config(extra, hospitals, 0)  # the one pretrained backbone (seed 0)
-        bundle = emulate.bundle_for(source, home / "bundles", home / "signing.key")
+    bundle = bundle or pretrained_bundle(extra)
     model, stats = emulate.start_model(cfg, bundle, home / "signing.key",
                                        pretrained="scratch" not in kind)
     data = load_federated(cfg.federation.data, stats, seed=cfg.seed)
@@ -157,8 +170,7 @@ def real_simulation(extra: tuple[str, ...], hospitals: int, seed: int) -> dict[s
     """`medfed simulate` of the headline row; the figures its summary.json reports."""
     home = WORK / "home"
     cfg = row_config(extra, hospitals, seed)
-    source = row_config(extra, hospitals, 0)
-    bundle = emulate.bundle_for(source, home / "bundles", home / "signing.key")
+    bundle = pretrained_bundle(extra)
     out = WORK / "breast-sim" / f"seed{seed}"
     if out.exists():
         shutil.rmtree(out)
@@ -267,13 +279,9 @@ def _run_jobs(rows: Rows, quick: bool, stored: dict[str, dict[str, Any]] | None 
     stored = stored or {}
     rounds, hospitals, seeds_by = _plan(quick)
     jobs = _jobs(rows, quick, stored, only)
-    for _, _, kind, extra in rows:  # pretrain each backbone once, before the workers share it
-        if kind != "fed+scratch":
-            emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
-                               WORK / "home" / "signing.key")
-    # runs are independently seeded: the same figures for any number of worker processes
-    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=one_thread) as pool:
-        done = dict(zip(jobs, pool.starmap(one_run, jobs), strict=True))
+    for _, _, _, extra in rows:  # pretrain each backbone once, before the workers share it
+        pretrained_bundle(extra)  # (a scratch row takes its preprocessing from it)
+    done = dict(zip(jobs, run_many(jobs), strict=True))
     out = []
     for key, label, kind, extra in rows:
         row: dict[str, Any] = {"key": key, "label": label, "kind": kind,
@@ -416,11 +424,9 @@ def seed_check(keys: list[str], seeds: tuple[int, ...], path: Path) -> dict[str,
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     for _, _, _, extra in chosen:  # pretrain once, before the workers share the bundle
-        emulate.bundle_for(row_config(extra, 5, 0), WORK / "home" / "bundles",
-                           WORK / "home" / "signing.key")
+        pretrained_bundle(extra)
     jobs = [(kind, extra, 5, s, None) for _, _, kind, extra in chosen for s in seeds]
-    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=one_thread) as pool:
-        runs = dict(zip(jobs, pool.starmap(one_run, jobs), strict=True))
+    runs = dict(zip(jobs, run_many(jobs), strict=True))
     rows = {}
     for key, _, kind, extra in chosen:
         mine = [runs[(kind, extra, 5, s, None)] for s in seeds]
@@ -449,10 +455,15 @@ def with_seed_check(stored: dict[str, Any], check: dict[str, Any]) -> dict[str, 
         head["more_seeds"] = {"value": over_seeds(rows[head["row"]]["test_auc"])["mean"],
                               **where}
     if gain["row"] in rows and gain["scratch_row"] in rows:
-        diffs = [a - b for a, b in zip(rows[gain["row"]]["test_auc"],
-                                       rows[gain["scratch_row"]]["test_auc"], strict=True)]
+        diffs = _gains(check, gain["row"], gain["scratch_row"])
         gain["more_seeds"] = {"value": over_seeds(diffs)["mean"], **where}
     return out
+
+
+def _gains(check: dict[str, Any], row: str, scratch: str) -> list[float]:
+    """Per seed of a seed check: test AUC of `row` minus that of `scratch`."""
+    return [a - b for a, b in zip(check["rows"][row]["test_auc"],
+                                  check["rows"][scratch]["test_auc"], strict=True)]
 
 
 def seed_check_text(check: dict[str, Any]) -> str:
@@ -469,8 +480,7 @@ def seed_check_text(check: dict[str, Any]) -> str:
                 ["row", "validation AUC", "test AUC", "test AUC per seed", "versions kept"],
                 table))
     if len(names) == 2:
-        a, b = (check["rows"][k]["test_auc"] for k in names)
-        gain = [x - y for x, y in zip(a, b, strict=True)]
+        gain = _gains(check, *names)
         text += (f"\n\nTest AUC of `{names[0]}` minus `{names[1]}`, per seed: "
                  f"{', '.join(f'{g:+.3f}' for g in gain)}; mean {fmt(over_seeds(gain))}.")
     return text

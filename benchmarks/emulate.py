@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from client.node import Node
-from common.bundle import load_bundle
+from common.bundle import BundleError, load_bundle
 from common.config import Config, OperatingPointConfig, OptimConfig
 from common.data.federated import FederatedData, load_federated
 from common.data.preprocess import SiteStats
@@ -64,10 +64,23 @@ def pretrain_tag(cfg: Config) -> str:
     return hashlib.sha256(repr((cfg.pretrain, model_cfg)).encode()).hexdigest()[:10]
 
 
+def signed_with(bundle: Path, keys: Path) -> bool:
+    """Whether a cached bundle is complete and signed with the key at `keys` (the one the
+    runs check it with); one left by an interrupted run or signed by an older key is not."""
+    if not (bundle / "manifest.sig").exists() or not keys.exists():
+        return False
+    key, _ = load_or_create_signing_key(keys)
+    try:
+        load_bundle(bundle, key.public_key(), require_signature=True)
+    except BundleError:
+        return False
+    return True
+
+
 def bundle_for(cfg: Config, root: Path, keys: Path) -> Path:
     """Pretrain once per (seed, pretrain + model config) into `root`; reuse afterwards."""
     out = root / f"pretrain-seed{cfg.seed}-{pretrain_tag(cfg)}"
-    if not (out / "manifest.sig").exists():
+    if not signed_with(out, keys):
         key, _ = load_or_create_signing_key(keys)
         pretrain(cfg, out, key, replace=True)
     return out

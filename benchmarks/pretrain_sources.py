@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import breast
+from benchmarks import breast, emulate
 from benchmarks.util import RESULTS, WORK, machine
-from common.bundle import BundleError, load_bundle, write_bundle
+from common.bundle import write_bundle
 from common.config import ContrastiveConfig
 from common.contrastive import simclr, to_channels
 from common.data.medmnist import load_medmnist_sites
@@ -123,30 +122,13 @@ def pretrain_variant(variant: str, out: Path, key_file: Path = WORK / "home" / "
                  replace=True)
 
 
-def _signed_by_the_bench_key(bundle: Path) -> bool:
-    """Whether a cached bundle is complete and signed with the key the runs check it with
-    (a bundle left by an interrupted run, or signed by an older key, is pretrained again)."""
-    key_file = WORK / "home" / "signing.key"
-    if not (bundle / "manifest.sig").exists() or not key_file.exists():
-        return False
-    key, _ = load_or_create_signing_key(key_file)
-    try:
-        load_bundle(bundle, key.public_key(), require_signature=True)
-    except BundleError:
-        return False
-    return True
-
-
 def run_variant(variant: str, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
     """Pretrain (once) and run the headline row over `seeds`; validation AUC only."""
     bundle = HOME / "bundles" / variant
     started = time.time()
-    if not _signed_by_the_bench_key(bundle):
+    if not emulate.signed_with(bundle, WORK / "home" / "signing.key"):
         pretrain_variant(variant, bundle)
-    jobs = [("fed", HEADLINE, 5, s, None, bundle) for s in seeds]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(breast.WORKERS, initializer=breast.one_thread) as pool:
-        runs = pool.starmap(breast.one_run, jobs)
+    runs = breast.run_many([("fed", HEADLINE, 5, s, None, bundle) for s in seeds])
     return {"variant": variant, "seeds": list(seeds),
             "validation_auc_pooled": [round(r["validation"]["auc"], 4) for r in runs],
             "mean": round(float(np.mean([r["validation"]["auc"] for r in runs])), 4),

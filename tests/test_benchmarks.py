@@ -385,29 +385,26 @@ def test_the_plain_flower_side_trains_every_hospital_every_round(tmp_path: Path)
 
 
 def test_pretraining_sweep_writes_signed_bundles_with_pneumonias_two_classes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """The sixth BreastMNIST sweep's backbones must load as the product loads a bundle, with
     PneumoniaMNIST's head (a joint head over RetinaMNIST's grades too is cut back to it); a
     cached one is reused only when signed with the key the runs check it with."""
-    from benchmarks import pretrain_sources
+    from benchmarks import emulate, pretrain_sources
     from common.bundle import load_bundle
     from common.contrastive import to_channels
     from common.signing import load_or_create_signing_key
 
-    monkeypatch.setattr(pretrain_sources, "WORK", tmp_path / "work")
-    assert not pretrain_sources._signed_by_the_bench_key(tmp_path / "bundle")  # none yet
-    keys = tmp_path / "signing.key"
+    keys, other = tmp_path / "signing.key", tmp_path / "other" / "signing.key"
+    assert not emulate.signed_with(tmp_path / "bundle", keys)  # none yet
     pretrain_sources.pretrain_variant("simclr-2-retina", tmp_path / "bundle", keys)
     key, _ = load_or_create_signing_key(keys)
     bundle = load_bundle(tmp_path / "bundle", key.public_key(), require_signature=True)
     assert bundle.head["head.weight"].shape[0] == 2
     assert bundle.manifest["source"] == "benchmarks.pretrain_sources:simclr-2-retina"
-    bench_key = tmp_path / "work" / "home" / "signing.key"
-    load_or_create_signing_key(bench_key)  # another key than the bundle's signer
-    assert not pretrain_sources._signed_by_the_bench_key(tmp_path / "bundle")
-    keys.replace(bench_key)  # the bundle's signer becomes the runs' key
-    keys.with_suffix(".pub").replace(bench_key.with_suffix(".pub"))
-    assert pretrain_sources._signed_by_the_bench_key(tmp_path / "bundle")
+    assert not emulate.signed_with(tmp_path / "bundle", other)  # no such key yet
+    load_or_create_signing_key(other)
+    assert not emulate.signed_with(tmp_path / "bundle", other)  # another key than the signer
+    assert emulate.signed_with(tmp_path / "bundle", keys)
     grey = torch.rand(4, 1, 28, 28).numpy()
     # grey equal channels stay as they were (the luminance weights sum to 1)
     assert to_channels(grey.repeat(3, axis=1), 1, "test") == pytest.approx(grey, abs=1e-6)

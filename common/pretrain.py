@@ -120,11 +120,14 @@ def pretrain(
     cfg: Config, out: Path, signing_key: Ed25519PrivateKey, replace: bool = False,
     data: SourceData | None = None,
 ) -> dict[str, Any]:
-    """Train the whole model on the source split and write a signed bundle (version 0).
+    """Train the model on the source split and write a signed bundle (version 0).
 
-    Imputation and normalisation statistics come from the source's training split and are
-    stored in the bundle; the source's validation split is never trained on (the server's
-    `source-validation` check uses it). Returns the written manifest.
+    `supervised`: backbone and head on the source's labels. `simclr`: the backbone by the
+    contrastive stage (with the `also_medmnist` images), then a fresh head alone on the
+    labels. Imputation and normalisation statistics come from the source's training split
+    (and the contrastive images) and are stored in the bundle; the source's validation split
+    is never trained on (the server's `source-validation` check uses it). Returns the written
+    manifest.
     """
     data = data or load_source(cfg)
     extra = contrastive_images(cfg, data.spec)  # read (and checked) before any training

@@ -45,6 +45,7 @@ from common.manifest import (
     stats_from_manifest,
 )
 from common.models import SplitModel, load_state, set_trainable, split_state
+from common.names import printable
 from common.registry import Registry
 from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
@@ -62,7 +63,7 @@ from server.history import RunHistory
 from server.privacy import privacy_summary, wrap_privacy
 from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
 from server.strategies import build_strategy
-from server.validation import check_site_model_reply, site_model_from_reply
+from server.validation import SCORE_PREFIXES, check_site_model_reply, site_model_from_reply
 
 log = logging.getLogger("medfed.server")
 NODE_WAIT_POLL_S = 1.0
@@ -104,9 +105,6 @@ def split_site_metrics(flat: dict[str, float]) -> dict[str, dict[str, Any]]:
         elif prefix == "test" and name:
             out["test"][name] = value
     return json_metrics(out)
-
-
-SCORE_PREFIXES = ("val-", "test-")  # what split_site_metrics reads of a reply
 
 
 def _numbers(reply: Message) -> dict[str, float]:
@@ -263,7 +261,10 @@ class Federation:
             stats_from_manifest(self.bundle.manifest), self.bundle.manifest["model"],
             version=server_round, round_num=server_round,
             strategy=self.cfg.federation.strategy.name, metrics=metrics,
-            sites=sorted(set(self.grid.site_names.values())), source=self.bundle.manifest["source"],
+            # every provisioned hospital by the name the server knows it by (enrolled names
+            # win over reported ones)
+            sites=sorted({self.grid.site(n) for n in self.grid.provisioned}),
+            source=self.bundle.manifest["source"],
         )
         best_metric = self.cfg.federation.best_metric
         self.registry.publish(server_round, backbone, head, manifest,
@@ -309,7 +310,7 @@ class Federation:
         for r in replies:
             if r.has_error():
                 log.warning("%s did not save the final model: %s",
-                            self.grid.site(r.metadata.src_node_id), r.error.reason)
+                            self.grid.site(r.metadata.src_node_id), printable(r.error.reason))
         log.info("model v%04d saved by %d/%d hospitals", version, saved, len(nodes))
 
     def site_models(self, version: int) -> dict[str, dict[str, Any]]:
@@ -329,7 +330,8 @@ class Federation:
             node = reply.metadata.src_node_id
             name = self.grid.site(node)
             if reply.has_error():
-                log.warning("%s could not build its site model: %s", name, reply.error.reason)
+                log.warning("%s could not build its site model: %s", name,
+                            printable(reply.error.reason))
                 continue
             problem = check_site_model_reply(reply)
             if problem is not None:
@@ -350,7 +352,8 @@ class Federation:
                 continue
             name, site, _, _ = signed[node]
             if reply.has_error():
-                log.warning("%s did not save its site model: %s", name, reply.error.reason)
+                log.warning("%s did not save its site model: %s", name,
+                            printable(reply.error.reason))
                 continue
             out[name] = {**site, "based_on_version": version}
         log.info("site models signed and saved by %d/%d hospitals", len(out), len(asks))

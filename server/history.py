@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.data.splits import TEST_LABEL
 from common.metrics import mean_defined
+from common.names import printable
 
 if TYPE_CHECKING:
     from common.registry import Registry
@@ -245,6 +246,8 @@ def format_table(summary: dict[str, Any]) -> str:
                                          for m in models.values()])), ""])
         lines += ["", *_grid(head2, rows2)]
         for site, sm in sorted(models.items()):
-            lines.append(f"  {site}: kept the {sm['kept']} model ({sm['method']}): {sm['reason']}")
+            # the method and reason are the hospital's words: no escape sequences reach a terminal
+            lines.append(f"  {printable(site)}: kept the {sm['kept']} model "
+                         f"({printable(sm['method'])}): {printable(sm['reason'])}")
     lines += ["", f"* {TEST_LABEL}: every choice above was made on validation splits."]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from server.validation import (
     check_score_counts,
     is_count,
     validate_train_replies,
+    weight_bound,
 )
 
 log = logging.getLogger("medfed.server")
@@ -124,7 +125,8 @@ def _with_metrics(reply: Message, metrics: dict[str, float]) -> Message:
     The original stays untouched (our own per-site metrics read it).
     """
     out = copy.copy(reply)
-    out.content = RecordDict({**dict(reply.content.array_records),
+    arrays = reply.content.array_records.get(rk.ARRAYS)  # the update (train replies only)
+    out.content = RecordDict({**({rk.ARRAYS: arrays} if arrays is not None else {}),
                               rk.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return out
 
@@ -421,8 +423,9 @@ class ProvisioningGrid(DelegatingGrid):
         kind = messages[0].metadata.message_type if messages else ""
         if kind == "train":
             originals, replies = self._validated(messages, replies, timeout)
+            self._bound_score_rows(originals, evaluate=False)
         elif kind == "evaluate":
-            originals = self._checked_evaluate(replies)
+            originals = self._bound_score_rows(self._checked_evaluate(replies), evaluate=True)
             replies = [r if r.has_error() else _with_metrics(r, {
                 rk.NUM_EXAMPLES: float(r.content.metric_records[rk.METRICS][rk.NUM_EXAMPLES])})  # type: ignore[arg-type]
                 for r in originals]
@@ -430,6 +433,39 @@ class ProvisioningGrid(DelegatingGrid):
             originals = replies
         if messages:
             self.last_replies[kind] = originals
+        return replies
+
+    def _bound_score_rows(self, replies: list[Message], evaluate: bool) -> list[Message]:
+        """Cap the rows each site says it scored (`val-n`, `test-n`): they weigh its scores in
+        the mean over sites, so a site claiming a huge split would set the validation figure,
+        and with it `best`, alone. The bound is the one on training weights
+        (:func:`weight_bound`: the enrolled size, else the cap, else a multiple of the
+        median claim). Rewrites the metrics of the (checked) replies in place; `evaluate`:
+        an evaluate reply, whose `num-examples` are its validation rows too."""
+        v = self.validation
+        for prefix, weight_key in (("val-", rk.NUM_EXAMPLES if evaluate else None),
+                                   ("test-", None)):
+            claimed = {r.metadata.src_node_id: float(r.content.metric_records[rk.METRICS][  # type: ignore[arg-type]
+                f"{prefix}n"]) for r in replies if not r.has_error()
+                and f"{prefix}n" in r.content.metric_records[rk.METRICS]}
+            enrolled = {n: self.enrolment.max_examples.get(self.site(n)) for n in claimed}
+            bounds = weight_bound(claimed, enrolled, v.max_examples, v.max_examples_ratio)
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                if node not in claimed or claimed[node] <= bounds[node]:
+                    continue
+                bound = float(math.floor(bounds[node]))
+                log.warning("capped the %s weight of %s: it claimed %.3g rows, the bound is "
+                            "%.3g", "validation" if prefix == "val-" else "test",
+                            self.site(node), claimed[node], bound)
+                metrics = dict(reply.content.metric_records[rk.METRICS])
+                metrics[f"{prefix}n"] = bound
+                if f"{prefix}positives" in metrics:
+                    metrics[f"{prefix}positives"] = min(float(metrics[f"{prefix}positives"]),  # type: ignore[arg-type]
+                                                        bound)
+                if weight_key is not None and weight_key in metrics:
+                    metrics[weight_key] = bound
+                reply.content.metric_records[rk.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
         return replies
 
     def _checked_evaluate(self, replies: list[Message]) -> list[Message]:
@@ -454,7 +490,7 @@ class ProvisioningGrid(DelegatingGrid):
             self.site(r.metadata.src_node_id)) for r in ok}
         verdicts = {x.node_id: x for x in validate_train_replies(
             sent, ok, self.declared, v.max_norm_ratio, v.max_update_norm, enrolled,
-            v.max_examples, v.max_examples_ratio)}
+            v.max_examples, v.max_examples_ratio, TRAIN_KEYS)}
         originals, copies = [], []
         for reply in replies:
             if reply.has_error():
@@ -474,7 +510,7 @@ class ProvisioningGrid(DelegatingGrid):
             if verdict.weight < claimed:
                 log.warning("capped the weight of %s: it claimed %.3g training rows, the "
                             "bound is %.3g", self.site(node), claimed, verdict.weight)
-            kept = {k: float(metrics[k]) for k in TRAIN_KEYS if k in metrics}  # type: ignore[arg-type]
+            kept = {k: float(metrics[k]) for k in TRAIN_KEYS}  # type: ignore[arg-type]
             kept[rk.NUM_EXAMPLES] = verdict.weight
             originals.append(reply)
             copies.append(_with_metrics(reply, kept))

@@ -5,14 +5,15 @@ that fails is excluded with a reason naming the site, never a data value, and no
 reply can raise inside the server:
 
 - provisioning (`query.backbone`): a 0/1 `has-backbone`; sizes that are counts;
-- train: exactly the trainable tensors that were sent (names, shapes, float dtype), finite
+- train: exactly the trainable tensors that were sent (names, shapes, float32 or float64), finite
   values, an update whose norm is within `max_norm_ratio` x the round median and within the
   absolute `max_update_norm`, a positive `num-examples` no larger than the site declared;
   its aggregation weight is then capped by a bound the server sets (:func:`weight_bound`);
-- evaluate: numbers only (NaN allowed: an undefined metric), counts within what the site
-  declared;
-- site model (`query.adapt`): numbers, a 0/1 choice, counts of steps and rows, words of
-  bounded length, 64-hex file hashes.
+- evaluate (and the scores a train reply carries with `evaluate_with_train`): known metric
+  names only, each within its range (NaN allowed: an undefined metric), counts within what
+  the site declared and positives within the rows;
+- site model (`query.adapt`): numbers, metrics within their ranges, a 0/1 choice, counts of
+  steps and rows, words of bounded length, 64-hex file hashes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,23 @@ from flwr.app import Message, MetricRecord
 from common import records as rk
 from common.bundle import BACKBONE_FILE, HEAD_FILE, SITE_STATS_FILE
 from common.data.splits import TEST_LABEL
+from common.metrics import COUNT_KEYS, METRIC_NAMES, MULTICLASS_METRIC_NAMES
+from common.scoring import INTERVAL_METRICS
 
 MAX_COUNT = 1e9  # rows a hospital may claim in any split: above is not a real cohort
+UPDATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what a trained tensor may be
+MAX_WORDS = 2000  # characters of any word a site sends (a method, a reason, a note)
+# what a site may report of a split (common/metrics.py, common/scoring.py), with its range:
+# a value outside cannot come from the metric, and one such value would move the mean over
+# sites, and with it the version called `best`, as far as the site likes
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{name: (0.0, 1.0) for name in (*METRIC_NAMES, *MULTICLASS_METRIC_NAMES)
+       if name not in COUNT_KEYS},
+    "brier": (0.0, 2.0),  # multiclass Brier
+    "loss": (0.0, math.inf),
+    # a site model's bootstrap bounds (common/scoring.py::score_with_intervals)
+    **{f"{name}_{end}": (0.0, 1.0) for name in INTERVAL_METRICS for end in ("lo", "hi")},
+}
 
 
 @dataclass(frozen=True)
@@ -64,11 +80,28 @@ def _metrics(msg: Message) -> MetricRecord | None:
     return record if isinstance(record, MetricRecord) else None
 
 
+class Undecodable(ValueError):
+    """A reply's tensor that does not decode as an array."""
+
+
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
     record = msg.content.array_records.get(rk.ARRAYS)
     if record is None:
         return {}
-    return {name: arr.numpy() for name, arr in record.items()}
+    out = {}
+    for name, arr in record.items():
+        try:
+            out[name] = arr.numpy()
+        except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's
+            raise Undecodable(f"tensor '{name}' does not decode as an array "
+                              f"({type(err).__name__})") from None
+    return out
+
+
+def check_records(msg: Message) -> str | None:
+    """Exactly one array record, the update: the strategy aggregates every record it gets."""
+    extra = sorted(set(msg.content.array_records) - {rk.ARRAYS})
+    return f"unexpected array records {extra}" if extra else None
 
 
 # ------------------------------------------------------------------- provisioning replies
@@ -104,18 +137,25 @@ def check_shapes(sent: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) 
         arr = got[name]
         if arr.shape != ref.shape:
             return f"tensor '{name}' has shape {arr.shape}, expected {ref.shape}"
-        if not np.issubdtype(arr.dtype, np.floating):
-            return f"tensor '{name}' has dtype {arr.dtype}, expected a float dtype"
+        if arr.dtype not in UPDATE_DTYPES:
+            # Flower averages in the first reply's dtype: float16 from one site would round
+            # every site's update (and the global model) to half precision
+            return f"tensor '{name}' has dtype {arr.dtype}, expected float32 or float64"
         if not np.isfinite(arr).all():
             return f"tensor '{name}' holds NaN or infinite values"
     return None
 
 
-def check_count(msg: Message, declared: float | None) -> str | None:
-    """`num-examples` present, positive, and not above the site's declared train size."""
+def check_count(msg: Message, declared: float | None,
+                required: tuple[str, ...] = ()) -> str | None:
+    """`num-examples` present, positive, and not above the site's declared train size; the
+    `required` metrics present (the strategy needs the same keys from every reply)."""
     metrics = _metrics(msg)
     if metrics is None or rk.NUM_EXAMPLES not in metrics:
         return "reply has no 'num-examples'"
+    missing = [key for key in required if key not in metrics]
+    if missing:
+        return f"reply lacks the metrics {missing}"
     n = metrics[rk.NUM_EXAMPLES]
     if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(float(n)):
         return "'num-examples' is not a number"
@@ -173,15 +213,24 @@ def validate_train_replies(
     enrolled: Mapping[int, int | None] | None = None,
     max_examples: int = 0,
     max_examples_ratio: float = 0.0,
+    required: tuple[str, ...] = (),
 ) -> list[Verdict]:
-    """One verdict per non-error reply, in order; valid ones carry their bounded weight."""
+    """One verdict per non-error reply, in order; valid ones carry their bounded weight.
+
+    `required`: metrics every train reply must carry (see :func:`check_count`).
+    """
     verdicts: dict[int, str | None] = {}
     norms: dict[int, float] = {}
     claimed: dict[int, float] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
-        got = _arrays(msg)
-        reason = check_shapes(sent, got) or check_count(msg, declared.get(node))
+        try:
+            got = _arrays(msg)
+        except Undecodable as err:
+            verdicts[node] = str(err)
+            continue
+        reason = (check_records(msg) or check_shapes(sent, got)
+                  or check_count(msg, declared.get(node), required))
         if reason is None:
             norms[node] = update_norm(sent, got)
             if max_update_norm > 0 and norms[node] > max_update_norm:
@@ -210,28 +259,61 @@ def validate_train_replies(
 
 
 def check_evaluate_reply(msg: Message, sizes: Mapping[str, int] | None) -> str | None:
-    """Numbers only; `val-n` / `test-n` counts no larger than the site declared."""
+    """Known scores within their ranges; `val-n` / `test-n` counts no larger than the site
+    declared."""
     metrics = _metrics(msg)
     if metrics is None or rk.NUM_EXAMPLES not in metrics:
         return "reply has no metrics or no 'num-examples'"
     for key, value in metrics.items():
         if not is_number(value):
             return f"metric '{key}' is not a number"
-    return check_score_counts(metrics, sizes, ((rk.NUM_EXAMPLES, "validation"),))
+    return check_score_counts(metrics, sizes, ((rk.NUM_EXAMPLES, "validation"),),
+                              scores_only=True)
 
 
 SCORE_COUNTS = (("val-n", "validation"), ("test-n", "test"))
+SCORE_PREFIXES = ("val-", "test-")  # the scores of a global model in a reply
+
+
+def check_metric(key: str, name: str, value: object) -> str | None:
+    """`value` of metric `name` (reported as `key`) is a number within the metric's range."""
+    if name not in METRIC_RANGES:
+        return f"unknown metric '{key}'"
+    if not is_number(value):
+        return f"metric '{key}' is not a number"
+    lo, hi = METRIC_RANGES[name]
+    v = float(value)  # type: ignore[arg-type]
+    if not math.isnan(v) and not lo <= v <= hi:
+        return f"metric '{key}' is {v:.4g}, outside its range [{lo:g}, {hi:g}]"
+    return None
 
 
 def check_score_counts(metrics: Mapping[str, object], sizes: Mapping[str, int] | None,
-                       extra: tuple[tuple[str, str], ...] = ()) -> str | None:
-    """`val-n` / `test-n` (and `extra` keys) are counts no larger than the site declared; in an
-    evaluate reply, or a train reply that also scored the global model."""
+                       extra: tuple[tuple[str, str], ...] = (),
+                       scores_only: bool = False) -> str | None:
+    """The scores of the global model a site sends (an evaluate reply, or a train reply with
+    `evaluate_with_train`): `val-<metric>` / `test-<metric>` within the metric's range,
+    `-n` counts no larger than the site declared (and `extra` keys), `-positives` counts no
+    larger than `-n`. `scores_only`: every other key is refused too."""
     for key, split in (*extra, *SCORE_COUNTS):
         if key in metrics and not is_count(metrics[key]):
             return f"'{key}' is not a count of rows"
         if key in metrics and sizes is not None and float(metrics[key]) > sizes.get(split, 0):  # type: ignore[arg-type]
             return f"'{key}' is above the {sizes.get(split, 0)} {split} rows the site declared"
+    for prefix in SCORE_PREFIXES:  # a count summed over sites: bounded by the rows
+        positives = metrics.get(f"{prefix}positives")
+        if positives is not None and (not is_count(positives) or float(positives)  # type: ignore[arg-type]
+                                      > float(metrics.get(f"{prefix}n", 0))):  # type: ignore[arg-type]
+            return f"'{prefix}positives' is not a count of at most '{prefix}n' rows"
+    for key, value in metrics.items():
+        score_of = next((p for p in SCORE_PREFIXES if key.startswith(p)), None)
+        if score_of is None:
+            if scores_only and key not in (name for name, _ in extra):
+                return f"unexpected metric '{key}'"
+            continue
+        name = key[len(score_of):]
+        if name not in COUNT_KEYS and (problem := check_metric(key, name, value)):
+            return problem
     return None
 
 
@@ -253,6 +335,11 @@ def check_site_model_reply(msg: Message) -> str | None:
             return f"'{key}' is missing or not a number"
     if not all(is_number(v) for v in metrics.values()):
         return "a metric is not a number"
+    for key, value in metrics.items():
+        who, _, name = key.rpartition("/")
+        if who.endswith(("/validation", "/test")) and name not in COUNT_KEYS \
+                and (problem := check_metric(key, name, value)):
+            return problem
     if metrics[rk.SITE_KEPT_ADAPTED] not in (0, 1):
         return f"'{rk.SITE_KEPT_ADAPTED}' is not 0 or 1"
     for key in ("steps", *(k for k in metrics if k.startswith("rows/"))):
@@ -266,8 +353,12 @@ def check_site_model_reply(msg: Message) -> str | None:
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
             return f"hash of {name} is missing or not 64 hex characters"
     for key in ("method", "reason", "rule"):
-        if not isinstance(words.get(key), str) or len(str(words.get(key))) > 2000:
-            return f"'{key}' is missing or longer than 2000 characters"
+        if not isinstance(words.get(key), str) or len(str(words.get(key))) > MAX_WORDS:
+            return f"'{key}' is missing or longer than {MAX_WORDS} characters"
+    for key in ("notes", "fitted-on"):
+        if key in words and (not isinstance(words[key], str)
+                             or len(str(words[key])) > 4 * MAX_WORDS):
+            return f"'{key}' is not text of at most {4 * MAX_WORDS} characters"
     return None
 
 

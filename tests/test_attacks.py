@@ -8,13 +8,16 @@ excluded or bounded reply with a logged reason; none stops the run.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from client.client_app import make_client_app
+from common import records as rk
 from common.config_check import load_config
 from common.data.federated import raw_sites
 from common.registry import Registry
@@ -34,14 +37,38 @@ def _identity() -> Iterator[None]:
         yield
 
 
+Rewrite = Callable[[str, RecordDict, int], None]  # (message type, reply content, round)
+
+
+class RewritingGrid(InProcessGrid):
+    """The first node's replies as `rewrite` changes them (what a modified hospital could
+    send beyond `federation.faults`); `rounds` counts the train exchanges."""
+
+    def __init__(self, app: Any, num_nodes: int, rewrite: Rewrite) -> None:
+        super().__init__(app, num_nodes)
+        self.rewrite, self.rounds = rewrite, 0
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.rounds += bool(messages) and messages[0].metadata.message_type == "train"
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.metadata.src_node_id == min(self.contexts) and not r.has_error():
+                self.rewrite(r.metadata.message_type, r.content, self.rounds)
+        return replies
+
+
 def _run(tmp: Path, name: str, bundle: Path, keys: Path, *overrides: str,
-         enrol: bool = True) -> dict[str, Any]:
+         enrol: bool = True, rewrite: Rewrite | None = None) -> dict[str, Any]:
     run = tmp / name
     settings = run_settings(HEART, (*FAST, *overrides), run, bundle, keys)
     if enrol:
         cfg = load_config(HEART, [*FAST, *overrides])
         enrol_simulated(run, raw_sites(cfg.federation.data, cfg.seed)[1])
-    run_federation(InProcessGrid(make_client_app(settings), 4), settings)
+    app = make_client_app(settings)
+    run_federation(InProcessGrid(app, 4) if rewrite is None else RewritingGrid(app, 4, rewrite),
+                   settings)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
@@ -98,6 +125,92 @@ def test_each_bad_update_is_excluded_with_a_reason_and_the_run_finishes(
     for r in out["rows"]:
         assert all(isinstance(v, float) and v == v for k, v in r["validation"].items()
                    if k in ("accuracy", "auc", "loss"))
+
+
+def _replies_that_crashed_the_server(kind: str, content: RecordDict, server_round: int) -> None:
+    """Round 1: a train reply without its loss; 2: an extra array record; 3: a tensor that is
+    no .npy; every evaluate reply: positives beyond any float count (each raised before)."""
+    if kind == "train" and server_round == 1:
+        metrics = dict(content.metric_records[rk.METRICS])
+        del metrics["loss"]
+        content[rk.METRICS] = MetricRecord(metrics)
+    elif kind == "train" and server_round == 2:
+        content["junk"] = ArrayRecord({"x": Array(np.zeros(2, np.float32))})
+    elif kind == "train":
+        name, arr = next(iter(content.array_records[rk.ARRAYS].items()))
+        content[rk.ARRAYS][name] = Array(arr.dtype, tuple(arr.shape), arr.stype, b"no .npy")
+    elif kind == "evaluate":
+        content[rk.METRICS] = MetricRecord({**content.metric_records[rk.METRICS],
+                                            "val-positives": 1.7e308})
+
+
+def test_replies_that_crashed_the_server_are_excluded_and_the_run_finishes(
+        tmp_path, heart_bundle, signing_key_path) -> None:
+    out = _run(tmp_path, "crashers", heart_bundle, signing_key_path,
+               rewrite=_replies_that_crashed_the_server)
+    assert [r["round"] for r in out["rows"]] == [0, 1, 2, 3]
+    reasons = {(e["type"], e["excluded"]) for e in out["audit"] if "excluded" in e}
+    assert reasons == {
+        ("train", "reply lacks the metrics ['loss']"),
+        ("train", "unexpected array records ['junk']"),
+        ("train", "tensor 'head.weight' does not decode as an array (ValueError)"),
+        ("evaluate", "'val-positives' is not a count of at most 'val-n' rows")}
+    assert all(len(r["sites"]) == 3 for r in out["rows"])  # the honest sites' scores
+
+
+def test_a_site_claiming_a_huge_validation_split_is_weighed_as_its_enrolled_size(
+        tmp_path, heart_bundle, signing_key_path, caplog) -> None:
+    """Scores weigh by the rows a site says it scored: 1e9 rows would make its figure the
+    federation's, and pick `best`, alone."""
+    def claim(kind: str, content: RecordDict, server_round: int) -> None:
+        metrics = dict(content.metric_records[rk.METRICS])
+        if kind == "query.backbone":
+            metrics.update({"rows/validation": 999_999_999, "rows/test": 999_999_999})
+        elif kind == "evaluate":
+            metrics.update({"val-n": 999_999_999, rk.NUM_EXAMPLES: 999_999_999,
+                            "test-n": 999_999_999})
+        content[rk.METRICS] = MetricRecord(metrics)
+
+    caplog.set_level("WARNING", logger="medfed.server")
+    out = _run(tmp_path, "claim", heart_bundle, signing_key_path, rewrite=claim)
+    enrolled = json.loads((out["run"] / "enrolment.json").read_text())
+    first = sorted(out["rows"][-1]["sites"])[0]
+    assert out["rows"][-1]["sites"][first]["validation"]["n"] == enrolled["max_examples"][first]
+    assert f"capped the validation weight of {first}: it claimed 1e+09 rows" in caplog.text
+    assert f"capped the test weight of {first}" in caplog.text
+
+
+def test_the_manifest_names_the_enrolled_hospitals_and_their_errors_reach_the_log_printable(
+        tmp_path, heart_bundle, signing_key_path, caplog) -> None:
+    from flwr.app import Error
+
+    from server.provisioning import Enrolment
+
+    class Failing(InProcessGrid):  # the first node's save fails with a hostile reason
+        def send_and_receive(self, messages: Iterable[Message], *,
+                             timeout: float | None = None) -> Iterable[Message]:
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            for i, r in enumerate(replies):
+                if (r.metadata.message_type == f"query.{rk.QUERY_SAVE_MODEL}"
+                        and r.metadata.src_node_id == min(self.contexts)):
+                    replies[i] = Message(Error(code=0, reason="\x1b[2J INFO all is well\n"
+                                               + "x" * 5000), reply_to=r)
+                    replies[i].metadata.__dict__["_src_node_id"] = r.metadata.src_node_id
+            return replies
+
+    caplog.set_level("WARNING", logger="medfed.server")
+    run = tmp_path / "run"
+    settings = run_settings(HEART, FAST, run, heart_bundle, signing_key_path)
+    grid = Failing(make_client_app(settings), 4)
+    # as `medfed server` writes them: the operator's names by node id
+    Enrolment(names=dict(zip(sorted(grid.contexts), "abcd", strict=True))).write(run)
+    run_federation(grid, settings)
+    manifest = json.loads((Registry(run / "registry").version_dir(3) / "manifest.json")
+                          .read_text())
+    assert manifest["sites"] == ["a", "b", "c", "d"]
+    said = [r.getMessage() for r in caplog.records if "did not save" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("a did not save the final model: ?[2J INFO")
+    assert "\x1b" not in said[0] and "\n" not in said[0] and len(said[0]) < 400
 
 
 def test_a_spoofed_name_is_not_taken_over(tmp_path, heart_bundle, signing_key_path,

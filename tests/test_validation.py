@@ -65,11 +65,34 @@ def test_norm_bound_off_keeps_scaled_update() -> None:
          "unexpected ['backbone.0.weight']"),
         ({**SENT, "head.bias": np.zeros(3, np.float32)}, "has shape (3,), expected (2,)"),
         ({**SENT, "head.bias": np.array([np.nan, 0], np.float32)}, "NaN or infinite"),
-        ({**SENT, "head.bias": np.zeros(2, np.int64)}, "expected a float dtype"),
+        ({**SENT, "head.bias": np.zeros(2, np.int64)}, "dtype int64, expected float32 or float64"),
+        # Flower averages in the first reply's dtype: one float16 reply would round them all
+        ({**SENT, "head.bias": np.zeros(2, np.float16)},
+         "dtype float16, expected float32 or float64"),
     ],
 )
 def test_malformed_tensors_are_excluded(arrays: dict[str, np.ndarray], expected: str) -> None:
     assert expected in str(reasons([reply(3, arrays)])[3])
+
+
+def test_a_tensor_that_does_not_decode_or_an_extra_record_is_excluded_not_raised() -> None:
+    undecodable = reply(3, honest())
+    good = undecodable.content.array_records[rk.ARRAYS]["head.bias"]
+    undecodable.content[rk.ARRAYS]["head.bias"] = Array(good.dtype, tuple(good.shape),
+                                                        good.stype, b"not a .npy file")
+    extra = reply(4, honest())
+    extra.content["junk"] = ArrayRecord({"x": Array(np.zeros(2, np.float32))})
+    got = reasons([undecodable, extra, reply(5, honest())])
+    assert got[3] == "tensor 'head.bias' does not decode as an array (ValueError)"
+    assert got[4] == "unexpected array records ['junk']"
+    assert got[5] is None
+
+
+def test_a_train_reply_without_a_metric_every_reply_carries_is_excluded() -> None:
+    """The strategy averages the same metric keys over every reply: a missing one raised."""
+    got = {v.node_id: v.reason for v in validate_train_replies(
+        SENT, [reply(3, honest())], {3: 50}, 10.0, required=(rk.NUM_EXAMPLES, "loss"))}
+    assert got[3] == "reply lacks the metrics ['loss']"
 
 
 @pytest.mark.parametrize(("n", "expected"), [(0, "expected > 0"), (-4, "expected > 0"),
@@ -128,6 +151,57 @@ def test_sanitised_names_cannot_fake_a_log_line_or_a_path() -> None:
     assert len(sanitise_name("x" * 500)) == 64
 
 
+# --- the scores of a global model a site sends -------------------------------------------
+def evaluate_reply(**metrics: float) -> Message:
+    with task_identity(node_id=0):
+        out = Message(RecordDict({}), dst_node_id=3, message_type="evaluate")
+    with task_identity(node_id=3):
+        return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=out)
+
+
+def honest_scores(classes: int) -> dict[str, float]:
+    """What a site sends: `score` of its validation and test rows (NaN for undefined)."""
+    from client.node import nan_for_none
+    from common.scoring import OperatingPoint, score
+
+    rng = np.random.default_rng(classes)
+    y = np.arange(40) % classes
+    out: dict[str, float] = {}
+    for prefix in ("val-", "test-"):
+        scores = score(rng.standard_normal((40, classes)), y, OperatingPoint())
+        out.update({prefix + k: v for k, v in nan_for_none(scores).items()})
+    return {**out, rk.NUM_EXAMPLES: 40.0}
+
+
+SIZES = {"train": 100, "validation": 40, "test": 40}
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_a_sites_honest_scores_pass(classes: int) -> None:
+    from server.validation import check_evaluate_reply
+
+    assert check_evaluate_reply(evaluate_reply(**honest_scores(classes)), SIZES) is None
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"val-auc": 1e6}, "metric 'val-auc' is 1e+06, outside its range [0, 1]"),
+    ({"test-loss": -1.0}, "metric 'test-loss' is -1, outside its range [0, inf]"),
+    ({"val-brier": 2.5}, "'val-brier' is 2.5, outside its range [0, 2]"),
+    ({"val-glory": 0.5}, "unknown metric 'val-glory'"),
+    ({"bonus": 1.0}, "unexpected metric 'bonus'"),
+    # counts that add up over sites: an overflow crashed the server's sum
+    ({"val-positives": 1.7e308}, "'val-positives' is not a count of at most 'val-n' rows"),
+    ({"test-positives": 41.0}, "'test-positives' is not a count of at most 'test-n' rows"),
+    ({"val-n": 41.0}, "'val-n' is above the 40 validation rows the site declared"),
+])
+def test_scores_out_of_their_range_are_refused(change: dict[str, float], fragment: str) -> None:
+    """One site's impossible figure would set the mean over sites, and `best`, alone."""
+    from server.validation import check_evaluate_reply
+
+    problem = check_evaluate_reply(evaluate_reply(**{**honest_scores(2), **change}), SIZES)
+    assert problem is not None and fragment in problem
+
+
 # --- site-model replies ------------------------------------------------------------------
 def site_model_reply(**metrics: float) -> Message:
     from flwr.app import ConfigRecord
@@ -165,6 +239,8 @@ def test_a_well_formed_site_model_reply_is_read() -> None:
     ({rk.SITE_KEPT_ADAPTED: 2.0}, f"'{rk.SITE_KEPT_ADAPTED}'"),
     ({"rows/train": math.nan}, "'rows/train'"),
     ({"rows/test": 1e12}, "'rows/test'"),
+    ({"site_model/validation/auc": 7.0}, "'site_model/validation/auc' is 7, outside"),
+    ({"global/test/auc_lo": -0.5}, "'global/test/auc_lo' is -0.5, outside"),
 ])
 def test_a_site_model_reply_with_a_bad_count_or_flag_is_refused(metrics, fragment) -> None:
     from server.validation import check_site_model_reply
@@ -207,3 +283,17 @@ def test_a_run_stopped_on_purpose_is_one_sentence_not_a_traceback() -> None:
     assert StopWithoutTraceback().filter(record)
     text = logging.Formatter().format(record)
     assert text == "run stopped: round 3: only 1 valid updates, at least 2 needed"
+
+
+def test_a_site_model_reply_with_interval_bounds_is_read_and_overlong_notes_are_refused() -> None:
+    from flwr.app import ConfigRecord
+
+    from server.validation import MAX_WORDS, check_site_model_reply
+
+    msg = site_model_reply(**{"site_model/validation/auc_lo": 0.7,
+                              "site_model/validation/auc_hi": 0.9})
+    assert check_site_model_reply(msg) is None
+    words = dict(msg.content.config_records[rk.SITE_MODEL])
+    msg.content[rk.SITE_MODEL] = ConfigRecord({**words, "notes": "x" * (4 * MAX_WORDS + 1)})
+    assert check_site_model_reply(msg) == (f"'notes' is not text of at most {4 * MAX_WORDS} "
+                                           "characters")

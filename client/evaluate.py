@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from client.predict import loaded_model, read_inputs
+from client.predict import loaded_model, naming_errors_after, read_inputs
 from client.trust import site_stats_for
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.manifest import json_metrics
@@ -31,9 +31,10 @@ def evaluate_file(model_dir: Path, data: Path, site_stats: Path | None = None,
                   unsigned: bool = False, seed: int = 0, samples: int = 1000
                   ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The report of `model_dir` on the labelled `data`; also (labels, probabilities)."""
-    model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
+    model, bundle = loaded_model(model_dir, public_key, certs, unsigned)
+    manifest = bundle.manifest
     x_raw, y, _, _ = read_inputs(data, manifest, require_label=True)
-    stats, stats_from = site_stats_for(model_dir, manifest, site_stats)
+    stats, stats_from = site_stats_for(bundle, site_stats)
     assert y is not None  # require_label
     op = OperatingPoint.from_dict(manifest.get("operating_point"))
     logits = logits64(model, stats.apply(x_raw))
@@ -93,9 +94,12 @@ def write_report(report: dict[str, Any], y: np.ndarray, proba: np.ndarray, out: 
     """The files of :func:`report_paths`; the paths written."""
     json_path, *png_paths = report_paths(Path(out))
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    with naming_errors_after(json_path):
+        atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     for path, draw in zip(png_paths, (_roc, _reliability), strict=True):
-        atomic_write_bytes(path, draw(y, proba, report))
+        png = draw(y, proba, report)
+        with naming_errors_after(path):
+            atomic_write_bytes(path, png)
     return [json_path, *png_paths]
 
 

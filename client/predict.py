@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from client.trust import open_bundle, site_stats_for, verification_key
 from common.atomic import atomic_write_text, refuse_replacing_input
+from common.bundle import Bundle
 from common.data.csv_source import has_column, read_csv_checked
 from common.data.medmnist import load_image_file, read_labelled_npz
 from common.data.schema import ROW_INDEX, DataError, encode
@@ -73,13 +76,38 @@ def read_inputs(data: Path, manifest: dict[str, Any], require_label: bool = Fals
     return Inputs(x, y, None, list(range(len(x))))
 
 
+def refuse_replacing_inputs(outputs: Sequence[Path], model_dir: Path, data: Path,
+                            stats: Path | None) -> None:
+    """Stop, before any work, when an output would replace an input: the data, the site
+    statistics, or anything in the model directory (a bundle holds only what was signed)."""
+    model = Path(model_dir).resolve()
+    for out in outputs:
+        where = Path(out).resolve()  # also through a link, or `..`
+        if where == model or model in where.parents:
+            raise FileExistsError(f"{out} is inside the model directory {model_dir}: writing "
+                                  "there would change the bundle; choose another output path")
+    refuse_replacing_input(outputs, [data, *([stats] if stats is not None else [])])
+
+
+@contextmanager
+def naming_errors_after(path: Path) -> Iterator[None]:
+    """Writing `path`: an OS error that names no file (a full disk fails in write()) gets its
+    name, so that the user is told which output could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err  # keeps the subclass
+        raise
+
+
 def loaded_model(model_dir: Path, public_key: Path | None, certs: Path | None = None,
-                 unsigned: bool = False) -> tuple[SplitModel, dict[str, Any]]:
-    """The verified bundle's model (all tensors loaded) and manifest."""
+                 unsigned: bool = False) -> tuple[SplitModel, Bundle]:
+    """The verified bundle's model (all tensors loaded), and the bundle."""
     bundle = open_bundle(model_dir, verification_key(public_key, certs, unsigned))
     model = model_from_manifest(bundle.manifest)
     load_state(model, {**bundle.backbone, **bundle.head}, where=str(model_dir), complete=True)
-    return model, bundle.manifest
+    return model, bundle
 
 
 def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = None,
@@ -94,10 +122,11 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
     predictions equal what `medfed evaluate` reports.
     """
     resolve_device(device)
-    refuse_replacing_input([out], [data, *(p for p in [stats] if p is not None)])
-    model, manifest = loaded_model(model_dir, public_key, certs, unsigned)
+    refuse_replacing_inputs([out], model_dir, data, stats)
+    model, bundle = loaded_model(model_dir, public_key, certs, unsigned)
+    manifest = bundle.manifest
     x_raw, _, ids, rows = read_inputs(data, manifest)
-    site_stats, stats_from = site_stats_for(model_dir, manifest, stats)
+    site_stats, stats_from = site_stats_for(bundle, stats)
     op = OperatingPoint.from_dict(manifest.get("operating_point"))
     proba = op.proba(logits64(model, site_stats.apply(x_raw)))
     labels = [csv_safe(str(name)) for name in manifest["labels"]]
@@ -114,7 +143,8 @@ def predict(model_dir: Path, data: Path, out: Path, public_key: Path | None = No
         writer.writerow([rows[i], *row_id, labels[int(k)], *[f"{v:.6f}" for v in p],
                          *([f"{op.threshold:.6f}"] if binary else [])])
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, buf.getvalue())
+    with naming_errors_after(out):
+        atomic_write_text(out, buf.getvalue())
     counts = {str(name): int((predicted == k).sum()) for k, name in enumerate(manifest["labels"])}
     return {"rows": len(x_raw), "counts": counts, "version": manifest.get("version"),
             "site": (manifest.get("site") or {}).get("name"), "statistics": stats_from,

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import re
 import socket
 import ssl
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,12 @@ from common.signing import SignatureError, load_public_key, verify
 
 DEFAULT_PORT = 8443  # `medfed server --registry-port` default
 DEFAULT_TIMEOUT_S = 30.0  # per socket operation, not per download
+# Per request, whole: a registry that drips one byte per socket timeout cannot hold a pull
+# forever. A weight file gets more time in proportion to its size (see _RegistryClient.get).
+DEFAULT_DEADLINE_S = 600.0
+MIN_BYTES_PER_S = 256 << 10  # the slowest link a weight download is given time for
 MAX_FILE_BYTES = 8 << 30  # refuse absurd downloads rather than fill the disk
+MAX_VERSIONS_BYTES = 1 << 20  # /v1/versions: ~100,000 version numbers, far beyond any registry
 _CHUNK = 1 << 20
 BUNDLE_FILES = (MANIFEST_FILE, SIGNATURE_FILE, BACKBONE_FILE, HEAD_FILE)
 # TLS alerts a server sends when it rejects (or never got) our client certificate.
@@ -113,10 +121,23 @@ def pull_from_registry(
     src = Registry(registry).resolve(spec)
     pub = verification_key(public_key, unsigned=unsigned)
     signed = read_manifest(src, pub, require_signature=pub is not None).get("version")
-    if signed != int(src.name[1:]):
+    number = int(src.name[1:])
+    if signed != number:
         raise BundleError(f"registry {registry}: {src.name} holds a signed manifest of version "
                           f"{show(signed)}")
-    return copy_bundle(src, out, pub, replace=replace)
+    state = PullState(_registry_key(registry))
+    _refuse_rollback(number, spec, state, f"model {src.name} from registry {registry}")
+    manifest = copy_bundle(src, out, pub, replace=replace)
+    if pub is not None:  # an unsigned number could be forged high and lock out later pulls
+        state.hold(number, spec)
+    return manifest
+
+
+def _registry_key(registry: Path) -> str:
+    """The PullState name of a registry directory: its resolved path, hashed (a path is
+    longer than a state file's name may be), after a readable prefix."""
+    resolved = str(Path(registry).resolve())
+    return f"registry-{hashlib.sha256(resolved.encode()).hexdigest()[:16]}-{Path(resolved).name}"
 
 
 # ---------------------------------------------------------------------------- from the server
@@ -189,13 +210,60 @@ def _transport_error(err: OSError, address: str, paths: HospitalPaths, timeout: 
     return PullError(f"cannot reach the model registry at {address} ({err.strerror or err})")
 
 
+class _DeadlinePassed(TimeoutError):
+    """A request's overall deadline passed (not one socket operation's timeout)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket as a response reads it (status line, headers, body): no read may end after
+    the request's deadline, however slowly the server sends."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, timeout: float | None,
+                 deadline: float) -> None:
+        # `raw` is the socket's own reader: it keeps the socket open while the response
+        # lives (http.client closes its side as soon as the headers say "close")
+        self.raw, self.sock, self.timeout, self.deadline = raw, sock, timeout, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed
+        cut_by_deadline = self.timeout is None or left < self.timeout
+        self.sock.settimeout(left if cut_by_deadline else self.timeout)
+        try:
+            return self.raw.readinto(buffer)
+        except TimeoutError:
+            if cut_by_deadline:
+                raise _DeadlinePassed from None
+            raise  # the per-operation timeout: "no answer in N s"
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """A response whose every socket read goes through a :class:`_DeadlineReader`."""
+
+    def __init__(self, sock: socket.socket, *args: Any, timeout: float | None,
+                 deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        raw = self.fp.detach()  # nothing was read yet: no buffered byte is lost
+        self.fp = io.BufferedReader(_DeadlineReader(raw, sock, timeout, deadline))
+
+
 class _RegistryClient:
     """One keep-alive HTTPS connection to the registry; every failure becomes a PullError."""
 
-    def __init__(self, server: str, certs: Path | None, timeout: float) -> None:
+    def __init__(self, server: str, certs: Path | None, timeout: float,
+                 deadline: float = DEFAULT_DEADLINE_S) -> None:
         host, port = parse_address(server)
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.timeout = timeout
+        self.deadline = deadline
         context, self.paths = _tls_context(certs)
         self.conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
 
@@ -207,7 +275,14 @@ class _RegistryClient:
         """GET ``path``; return the body, or stream it into ``sink`` (returns b'').
 
         More than `limit` bytes is refused; with `sha256` the streamed bytes must hash to it.
+        The whole answer must arrive within the client's deadline (plus, for a streamed
+        file, the time `limit` bytes take at MIN_BYTES_PER_S).
         """
+        allowed = self.deadline + (limit / MIN_BYTES_PER_S if sink is not None else 0.0)
+        self.conn.response_class = partial(  # type: ignore[assignment]  # http.client only calls it
+            _DeadlineResponse, timeout=self.timeout, deadline=time.monotonic() + allowed)
+        if self.conn.sock is not None:  # a keep-alive socket: the last read may have cut it
+            self.conn.sock.settimeout(self.timeout)
         try:
             self.conn.request("GET", path)
             response = self.conn.getresponse()
@@ -221,6 +296,11 @@ class _RegistryClient:
                 return body
             self._stream(response, path, sink, limit, sha256)
             return b""
+        except _DeadlinePassed as err:
+            raise PullError(
+                f"the model registry at {self.address} did not finish sending {path} within "
+                f"{allowed:g} s; gave up (overloaded, or stalling on purpose)"
+            ) from err
         except http.client.RemoteDisconnected as err:
             raise _transport_error(
                 ConnectionResetError(str(err)), self.address, self.paths, self.timeout
@@ -236,17 +316,35 @@ class _RegistryClient:
                 sha256: str | None) -> None:
         written = 0
         digest = hashlib.sha256()
-        with open(sink, "wb") as handle:
+        # A failed write (disk full, quota) is this machine's, not the registry's: it gets its
+        # own sentence instead of falling into get()'s "cannot reach the registry". Unbuffered,
+        # so that it fails in write() and not again in close().
+        try:
+            handle = open(sink, "wb", buffering=0)
+        except OSError as err:
+            raise self._local_error(sink, path, err) from err
+        with handle:
             while chunk := response.read(_CHUNK):
                 written += len(chunk)
                 if written > limit:
                     raise BundleError(f"exceeds the {limit} bytes its signed manifest allows; "
                                       "refused")
                 digest.update(chunk)
-                handle.write(chunk)
+                try:
+                    left = memoryview(chunk)
+                    while left:  # a raw write may take only part (e.g. the disk fills up)
+                        left = left[handle.write(left):]
+                except OSError as err:
+                    raise self._local_error(sink, path, err) from err
         if sha256 is not None and digest.hexdigest() != sha256:
             raise BundleError(f"has sha256 {digest.hexdigest()[:16]}...; expected "
                               f"{sha256[:16]}... from the signed manifest")
+
+    def _local_error(self, sink: Path, path: str, err: OSError) -> PullError:
+        # `sink` sits in a temporary directory about to go: name the directory of --out
+        return PullError(f"cannot write {sink.name} to the local directory {sink.parent.parent} "
+                         f"({err.strerror or err}) while downloading {path} from "
+                         f"{self.address}; nothing was kept")
 
     def _status_error(self, path: str, response: http.client.HTTPResponse) -> PullError:
         body = response.read(64 * 1024)
@@ -266,7 +364,8 @@ class _RegistryClient:
         """Pin ``latest``/``best`` to a number once, so all files come from one version."""
         if spec not in ("latest", "best"):
             return int(spec)
-        body = self.get("/v1/versions")  # PullError is a ValueError: keep it out of the try
+        # PullError is a ValueError: keep it out of the try
+        body = self.get("/v1/versions", limit=MAX_VERSIONS_BYTES)
         try:
             version = json.loads(body)[spec]
         except (ValueError, KeyError, TypeError) as err:
@@ -305,6 +404,7 @@ def pull_from_server(
     *,
     replace: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    deadline: float = DEFAULT_DEADLINE_S,
 ) -> dict[str, Any]:
     """Download version ``version`` from the HTTPS model registry at ``server`` into ``out``.
 
@@ -319,6 +419,10 @@ def pull_from_server(
         ``N``, ``latest`` or ``best``.
     out:
         Directory to create; it appears only once the signature and all hashes check out.
+    timeout:
+        Seconds one socket operation may take.
+    deadline:
+        Seconds one whole request may take (a weight file gets more, by its size).
 
     Returns
     -------
@@ -336,7 +440,7 @@ def pull_from_server(
     spec = _check_spec(version)
     pub = load_public_key(_default_public_key(certs, public_key))
     _check_out(out, replace)
-    client = _RegistryClient(server, certs, timeout)
+    client = _RegistryClient(server, certs, timeout, deadline)
     try:
         number = client.resolve(spec)
         where = f"model v{number:04d} from {client.address}"
@@ -397,6 +501,11 @@ def _check_version(manifest: dict[str, Any], number: int, spec: str, state: Pull
     if not isinstance(signed, int) or isinstance(signed, bool) or signed != number:
         raise BundleError(f"{where}: the signed manifest is of version {show(signed)}, not "
                           f"{number}: the registry served another version than it named")
+    _refuse_rollback(signed, spec, state, where)
+
+
+def _refuse_rollback(signed: int, spec: str, state: PullState, where: str) -> None:
+    """`latest`/`best` must not be older than what this hospital already holds from there."""
     # `latest` is the newest version published: never older than one already held. `best`
     # only ever moves forward (a later round must score at least as well to take it).
     floor = state.newest if spec == "latest" else state.best if spec == "best" else None

@@ -8,6 +8,7 @@ needs ``--unsigned`` and prints a warning line.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,21 +56,22 @@ def open_manifest(model_dir: Path, key: Ed25519PublicKey | None) -> dict[str, An
     return read_manifest(Path(model_dir), key, require_signature=key is not None)
 
 
-def site_stats_for(model_dir: Path, manifest: dict[str, Any], given: Path | None
-                   ) -> tuple[SiteStats, str]:
+def site_stats_for(bundle: Bundle, given: Path | None) -> tuple[SiteStats, str]:
     """The statistics the model's inputs are preprocessed with, and where they came from.
 
-    A site model carries its own (hash-checked with the bundle); a `bundle`-mode model uses
-    the bundle's; a `site`-mode global model needs the hospital's own file: `given`, else
-    `site_stats.json` beside the model directory (where `medfed client` writes it).
+    A site model carries its own (the bytes hash-checked with the bundle); a `bundle`-mode
+    model uses the bundle's; a `site`-mode global model needs the hospital's own file:
+    `given`, else `site_stats.json` beside the model directory (where `medfed client`
+    writes it).
     """
-    model_dir = Path(model_dir)
+    model_dir, manifest = Path(bundle.path), bundle.manifest
     if SITE_STATS_FILE in manifest.get("files", {}):
         if given is not None:
             raise DataError(f"bundle {model_dir} carries its own site statistics; drop "
                             "--site-stats")
-        return read_site_stats(model_dir / SITE_STATS_FILE), f"{model_dir / SITE_STATS_FILE} " \
-            "(signed with the bundle)"
+        where = f"{model_dir / SITE_STATS_FILE}"
+        return _signed_site_stats(bundle.extras[SITE_STATS_FILE], where), \
+            f"{where} (signed with the bundle)"
     if normalisation_mode(manifest) != "site":
         if given is not None:
             raise DataError(f"bundle {model_dir} uses the bundle's own statistics "
@@ -90,3 +92,12 @@ def site_stats_for(model_dir: Path, manifest: dict[str, Any], given: Path | None
         raise DataError(f"site statistics {path} cover {stats.normaliser.mean.size} features; "
                         f"the model reads {width}")
     return stats, str(path)
+
+
+def _signed_site_stats(data: bytes, where: str) -> SiteStats:
+    """A site model's statistics from the bytes load_bundle verified (not re-read from disk)."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"site statistics file {where} is not a readable JSON file") from err
+    return SiteStats.from_dict(raw, where=f"site statistics file {where}")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ class Bundle:
     manifest: dict[str, Any]
     backbone: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
+    # the verified bytes of every other listed file (a site model's site_stats.json): use
+    # these, never the file again, which may have changed on disk since it was checked
+    extras: dict[str, bytes] = field(default_factory=dict)
 
 
 def sha256_bytes(b: bytes) -> str:
@@ -387,7 +390,9 @@ def load_bundle(
     contents = _read_verified_files(bundle_dir, manifest)
     backbone = state_from_bytes(contents[BACKBONE_FILE], f"bundle {bundle_dir}: {BACKBONE_FILE}")
     head = state_from_bytes(contents[HEAD_FILE], f"bundle {bundle_dir}: {HEAD_FILE}")
-    return Bundle(path=bundle_dir, manifest=manifest, backbone=backbone, head=head)
+    extras = {name: data for name, data in contents.items() if name not in WEIGHT_FILES}
+    return Bundle(path=bundle_dir, manifest=manifest, backbone=backbone, head=head,
+                  extras=extras)
 
 
 def copy_bundle(

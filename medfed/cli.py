@@ -330,8 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medfed: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-            NotADirectoryError) as err:
+    except (ValueError, OSError) as err:  # OSError: also a full disk, a quota, a read-only one
         print(f"medfed: error: {sentence(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -343,6 +342,8 @@ def sentence(err: BaseException) -> str:
     if not (isinstance(err, OSError) and err.errno is not None and str(err).startswith("[Errno")):
         return str(err)  # medfed's own sentence
     path = err.filename2 if err.filename2 is not None else err.filename  # a rename: its target
+    if path is None:  # e.g. a failed write(): the system's words, not "None: ..."
+        return str(err.strerror)
     if err.errno == errno.EEXIST:
         return f"{path} is a file where a directory is needed; give a directory path"
     if err.errno == errno.EISDIR:

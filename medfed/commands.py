@@ -112,7 +112,7 @@ MAX_BOOTSTRAP = 100_000  # resamples; 1,000 (the default) already gives stable 9
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`medfed evaluate`."""
     from client.evaluate import evaluate_file, format_report, report_paths, write_report
-    from common.atomic import refuse_replacing_input
+    from client.predict import refuse_replacing_inputs
 
     # the time grows with resamples x rows (memory does not: resamples come in blocks)
     if not 1 <= args.bootstrap <= MAX_BOOTSTRAP:
@@ -120,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.out is not None:
-        refuse_replacing_input(report_paths(args.out), [args.data])
+        refuse_replacing_inputs(report_paths(args.out), args.model, args.data, args.site_stats)
     report, y, proba = evaluate_file(args.model, args.data, args.site_stats, args.public_key,
                                      certs=args.certs, unsigned=args.unsigned, seed=args.seed,
                                      samples=args.bootstrap)
@@ -210,7 +210,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         manifest = pull_from_server(args.server, args.certs, args.version, args.out,
                                     args.public_key, replace=args.force)
-    checked = "hashes verified, signature NOT checked" if args.unsigned else \
+    # --unsigned applies to --registry only: a pull from a server always checks the signature
+    skipped = args.unsigned and args.registry is not None
+    checked = "hashes verified, signature NOT checked" if skipped else \
         "hashes and signature verified"
     print(f"pulled model v{manifest['version']:04d} (round {manifest['round']}) into {args.out}; "
           f"{checked}")

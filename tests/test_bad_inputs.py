@@ -34,6 +34,7 @@ from common.bundle import (
     HEAD_FILE,
     MANIFEST_FILE,
     SIGNATURE_FILE,
+    SITE_STATS_FILE,
     manifest_to_bytes,
     sha256_bytes,
     state_to_bytes,
@@ -584,6 +585,33 @@ def evaluate_out_is_the_data_file(c: Ctx) -> Call:
     return Call(argv, c.tmp / "nothing", ("hospital.csv", "input file"))
 
 
+def evaluate_out_is_the_site_stats_file(c: Ctx) -> Call:
+    """Once: exit 0, and the hospital's site_stats.json replaced by the report."""
+    stats = _bundle_stats(c, json.loads((c.heart_bundle / MANIFEST_FILE).read_bytes()))
+    argv = ["evaluate", "--model", str(c.heart_bundle), "--data", str(_hospital_csv(c)),
+            "--site-stats", str(stats), "--out", str(stats), "--public-key", str(c.signing_pub),
+            "--bootstrap", "10"]
+    return Call(argv, c.tmp / "nothing", ("site_stats.json", "input file"))
+
+
+def predict_out_is_a_file_of_the_model(c: Ctx) -> Call:
+    """Once: exit 0, and the bundle's manifest replaced by predictions (it no longer loads)."""
+    model = _bundle_copy(c)
+    stats = _bundle_stats(c, json.loads((model / MANIFEST_FILE).read_bytes()))
+    return Call(_predict_argv(c, _hospital_csv(c), model / MANIFEST_FILE, model, stats=stats),
+                c.tmp / "nothing", ("manifest.json", "inside the model directory"))
+
+
+def evaluate_out_is_inside_the_model(c: Ctx) -> Call:
+    """A report (and its plots) written into the signed bundle's own directory."""
+    model = _bundle_copy(c)
+    stats = _bundle_stats(c, json.loads((model / MANIFEST_FILE).read_bytes()))
+    argv = ["evaluate", "--model", str(model), "--data", str(_hospital_csv(c)),
+            "--site-stats", str(stats), "--out", str(model / "report.json"),
+            "--public-key", str(c.signing_pub), "--bootstrap", "10"]
+    return Call(argv, model / "report.json", ("report.json", "inside the model directory"))
+
+
 def evaluate_bootstrap_beyond_reason(c: Ctx) -> Call:
     """Once: 10**11 resamples tried to allocate 220 TiB and ended in a MemoryError traceback."""
     argv = ["evaluate", "--model", str(c.heart_bundle), "--data", str(_hospital_csv(c)),
@@ -609,6 +637,8 @@ CSV_CASES: list[Builder] = [
     predict_out_is_the_data_file, predict_out_is_a_link_to_the_data_file,
     predict_out_is_a_directory, simulate_out_is_a_file, export_heart_under_a_file,
     evaluate_out_is_the_data_file, schema_out_is_a_data_file_even_with_force,
+    evaluate_out_is_the_site_stats_file, predict_out_is_a_file_of_the_model,
+    evaluate_out_is_inside_the_model,
     evaluate_bootstrap_beyond_reason, evaluate_negative_seed,
     heldout_file_missing, heldout_file_with_a_missing_column, heldout_unknown_mode,
     simulate_waits_for_more_hospitals_than_it_has, simulate_no_hospitals,
@@ -1268,6 +1298,55 @@ def test_a_client_that_cannot_reach_the_server_says_what_ended_its_wait(tmp_path
     assert last == (f"medfed: error: hospital hospital-a: cannot reach the server at {server} "
                     "after at most 2 attempts: connection refused or no route (is it running, "
                     "and are the address and port right?)"), result.stderr
+
+
+def test_a_full_disk_while_writing_predictions_is_one_sentence_naming_the_file(
+        ctx: Ctx, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once: a traceback (main caught only some OSErrors; a full disk's write() names no
+    file)."""
+    import client.predict
+
+    def full_disk(path: Path, text: str) -> None:
+        with open("/dev/full", "w") as handle:  # raises ENOSPC, without a file name
+            handle.write(text)
+
+    monkeypatch.setattr(client.predict, "atomic_write_text", full_disk)
+    out = ctx.tmp / "preds.csv"
+    stats = _bundle_stats(ctx, json.loads((ctx.heart_bundle / MANIFEST_FILE).read_bytes()))
+    code = main(_predict_argv(ctx, _hospital_csv(ctx), out, stats=stats))
+    captured = capsys.readouterr()
+    assert code == EXIT_BAD_INPUT, captured.err
+    assert captured.err == f"medfed: error: {out}: No space left on device\n"
+    assert captured.out == ""
+
+
+def test_a_site_models_statistics_are_the_verified_bytes_not_a_second_read(
+        ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    """site_stats.json was hash-checked, then read again from disk: a file swapped in between
+    was used unverified and reported as 'signed with the bundle'."""
+    import client.predict
+
+    model = _bundle_copy(ctx)
+    manifest = json.loads((model / MANIFEST_FILE).read_bytes())
+    stats = _bundle_stats(ctx, manifest).read_bytes()
+    (model / SITE_STATS_FILE).write_bytes(stats)  # a site model: its statistics signed with it
+    manifest["files"][SITE_STATS_FILE] = sha256_bytes(stats)
+    _resign(ctx, model, manifest_bytes=manifest_to_bytes(manifest))
+    data = _hospital_csv(ctx)
+    honest = client.predict.predict(model, data, ctx.tmp / "a.csv", ctx.signing_pub)
+
+    read_inputs = client.predict.read_inputs
+
+    def swap_then_read(*args: object, **kwargs: object) -> object:  # after the bundle's check
+        forged = json.loads(stats)
+        forged["mean"] = [m + 50.0 for m in forged["mean"]]
+        (model / SITE_STATS_FILE).write_text(json.dumps(forged))
+        return read_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(client.predict, "read_inputs", swap_then_read)
+    client.predict.predict(model, data, ctx.tmp / "b.csv", ctx.signing_pub)
+    assert (ctx.tmp / "b.csv").read_bytes() == (ctx.tmp / "a.csv").read_bytes()
+    assert honest["statistics"].endswith("(signed with the bundle)")
 
 
 def test_an_operating_system_error_is_said_in_words_naming_the_path(tmp_path) -> None:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+import client.pull
 from client.pull import PullError, parse_address, pull_from_registry, pull_from_server
 from common.bundle import BundleError, BundleSignatureError
 from common.certs import FederationPaths, HospitalPaths, init_federation, init_hospital
 from common.registry import Registry
 from common.signing import load_or_create_signing_key, load_private_key, public_key_path
+from medfed.cli import main
 from server.registry_http import RegistryServerHandle, start_registry_server
 from tests.limits import SOCKET_S
 
@@ -71,6 +76,48 @@ def server(registry_root: Path, fed: FederationPaths) -> Iterator[RegistryServer
     )
     yield handle
     handle.stop()
+
+
+Handler = Callable[[ssl.SSLSocket, str], None]
+
+
+@pytest.fixture
+def hostile(fed: FederationPaths) -> Iterator[Callable[[Handler], str]]:
+    """A raw TLS server with the federation's real server certificate that answers each
+    request with `handler(connection, path)`; its address."""
+    listeners: list[socket.socket] = []
+
+    def _start(handler: Handler) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(fed.server_cert), str(fed.server_key))
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve(conn: socket.socket) -> None:
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    request = tls.makefile("rb")
+                    path = request.readline().split()[1].decode()
+                    while request.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    handler(tls, path)
+            except (OSError, IndexError):
+                pass  # the client gave up: that is what these tests wait for
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return  # closed at teardown
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield _start
+    for listener in listeners:
+        listener.close()
 
 
 def _same_files(out: Path, version_dir: Path) -> bool:
@@ -229,6 +276,72 @@ def test_replace_swaps_in_the_new_version(
     assert _same_files(out, registry_root / "v0002")
 
 
+def test_an_oversized_versions_answer_is_refused_without_reading_it_all(
+    hostile: Callable[[Handler], str], hospital: HospitalPaths, tmp_path: Path
+) -> None:
+    """/v1/versions is a small JSON answer: once read with the 8 GiB weight-file cap."""
+    def huge(conn: ssl.SSLSocket, path: str) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        conn.sendall(b" " * (2 << 20) + b'{"latest": null, "best": null, "versions": []}')
+
+    address = hostile(huge)
+    out = tmp_path / "model"
+    with pytest.raises(PullError, match=rf"/v1/versions from {address} is larger than"):
+        pull_from_server(address, hospital.out, "latest", out, timeout=TIMEOUT)
+    assert _nothing_written(out)
+
+
+def test_a_registry_that_drips_its_answer_is_given_up_at_the_deadline(
+    hostile: Callable[[Handler], str], hospital: HospitalPaths, tmp_path: Path
+) -> None:
+    """A byte every 0.05 s never trips the per-operation timeout; the whole-request deadline
+    ends it. (The server stops after TIMEOUT, so a pull without one fails otherwise.)"""
+    def drip(conn: ssl.SSLSocket, path: str) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")  # no length: the body ends when it closes
+        end = time.monotonic() + TIMEOUT
+        while time.monotonic() < end:
+            conn.sendall(b" ")
+            time.sleep(0.05)
+
+    address = hostile(drip)
+    out = tmp_path / "model"
+    with pytest.raises(PullError, match=rf"registry at {address} did not finish sending "
+                                        r"/v1/versions within 0.5 s"):
+        pull_from_server(address, hospital.out, "latest", out, timeout=TIMEOUT, deadline=0.5)
+    assert _nothing_written(out)
+
+
+def test_a_local_write_error_names_this_machine_not_the_registry(
+    server: RegistryServerHandle, hospital: HospitalPaths, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk while saving a weight file was reported as 'cannot reach the registry'."""
+    def full_disk(path: Path, mode: str, **kwargs: object) -> object:
+        return open("/dev/full", mode, **kwargs)  # every write: ENOSPC, as on a full disk
+
+    monkeypatch.setattr(client.pull, "open", full_disk, raising=False)
+    out = tmp_path / "model"
+    with pytest.raises(PullError) as info:
+        pull_from_server(server.address, hospital.out, "latest", out, timeout=TIMEOUT)
+    message = str(info.value)
+    assert message.startswith(f"cannot write backbone.safetensors to the local directory "
+                              f"{tmp_path} (No space left on device)"), message
+    assert "cannot reach" not in message
+    assert _nothing_written(out)
+
+
+def test_pull_from_server_with_unsigned_does_not_claim_the_signature_was_skipped(
+    server: RegistryServerHandle, hospital: HospitalPaths, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--unsigned is for --registry only: a pull from a server checks the signature anyway."""
+    out = tmp_path / "model"
+    code = main(["pull", "--server", server.address, "--certs", str(hospital.out),
+                 "--version", "0", "--out", str(out), "--unsigned"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().endswith("hashes and signature verified")
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [("fl.example.org:8443", ("fl.example.org", 8443)), ("10.0.0.1", ("10.0.0.1", 8443)),
@@ -316,6 +429,22 @@ def test_a_registry_serving_an_older_model_as_latest_is_refused(
     assert _nothing_written(tmp_path / "b")
     # going back on purpose, by number, is allowed
     assert pull_from_server(server.address, hospital.out, "1", tmp_path / "c")["version"] == 1
+
+
+def test_a_registry_directory_whose_latest_moves_back_is_refused(
+        own_home, fed, hospital, tmp_path) -> None:
+    """The same rollback protection as from a server, per registry directory."""
+    root = _build_registry(tmp_path / "registry", fed)
+    assert pull_from_registry(root, "latest", tmp_path / "a", hospital.signing_pub)["version"] == 2
+    (root / "latest.json").write_text('{"version": 1}\n')  # the registry rolls back
+    with pytest.raises(BundleError, match="refused as a rollback"):
+        pull_from_registry(root, "latest", tmp_path / "b", hospital.signing_pub)
+    assert _nothing_written(tmp_path / "b")
+    # another registry directory has its own history; going back by number is allowed
+    other = _build_registry(tmp_path / "other", fed)
+    (other / "latest.json").write_text('{"version": 1}\n')
+    assert pull_from_registry(other, "latest", tmp_path / "c", hospital.signing_pub)["version"] == 1
+    assert pull_from_registry(root, "1", tmp_path / "d", hospital.signing_pub)["version"] == 1
 
 
 def test_a_version_that_signs_another_number_is_refused(own_home, fed, hospital, start,

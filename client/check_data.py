@@ -7,7 +7,6 @@ predict will accept it; any problem raises the same one-sentence error they woul
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 from client.local_data import data_config, hospital_site
 from client.predict import read_inputs
 from client.trust import open_manifest, verification_key
-from common.data.csv_source import read_csv_frame
+from common.data.csv_source import read_csv_frame, read_header
 from common.data.schema import DataError, Schema, bad_rows
 from common.manifest import spec_from_manifest
 
@@ -48,8 +47,7 @@ class DataCheck:
 def _header_width(path: Path) -> int:
     # Only called after the file passed validation, so it is readable UTF-8 CSV; columns
     # without a name were empty (the reader left them out) and are not counted.
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        return sum(1 for name in next(csv.reader(handle)) if name.strip())
+    return sum(1 for name in read_header(path) if name)
 
 
 def _repeated_rows_warning(schema: Schema, data: Path, test_data: Path | None

@@ -365,3 +365,32 @@ def test_test_files_must_match_the_site_files_one_to_one(schema_path, tmp_path):
     a = _write(tmp_path, HEADER + "\n".join(ROWS) + "\n", "north.csv")
     with pytest.raises(DataError, match="lists 2 files but 'data.csv_paths' lists 1"):
         load_csv_sites(_cfg(schema_path, a, test_paths=(str(a), str(a))))
+
+
+@pytest.mark.parametrize("cell", ["1e39", "-1e39"])
+def test_a_value_too_large_for_float32_is_refused_naming_column_and_rows(cell, tmp_path):
+    # finite as read, but inf once encoded as float32: the site's mean would be inf, its
+    # normalised rows NaN
+    path = _write(tmp_path, SCHEMA_YAML.replace(", min: 18, max: 100", ""), "s.yaml")
+    data = _write(tmp_path, HEADER + f"40,0,1,0\n{cell},0,1,0\n", "ward-7.csv")
+    with pytest.raises(DataError, match=r"ward-7\.csv: column 'age' has 1 row \(row 3\) with a "
+                                        r"value beyond"):
+        read_csv_checked(data, load_schema(path))
+
+
+def test_a_blank_line_before_the_header_reads_the_header_as_the_reader_does(tmp_path):
+    # the reader skips blank lines before the header; the header look-ups must as well
+    from client.check_data import _header_width
+    from common.data.csv_source import has_column
+
+    path = _write(tmp_path, "\n\nid," + HEADER + "".join(f"p{i},{r}\n" for i, r in
+                                                          enumerate(ROWS)))
+    assert has_column(path, "id") and not has_column(path, "ward")
+    assert _header_width(path) == 5
+
+
+def test_site_names_that_differ_only_in_surrounding_spaces_are_one_site(schema_path, tmp_path):
+    rows = [f"{r},{'a ' if i % 2 else ' a'}" for i, r in enumerate(ROWS)]
+    path = _write(tmp_path, HEADER.strip() + ",hospital\n" + "\n".join(rows) + "\n")
+    _, sites = load_csv_sites(_cfg(schema_path, path, site_column="hospital"))
+    assert [(s.name, sum(s.sizes().values())) for s in sites] == [("a", 6)]

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.data.csv_source import read_csv_checked
 from common.data.heart import SITE_FILES, export_site_csv
-from common.data.schema import Schema, load_schema
+from common.data.schema import DataError, Schema, load_schema
 from common.data.schema_draft import draft_schema
 from medfed.cli import EXIT_BAD_INPUT, main
 
@@ -155,8 +156,17 @@ def test_missing_cells_are_drafted_as_median_and_flagged(tmp_path) -> None:
 @pytest.mark.parametrize(("label", "content", "fragment"), [
     ("outcome", "age,y\n40,0\n50,1\n", "label column 'outcome' not found"),
     ("y", "age,y\n40,0\n50,0\n", "single value"),
-    ("y", "age,y\n40,0\n50,\n", "1 row without a value"),
-    ("y", "age,y\n40,0\n50,sick\n", "holds numbers and, in 1 row, text"),
+    ("y", "age,y\n40,0\n50,\n", "site.csv: label column 'y' has 1 row (row 3) without a "
+                                "value"),
+    ("y", "age,y\n40,0\n50,sick\n", "site.csv: label column 'y' has 1 row (row 3) with text "
+                                   "where other rows hold numbers"),
+    # inf or beyond float32 (about 3.4e38): no range to draft, and no value medfed can store
+    ("y", "age,y\n1e308,0\n-1e308,1\n", "site.csv: column 'age' has 2 rows (rows 2, 3) with "
+                                        "a value that is infinite or beyond"),
+    ("y", "age,y\n40,0\ninf,1\n", "site.csv: column 'age' has 1 row (row 3) with a value "
+                                  "that is infinite or beyond"),
+    ("y", "age,y\n40,0\n1e39,1\n", "site.csv: column 'age' has 1 row (row 3) with a value "
+                                   "that is infinite or beyond"),
     ("y", "age,y\n", "site.csv: the file has a header but no data rows"),
     ("y", "age,y\n,\n,\n", "site.csv: the file has a header but no data rows"),
 ])
@@ -169,3 +179,42 @@ def test_bad_input_to_schema_is_one_sentence_and_writes_nothing(
     err = capsys.readouterr().err.splitlines()
     assert code == EXIT_BAD_INPUT and len(err) == 1 and fragment in err[0]
     assert not out.exists()
+
+
+def test_a_constant_code_column_is_left_out_and_said_why(tmp_path) -> None:
+    # one code cannot be a categorical column (it needs two); a number the same in every row
+    # tells the model nothing either
+    path = tmp_path / "site.csv"
+    path.write_text("age,grade,y\n40,3,0\n50,3,1\n60,3,1\n")
+    draft = draft_schema([path], "y")
+    assert [c["name"] for c in draft.schema["columns"]] == ["age"]  # type: ignore[attr-defined]
+    assert "column 'grade' holds a single value (3) in every row: left out" in draft.decisions
+
+
+@pytest.mark.parametrize(("second", "fragment"), [
+    ("age,y\n40,0\n\n50,\n", "f2.csv: label column 'y' has 1 row (row 4) without a value"),
+    ("age,y\n40,0\n50,sick\n", "f2.csv: label column 'y' has 1 row (row 3) with text where "
+                               "other rows hold numbers"),
+    ("age,y\n40,healthy\n50,sick\n", "f2.csv: label column 'y' has 2 rows (rows 2, 3) with "
+                                     "text where the other files hold numbers"),
+])
+def test_a_label_problem_names_the_file_and_rows_where_it_is(second, fragment, tmp_path):
+    first, other = tmp_path / "f1.csv", tmp_path / "f2.csv"
+    first.write_text("age,y\n40,0\n50,1\n")
+    other.write_text(second)
+    with pytest.raises(DataError) as err:
+        draft_schema([first, other], "y")
+    assert fragment in str(err.value)
+
+
+def test_a_drafted_schema_accepts_the_file_it_was_drafted_from(tmp_path, capsys) -> None:
+    # quoted cells can hold a newline or a tab; the YAML must keep them, not fold them
+    path = tmp_path / "site.csv"
+    codes = ['"a\nb"', '"tab\there"', "é"]
+    path.write_text("x,c,y\n" + "".join(f"{i}.5,{codes[i % 3]},{i % 2}\n" for i in range(6)),
+                    encoding="utf-8")
+    out = tmp_path / "schema.yaml"
+    assert main(["schema", "--data", str(path), "--label", "y", "--out", str(out)]) == 0
+    schema = load_schema(out)
+    assert schema.column("c").category_names == ("a\nb", "tab\there", "é")
+    assert len(read_csv_checked(path, schema)) == 6

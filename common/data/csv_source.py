@@ -157,13 +157,20 @@ def read_csv_checked(
     return df
 
 
+def read_header(path: str | Path) -> list[str]:
+    """The header's names (stripped) as :func:`scan_rows` takes them: the first record that is
+    not a blank line. Reads up to the header only."""
+    with Path(path).open(encoding="utf-8-sig") as fh:
+        # blank lines before the header are skipped, as the reader and pandas skip them
+        return next(([h.strip() for h in row] for row in csv.reader(fh) if row), [])
+
+
 def has_column(path: str | Path, name: str) -> bool:
     """True when the CSV's header names `name` (False for an unreadable file: the reader
     reports the real problem)."""
     try:
-        with Path(path).open(encoding="utf-8-sig") as fh:
-            return name in [h.strip() for h in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError):
+        return name in read_header(path)
+    except (OSError, UnicodeDecodeError, csv.Error):
         return False
 
 
@@ -233,15 +240,17 @@ def _frames(cfg: DataConfig, paths: tuple[str, ...], key: str, schema: Schema
             )
         path = paths[0]
         df = read_csv_checked(path, schema, keep=keep)
-        site = df[cfg.site_column]
+        # stripped like feature and split cells: 'A ' is hospital 'A', not a second site
+        site = df[cfg.site_column].str.strip()
+        site = site.mask(site == "")
         if site.isna().any():
             raise DataError(
-                f"{path}: column '{cfg.site_column}' has {int(site.isna().sum())} rows "
-                f"without a site name"
+                f"{path}: column '{cfg.site_column}' has {bad_rows(site.isna())} without a "
+                "site name"
             )
         return [
             (str(name), f"{path} (site {name})", part.drop(columns=[cfg.site_column]))
-            for name, part in df.groupby(cfg.site_column, sort=True)
+            for name, part in df.groupby(site, sort=True)
         ]
     stems = [Path(p).stem for p in paths]
     dups = duplicated_names(stems)

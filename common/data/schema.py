@@ -44,6 +44,9 @@ UNKNOWN_TEXT = -1.0
 # cells a hospital file leaves "not measured" in any column (the CSV reader reads them as
 # missing); no text code can be one of them
 MISSING_MARKERS = ("", "NA", "NaN", "nan", "?")
+# the largest magnitude a feature can have: encoded features are float32, in which anything
+# larger is inf (a site's mean would be inf, its normalised rows NaN)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -449,6 +452,10 @@ def _check_values(raw: pd.Series, col: Column, policy: str, where: str) -> None:
     bad = present & ~np.isfinite(values.fillna(0.0))
     if bad.any():
         raise DataError(f"{where}: column '{col.name}' has {bad_rows(bad)} with infinite values")
+    bad = present & (values.abs() > FLOAT32_MAX)
+    if bad.any():
+        raise DataError(f"{where}: column '{col.name}' has {bad_rows(bad)} with a value beyond "
+                        f"±{FLOAT32_MAX:.1e}, too large for medfed to store")
     if col.type == "binary":
         bad = present & ~values.isin((0.0, 1.0))
         if bad.any():

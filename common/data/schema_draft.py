@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from common.data.csv_source import read_csv_frame
-from common.data.schema import DataError, Schema, row_count
+from common.data.schema import FLOAT32_MAX, DataError, Schema, bad_rows, row_count
 
 # integer columns with at most this many codes, all between 0 and MAX_CODE, are drafted as
 # categorical (codes like cp 1-4); anything else integer is a number (age, counts of visits)
@@ -59,7 +60,11 @@ class Draft:
 
 
 def _yaml_text(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """`text` as a one-line double-quoted YAML scalar that reads back as `text`: the emitter
+    escapes newlines, tabs and control characters, which a YAML reader would otherwise fold
+    into spaces or refuse (a quoted CSV cell can hold them)."""
+    return yaml.safe_dump(text, default_style='"', allow_unicode=True,
+                          width=math.inf).rstrip("\n")
 
 
 def _num(v: float) -> str:
@@ -93,7 +98,8 @@ def _nice(value: float, down: bool) -> float:
     return float((math.floor if down else math.ceil)(value / step) * step)
 
 
-def _frames(paths: list[Path]) -> pd.DataFrame:
+def _frames(paths: list[Path]) -> list[pd.DataFrame]:
+    """Each file's cells, rows indexed by their spreadsheet row numbers (for messages)."""
     frames = [read_csv_frame(Path(path)) for path in paths]
     for path, df in zip(paths, frames, strict=True):
         if df.empty:  # nothing to infer a type or a label code from
@@ -103,7 +109,20 @@ def _frames(paths: list[Path]) -> pd.DataFrame:
         if list(df.columns) != columns:
             raise DataError(f"{path}: columns differ from those of {paths[0]}; every file of "
                             "a federation must have the same columns")
-    return pd.concat(frames, ignore_index=True)
+    return frames
+
+
+def _refuse_unstorable(name: str, paths: list[Path], frames: list[pd.DataFrame]) -> None:
+    """Refuse the first file whose column `name` holds inf or a number beyond float32 (the
+    encoded features' type): no range can be drafted around it, and no file holding it would
+    pass the check it drafts."""
+    for path, df in zip(paths, frames, strict=True):
+        values = pd.to_numeric(df[name], errors="coerce")
+        bad = values.notna() & ~(values.abs() <= FLOAT32_MAX)
+        if bad.any():
+            raise DataError(f"{path}: column '{name}' has {bad_rows(bad)} with a value that is "
+                            f"infinite or beyond ±{FLOAT32_MAX:.1e}, which medfed cannot store; "
+                            "correct those rows")
 
 
 def _text_column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
@@ -134,7 +153,10 @@ def _text_column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] |
     return _with_missing_policy(col, int(raw.isna().sum()), draft)
 
 
-def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None:
+def _column(name: str, raw: pd.Series, draft: Draft, paths: list[Path],
+            frames: list[pd.DataFrame]) -> dict[str, object] | None:
+    """A feature column drafted from its cells in all files (`raw`); `paths` and `frames`
+    (each file's own rows) name where a value is refused."""
     values = pd.to_numeric(raw, errors="coerce")
     text = raw.notna() & values.isna()
     if text.any() and text.sum() == raw.notna().sum():
@@ -151,12 +173,19 @@ def _column(name: str, raw: pd.Series, draft: Draft) -> dict[str, object] | None
     if len(observed) == 0:
         draft.decisions.append(f"column '{name}' has no value in any row: left out")
         return None
+    if not np.all(np.abs(observed) <= FLOAT32_MAX):
+        _refuse_unstorable(name, paths, frames)
     distinct = np.unique(observed)
     col: dict[str, object] = {"name": name}
     integral = bool(np.all(np.mod(observed, 1) == 0))
     if set(distinct.tolist()) <= {0.0, 1.0}:
         col["type"] = "binary"
         draft.inferred.append(f"{name}: binary (values 0/1)")
+    elif integral and len(distinct) == 1 and 0 <= distinct[0] <= MAX_CODE:
+        # a categorical column needs two codes; one code in every row tells the model nothing
+        draft.decisions.append(f"column '{name}' holds a single value ({_num(distinct[0])}) "
+                               "in every row: left out")
+        return None
     elif integral and len(distinct) <= MAX_CATEGORIES and 0 <= distinct[0] \
             and distinct[-1] <= MAX_CODE:
         col["type"] = "categorical"
@@ -206,7 +235,8 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
     """
     if not paths:
         raise DataError("--data needs at least one CSV file")
-    df = _frames(paths)
+    frames = _frames(paths)
+    df = pd.concat(frames, ignore_index=True)
     if label not in df.columns:
         raise DataError(f"{paths[0]}: label column '{label}' not found (columns: "
                         f"{', '.join(list(df.columns)[:20])})")
@@ -215,15 +245,9 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
         raise DataError(f"{paths[0]}: column '{absent[0]}' not found")
     draft = Draft(schema={})
     raw = df[label]
-    if raw.isna().any():
-        empty = row_count(int(raw.isna().sum()))
-        raise DataError(f"{paths[0]}: label column '{label}' has {empty} without a value; every "
-                        "training row needs a label")
     y = pd.to_numeric(raw, errors="coerce")
     text = int(y.isna().sum())
-    if text and text < len(y):
-        raise DataError(f"{paths[0]}: label column '{label}' holds numbers and, in "
-                        f"{row_count(text)}, text; write every label one way (numbers or words)")
+    _check_label_per_file(label, paths, frames, mixed=0 < text < len(y))
     negative, positive, labels = (_text_label(label, raw, draft) if text
                                   else _numeric_label(label, y, draft))
     shown = [_num(v) if isinstance(v, float) else repr(v) for v in (*negative, *positive)]
@@ -231,7 +255,7 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
     draft.inferred.append(f"label {label}: negative {', '.join(shown[:len(negative)])}, "
                           f"positive {', '.join(shown[len(negative):])} ({n_positive} of "
                           f"{len(y)} rows positive)")
-    columns = [c for c in (_column(name, df[name], draft) for name in df.columns
+    columns = [c for c in (_column(name, df[name], draft, paths, frames) for name in df.columns
                            if name != label and name not in ignore) if c is not None]
     if not columns:
         raise DataError("no column could be drafted as a feature (see the notes above)")
@@ -239,6 +263,24 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
                     "labels": labels, "columns": columns}
     Schema.from_dict(draft.schema)  # the draft must be a schema medfed reads
     return draft
+
+
+def _check_label_per_file(label: str, paths: list[Path], frames: list[pd.DataFrame],
+                          mixed: bool) -> None:
+    """Refuse the first file with an empty label cell or, when the files' labels are `mixed`
+    numbers and text, with text labels; named with its own row numbers."""
+    for path, df in zip(paths, frames, strict=True):
+        empty = df[label].isna()
+        if empty.any():
+            raise DataError(f"{path}: label column '{label}' has {bad_rows(empty)} without a "
+                            "value; every training row needs a label")
+    for path, df in zip(paths, frames, strict=True):
+        text = df[label].notna() & pd.to_numeric(df[label], errors="coerce").isna()
+        if mixed and text.any():
+            others = "the other files" if text.all() else "other rows"
+            raise DataError(f"{path}: label column '{label}' has {bad_rows(text)} with text "
+                            f"where {others} hold numbers; write every label one way (numbers "
+                            "or words)")
 
 
 def _numeric_label(label: str, y: pd.Series, draft: Draft

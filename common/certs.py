@@ -410,6 +410,12 @@ def check_server_certs(certs_dir: Path) -> FederationPaths:
         check_private_key_permissions(paths.ca_key)
     verify_signed_by(paths.server_cert, paths.ca_cert)
     _check_key_matches(paths.server_cert, paths.server_key, "server")
+    # a hospital's client certificate in its place starts the server, then every pull fails
+    # the hospital's check ("unsuitable certificate purpose")
+    if ExtendedKeyUsageOID.SERVER_AUTH not in _extended_usages(
+            load_certificate(paths.server_cert, "server certificate")):
+        raise CertError(f"server certificate {paths.server_cert} is not marked for TLS "
+                        "servers; make it with `medfed certs init`")
     if not isinstance(
         _load_private_key(paths.signing_key, "signing key"), ed25519.Ed25519PrivateKey
     ):

@@ -332,7 +332,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)  # YAML 1.1 reads 1e300 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}' must be a number, got {show(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ConfigError(f"config key '{key}' is a number beyond any float "
+                              f"({len(str(value))} digits)") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {show(value)}")
@@ -403,8 +407,29 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
 MAX_YAML_BYTES = 1 << 20  # an experiment or schema file is a few KB; refuse anything huge
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: YAML keeps the last
+    silently, so a second `federation:` block dropped every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {show(key)} written again (first at line {first}; YAML "
+                    "would silently keep only the last)", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def safe_yaml(text: str, where: str) -> Any:
-    """Parse small, alias-free YAML: anchors and aliases could expand a few bytes into GBs.
+    """Parse small, alias-free YAML: anchors and aliases could expand a few bytes into GBs;
+    a key written twice in one mapping is refused (raises ``yaml.YAMLError``).
 
     Raises ValueError naming `where` (callers turn it into their own error type).
     """
@@ -415,7 +440,7 @@ def safe_yaml(text: str, where: str) -> Any:
             mark = token.start_mark
             raise ValueError(f"{where} uses a YAML anchor or alias at line {mark.line + 1}, "
                              "which medfed files do not allow")
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

@@ -23,7 +23,7 @@ from common.data.medmnist import DATASETS as MEDMNIST_SETS
 from common.data.partition import parse_partition
 from common.data.schema import DataError
 from common.device import DEVICE_NAMES
-from common.models import FAMILIES, ModelError, parse_trainable
+from common.models import FAMILIES, MAX_BLOCKS, MAX_WIDTH, ModelError, parse_trainable
 from common.training import LOSSES
 
 # server/strategies.py builds these (it imports Flower, which common/ must not)
@@ -240,10 +240,16 @@ def check_numbers(cfg: Config) -> None:
     :func:`check_privacy`'s, which the server also calls)."""
     _check_range(cfg, {k: b for k, b in RANGES.items() if not k.startswith(PRIVACY)})
     width_key = _BLOCK_WIDTHS.get(cfg.model.family)
-    for i, width in enumerate(getattr(cfg.model, width_key) if width_key else ()):
-        if width < 1:
-            raise ConfigError(f"config key 'model.{width_key}[{i}]' must be at least 1 (a "
-                              f"block's width), got {width}")
+    widths = getattr(cfg.model, width_key) if width_key else ()
+    # the bounds every loader of a bundle applies (common/models.py): a bundle built beyond
+    # them could be signed but never used, and 1e11 units would try to allocate terabytes
+    if len(widths) > MAX_BLOCKS:
+        raise ConfigError(f"config key 'model.{width_key}' lists {len(widths)} blocks; at most "
+                          f"{MAX_BLOCKS}")
+    for i, width in enumerate(widths):
+        if not 1 <= width <= MAX_WIDTH:
+            raise ConfigError(f"config key 'model.{width_key}[{i}]' must be in 1..{MAX_WIDTH} "
+                              f"(a block's width), got {width}")
     for key in ("pretrain.optim", "federation.local"):
         optim = config_value(cfg, key)
         if optim.steps == 0 and optim.epochs == 0:

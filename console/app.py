@@ -105,7 +105,8 @@ def create_app(root: Path, public_key: Path | None = None, prefix: str = "") -> 
     # --- pages -------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     def runs_page() -> str:
-        return pages.runs_page(runs.list_runs(root), links, str(root))
+        # served under the registry (a prefix), hospitals see it: no server path, only a name
+        return pages.runs_page(runs.list_runs(root), links, root.name if prefix else str(root))
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(name: str) -> str:

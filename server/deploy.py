@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.bundle import load_bundle
 from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
@@ -65,6 +68,9 @@ class Hospital:
     max_examples: int | None = None
 
 
+MAX_KEY_BYTES = 64 << 10  # an OpenSSH public key is a few hundred bytes
+
+
 def load_hospitals(path: Path) -> list[Hospital]:
     """`hospitals.yaml`: a list of {name, public_key[, max_examples]}; relative keys are next
     to the file."""
@@ -81,6 +87,7 @@ def load_hospitals(path: Path) -> list[Hospital]:
         raise ConfigError(f"hospitals file {path} must be a list of {{name, public_key}}")
     out = []
     names: set[str] = set()
+    keys: dict[bytes, str] = {}  # each node key, to the hospital it belongs to
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not {"name", "public_key"} <= set(item) \
                 or not set(item) <= {"name", "public_key", "max_examples"}:
@@ -103,8 +110,31 @@ def load_hospitals(path: Path) -> list[Hospital]:
         if not key.exists():
             raise ConfigError(f"hospitals file {path}: public key {key} of "
                               f"'{name}' does not exist")
+        # read now, before the SuperLink starts: a certificate or a directory given as the
+        # key failed half-way through registering, leaving the others registered; the same
+        # key under two names lets only one node join and the round wait for ever
+        text = _node_key(key, name, path)
+        if text in keys:
+            raise ConfigError(f"hospitals file {path}: '{name}' has the same public key as "
+                              f"'{keys[text]}'; each hospital needs its own node key")
+        keys[text] = name
         out.append(Hospital(name, key, rows))
     return out
+
+
+def _node_key(key: Path, name: str, path: Path) -> bytes:
+    """The public key file of hospital `name`, checked to be an OpenSSH EC key (what
+    `medfed certs hospital` writes and Flower's node authentication takes); its raw form."""
+    try:
+        pub = serialization.load_ssh_public_key(key.read_bytes()[:MAX_KEY_BYTES])
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"hospitals file {path}: public key {key} of '{name}' is not an "
+                          "OpenSSH public key (node.pub, as `medfed certs hospital` writes "
+                          "it)") from err
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"hospitals file {path}: public key {key} of '{name}' is not an "
+                          "elliptic-curve key, which Flower's node authentication needs")
+    return pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from common.bundle import (
     BACKBONE_FILE,
@@ -47,11 +48,15 @@ from common.certs import CertError
 from common.registry import Registry
 
 SERVED_FILES = (MANIFEST_FILE, SIGNATURE_FILE, BACKBONE_FILE, HEAD_FILE)
-_SPEC = re.compile(r"latest|best|\d{1,9}")  # full matches only: "latest\n" is no spec
+_SPEC = re.compile(r"latest|best|[0-9]{1,9}")  # full matches only: "latest\n" is no spec
 _START_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 5.0  # an idle TLS handshake is dropped after this (asyncio default: 60)
 MAX_CONNECTIONS = 64  # concurrent connections; more get HTTP 503
 KEEP_ALIVE_S = 5
+# a connection must send a whole request head within this of opening (or of its last
+# response); uvicorn times a connection out only after a response, so 64 connections that
+# sent nothing held every other hospital out with 503s
+REQUEST_HEAD_S = 10.0
 
 
 def _pointer_version(registry: Registry, name: str) -> int | None:
@@ -154,6 +159,7 @@ def _config(
         log_level=log_level,
         server_header=False,
         loop="asyncio",  # _Server sets the handshake timeout on asyncio's create_server
+        http=_HeadDeadline,
         limit_concurrency=MAX_CONNECTIONS,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
@@ -165,6 +171,38 @@ def _config(
             f"{err.reason or err}"
         ) from err
     return config
+
+
+class _HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head (:data:`REQUEST_HEAD_S`,
+    from the connection or from its last response): an idle or dripping client is closed
+    instead of holding one of the MAX_CONNECTIONS places."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(REQUEST_HEAD_S, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request arrived and is being answered (a large file may take long)
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):

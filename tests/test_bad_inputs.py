@@ -933,6 +933,20 @@ def server_certificate_from_other_ca(c: Ctx) -> Call:
     return Call(_server(c, out), c.tmp / "run", ("server.pem", "ca.crt", "not issued"))
 
 
+def server_certificate_made_for_a_hospital(c: Ctx) -> Call:
+    """Once: accepted, the registry started, and every hospital's pull then failed with
+    'unsuitable certificate purpose'."""
+    out = _server_certs(c)
+    hospital = c.federation / "hospitals" / "hospital-a"
+    shutil.copy2(hospital / "client.pem", out / "server.pem")
+    shutil.copy2(hospital / "client.key", out / "server.key")
+    hospitals = c.tmp / "hospitals.yaml"
+    hospitals.write_text(f"- name: hospital-a\n  public_key: {hospital / 'node_key.pub'}\n")
+    argv = [*_server(c, out), "--hospitals", str(hospitals),
+            "--set", "federation.strategy.min_nodes=1"]
+    return Call(argv, c.tmp / "run", ("server.pem", "not marked for TLS servers"))
+
+
 def server_key_readable_by_others(c: Ctx) -> Call:
     out = _server_certs(c)
     (out / "server.key").chmod(0o644)
@@ -1036,6 +1050,31 @@ def server_host_not_of_this_machine(c: Ctx) -> Call:
                                        ("192.0.2.1", "not an address of this machine")))
 
 
+def server_hospitals_file_with_a_certificate_as_a_node_key(c: Ctx) -> Call:
+    """Once: the SuperLink started, registered the hospitals before it, then stopped,
+    leaving a run directory whose registrations a second start could not name."""
+    hospitals = c.tmp / "hospitals.yaml"
+    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
+    hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n"
+                         f"- name: hospital-b\n  public_key: {c.federation / 'ca.crt'}\n")
+    argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals),
+            "--set", "federation.strategy.min_nodes=2"]
+    return Call(argv, c.tmp / "run", ("hospitals.yaml", "ca.crt", "'hospital-b'",
+                                      "not an OpenSSH public key"))
+
+
+def server_hospitals_file_with_one_key_twice(c: Ctx) -> Call:
+    """Once: accepted; only one node could join, so the first round waited for ever."""
+    hospitals = c.tmp / "hospitals.yaml"
+    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
+    hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n"
+                         f"- name: hospital-b\n  public_key: {pub}\n")
+    argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals),
+            "--set", "federation.strategy.min_nodes=2"]
+    return Call(argv, c.tmp / "run", ("hospitals.yaml", "'hospital-b' has the same public key "
+                                      "as 'hospital-a'"))
+
+
 def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:
     """With node authentication only enrolled hospitals join: heart.yaml waits for 4."""
     hospitals = c.tmp / "hospitals.yaml"
@@ -1049,6 +1088,8 @@ def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:
 CERT_CASES: list[Builder] = [
     certs_hospital_name_with_a_newline, certs_server_name_with_a_newline,
     server_hospitals_file_with_a_bad_name, server_waits_for_more_hospitals_than_it_enrols,
+    server_hospitals_file_with_a_certificate_as_a_node_key,
+    server_hospitals_file_with_one_key_twice, server_certificate_made_for_a_hospital,
     server_port_out_of_range, server_host_not_of_this_machine, server_tls_without_hospitals,
     server_expired_certificate, server_certificate_from_other_ca, server_key_readable_by_others,
     client_certificate_from_other_ca, client_node_key_readable_by_others, client_unknown_device,

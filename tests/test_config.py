@@ -190,9 +190,37 @@ def test_training_needs_steps_or_epochs() -> None:
 
 
 @pytest.mark.parametrize(("family", "key"), [("mlp", "hidden"), ("cnn", "channels")])
-def test_a_block_width_below_one_is_refused(family: str, key: str) -> None:
-    with pytest.raises(ConfigError, match=rf"'model\.{key}\[1\]' must be at least 1.*got 0"):
-        load_config(CONFIGS / "heart.yaml", [f"model.family={family}", f"model.{key}=[8, 0]"])
+@pytest.mark.parametrize("width", [0, 8193, 99_999_999_999])
+def test_a_block_width_a_bundle_could_not_load_is_refused(family: str, key: str,
+                                                          width: int) -> None:
+    """Loading a bundle bounds its widths (common/models.py): a config beyond them made a
+    signed bundle no command would open, or tried to allocate terabytes."""
+    with pytest.raises(ConfigError, match=rf"'model\.{key}\[1\]' must be in 1\.\.8192 .*"
+                                          rf"got {width}"):
+        load_config(CONFIGS / "heart.yaml", [f"model.family={family}",
+                                             f"model.{key}=[8, {width}]"])
+
+
+def test_more_blocks_than_a_bundle_may_have_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'model\.hidden' lists 33 blocks; at most 32"):
+        load_config(CONFIGS / "heart.yaml", [f"model.hidden=[{', '.join(['4'] * 33)}]"])
+
+
+def test_a_key_written_twice_is_refused_not_half_dropped(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: a second `federation:` block dropped every
+    setting of the first without a word."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\nfederation:\n  rounds: 3\nseed: 1\nfederation:\n  rounds: 7\n",
+                   encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"dup.yaml is not valid YAML: key 'federation' "
+                                          r"written again \(first at line 2.*at line 5"):
+        load_config(dup)
+
+
+def test_an_integer_beyond_any_float_is_one_sentence() -> None:
+    with pytest.raises(ConfigError, match=r"'federation.local.lr' is a number beyond any float "
+                                          r"\(400 digits\)"):
+        load_config(CONFIGS / "heart.yaml", [f"federation.local.lr={'1' * 400}"])
 
 
 def test_a_seed_numpy_cannot_take_is_refused() -> None:

@@ -291,6 +291,20 @@ def test_a_tampered_version_is_flagged_and_gets_no_model_card(runs_root, tmp_pat
         assert "No model card" in card and "INVALID" in card
 
 
+def test_served_to_hospitals_under_the_registry_no_server_path_shows(
+        runs_root, tmp_path, signing_pub_path) -> None:
+    """Under the registry (a prefix) the console is the hospitals': neither the runs'
+    directory nor a version's path may appear, also not in a failed signature check."""
+    root = _copy(runs_root, tmp_path, "tampered")
+    head = root / "tampered" / "registry" / "v0002" / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-1] + b"\0")
+    with TestClient(create_app(root, signing_pub_path, prefix="/console")) as c:
+        pages = [c.get("/").text, c.get("/api/runs/tampered/versions").text,
+                 c.get("/runs/tampered/versions/2").text]
+    assert "INVALID" in pages[1] and "v0002" in pages[1]
+    assert not any(str(tmp_path) in page for page in pages)
+
+
 def test_report_is_one_self_contained_file_with_the_runs_numbers(runs_root, tmp_path) -> None:
     out = write_report(runs_root / "heart", tmp_path / "out" / "report.html")
     html = out.read_text()

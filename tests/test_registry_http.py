@@ -200,6 +200,32 @@ def test_a_symlink_in_the_registry_is_never_served(tmp_path: Path, fed: Federati
     assert b"private notes" not in app.get("/v1/models/0/files/head.safetensors").content
 
 
+@pytest.mark.parametrize("sends", [b"", b"GET /v1/versions HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["nothing", "half a request head"])
+def test_a_connection_that_never_completes_a_request_is_closed(
+        server: RegistryServerHandle, hospital: HospitalPaths, monkeypatch: pytest.MonkeyPatch,
+        sends: bytes) -> None:
+    """uvicorn times a connection out only after a response: 64 hospitals' connections that
+    sent nothing (or dripped a head) held every other one out with 503s. Now each must send a
+    whole request head within REQUEST_HEAD_S; a request on time is still answered."""
+    import socket
+
+    import server.registry_http as registry_http
+
+    monkeypatch.setattr(registry_http, "REQUEST_HEAD_S", 0.5)
+    context = tls_context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_S) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(sends)
+        assert sock.recv(1) == b""  # closed by the server (SOCKET_S: a busy machine is slow)
+    assert https_get(server.port, context, "/v1/versions")[0] == 200
+
+
+def test_a_version_in_other_digits_is_no_version(client: TestClient) -> None:
+    """Python's \\d also matches Arabic-Indic digits, which int() reads as a number."""
+    assert client.get("/v1/models/%D9%A1/manifest").status_code == 404
+
+
 def test_an_idle_tls_handshake_is_dropped(server: RegistryServerHandle) -> None:
     """A connection that never sends a ClientHello is closed by the server after
     HANDSHAKE_TIMEOUT_S (5 s), not held for asyncio's default 60 s."""

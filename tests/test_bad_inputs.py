@@ -1050,29 +1050,29 @@ def server_host_not_of_this_machine(c: Ctx) -> Call:
                                        ("192.0.2.1", "not an address of this machine")))
 
 
-def server_hospitals_file_with_a_certificate_as_a_node_key(c: Ctx) -> Call:
-    """Once: the SuperLink started, registered the hospitals before it, then stopped,
-    leaving a run directory whose registrations a second start could not name."""
+def _server_enrolling_b_with(c: Ctx, key_of_b: Path, names: tuple[str, ...]) -> Call:
+    """A server start enrolling hospital-a (its own key) and hospital-b with `key_of_b`."""
     hospitals = c.tmp / "hospitals.yaml"
     pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
     hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n"
-                         f"- name: hospital-b\n  public_key: {c.federation / 'ca.crt'}\n")
+                         f"- name: hospital-b\n  public_key: {key_of_b}\n")
     argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals),
             "--set", "federation.strategy.min_nodes=2"]
-    return Call(argv, c.tmp / "run", ("hospitals.yaml", "ca.crt", "'hospital-b'",
-                                      "not an OpenSSH public key"))
+    return Call(argv, c.tmp / "run", ("hospitals.yaml", *names))
+
+
+def server_hospitals_file_with_a_certificate_as_a_node_key(c: Ctx) -> Call:
+    """Once: the SuperLink started, registered the hospitals before it, then stopped,
+    leaving a run directory whose registrations a second start could not name."""
+    return _server_enrolling_b_with(c, c.federation / "ca.crt",
+                                    ("ca.crt", "'hospital-b'", "not an OpenSSH public key"))
 
 
 def server_hospitals_file_with_one_key_twice(c: Ctx) -> Call:
     """Once: accepted; only one node could join, so the first round waited for ever."""
-    hospitals = c.tmp / "hospitals.yaml"
-    pub = c.federation / "hospitals" / "hospital-a" / "node_key.pub"
-    hospitals.write_text(f"- name: hospital-a\n  public_key: {pub}\n"
-                         f"- name: hospital-b\n  public_key: {pub}\n")
-    argv = [*_server(c, _server_certs(c)), "--hospitals", str(hospitals),
-            "--set", "federation.strategy.min_nodes=2"]
-    return Call(argv, c.tmp / "run", ("hospitals.yaml", "'hospital-b' has the same public key "
-                                      "as 'hospital-a'"))
+    return _server_enrolling_b_with(
+        c, c.federation / "hospitals" / "hospital-a" / "node_key.pub",
+        ("'hospital-b' has the same public key as 'hospital-a'",))
 
 
 def server_waits_for_more_hospitals_than_it_enrols(c: Ctx) -> Call:

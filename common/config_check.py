@@ -301,6 +301,7 @@ def check_config(cfg: Config) -> None:
         _one_of(f"{key}.loss", optim.loss, LOSSES)
     _check_pretrain(cfg)
     check_numbers(cfg)
+    _check_pretrain_rows(cfg)  # after the ranges: a seed out of range is said as such
     check_privacy(cfg.federation.privacy, cfg.federation.strategy.name)
     _check_federation(cfg)
     if cfg.federation.strategy.name.lower() not in STRATEGY_NAMES:
@@ -311,6 +312,56 @@ def check_config(cfg: Config) -> None:
 
 
 PRETRAIN_OBJECTIVES = ("supervised", "simclr")  # common/pretrain.py
+
+
+# what carves a site of a shared cohort into train, validation and test (common/data/)
+_CARVING = ("split_seed", "validation_fraction", "test_fraction", "heart_protocol")
+
+
+def _check_pretrain_rows(cfg: Config) -> None:
+    """Pretraining fits a train split only, and when it reads hospitals of the federation's
+    own cohort (heart, csv), that split must be carved as theirs is: otherwise rows the
+    federation validates on, or only reports (test), train the backbone. (A re-partitioned
+    federation is only warned about: :func:`pretrain_overlap_note`.)"""
+    pre, fed = cfg.pretrain.data, cfg.federation.data
+    if cfg.pretrain.split not in ("train", "validation", "val", "test"):
+        return  # common.pretrain names the allowed values
+    if cfg.pretrain.split != "train":
+        raise ConfigError(f"config key 'pretrain.split' is {cfg.pretrain.split!r}: pretraining "
+                          "fits a train split only (a validation split checks models, a test "
+                          "split is only reported)")
+    shared = pre.source == fed.source and pre.source in ("heart", "csv") and (
+        pre.source != "csv" or set(pre.csv_paths) & set(fed.csv_paths))
+    if not shared or (pre.sites and fed.sites and not set(pre.sites) & set(fed.sites)):
+        return
+    for key in _CARVING:
+        if getattr(pre, key) != getattr(fed, key):
+            raise ConfigError(
+                f"config keys 'pretrain.data.{key}' ({getattr(pre, key)!r}) and "
+                f"'federation.data.{key}' ({getattr(fed, key)!r}) differ, and both read the "
+                f"same {pre.source} hospitals: the pretraining train split would hold rows "
+                "the federation validates or tests on; give both the same value")
+
+
+def pretrain_overlap_note(cfg: Config) -> str | None:
+    """A warning when a re-partitioned federation shares hospitals with the pretraining
+    cohort: its train rows are pooled and re-split, so some of the backbone's training rows
+    become simulated hospitals' validation rows and the validation figures read high (the
+    test rows are pooled apart, so test figures stay clean)."""
+    pre, fed = cfg.pretrain.data, cfg.federation.data
+    if fed.partition == "natural" or pre.source != fed.source or pre.source not in ("heart",
+                                                                                    "csv"):
+        return None
+    if pre.sites and fed.sites and not set(pre.sites) & set(fed.sites):
+        return None
+    if pre.source == "csv" and not set(pre.csv_paths) & set(fed.csv_paths):
+        return None
+    who = ", ".join(pre.sites) if pre.sites else f"every {pre.source} hospital"
+    return (f"federation.data.partition {fed.partition} re-splits the train rows of hospitals "
+            f"the backbone was pretrained on ({who}): some become validation rows, so the "
+            "validation figures (and the choice of best) read them again; test figures are "
+            "unaffected. Use partition natural, or pretrain on other hospitals, for honest "
+            "validation figures")
 
 
 def _check_pretrain(cfg: Config) -> None:

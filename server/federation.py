@@ -35,7 +35,7 @@ from common.bundle import (
     sign_manifest,
 )
 from common.config import Config
-from common.config_check import sampled_per_round
+from common.config_check import pretrain_overlap_note, sampled_per_round
 from common.data.splits import DataSpec
 from common.device import resolve_device, seed_everything
 from common.manifest import (
@@ -468,11 +468,12 @@ class FederationRounds(logging.Filter):
 
 
 def warn_if_warmup_spans_run(cfg: Config) -> None:
-    """Say so when the head-only warm-up leaves no round for the rest of ``trainable``."""
-    note = warmup_note(cfg.model.trainable, cfg.federation.head_warmup_rounds,
-                       cfg.federation.rounds)
-    if note:
-        log.warning(note)
+    """Say so when the head-only warm-up leaves no round for the rest of ``trainable``, or
+    when validation rows may have been pretrained on."""
+    for note in (warmup_note(cfg.model.trainable, cfg.federation.head_warmup_rounds,
+                             cfg.federation.rounds), pretrain_overlap_note(cfg)):
+        if note:
+            log.warning(note)
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Federation:

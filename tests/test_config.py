@@ -154,7 +154,12 @@ def test_a_number_outside_its_range_is_refused_naming_key_range_and_value(key: s
 # another held-out check)
 EDGE_NEEDS = {"federation.local.steps": ["federation.local.epochs=1"],
               "pretrain.optim.steps": ["pretrain.optim.epochs=1"],
-              "federation.strategy.fraction_evaluate": ["federation.heldout=source-validation"]}
+              "federation.strategy.fraction_evaluate": ["federation.heldout=source-validation"],
+              # heart pretrains on one of its hospitals, which both must carve alike: here the
+              # federation leaves that one out
+              **{f"{side}.data.split_seed": ["federation.data.sites=[hungary, switzerland, va]",
+                                             "federation.strategy.min_nodes=3"]
+                 for side in ("pretrain", "federation")}}
 
 
 @pytest.mark.parametrize("key", sorted(RANGES))
@@ -262,3 +267,30 @@ def test_krum_promising_more_than_its_hospitals_allow_is_refused() -> None:
         load_config(CONFIGS / "heart.yaml", ["federation.strategy.name=krum",
                                              "federation.strategy.num_malicious_nodes=2",
                                              "federation.strategy.min_nodes=5", *ok])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("pretrain.split=test", r"'pretrain.split' is 'test': pretraining fits a train split only"),
+    ("pretrain.split=validation", r"'pretrain.split' is 'validation': pretraining fits"),
+    # heart pretrains on Cleveland, one of the federation's hospitals: carved otherwise, its
+    # pretraining rows held half of the federation's Cleveland test rows
+    ("pretrain.data.split_seed=7", r"'pretrain.data.split_seed' \(7\) and "
+                                   r"'federation.data.split_seed' \(43\) differ"),
+    ("pretrain.data.validation_fraction=0.05", r"'pretrain.data.validation_fraction' \(0.05\)"),
+])
+def test_pretraining_never_fits_rows_the_federation_validates_or_tests_on(
+        override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "heart.yaml", [override])
+
+
+def test_a_re_split_of_the_pretraining_hospitals_is_said_to_inflate_validation() -> None:
+    from common.config_check import pretrain_overlap_note
+
+    assert pretrain_overlap_note(load_config(CONFIGS / "heart.yaml")) is None  # natural
+    assert pretrain_overlap_note(load_config(CONFIGS / "breast.yaml")) is None  # other set
+    note = pretrain_overlap_note(load_config(CONFIGS / "heart.yaml",
+                                             ["federation.data.partition=iid"]))
+    assert note is not None and "(cleveland)" in note and "test figures are unaffected" in note
+    other = ["federation.data.partition=iid", "federation.data.sites=[hungary, va]"]
+    assert pretrain_overlap_note(load_config(CONFIGS / "heart.yaml", other)) is None

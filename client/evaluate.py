@@ -52,6 +52,9 @@ def evaluate_file(model_dir: Path, data: Path, site_stats: Path | None = None,
         "intervals_95": {m: list(v) if v is not None else None for m, v in intervals.items()},
         "bootstrap": {"samples": samples, "seed": seed},
         "confusion_matrix": {"rows_true_columns_predicted": labels, "counts": confusion},
+        # every row the same answer on a file holding several classes: a failure as a
+        # diagnosis model, whatever its accuracy
+        "constant_predictor": bool(len(np.unique(y)) > 1 and len(np.unique(pred)) < 2),
     })
     return report, y, proba
 
@@ -78,6 +81,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["  " + " ".join(f"{c:>6}" for c in row) for row in cm["counts"]]
     if m.get("auc") is None:
         lines.append("AUC is undefined: the file holds a single class.")
+    if report.get("constant_predictor"):
+        answer = cm["rows_true_columns_predicted"][next(
+            j for j in range(len(cm["counts"])) if any(row[j] for row in cm["counts"]))]
+        lines.append(f"WARNING: the model answers {answer} for every row: a constant "
+                     "predictor, useless for diagnosis whatever its accuracy.")
     return "\n".join(lines)
 
 

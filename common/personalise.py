@@ -194,6 +194,11 @@ def personalise(
             reason += "; the adapted model answered one class on validation: kept the global"
             val_logits = logits64(chosen, site.x_val)
             op = fit_operating_point(val_logits, site.y_val, op_cfg)
+    if two_class_val and predicts_one_class(val_logits, op):
+        # nothing better was found: keep it, but never silently (a constant answer fails as
+        # a diagnosis model whatever its accuracy)
+        reason += ("; WARNING: the kept model answers one class for every validation row, a "
+                   "constant predictor")
     g_test = logits64(global_model, site.x_test)
     report = {
         "site_model": {

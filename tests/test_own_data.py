@@ -129,6 +129,10 @@ def test_evaluating_each_site_model_on_its_test_file_gives_the_reported_metrics(
                                      hospital_files / "heart-test" / f"{site}.csv",
                                      public_key=signing_pub_path)
         _same(summary["site_models"][site]["site_model"]["test"], report["metrics"])
+        counts = report["confusion_matrix"]["counts"]
+        answered = {j for row in counts for j, c in enumerate(row) if c}
+        classes = [row for row in counts if sum(row)]
+        assert report["constant_predictor"] == (len(classes) > 1 and len(answered) < 2)
 
 
 def test_evaluating_the_delivered_global_model_gives_the_reported_site_metrics(
@@ -232,3 +236,18 @@ def test_permuting_every_test_label_changes_no_choice_and_no_weight(
         keep = ("kept", "method", "steps", "operating_point")
         assert {k: sa["site_models"][site][k] for k in keep} == \
             {k: sb["site_models"][site][k] for k in keep}
+
+
+def test_a_model_answering_one_class_for_every_row_is_flagged_in_the_report() -> None:
+    from client.evaluate import format_report
+
+    report = {"model": "m", "site": None, "version": 3, "data": "d.csv", "rows": 10,
+              "operating_point": {"threshold": 0.5}, "statistics": "bundle",
+              "metrics": {"accuracy": 0.8, "auc": 0.5}, "intervals_95": {},
+              "confusion_matrix": {"rows_true_columns_predicted": ["healthy", "disease"],
+                                   "counts": [[0, 2], [0, 8]]},
+              "constant_predictor": True}
+    assert format_report(report).splitlines()[-1] == (
+        "WARNING: the model answers disease for every row: a constant predictor, useless for "
+        "diagnosis whatever its accuracy.")
+    assert "WARNING" not in format_report({**report, "constant_predictor": False})

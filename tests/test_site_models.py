@@ -126,6 +126,30 @@ def test_adaptation_off_keeps_the_global_model_with_the_sites_operating_point() 
     assert result.op.rule == "youden" and result.op.fitted_on == "validation split (100 rows)"
 
 
+def test_a_kept_model_that_answers_one_class_everywhere_is_said_to_be_constant() -> None:
+    """Nothing better found, the global model stays: a constant answer must not ship
+    silently, whatever its accuracy."""
+    site = _site(np.random.default_rng(6), 200)
+    model, names = _model()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 12.0]))  # always 'positive'
+    result = personalise(model, site, names, "head", AdaptationConfig(enabled=False), LOCAL,
+                         OP, DEVICE, 0)
+    assert result.kept == "global"
+    assert result.reason.endswith("WARNING: the kept model answers one class for every "
+                                  "validation row, a constant predictor")
+    honest = personalise(*_trained(site), "head", AdaptationConfig(enabled=False), LOCAL, OP,
+                         DEVICE, 0)
+    assert "constant predictor" not in honest.reason
+
+
+def _trained(site: SiteSplit) -> tuple[torch.nn.Module, SiteSplit, list[str]]:
+    model, names = _model()
+    _train_global(model, site)
+    return model, site, names
+
+
 def test_the_test_split_chooses_nothing() -> None:
     """Permuting the test labels changes the reported test figures and nothing else."""
     rng = np.random.default_rng(6)

@@ -394,6 +394,11 @@ def scalar(value: Any) -> Any:
     return value
 
 
+def _field(value: Any, name: str) -> str:
+    """One field of a headline record ('—' for a plain number or a missing field)."""
+    return str(value.get(name, "—")) if isinstance(value, dict) else "—"
+
+
 def _status(key: str, value: Any) -> str:
     target = TARGETS.get(key)
     check = value.get("more_seeds") if isinstance(value, dict) else None
@@ -438,12 +443,16 @@ def render(results: dict[str, dict[str, Any]], head: dict[str, Any],
         "",
         "## Headline",
         "",
-        md_table(["figure", "value", "selected on", "target"],
-                 [[k, scalar(head.get(k)),
-                   (head.get(k) or {}).get("selected_on", "—")
-                   if isinstance(head.get(k), dict) else "—",
+        md_table(["figure", "value", "split of the value", "selected on", "target"],
+                 [[k, scalar(head.get(k)), _field(head.get(k), "split"),
+                   _field(head.get(k), "selected_on") + (" (see the note)" if isinstance(
+                       head.get(k), dict) and "rule_note" in head[k] else ""),
                    _status(k, head.get(k))] for k in TARGETS]),
     ]
+    notes = [f"- {k}: {head[k]['rule_note']}" for k in TARGETS
+             if isinstance(head.get(k), dict) and "rule_note" in head[k]]
+    if notes:
+        lines += ["", "Notes on how a rule came about:", "", *notes]
     for name, title in TITLES.items():
         res = results.get(name)
         lines += ["", f"## {title}", ""]

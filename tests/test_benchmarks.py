@@ -408,3 +408,27 @@ def test_pretraining_sweep_writes_signed_bundles_with_pneumonias_two_classes(
     grey = torch.rand(4, 1, 28, 28).numpy()
     # grey equal channels stay as they were (the luminance weights sum to 1)
     assert to_channels(grey.repeat(3, axis=1), 1, "test") == pytest.approx(grey, abs=1e-6)
+
+
+def test_a_headline_rule_narrowed_after_a_look_at_test_says_what_the_earlier_rule_gives(
+        ) -> None:
+    """Benchmark 2's headline is chosen among the pretrained rows since a scratch row led on
+    validation: every rendering (stored results too) must show the split of the value and
+    what the earlier rule (every federated row) picks, when that differs."""
+    from benchmarks import breast
+
+    def row(key: str, kind: str, val: float, test: float) -> dict[str, object]:
+        return {"key": key, "kind": kind, "5": {"validation_auc": {"mean": val},
+                                                "test_auc": {"mean": test}}}
+
+    res = {"rows": [row("cnn-all", "fed", 0.91, 0.90), row("cnn-scratch", "fed+scratch",
+                                                              0.92, 0.89)],
+           "headline": {"breast_auc_federated": {"value": 0.90, "row": "cnn-all",
+                                                 "selected_on": "validation"}}}
+    figure = breast.headline_notes(res)["breast_auc_federated"]
+    assert figure["split"] == "test"
+    assert figure["rule_note"].endswith("the headline is cnn-scratch (validation AUC 0.920), "
+                                        "test AUC 0.890")
+    res["rows"][1]["5"]["validation_auc"]["mean"] = 0.90  # the pretrained row leads anyway
+    assert "rule_note" not in breast.headline_notes(res)["breast_auc_federated"]
+    assert "rule_note" not in res["headline"]["breast_auc_federated"]  # the input untouched

@@ -21,18 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common import records as rk
 from common.atomic import atomic_dir, atomic_write_bytes
 from common.bundle import BundleError
-from common.signing import load_public_key, verify
+from common.names import printable
+from common.signing import SignatureError, load_public_key, verify
 
 ENTRY_FILES = ("backbone.safetensors", "manifest.json", "manifest.sig")
 MEMORY_ENTRIES = 4096  # features kept in memory per process (a simulated node's are small)
 
 Stamp = tuple[tuple[int, int, int], ...]
-# (entry directory, sha256) -> (stamp of its files, file bytes, verified manifest)
-_verified: dict[tuple[str, str], tuple[Stamp, bytes, dict[str, Any]]] = {}
+# (entry directory, sha256, federation key) -> (stamp of its files, bytes, verified manifest)
+_verified: dict[tuple[str, str, bytes], tuple[Stamp, bytes, dict[str, Any]]] = {}
 _features: OrderedDict[str, np.ndarray] = OrderedDict()
 
 
@@ -66,11 +68,26 @@ class BackboneCache:
         return self.root / sha256
 
     def has(self, sha256: str) -> bool:
-        """True when the cache holds a backbone file with exactly this hash."""
-        path = self.entry(sha256) / "backbone.safetensors"
-        return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+        """True when the cache holds this backbone and its manifest verifies with our key.
 
-    def _check_manifest(self, sha256: str, manifest_json: str, sig_hex: str) -> dict[str, Any]:
+        An entry that no longer verifies (a damaged file, a rotated federation key) counts as
+        missing, so the server sends it again and `store` replaces it."""
+        try:
+            self.load(sha256)
+        except MissingBackbone:
+            return False
+        return True
+
+    def _public_key(self) -> Ed25519PublicKey:
+        """The federation's key; its absence is the hospital's setup, not a cache miss."""
+        if self.signing_pub is None:
+            raise BundleError("this hospital has no federation public key (signing.pub) to "
+                              "verify the backbone with; refused")
+        return load_public_key(self.signing_pub)
+
+    @staticmethod
+    def _check_manifest(pub: Ed25519PublicKey, sha256: str, manifest_json: str,
+                        sig_hex: str) -> dict[str, Any]:
         try:
             manifest = json.loads(manifest_json)
         except json.JSONDecodeError as err:
@@ -79,16 +96,15 @@ class BackboneCache:
             raise BundleError("the manifest sent with the backbone is not a bundle manifest")
         listed = manifest["files"].get("backbone.safetensors")
         if listed != sha256:
+            # unverified text from the server: repr-quoted, short, no control characters
             raise BundleError("the manifest sent with the backbone lists a different hash "
-                              f"({str(listed)[:12]}…) than announced ({sha256[:12]}…)")
-        if self.signing_pub is None:
-            raise BundleError("this hospital has no federation public key (signing.pub) to "
-                              "verify the backbone with; refused")
+                              f"({printable(repr(listed), 20)}) than announced "
+                              f"({sha256[:12]}…)")
         try:
             signature = bytes.fromhex(sig_hex)
         except ValueError as err:
             raise BundleError("the signature sent with the backbone is not hex") from err
-        verify(load_public_key(self.signing_pub), manifest_json.encode("utf-8"), signature,
+        verify(pub, manifest_json.encode("utf-8"), signature,
                where="manifest sent with the backbone")
         return dict(manifest)
 
@@ -98,7 +114,7 @@ class BackboneCache:
         if actual != sha256:
             raise BundleError(f"received backbone has sha256 {actual[:12]}…, "
                               f"expected {sha256[:12]}…; refused")
-        self._check_manifest(sha256, manifest_json, sig_hex)
+        self._check_manifest(self._public_key(), sha256, manifest_json, sig_hex)
         final = self.entry(sha256)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(final, replace=True) as tmp:
@@ -107,25 +123,39 @@ class BackboneCache:
             (tmp / "manifest.sig").write_bytes(bytes.fromhex(sig_hex))
 
     def load(self, sha256: str) -> tuple[bytes, dict[str, Any]]:
-        """The backbone file bytes and manifest; MissingBackbone if absent or altered.
+        """The backbone file bytes and manifest; MissingBackbone if absent, altered, or its
+        manifest does not verify with this hospital's federation key.
 
-        Verified once per process and file version (see the module notes)."""
+        Verified once per process, file version and key (see the module notes)."""
         entry = self.entry(sha256)
         stamp = _stamp(entry)
-        # an absolute path, not a resolved one: resolving costs a syscall per component on
-        # every message, and two spellings of one entry only mean one more verification
-        key = (os.path.abspath(entry), sha256)
-        seen = _verified.get(key)
-        if stamp is not None and seen is not None and seen[0] == stamp:
-            return seen[1], seen[2]
-        _verified.pop(key, None)
-        file_bytes = (entry / "backbone.safetensors").read_bytes() if stamp else b""
-        if not stamp or hashlib.sha256(file_bytes).hexdigest() != sha256:
+        if stamp is None:  # before the key: an empty cache is a miss, whatever the setup
             raise MissingBackbone(f"{rk.MISSING_BACKBONE}: backbone {sha256[:12]}… is not in this "
                                   "node's cache")
-        manifest_json = (entry / "manifest.json").read_text(encoding="utf-8")
-        sig_hex = (entry / "manifest.sig").read_bytes().hex()
-        manifest = self._check_manifest(sha256, manifest_json, sig_hex)
+        pub = self._public_key()
+        # an absolute path, not a resolved one: resolving costs a syscall per component on
+        # every message, and two spellings of one entry only mean one more verification;
+        # the key's bytes, not its path: a rotated key rewritten in place verifies again
+        key = (os.path.abspath(entry), sha256, pub.public_bytes_raw())
+        seen = _verified.get(key)
+        if seen is not None and seen[0] == stamp:
+            return seen[1], seen[2]
+        _verified.pop(key, None)
+        try:
+            file_bytes = (entry / "backbone.safetensors").read_bytes()
+        except OSError:
+            file_bytes = b""  # removed since the stamp: a miss like any other
+        if hashlib.sha256(file_bytes).hexdigest() != sha256:
+            raise MissingBackbone(f"{rk.MISSING_BACKBONE}: backbone {sha256[:12]}… is not in this "
+                                  "node's cache")
+        try:
+            manifest_json = (entry / "manifest.json").read_text(encoding="utf-8")
+            sig_hex = (entry / "manifest.sig").read_bytes().hex()
+            manifest = self._check_manifest(pub, sha256, manifest_json, sig_hex)
+        except (OSError, UnicodeDecodeError, BundleError, SignatureError) as err:
+            # a cached entry we cannot vouch for is one the server must send again
+            raise MissingBackbone(f"{rk.MISSING_BACKBONE}: backbone {sha256[:12]}… in this "
+                                  f"node's cache no longer verifies ({err})") from err
         if _stamp(entry) == stamp:  # unchanged while we read it
             _verified[key] = (stamp, file_bytes, manifest)
         return file_bytes, manifest
@@ -139,9 +169,13 @@ class FeatureCache:
 
     @staticmethod
     def key(backbone_sha: str, trainable: str, data_fingerprint: str) -> str:
-        """Cache key: which backbone, which blocks are frozen, which local data."""
+        """Cache key: which backbone, which blocks are frozen, which local data.
+
+        `<group>-<digest>`: the group (backbone and frozen blocks) lets `put` find the
+        features of the same model for data this node no longer has."""
+        group = hashlib.sha256(f"{backbone_sha}|{trainable}".encode()).hexdigest()[:16]
         text = f"{backbone_sha}|{trainable}|{data_fingerprint}"
-        return hashlib.sha256(text.encode()).hexdigest()
+        return f"{group}-{hashlib.sha256(text.encode()).hexdigest()}"
 
     def get(self, key: str) -> np.ndarray | None:
         """Cached training features, or None."""
@@ -178,3 +212,14 @@ class FeatureCache:
         path = self.root / f"{key}.npz"
         atomic_write_bytes(path, buf.getvalue())
         self._remember(os.path.abspath(path), train)
+        self._prune(key)
+
+    def _prune(self, key: str) -> None:
+        """Drop the features of the same backbone and frozen blocks for other data: a node
+        holds one data set, so they belong to a data file since replaced and would otherwise
+        pile up, one file per change."""
+        group = key.split("-", 1)[0]
+        for old in self.root.glob(f"{group}-*.npz"):
+            if old.stem != key:
+                old.unlink(missing_ok=True)
+                _features.pop(os.path.abspath(old), None)

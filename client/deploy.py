@@ -27,9 +27,10 @@ from pathlib import Path
 from client import events
 from common import records as rk
 from common.address import parse_address
-from common.certs import HospitalPaths, check_hospital_certs
+from common.certs import HOSPITAL_NAME, HospitalPaths, check_hospital_certs
 from common.data.schema import DataError
 from common.device import resolve_device
+from common.names import printable
 from common.processes import (
     ProcessGroup,
     bind_problem,
@@ -45,7 +46,13 @@ EXIT_FAILED = 3
 REGISTRATION_BACKOFF_S = (5.0, 10.0, 20.0, 30.0, 60.0)  # then 60 s until the wait is over
 SUPERNODE_LOG = "supernode.log"
 REFUSAL_LINGER_S = 45.0  # online this long after a data refusal was sent (see _watch_refusal)
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# every terminal control sequence (CSI, OSC, two-character escapes): Flower colours its
+# records, and the ClientApp's tracebacks may echo server-sent text
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
+# the start of one of Flower's log records ("ERROR :     ...", with or without a timestamp)
+RECORD = re.compile(r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [^:]*: ")
+CLIENTAPP_RAISED = "ClientApp raised an exception"  # flwr supernode/runtime/run_clientapp.py
+RELAY_LIMIT = 1000  # characters of one relayed Flower line on the terminal
 
 
 @dataclass(frozen=True)
@@ -86,14 +93,32 @@ def signing_pub(certs: HospitalPaths | None) -> Path:
     return certs.signing_pub if certs is not None else medfed_home() / "signing.pub"
 
 
+def _toml_string(flag: str, value: str) -> str:
+    """`value` as a TOML string that flower-supernode's `--node-config` reads back unchanged.
+
+    Flower splits the option with `key='...'` or `key="..."` (no escaped quotes inside) and
+    parses each with TOML: a literal string keeps backslashes as they are; a value with a
+    single quote goes in a basic string, backslashes escaped."""
+    if not value.isprintable():
+        raise ValueError(f"{flag} {printable(repr(value), 120)} holds a control character "
+                         "(a newline?) and cannot be passed to flower-supernode; rename it")
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return '"' + value.replace("\\", "\\\\") + '"'
+    raise ValueError(f"{flag} {printable(repr(value), 120)} holds both kinds of quote and "
+                     "cannot be passed to flower-supernode; rename it")
+
+
 def _node_config(req: ClientRequest, certs: HospitalPaths | None) -> str:
     values = {
-        "site-name": req.name, "data-path": str(req.data), "workdir": str(req.workdir),
-        "device": req.device, "signing-pub": str(signing_pub(certs).resolve()),
+        "site-name": ("--name", req.name), "data-path": ("--data", str(req.data)),
+        "workdir": ("--workdir", str(req.workdir)), "device": ("--device", req.device),
+        "signing-pub": ("the federation key path", str(signing_pub(certs).resolve())),
     }
     if req.test_data is not None:
-        values["test-path"] = str(req.test_data)
-    return " ".join(f'{k}="{v}"' for k, v in values.items())
+        values["test-path"] = ("--test-data", str(req.test_data))
+    return " ".join(f"{k}={_toml_string(flag, v)}" for k, (flag, v) in values.items())
 
 
 def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None, port: int | None = None
@@ -113,6 +138,9 @@ def supernode_cmd(req: ClientRequest, certs: HospitalPaths | None, port: int | N
 
 def _check(req: ClientRequest) -> HospitalPaths | None:
     """Everything that can be checked before a process starts; raises with one sentence."""
+    if not HOSPITAL_NAME.fullmatch(req.name):  # as the server names hospitals
+        raise ValueError(f"--name {printable(repr(req.name), 80)} is invalid; expected 1-63 "
+                         "lowercase letters, digits or '-', starting with a letter or digit")
     # Flower's SuperNode would only fail to connect (a URL, a space, no port), after retries
     parse_address(req.server, "--server", default_port=None)
     for flag, value in (("--give-up-after", req.give_up_after),
@@ -140,6 +168,7 @@ def _check(req: ClientRequest) -> HospitalPaths | None:
     resolve_device(req.device)
     certs = None if req.insecure else check_hospital_certs(req.certs)  # type: ignore[arg-type]
     pub = signing_pub(certs)
+    _node_config(req, certs)  # a path flower-supernode could not read back: refused now
     if not pub.exists():
         raise ValueError(f"refusing to start: the federation's public key {pub} is missing; "
                          "copy the server's signing.pub there (every backbone and model the "
@@ -200,6 +229,7 @@ class Supervisor:
         self.unreachable = False
         self.last_sent = 0.0  # wall-clock time of the SuperNode's last delivered reply
         self._told_unreachable = False
+        self._in_clientapp_error = False  # inside the ClientApp's traceback (see _line)
 
     def _relay(self, proc: subprocess.Popen[str], log_file: Path) -> None:
         assert proc.stdout is not None
@@ -207,12 +237,20 @@ class Supervisor:
             for raw in proc.stdout:
                 log.write(raw)
                 log.flush()
-                self._line(ANSI.sub("", raw.rstrip("\n")), proc)
+                self._line(raw.rstrip("\n"), proc)
 
     def _line(self, line: str, proc: subprocess.Popen[str]) -> None:
         req = self.req
+        line = ANSI.sub("", line)
         if self.req.verbose:
-            print(line, flush=True)
+            print(printable(line, RELAY_LIMIT), flush=True)
+        if RECORD.match(line):
+            # a traceback runs until the next record; it quotes values from server messages
+            # (a round number "certificate verify failed"), which must not read as the
+            # SuperNode's own failure
+            self._in_clientapp_error = line.startswith("ERROR") and CLIENTAPP_RAISED in line
+        if self._in_clientapp_error:
+            return  # the ClientApp logs its own failure as an event (client_app._logged)
         if "Sent successfully" in line:
             self.last_sent = time.time()
         if self.verdict is not None:
@@ -235,9 +273,9 @@ class Supervisor:
                 what = "lost the server" if self.joined else "cannot reach the server"
                 events.emit(req.workdir, "waiting", name=req.name,
                             message=f"{what} at {req.server}; retrying {limit}")
-        elif not req.verbose and line.startswith(("WARNING", "ERROR")) \
-                and "Exit Code" not in line and "ClientApp raised an exception" not in line:
-            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {req.name}: flower: {line}", flush=True)
+        elif not req.verbose and line.startswith(("WARNING", "ERROR")) and "Exit Code" not in line:
+            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {req.name}: flower: "
+                  f"{printable(line, RELAY_LIMIT)}", flush=True)
 
     def _watch_refusal(self, proc: subprocess.Popen[str], refused: Path,
                        linger: float = REFUSAL_LINGER_S) -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from common.follow import TailReader
+from common.names import printable
 
 EVENTS_FILE = "events.jsonl"
+MAX_FIELD = 2000  # characters of one text field kept: an error may quote the server's text
 
 
 def emit(workdir: Path | None, event: str, **fields: Any) -> None:
@@ -49,7 +51,17 @@ def emit(workdir: Path | None, event: str, **fields: Any) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return value[:MAX_FIELD] + "…"  # one line stays one small write (see the module notes)
     return value
+
+
+def _shown(value: Any) -> Any:
+    """A field as the terminal shows it: text without control characters, capped (error
+    messages quote what the server sent); numbers and flags as they are."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return printable(value)
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -58,8 +70,8 @@ def _num(value: Any, digits: int = 3) -> str:
 
 def describe(record: dict[str, Any]) -> str:
     """One sentence for an event, as the hospital's terminal shows it."""
-    e = record.get("event", "?")
-    r = record
+    r = {k: _shown(v) for k, v in record.items()}
+    e = r.get("event", "?")
     if e == "start":
         return (f"starting hospital {r.get('name')}: server {r.get('server')}, data "
                 f"{r.get('data')}, local port {r.get('port')}, {r.get('mode')}")
@@ -90,7 +102,7 @@ def describe(record: dict[str, Any]) -> str:
         return f"error: {r.get('message')}"
     if e == "stopped":
         return f"stopped: {r.get('message')}"
-    return json.dumps(record)
+    return printable(json.dumps(record))
 
 
 def line(record: dict[str, Any]) -> str:
@@ -100,7 +112,7 @@ def line(record: dict[str, Any]) -> str:
         stamp = when.strftime("%Y-%m-%d %H:%M:%S")
     except (KeyError, ValueError):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    who = record.get("site") or record.get("name") or ""
+    who = printable(record.get("site") or record.get("name") or "", 64)
     return f"{stamp} {who + ': ' if who else ''}{describe(record)}"
 
 

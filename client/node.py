@@ -50,11 +50,11 @@ from common.models import (
     set_trainable,
     split_state,
 )
-from common.names import sanitise_name
+from common.names import printable, sanitise_name
 from common.personalise import SiteModel, personalise
 from common.scoring import OperatingPoint, score_splits
 from common.settings import NodeSettings, RunSettings
-from common.signing import load_public_key
+from common.signing import load_public_key, verify
 from common.training import TrainResult, round_trainable, train_local
 
 BUILT_MODELS = 8  # backbones kept built per process
@@ -223,13 +223,24 @@ def declared_rows(node: Node, backbone_sha: str) -> tuple[dict[str, int], str]:
     return site.sizes(), node.site_name(site)
 
 
+NAMES_SHOWN = 3  # tensor names quoted in an error; the rest are counted
+
+
+def _some(names: list[str], what: str) -> str:
+    """A few names, each short and printable, and how many there are: the names come from
+    the server, which could send thousands of long ones into the hospital's log."""
+    shown = ", ".join(printable(repr(n), 80) for n in names[:NAMES_SHOWN])
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return f"{len(names)} {what} [{shown}{more}]"
+
+
 def check_arrays(received: dict[str, torch.Tensor], expected: list[str]) -> None:
     """The server must send exactly the trainable tensors."""
     if set(received) != set(expected):
         extra = sorted(set(received) - set(expected))
         missing = sorted(set(expected) - set(received))
-        raise ValueError(f"message tensors do not match the trainable set: unexpected {extra}, "
-                         f"missing {missing}")
+        raise ValueError("message tensors do not match the trainable set: "
+                         f"{_some(extra, 'unexpected')}, {_some(missing, 'missing')}")
 
 
 def _global_model(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: str, where: str,
@@ -348,6 +359,39 @@ def save_site_model(node: Node, manifest_json: str, sig_hex: str) -> Path:
     return final
 
 
+MAX_VERSION = 10**6  # model versions are filed as vNNNN; a larger number is not a real one
+
+
+def _signed_manifest(pub: Ed25519PublicKey, manifest_json: str, sig_hex: str,
+                     version: int) -> dict[str, Any]:
+    """The manifest of a final model, verified, whose signed version is the claimed one.
+
+    The version in the message only names the directory; without this check an old signed
+    model sent under a newer number would overwrite that newer model (`replace=True`).
+    """
+    if not 0 <= version < MAX_VERSION:
+        raise BundleError(f"the final model message claims version {version}, outside 0.."
+                          f"{MAX_VERSION - 1}; refused")
+    try:
+        signature = bytes.fromhex(sig_hex)
+    except ValueError as err:
+        raise BundleError("the signature sent with the final model is not hex; refused") from err
+    # the same bytes assemble_bundle checks again: nothing is written before this passes
+    verify(pub, manifest_json.encode("utf-8"), signature, where="manifest of the final model")
+    try:
+        manifest = json.loads(manifest_json)
+    except json.JSONDecodeError as err:
+        raise BundleError("the manifest of the final model is not valid JSON; refused") from err
+    signed = manifest.get("version") if isinstance(manifest, dict) else None
+    if type(signed) is not int or signed != version:
+        raise BundleError(f"the final model message claims version {version} but its signed "
+                          f"manifest is version {printable(signed, 20)}; refused")
+    if not isinstance(manifest.get("files"), dict) or BACKBONE_FILE not in manifest["files"]:
+        raise BundleError(f"the signed manifest of the final model lists no {BACKBONE_FILE}; "
+                          "refused")
+    return dict(manifest)
+
+
 def save_model(node: Node, version: int, manifest_json: str, sig_hex: str, head_bytes: bytes,
                backbone_bytes: bytes | None) -> Path:
     """Assemble the final global bundle in `<workdir>/models/vNNNN` and verify it.
@@ -355,12 +399,12 @@ def save_model(node: Node, version: int, manifest_json: str, sig_hex: str, head_
     Beside it, `models/site_stats.json` holds this site's own statistics: `medfed predict`
     and `evaluate` need them for a bundle whose normalisation mode is `site`.
     """
-    manifest = json.loads(manifest_json)
+    pub = _signing_key(node)
+    manifest = _signed_manifest(pub, manifest_json, sig_hex, version)
     if backbone_bytes is None:
-        backbone_bytes, _ = node.backbones.load(manifest["files"][BACKBONE_FILE])
+        backbone_bytes, _ = node.backbones.load(str(manifest["files"][BACKBONE_FILE]))
     final = node.workdir / "models" / f"v{version:04d}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    pub = _signing_key(node)
     assemble_bundle(final, {BACKBONE_FILE: backbone_bytes, HEAD_FILE: head_bytes},
                     manifest_json.encode("utf-8"), bytes.fromhex(sig_hex), pub, replace=True)
     site = node.site(manifest)

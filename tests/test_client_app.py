@@ -273,3 +273,73 @@ def test_hospital_csv_missing_a_column_refuses_with_a_path_free_sentence(
     assert "ward-7-oncology" not in sent  # the server never learns the file's path
     refused = __import__("json").loads((workdir / rk.DATA_REFUSED_FILE).read_text())
     assert "chol" in refused["reason"] and str(csv) in refused["reason"]
+
+
+# --- save_model ----------------------------------------------------------------------------
+def _save_model(app: ClientApp, heart_bundle: Path, claimed: int) -> Message:
+    """The final model message, claiming `claimed` for the bundle signed in `heart_bundle`."""
+    meta = ConfigRecord({rk.MANIFEST_JSON: (heart_bundle / "manifest.json").read_text(),
+                         rk.MANIFEST_SIG: (heart_bundle / "manifest.sig").read_bytes().hex(),
+                         rk.VERSION: claimed})
+    head = np.frombuffer((heart_bundle / "head.safetensors").read_bytes(), dtype=np.uint8)
+    content = RecordDict({rk.BUNDLE_META: meta,
+                          rk.HEAD_FILE: ArrayRecord({rk.HEAD_FILE: Array(head)})})
+    return call_client_app(app, f"query.{rk.QUERY_SAVE_MODEL}", content, _node(0))
+
+
+def test_save_model_files_the_bundle_under_its_signed_version(app, payload, heart_bundle,
+                                                              settings) -> None:
+    _ask(app, payload, 0, with_file=True)
+    signed = int(load_bundle(heart_bundle).manifest["version"])
+    reply = _save_model(app, heart_bundle, signed)
+    assert reply.content.metric_records[rk.METRICS]["saved-version"] == signed
+    models = settings.run_dir / "nodes" / "cleveland" / "models"
+    assert load_bundle(models / f"v{signed:04d}").manifest["version"] == signed
+
+
+@pytest.mark.parametrize("claimed", [7, -1, 2**62])
+def test_save_model_refuses_a_version_other_than_the_signed_one(app, payload, heart_bundle,
+                                                                settings, claimed) -> None:
+    # replaying an old signed model under a newer number would overwrite that newer model
+    _ask(app, payload, 0, with_file=True)
+    with pytest.raises(BundleError, match="version"):
+        _save_model(app, heart_bundle, claimed)
+    models = settings.run_dir / "nodes" / "cleveland" / "models"
+    assert not models.exists() or not any(models.iterdir())
+
+
+# --- what another party's text may do to the hospital's log --------------------------------
+def _shown(settings: RunSettings, site: str = "cleveland") -> list[str]:
+    """The hospital's log lines as `medfed client` shows them."""
+    from client.events import EVENTS_FILE, line
+
+    path = settings.run_dir / "nodes" / site / EVENTS_FILE
+    return [line(__import__("json").loads(raw)) for raw in path.read_text().splitlines()]
+
+
+def test_server_text_in_a_refused_manifest_reaches_the_log_without_control_characters(
+        app, payload, settings) -> None:
+    manifest = __import__("json").loads(payload.manifest_json)
+    manifest["files"]["backbone.safetensors"] = "\x1b[2J\x1b[H\nFAKE ok"
+    bad = BackbonePayload(payload.sha256, payload.file_bytes,
+                          __import__("json").dumps(manifest), payload.manifest_sig)
+    content = RecordDict({rk.BUNDLE_META: bad.meta(), rk.BACKBONE_FILE: bad.arrays()})
+    with pytest.raises(BundleError, match="different hash") as err:
+        call_client_app(app, f"query.{rk.QUERY_BACKBONE}", content, _node(0))
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+    shown = _shown(settings)
+    assert len(shown) == 1 and "different hash" in shown[0]
+    assert all(c.isprintable() for c in shown[0]), repr(shown[0])
+
+
+def test_many_unexpected_tensor_names_are_counted_not_copied(app, payload, heart_bundle,
+                                                             settings) -> None:
+    _ask(app, payload, 0, with_file=True)
+    content = _round_content(heart_bundle, payload.sha256)
+    for i in range(500):
+        content[rk.ARRAYS][("x" * 200) + str(i)] = Array(np.zeros(1, dtype=np.float32))
+    with pytest.raises(ValueError, match="500 unexpected") as err:
+        call_client_app(app, "train", content, _node(0))
+    assert len(str(err.value)) < 1000
+    raw = (settings.run_dir / "nodes" / "cleveland" / "events.jsonl").read_text()
+    assert max(len(line) for line in raw.splitlines()) < 2000

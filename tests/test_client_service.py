@@ -6,12 +6,13 @@ The Flower lines below are what flower-supernode 1.42 printed on this machine in
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from client import events
-from client.deploy import ClientRequest, classify
+from client.deploy import ClientRequest, Supervisor, classify
 from server.deploy import refused_join
 
 
@@ -86,3 +87,105 @@ def test_refused_joins_are_named_for_the_operator() -> None:
     assert refused_join(line.replace("thmTpHxy", "xxxxxxxx")) != sentence  # per key
     assert refused_join("INFO: POST /v1/fleet/pull-messages 200") is None
     assert "no node key" in (refused_join("[ApiError:2001] SuperNode auth ...") or "")
+
+
+class _Proc:
+    """Stands in for the SuperNode process a Supervisor would stop."""
+
+    terminated = False
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+def _supervisor(workdir: Path, verbose: bool = False) -> Supervisor:
+    req = replace(_req(), workdir=workdir, verbose=verbose)
+    sup = Supervisor(req, None, 1)
+    sup.joined = True
+    return sup
+
+
+# what flwr-clientapp 1.42 logs when a handler raises (run_clientapp.py: log(ERROR, "%s raised
+# an exception", "ClientApp", exc_info=ex)); the last line echoes a server-sent value
+_TRACEBACK = [
+    "ERROR :     ClientApp raised an exception",
+    "Traceback (most recent call last):",
+    '  File "/x/client/client_app.py", line 127, in train',
+    "    server_round = int(config[rk.SERVER_ROUND])",
+    "ValueError: invalid literal for int() with base 10: '{}'",
+]
+
+
+@pytest.mark.parametrize("sent", ["certificate verify failed",
+                                  "[code: 2004] Failed to activate SuperNode",
+                                  "[code: 2001] x", "WRONG_VERSION_NUMBER",
+                                  "Connection refused"])
+def test_a_clientapp_traceback_is_not_read_as_the_supernodes_failure(sent: str,
+                                                                    tmp_path: Path) -> None:
+    sup, proc = _supervisor(tmp_path), _Proc()
+    for line in _TRACEBACK:
+        sup._line(line.format(sent), proc)  # type: ignore[arg-type]
+    assert sup.verdict is None and not proc.terminated and not sup.unreachable
+    # the SuperNode's own next record ends the traceback: its failures still count
+    sup._line("ERROR :     Exit Code: 200", proc)  # type: ignore[arg-type]
+    sup._line("[code: 2004] Failed to activate SuperNode.", proc)  # type: ignore[arg-type]
+    assert sup.verdict is not None and sup.verdict.kind == "not-registered" and proc.terminated
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_relayed_flower_lines_reach_the_terminal_without_control_characters(
+        verbose: bool, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path, verbose=verbose)
+    sup._line("WARNING :   \x1b]0;owned\x07\x1b[2J\x1b[Hfake ok\r" + "x" * 5000,
+              _Proc())  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert out and "fake ok" in out
+    assert all(c.isprintable() for c in out.replace("\n", "")), repr(out[:200])
+    assert len(out) < 2000
+
+
+def test_event_text_is_shown_without_control_characters_and_capped() -> None:
+    record = {"time": "2026-12-02T08:00:01+00:00", "event": "error", "site": "a\x1b[2J",
+              "message": "training failed: \x1b[2J\x1b[H\n2026-12-02 08:00:02 a: model ok"
+                         + "x" * 5000}
+    shown = events.line(record)
+    assert all(c.isprintable() for c in shown), repr(shown[:200])
+    assert len(shown) < 500
+    unknown = events.line({**record, "event": "\x1b[31mnew\nkind"})
+    assert all(c.isprintable() for c in unknown) and len(unknown) < 500
+
+
+def test_long_event_fields_are_capped_in_the_file(tmp_path: Path) -> None:
+    events.emit(tmp_path, "error", site="a", message="y" * 100_000)
+    (raw,) = (tmp_path / events.EVENTS_FILE).read_text().splitlines()
+    assert len(raw) < 5000
+
+
+@pytest.mark.parametrize("data", ["/data/a.csv", "/data/new\\a.csv", "/data/x\\y z.csv",
+                                  '/data/"quoted"/a.csv', "/data/it's/a.csv"])
+def test_node_config_reaches_flower_as_given(data: str) -> None:
+    from flwr.common.config import parse_config_args
+
+    from client.deploy import _node_config
+
+    req = replace(_req(insecure=True), name="hospital-a", data=Path(data),
+                  test_data=Path(data + ".test"))
+    parsed = parse_config_args([_node_config(req, None)])
+    assert parsed["site-name"] == "hospital-a"
+    assert (parsed["data-path"], parsed["test-path"]) == (data, data + ".test")
+
+
+@pytest.mark.parametrize("data", ["/data/new\nline.csv", "/data/both'\".csv"])
+def test_node_config_refuses_what_flower_cannot_read_back(data: str) -> None:
+    from client.deploy import _node_config
+
+    with pytest.raises(ValueError, match=r"^--data .* cannot be passed to flower-supernode"):
+        _node_config(replace(_req(insecure=True), data=Path(data)), None)
+
+
+@pytest.mark.parametrize("name", ['hospital "A"', "Hospital-A", "a\nb", "../a", ""])
+def test_client_refuses_a_name_the_server_could_not_register(name: str) -> None:
+    from client.deploy import _check
+
+    with pytest.raises(ValueError, match=r"^--name .* is invalid"):
+        _check(replace(_req(insecure=True), name=name))

@@ -195,3 +195,68 @@ def test_simulated_sites_stay_built_when_a_worker_serves_many_hospitals(
     first = [simulated_site(data, seed, manifest, pid) for pid in range(150)]
     again = [simulated_site(data, seed, manifest, pid) for pid in range(150)]  # a 2nd round
     assert all(a is b for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("damage", ["flip-signature", "no-manifest", "manifest-not-json"])
+def test_an_entry_whose_manifest_no_longer_verifies_counts_as_missing(stored, damage) -> None:
+    """Otherwise the node errors on every message and the server never sends it again."""
+    cache, payload = stored
+    cache.load(payload.sha256)  # verified once in this process: the change must be seen
+    entry = cache.entry(payload.sha256)
+    if damage == "flip-signature":
+        sig = bytearray((entry / "manifest.sig").read_bytes())
+        sig[0] ^= 1
+        (entry / "manifest.sig").write_bytes(bytes(sig))
+    elif damage == "no-manifest":
+        (entry / "manifest.json").unlink()
+    else:
+        (entry / "manifest.json").write_text("{not json")
+    for name in ("manifest.sig", "manifest.json"):  # a visible new version, however fast
+        if (entry / name).exists():
+            st = (entry / name).stat()
+            os.utime(entry / name, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert not cache.has(payload.sha256)
+    with pytest.raises(MissingBackbone):
+        cache.load(payload.sha256)
+    cache.store(payload.sha256, payload.file_bytes, payload.manifest_json, payload.manifest_sig)
+    assert cache.has(payload.sha256) and cache.load(payload.sha256)[0] == payload.file_bytes
+
+
+def test_a_rotated_federation_key_verifies_the_cached_entry_again(
+        stored, tmp_path: Path) -> None:
+    """A hospital given a new signing.pub must not keep trusting what the old key signed."""
+    from common.signing import load_or_create_signing_key, public_key_path
+
+    cache, payload = stored
+    own_pub = tmp_path / "hospital" / "signing.pub"  # this test's copy: rewritten below
+    own_pub.parent.mkdir()
+    own_pub.write_bytes(Path(str(cache.signing_pub)).read_bytes())
+    cache = BackboneCache(cache.root, own_pub)
+    assert cache.has(payload.sha256)  # verified with the current key, remembered
+    new_key = tmp_path / "rotated" / "signing.key"
+    load_or_create_signing_key(new_key)
+    rotated = BackboneCache(cache.root, public_key_path(new_key))
+    assert not rotated.has(payload.sha256)
+    with pytest.raises(MissingBackbone):
+        rotated.load(payload.sha256)
+    # the same path rewritten with the new key (an operator's copy) is noticed too
+    own_pub.write_bytes(public_key_path(new_key).read_bytes())
+    with pytest.raises(MissingBackbone):
+        cache.load(payload.sha256)
+
+
+def test_features_of_older_data_are_pruned_when_new_ones_are_written(tmp_path: Path) -> None:
+    """A hospital whose data file changes every week must not keep every week's features."""
+    cache = FeatureCache(tmp_path / "features")
+    features = np.zeros((2, 3), dtype=np.float32)
+    week1 = FeatureCache.key("a" * 64, "head", "data-week-1")
+    other_mode = FeatureCache.key("a" * 64, "head+last-1", "data-week-1")
+    other_backbone = FeatureCache.key("b" * 64, "head", "data-week-1")
+    for key in (week1, other_mode, other_backbone):
+        cache.put(key, features)
+    week2 = FeatureCache.key("a" * 64, "head", "data-week-2")
+    cache.put(week2, features + 1)
+    kept = sorted(p.stem for p in (tmp_path / "features").glob("*.npz"))
+    assert kept == sorted([week2, other_mode, other_backbone])
+    assert cache.get(week1) is None  # not served from memory either
+    np.testing.assert_array_equal(cache.get(week2), features + 1)

@@ -32,6 +32,8 @@ class Checkpoint:
     round: int
     strategy: str
     state: dict[str, dict[str, np.ndarray]]
+    # `federation.privacy` of the committed rounds (None: written before it was recorded)
+    privacy: dict[str, Any] | None = None
 
 
 def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
@@ -45,10 +47,13 @@ def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, strategy_name: str,
-                    tensors: dict[str, torch.Tensor]) -> None:
+                    tensors: dict[str, torch.Tensor],
+                    privacy: dict[str, Any] | None = None) -> None:
     """Commit round `server_round` with the strategy state of that round (from
-    :func:`strategy_state`): an atomic replace of `<run_dir>/checkpoint/`."""
-    meta = {"round": server_round, "strategy": strategy_name, "attrs": list(STATE_ATTRS)}
+    :func:`strategy_state`) and the privacy settings its versions were released under: an
+    atomic replace of `<run_dir>/checkpoint/`."""
+    meta = {"round": server_round, "strategy": strategy_name, "attrs": list(STATE_ATTRS),
+            "privacy": privacy}
     with atomic_dir(run_dir / "checkpoint", replace=True) as tmp:
         (tmp / "strategy.safetensors").write_bytes(state_to_bytes(tensors))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -66,7 +71,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     for key, tensor in tensors.items():
         attr, name = key.split("/", 1)
         state.setdefault(attr, {})[name] = tensor.numpy()
-    return Checkpoint(int(meta["round"]), str(meta["strategy"]), state)
+    privacy = meta.get("privacy")
+    return Checkpoint(int(meta["round"]), str(meta["strategy"]), state,
+                      privacy if isinstance(privacy, dict) else None)
 
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,7 +34,7 @@ from common.bundle import (
     load_bundle,
     sign_manifest,
 )
-from common.config import Config
+from common.config import Config, ConfigError, ValidationConfig, to_dict
 from common.config_check import pretrain_overlap_note, sampled_per_round
 from common.data.splits import DataSpec
 from common.device import resolve_device, seed_everything
@@ -51,6 +51,7 @@ from common.settings import RunSettings
 from common.signing import load_or_create_signing_key
 from common.training import warmup_note
 from server.checkpoint import (
+    Checkpoint,
     count_rounds_from,
     drop_uncommitted_versions,
     load_checkpoint,
@@ -276,7 +277,7 @@ class Federation:
                                    for n, sizes in self.grid.split_sizes.items()})
         self.history.record(server_round, metrics, time.monotonic() - self.started)
         save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
-                        version.strategy_state)
+                        version.strategy_state, to_dict(self.cfg.federation.privacy))
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
                                                    best_metric))
         return _metric_record(metrics["validation"])
@@ -417,7 +418,7 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
     spec, heldout = task_and_heldout(cfg, bundle.manifest)
     provisioning = ProvisioningGrid(grid, load_payload(bundle_dir),
                                     timeout=cfg.federation.strategy.round_timeout,
-                                    validation=cfg.federation.validation,
+                                    validation=reply_checks(cfg),
                                     audit_path=settings.run_dir / "audit.jsonl",
                                     enrolment=Enrolment.load(settings.run_dir))
     registry = Registry(settings.run_dir / "registry", key)
@@ -440,6 +441,7 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
         log.info("nothing to resume in %s: starting at round 1", settings.run_dir)
         drop_uncommitted_versions(registry.root, -1)
         return 0
+    _same_privacy(settings, checkpoint)
     dropped = drop_uncommitted_versions(registry.root, checkpoint.round)
     if dropped:
         log.warning("removed versions %s of an uncommitted round", dropped)
@@ -450,6 +452,24 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
                complete=True)
     log.info("resuming after round %d", checkpoint.round)
     return checkpoint.round
+
+
+def _same_privacy(settings: RunSettings, checkpoint: Checkpoint) -> None:
+    """A resumed run's privacy settings are those its published versions were released
+    under: the reported epsilon counts every round with the current settings, so 2 rounds
+    without noise then resumed with noise reported a finite epsilon for versions that had
+    none."""
+    now = to_dict(settings.load_config().federation.privacy)
+    before = checkpoint.privacy
+    if before is None and now.get("dp") == "off":
+        return  # a checkpoint from before privacy was recorded, resumed without DP
+    if before != now:
+        changed = sorted(k for k in now if before is None or before.get(k) != now[k])
+        raise ConfigError(
+            f"run directory {settings.run_dir} was started with other federation.privacy "
+            f"settings ({', '.join(changed) or 'unrecorded'} differ): resuming would report a "
+            "privacy budget that does not describe the versions already published; resume "
+            "with the same settings or start a new run")
 
 
 class FederationRounds(logging.Filter):
@@ -465,6 +485,20 @@ class FederationRounds(logging.Filter):
                 and len(record.args) == 2:
             record.args = (int(record.args[0]) + self.offset, self.total)  # type: ignore[call-overload]
         return True
+
+
+def reply_checks(cfg: Config) -> ValidationConfig:
+    """`federation.validation`, except under differential privacy: there an update is not
+    excluded by its norm against the round's (10 x the median, or the absolute bound).
+    Which hospital is excluded, and the norm in the reason, would publish something of one
+    hospital's raw update, and a skipped round, outside the accountant. Clipping bounds each
+    update instead: the server clips (`dp: server`); with `dp: client` each hospital clips,
+    and an update above the clipping norm broke the protocol and is excluded."""
+    v, privacy = cfg.federation.validation, cfg.federation.privacy
+    if privacy.dp == "off":
+        return v
+    bound = privacy.clipping_norm * (1 + 1e-5) if privacy.dp == "client" else 0.0
+    return replace(v, max_norm_ratio=0.0, max_update_norm=bound)
 
 
 def warn_if_warmup_spans_run(cfg: Config) -> None:

@@ -31,13 +31,15 @@ from collections.abc import Iterable
 from importlib.metadata import version
 from typing import Any, cast
 
-from flwr.app import Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import Config, ConfigError, PrivacyConfig
 from common.config_check import check_privacy, sampled_per_round
@@ -69,6 +71,24 @@ class _EqualWeights:
     """
 
     num_sampled_clients: int
+    noise_multiplier: float
+    clipping_norm: float
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's noise (same standard deviation), drawn from fresh operating-system
+        entropy. Flower draws it from NumPy's global generator, which a run seeds with the
+        config's seed, and that seed is in every published manifest: anyone could draw the
+        same noise and subtract it. So DP runs are not bit-for-bit repeatable, by design."""
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        rng = np.random.default_rng()  # no seed: OS entropy, never the run's
+        noisy = {}
+        for name, array in zip(aggregated_arrays.keys(),
+                               aggregated_arrays.to_numpy_ndarrays(), strict=True):
+            noisy[name] = Array(np.asarray(array + rng.normal(0.0, std, array.shape)
+                                           .astype(array.dtype)))
+        log.info("differential privacy: Gaussian noise of standard deviation %.4g added to "
+                 "the mean of %d clipped updates", std, self.num_sampled_clients)
+        return ArrayRecord(noisy)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         replies = list(replies)
@@ -152,9 +172,12 @@ def privacy_report(cfg: PrivacyConfig, rounds: int, sample_rate: float) -> dict[
     per-hospital sensitivity); rounds compose. Computed by Google's `dp-accounting` RDP
     accountant over `rounds` compositions of a Poisson-subsampled Gaussian with sampling
     rate `sample_rate` (share of hospitals sampled per round) under add/remove-one-hospital
-    adjacency. Flower samples a FIXED number of hospitals per round, not a Poisson sample,
-    so for `sample_rate` < 1 the amplification is the usual approximation; the report also
-    gives `epsilon_no_amplification` (every round counted in full), which holds regardless.
+    adjacency. `epsilon` counts every round in full (no amplification by sampling): a run's
+    sample of hospitals is drawn from its seeded generator and each published version names
+    its round's trainers, so the sampling is not secret and amplification does not hold.
+    With `sample_rate` < 1 the report also gives `epsilon_if_sampling_were_secret` (the
+    Poisson-amplified figure; Flower samples a fixed number, so even then approximate), which
+    no medfed run can claim.
 
     Parameters
     ----------
@@ -183,7 +206,7 @@ def privacy_report(cfg: PrivacyConfig, rounds: int, sample_rate: float) -> dict[
         "dp": cfg.dp, "noise_multiplier": cfg.noise_multiplier,
         "clipping_norm": cfg.clipping_norm, "delta": cfg.delta, "rounds": rounds,
         "sample_rate": sample_rate,
-        "accountant": "RDP, Poisson-subsampled Gaussian "
+        "accountant": "RDP, Gaussian, every round counted in full "
                       f"(dp-accounting {version('dp-accounting')})",
     }
     if cfg.noise_multiplier == 0:
@@ -192,10 +215,10 @@ def privacy_report(cfg: PrivacyConfig, rounds: int, sample_rate: float) -> dict[
     if rounds == 0:
         report["epsilon"] = 0.0
         return report
-    report["epsilon"] = _epsilon(cfg.noise_multiplier, rounds, sample_rate, cfg.delta)
+    report["epsilon"] = _epsilon(cfg.noise_multiplier, rounds, 1.0, cfg.delta)
     if sample_rate < 1:
-        report["epsilon_no_amplification"] = _epsilon(cfg.noise_multiplier, rounds, 1.0,
-                                                      cfg.delta)
+        report["epsilon_if_sampling_were_secret"] = _epsilon(cfg.noise_multiplier, rounds,
+                                                             sample_rate, cfg.delta)
     return report
 
 

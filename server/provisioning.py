@@ -119,13 +119,20 @@ def content_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def _with_metrics(reply: Message, metrics: dict[str, float]) -> Message:
-    """A shallow copy of `reply` for the strategy: its arrays, and exactly these metrics.
+def _with_metrics(reply: Message, metrics: dict[str, float],
+                  order: list[str] | None = None) -> Message:
+    """A shallow copy of `reply` for the strategy: its arrays (in the `order` of the tensors
+    sent, when given), and exactly these metrics.
 
-    The original stays untouched (our own per-site metrics read it).
+    The original stays untouched (our own per-site metrics read it). The order matters:
+    Flower's server-side DP clipping pairs a reply's tensors with the global ones by
+    position, while FedAvg averages by name, so a reply with its tensors reversed escaped
+    the clipping (one update of norm 0.01 moved the aggregate by 122 at clipping norm 1).
     """
     out = copy.copy(reply)
     arrays = reply.content.array_records.get(rk.ARRAYS)  # the update (train replies only)
+    if arrays is not None and order is not None:
+        arrays = ArrayRecord({name: arrays[name] for name in order})
     out.content = RecordDict({**({rk.ARRAYS: arrays} if arrays is not None else {}),
                               rk.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     return out
@@ -513,7 +520,7 @@ class ProvisioningGrid(DelegatingGrid):
             kept = {k: float(metrics[k]) for k in TRAIN_KEYS}  # type: ignore[arg-type]
             kept[rk.NUM_EXAMPLES] = verdict.weight
             originals.append(reply)
-            copies.append(_with_metrics(reply, kept))
+            copies.append(_with_metrics(reply, kept, list(sent)))
         return originals, copies
 
     def _validated(self, messages: list[Message], replies: list[Message],

@@ -285,3 +285,26 @@ def test_a_hospital_whose_csv_lacks_a_column_leaves_and_the_run_goes_on(
     sent_to_va = [m.metadata.message_type for m in grid.received
                   if m.metadata.src_node_id == va]
     assert sent_to_va == ["query.backbone"] * len(sent_to_va) and len(sent_to_va) <= 2
+
+
+def test_a_reply_with_its_tensors_reordered_is_still_clipped_under_dp(
+        tmp_path, heart_bundle, signing_key_path) -> None:
+    """Flower's server-side clipping pairs a reply's tensors with the global ones by
+    position while FedAvg averages by name: reversed, an update escaped the clipping (or,
+    with other shapes, raised and ended the run)."""
+    def reverse(kind: str, content: RecordDict, server_round: int) -> None:
+        if kind == "train":
+            arrays = content.array_records[rk.ARRAYS]
+            content[rk.ARRAYS] = ArrayRecord({k: arrays[k] for k in reversed(list(arrays))})
+
+    clip = 0.01
+    out = _run(tmp_path, "reversed", heart_bundle, signing_key_path,
+               "federation.privacy.dp=server", f"federation.privacy.clipping_norm={clip}",
+               "federation.privacy.noise_multiplier=0", rewrite=reverse)
+    assert [r["round"] for r in out["rows"]] == [0, 1, 2, 3]
+    from safetensors.numpy import load_file
+
+    heads = [load_file(Registry(out["run"] / "registry").version_dir(v) / "head.safetensors")
+             for v in (0, 1)]
+    moved = np.sqrt(sum(float(((heads[1][k] - heads[0][k]) ** 2).sum()) for k in heads[0]))
+    assert moved <= clip * (1 + 1e-4)  # the mean of updates each clipped to `clip`

@@ -23,6 +23,11 @@ def _metric_rows(name: str, metrics: dict[str, Any]) -> str:
     return f"| {name} | {int(n) if n is not None else '?'} | {cells} |"
 
 
+def _cell(text: str) -> str:
+    """Text for a table cell: a '|' would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def _code(value: Any) -> str:
     """A code as the file writes it: a number, or a word (quoted; '|' escaped for the table)."""
     if isinstance(value, str):
@@ -67,7 +72,10 @@ def _metrics_rows(metrics: dict[str, Any]) -> list[str]:
              ("source-test", f"pretraining cohort, test ({TEST_LABEL})"))
     for key, label in named:
         if metrics.get(key):
-            rows.append(_metric_rows(label, metrics[key]))
+            source = metrics[key].get("source") if key == "validation" else None
+            # which validation set picked `best`: the sites', the pretraining cohort's, a file
+            shown = f"{label}: {_cell(str(source))}" if source else label
+            rows.append(_metric_rows(shown, metrics[key]))
     for name, site in sorted((metrics.get("sites") or {}).items()):
         for split in ("validation", "test"):
             if site.get(split):

@@ -103,9 +103,12 @@ class Registry:
         return written
 
     def repair_pointers(self, metric: str) -> None:
-        """Recompute `latest` and `best` from the versions present (after a crash)."""
+        """Recompute `latest` and `best` from the versions present (after a crash); a
+        pointer with no version to name is removed, never left naming a dropped one."""
         versions = self.versions()
         if not versions:
+            for name in ("latest", "best"):
+                (self.root / f"{name}.json").unlink(missing_ok=True)
             return
         self._write_pointer("latest", {"version": versions[-1]})
         best: tuple[float, int, str] | None = None
@@ -120,6 +123,8 @@ class Registry:
             self._write_pointer("best", {"version": best[1], "metric": metric,
                                          "split": "validation", "source": best[2],
                                          "value": best[0]})
+        else:  # no version with a defined score: no `best` (it may name a dropped one)
+            (self.root / "best.json").unlink(missing_ok=True)
 
     def _write_pointer(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_text(self.root / f"{name}.json", json.dumps(data, indent=2) + "\n")

@@ -35,6 +35,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, with_device(args))
     if args.out.exists() and not args.force:
         raise FileExistsError(f"bundle directory {args.out} exists; pass --force to replace it")
+    if args.out.exists():
+        _replaceable_bundle(args.out, [args.config, args.keys or default_keys_path()])
     data = load_source(cfg)  # bad data stops here, before a key or a file is created
     key = _signing_key(args.keys)
     manifest = pretrain(cfg, args.out, key, replace=args.force, data=data)
@@ -45,6 +47,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         f"({val.get('n')} rows)"
     )
     return 0
+
+
+def _replaceable_bundle(out: Path, inputs: list[Path]) -> None:
+    """`--force` replaces a bundle, nothing else: `--out $MEDFED_HOME` wiped the signing key
+    and the config with it (every bundle signed before could no longer be verified)."""
+    if not out.is_dir() or not (out / "manifest.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a bundle directory (no manifest.json); "
+                              "--force replaces only a bundle: choose another --out")
+    where = out.resolve()
+    for path in inputs:
+        if path.resolve() == where or where in path.resolve().parents:
+            raise FileExistsError(f"{out} holds {path}, an input of this command: replacing "
+                                  "it would delete that file; choose another --out")
 
 
 def _fmt(value: float | None) -> str:

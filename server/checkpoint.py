@@ -32,8 +32,9 @@ class Checkpoint:
     round: int
     strategy: str
     state: dict[str, dict[str, np.ndarray]]
-    # `federation.privacy` of the committed rounds (None: written before it was recorded)
-    privacy: dict[str, Any] | None = None
+    # the settings the committed versions were made under, flat (`federation.privacy.dp`:
+    # ...), less those a resume may change; None: written before they were recorded
+    settings: dict[str, Any] | None = None
 
 
 def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
@@ -48,12 +49,12 @@ def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, server_round: int, strategy_name: str,
                     tensors: dict[str, torch.Tensor],
-                    privacy: dict[str, Any] | None = None) -> None:
+                    settings: dict[str, Any] | None = None) -> None:
     """Commit round `server_round` with the strategy state of that round (from
-    :func:`strategy_state`) and the privacy settings its versions were released under: an
+    :func:`strategy_state`) and the settings its versions were made under: an
     atomic replace of `<run_dir>/checkpoint/`."""
     meta = {"round": server_round, "strategy": strategy_name, "attrs": list(STATE_ATTRS),
-            "privacy": privacy}
+            "settings": settings}
     with atomic_dir(run_dir / "checkpoint", replace=True) as tmp:
         (tmp / "strategy.safetensors").write_bytes(state_to_bytes(tensors))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -63,7 +64,13 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The committed state, or None if no round was committed."""
     folder = run_dir / "checkpoint"
     if not (folder / "state.json").exists():
-        return None
+        # killed between atomic_dir's two renames: the last commit waits under its old name
+        # (without this, a resume found no checkpoint and dropped every version)
+        aside = [(json.loads(f.read_text(encoding="utf-8")).get("round", -1), f.parent)
+                 for f in run_dir.glob(".checkpoint.old-*/state.json")]
+        if not aside:
+            return None
+        folder = max(aside, key=lambda pair: (int(pair[0]), str(pair[1])))[1]
     meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     tensors = state_from_bytes((folder / "strategy.safetensors").read_bytes(),
                                str(folder / "strategy.safetensors"))
@@ -71,9 +78,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     for key, tensor in tensors.items():
         attr, name = key.split("/", 1)
         state.setdefault(attr, {})[name] = tensor.numpy()
-    privacy = meta.get("privacy")
+    settings = meta.get("settings")
     return Checkpoint(int(meta["round"]), str(meta["strategy"]), state,
-                      privacy if isinstance(privacy, dict) else None)
+                      settings if isinstance(settings, dict) else None)
 
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:

@@ -277,7 +277,7 @@ class Federation:
                                    for n, sizes in self.grid.split_sizes.items()})
         self.history.record(server_round, metrics, time.monotonic() - self.started)
         save_checkpoint(self.settings.run_dir, server_round, self.cfg.federation.strategy.name,
-                        version.strategy_state, to_dict(self.cfg.federation.privacy))
+                        version.strategy_state, resume_settings(self.cfg))
         log.info("%s", self.history.progress_line(server_round, self.cfg.federation.rounds,
                                                    best_metric))
         return _metric_record(metrics["validation"])
@@ -423,7 +423,7 @@ def prepare(grid: Grid, settings: RunSettings) -> Federation:
                                     enrolment=Enrolment.load(settings.run_dir))
     registry = Registry(settings.run_dir / "registry", key)
     offset = _resume_point(settings, registry, model, cfg.federation.best_metric, key)
-    history = RunHistory(settings.run_dir)
+    history = RunHistory(settings.run_dir, committed=offset)
     return Federation(cfg, settings, bundle, model, trainable, heldout, spec, registry,
                       provisioning, history, device, key, round_offset=offset)
 
@@ -440,8 +440,9 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
     if checkpoint is None:
         log.info("nothing to resume in %s: starting at round 1", settings.run_dir)
         drop_uncommitted_versions(registry.root, -1)
+        registry.repair_pointers(best_metric)  # none left: no pointer may name one
         return 0
-    _same_privacy(settings, checkpoint)
+    _same_settings(settings, checkpoint)
     dropped = drop_uncommitted_versions(registry.root, checkpoint.round)
     if dropped:
         log.warning("removed versions %s of an uncommitted round", dropped)
@@ -454,22 +455,48 @@ def _resume_point(settings: RunSettings, registry: Registry, model: SplitModel,
     return checkpoint.round
 
 
-def _same_privacy(settings: RunSettings, checkpoint: Checkpoint) -> None:
-    """A resumed run's privacy settings are those its published versions were released
-    under: the reported epsilon counts every round with the current settings, so 2 rounds
-    without noise then resumed with noise reported a finite epsilon for versions that had
-    none."""
-    now = to_dict(settings.load_config().federation.privacy)
-    before = checkpoint.privacy
-    if before is None and now.get("dp") == "off":
-        return  # a checkpoint from before privacy was recorded, resumed without DP
-    if before != now:
-        changed = sorted(k for k in now if before is None or before.get(k) != now[k])
+# what a resume may change: how long the run goes on, where and how patiently it runs
+RESUMABLE_KEYS = ("federation.rounds", "device", "federation.strategy.round_timeout")
+
+
+def resume_settings(cfg: Config) -> dict[str, Any]:
+    """The settings the committed versions were made under, flat, as the checkpoint keeps
+    them (less :data:`RESUMABLE_KEYS`)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value
+
+    walk("", json.loads(json.dumps(to_dict(cfg))))  # JSON types, as read back
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
+
+
+def _same_settings(settings: RunSettings, checkpoint: Checkpoint) -> None:
+    """A resume continues the run its versions came from: another strategy, seed, data or
+    privacy setting would mix versions made under different settings (a FedAdam run
+    resumed as FedAvg dropped its moments without a word; 2 rounds without noise resumed
+    with noise reported a finite epsilon for versions that had none)."""
+    cfg = settings.load_config()
+    now, before = resume_settings(cfg), checkpoint.settings
+    if before is None:  # a checkpoint from before settings were recorded
+        if cfg.federation.privacy.dp == "off":
+            return
+        changed = ["federation.privacy (unrecorded)"]
+    else:
+        changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6
+                                          else "")
         raise ConfigError(
-            f"run directory {settings.run_dir} was started with other federation.privacy "
-            f"settings ({', '.join(changed) or 'unrecorded'} differ): resuming would report a "
-            "privacy budget that does not describe the versions already published; resume "
-            "with the same settings or start a new run")
+            f"run directory {settings.run_dir} was started with other settings ({shown} "
+            "differ): resuming would mix versions made under different settings (and report a "
+            "privacy budget that does not describe those already published); resume with the "
+            "same config and overrides (only federation.rounds, device and the round timeout "
+            "may change) or start a new run")
 
 
 class FederationRounds(logging.Filter):

@@ -38,7 +38,9 @@ def _mean_train_loss(r: dict[str, Any]) -> float | None:
 class RunHistory:
     """Collects the metrics of each round and writes the run directory's metric files."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, committed: int | None = None) -> None:
+        """`committed`: when resuming, the last committed round; rows of later rounds (a
+        round recorded, then killed before its commit) are dropped, as its version is."""
         self.run_dir = Path(run_dir)
         self.rounds: list[dict[str, Any]] = []
         # each round's JSON line, encoded once: re-encoding every earlier round (with every
@@ -49,6 +51,8 @@ class RunHistory:
         if path.exists():  # resuming: keep the completed rounds
             lines = path.read_text(encoding="utf-8").splitlines()
             self.rounds = [json.loads(line) for line in lines if line.strip()]
+            if committed is not None:
+                self.rounds = [r for r in self.rounds if r["round"] <= committed]
             self._lines = {r["round"]: _line(r) for r in self.rounds}
 
     def record(self, server_round: int, metrics: dict[str, Any], elapsed: float) -> None:

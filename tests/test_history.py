@@ -209,3 +209,16 @@ def test_table_shows_each_site_model_and_why() -> None:
     assert "0.810 [0.700, 0.900]" in table
     assert ("hungary: kept the adapted model (fine-tune): best on validation after 5 of 25 "
             "steps") in table
+
+
+def test_a_resume_drops_the_rows_of_rounds_that_were_never_committed(tmp_path) -> None:
+    """Killed after round 2 was recorded and before its commit: its version is dropped, so
+    its row must go too (metrics.jsonl, the CSV and the plots showed it)."""
+    hist = RunHistory(tmp_path)
+    for r in range(3):
+        hist.record(r, _round(0.6 + r / 10, 0.7, {"a": 0.5}), float(r))
+    resumed = RunHistory(tmp_path, committed=1)
+    assert [r["round"] for r in resumed.rounds] == [0, 1]
+    resumed.record(2, _round(0.5, 0.7, {"a": 0.5}), 9.0)
+    assert [r["accuracy"] for r in (x["validation"] for x in _jsonl(tmp_path))] == \
+        pytest.approx([0.6, 0.7, 0.5])

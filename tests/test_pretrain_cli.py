@@ -131,3 +131,23 @@ def test_pretrain_refuses_to_overwrite_a_bundle_without_force(tmp_path, capsys,
     assert main(args) == EXIT_BAD_INPUT
     assert "medfed: error:" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
+
+
+@pytest.mark.parametrize("case", ["not a bundle", "holds the key"])
+def test_force_replaces_only_a_bundle_never_the_commands_own_files(case, tmp_path,
+                                                                   capsys) -> None:
+    """`pretrain --force --out $MEDFED_HOME` exited 0 and deleted the signing key and the
+    config with the directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep me")
+    if case == "holds the key":
+        (home / "manifest.json").write_text("{}")  # looks like a bundle, but holds the key
+    key = home / "signing.key"
+    code = main(["pretrain", "--config", str(HEART), "--out", str(home), "--force",
+                 "--keys", str(key)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert ("is not a bundle directory" if case == "not a bundle" else
+            f"holds {key}, an input of this command") in err
+    assert (home / "notes.txt").read_text() == "keep me" and not key.exists()

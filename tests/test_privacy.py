@@ -281,8 +281,8 @@ def test_a_resume_with_other_privacy_settings_is_refused(tmp_path, heart_bundle,
                            keys=signing_key_path, resume=True,
                            overrides=(*FAST, "federation.rounds=4",
                                       "federation.privacy.dp=server"))
-    with pytest.raises(ConfigError, match=r"started with other federation.privacy settings "
-                                          r"\(dp differ\)"):
+    with pytest.raises(ConfigError, match=r"started with other settings \(federation.privacy.dp "
+                                          r"differ\): resuming would mix versions"):
         run_federation(InProcessGrid(make_client_app(settings), 4), settings)
     assert sorted(p.name for p in (tmp_path / "run" / "registry").glob("v*")) == \
         ["v0000", "v0001", "v0002"]
@@ -304,3 +304,37 @@ def test_simulate_with_server_dp_reports_epsilon(tmp_path, heart_bundle, signing
     assert summary["privacy"]["epsilon"] == pytest.approx(_eps(2))
     assert "differential privacy: epsilon=" in proc.stdout
     assert np.max(np.abs(_head(out, 1) - _head(plain, 1))) > 1e-2  # noise was applied
+
+
+def test_a_resume_with_another_strategy_or_seed_is_refused(tmp_path, heart_bundle,
+                                                           signing_key_path, one_thread) -> None:
+    """A FedAdam run resumed as FedAvg with another seed was accepted: the versions mixed
+    two runs and FedAdam's moments were dropped without a word."""
+    from common.config import ConfigError
+    from common.settings import RunSettings
+
+    _run(tmp_path, "run", heart_bundle, signing_key_path, ("federation.rounds=1",))
+    resumed = RunSettings(config_path=HEART, run_dir=tmp_path / "run", bundle=heart_bundle,
+                          keys=signing_key_path, resume=True,
+                          overrides=(*FAST, "federation.rounds=2", "seed=7",
+                                     "federation.strategy.name=fedyogi"))
+    with pytest.raises(ConfigError, match=r"\(federation.strategy.name, seed differ\)"):
+        run_federation(InProcessGrid(make_client_app(resumed), 4), resumed)
+
+
+def test_a_kill_between_the_checkpoints_two_renames_resumes_from_the_last_commit(
+        tmp_path, heart_bundle, signing_key_path, one_thread) -> None:
+    """Killed after the old checkpoint was moved aside and before the new one took its
+    place, a resume found no checkpoint and dropped every published version."""
+    from common.settings import RunSettings
+
+    run = _run(tmp_path, "run", heart_bundle, signing_key_path, ("federation.rounds=2",))
+    first = (run / "registry" / "v0001" / "manifest.json").read_bytes()  # its signing time too
+    (run / "checkpoint").rename(run / ".checkpoint.old-0123abcd")  # the window's state
+    resumed = RunSettings(config_path=HEART, run_dir=run, bundle=heart_bundle,
+                          keys=signing_key_path, resume=True,
+                          overrides=(*FAST, "federation.rounds=3"))
+    run_federation(InProcessGrid(make_client_app(resumed), 4), resumed)
+    assert sorted(p.name for p in (run / "registry").glob("v0*")) == \
+        ["v0000", "v0001", "v0002", "v0003"]
+    assert (run / "registry" / "v0001" / "manifest.json").read_bytes() == first  # not redone

@@ -142,3 +142,19 @@ def test_malformed_pointer_is_an_error(reg) -> None:
     (reg.root / "latest.json").write_text('{"version": "two"}\n')
     with pytest.raises(BundleError, match="malformed"):
         reg.resolve("latest")
+
+
+def test_after_a_dropped_version_no_pointer_names_it(reg) -> None:
+    """A resume drops uncommitted versions; `best` kept naming a dropped one when no
+    version left had a defined score (resolve('best') then failed), and both pointers when
+    none was left at all."""
+    from server.checkpoint import drop_uncommitted_versions
+
+    _scores(reg, [None, 0.7])
+    assert _pointer(reg, "best")["version"] == 1
+    drop_uncommitted_versions(reg.root, 0)
+    reg.repair_pointers("auc")
+    assert _pointer(reg, "best") is None and _pointer(reg, "latest") == {"version": 0}
+    drop_uncommitted_versions(reg.root, -1)
+    reg.repair_pointers("auc")
+    assert _pointer(reg, "latest") is None

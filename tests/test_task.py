@@ -179,3 +179,13 @@ def test_a_breast_federation_publishes_breast_labels_everywhere(
     assert "**Positive class** (what sensitivity, p(positive) and the threshold refer to): " \
         f"{labels[1]}" in card
     assert "medmnist/pneumonia:all:train" in card
+
+
+def test_a_model_card_names_the_validation_set_that_picked_best() -> None:
+    """A version checked on the pretraining cohort's split read like one checked at the
+    sites: 'validation (picks `best`)' alone."""
+    from client.model_card import _metrics_rows
+
+    rows = _metrics_rows({"validation": {"auc": 0.8, "n": 10,
+                                         "source": "the operator's file a|b.csv"}})
+    assert rows[0].startswith("| validation (picks `best`): the operator's file a\\|b.csv | 10 |")

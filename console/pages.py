@@ -202,11 +202,11 @@ def sites_table(view: RunView) -> str:
     rows = []
     for s in view.sites():
         sizes = s["rows"]
-        rows_text = (f'{sizes.get("train", "–")} / {sizes.get("validation", "–")} / '
-                     f'{sizes.get("test", "–")}') if sizes else "–"
+        rows_text = " / ".join(escape(str(sizes.get(split, "–")))
+                               for split in ("train", "validation", "test")) if sizes else "–"
         excluded = "<br>".join(escape(e) for e in s["excluded"]) or "none"
         kept = "–" if s["kept"] is None else (
-            f'{escape(str(s["kept"]))} (from v{s["based_on_version"]})'
+            f'{escape(str(s["kept"]))} (from v{escape(str(s["based_on_version"]))})'
             + (f'<br><span class="note">{escape(str(s["kept_reason"]))}</span>'
                if s["kept_reason"] else ""))
         rows.append([f'<span data-site="{escape(s["site"])}">{escape(s["site"])}</span>',

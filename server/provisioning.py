@@ -138,6 +138,23 @@ def _with_metrics(reply: Message, metrics: dict[str, float],
     return out
 
 
+AUDIT_ITEMS = 16  # values of a list a reply carries that the audit keeps (then a count)
+
+
+def _audited(value: object) -> object:
+    """A reply's value as the audit keeps it: what it was, bounded (recorded before the
+    reply is checked, and shown by the console): text printable and capped, bytes by their
+    length, a list's first items and its length."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list):
+        head = [_audited(v) for v in value[:AUDIT_ITEMS]]
+        return head if len(value) <= AUDIT_ITEMS else [*head, f"… {len(value)} items"]
+    return value
+
+
 def _attribute_errors(messages: list[Message], replies: list[Message]) -> None:
     """An error the SuperLink writes itself ("Node Unavailable") comes from the SuperLink's
     node id, not the hospital's: give it the id of the node the message went to, so every
@@ -251,19 +268,21 @@ class ProvisioningGrid(DelegatingGrid):
                 "type": msg.metadata.message_type,
             }
             if msg.has_error():
-                entry["error"] = msg.error.reason
+                # the hospital's words: bounded and printable here too (the console shows
+                # them; 20 MB or a right-to-left override went into the page before)
+                entry["error"] = printable(msg.error.reason)
             else:
                 entry["arrays"] = {
                     f"{key}/{name}": {"shape": list(arr.shape), "dtype": arr.dtype}
                     for key, rec in msg.content.array_records.items() for name, arr in rec.items()
                 }
                 entry["metrics"] = {
-                    f"{key}/{name}": value
+                    printable(f"{key}/{name}"): _audited(value)
                     for key, rec in msg.content.metric_records.items()
                     for name, value in rec.items()
                 }
                 entry["configs"] = {
-                    f"{key}/{name}": value
+                    printable(f"{key}/{name}"): _audited(value)
                     for key, rec in msg.content.config_records.items()
                     for name, value in rec.items()
                 }

@@ -211,6 +211,28 @@ def test_the_manifest_names_the_enrolled_hospitals_and_their_errors_reach_the_lo
     said = [r.getMessage() for r in caplog.records if "did not save" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("a did not save the final model: ?[2J INFO")
     assert "\x1b" not in said[0] and "\n" not in said[0] and len(said[0]) < 400
+    # the audit (which the console shows) keeps the same bounded, printable words
+    audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
+    errors = [e["error"] for e in audit if "error" in e]
+    assert len(errors) == 1 and errors[0].startswith("?[2J INFO") and len(errors[0]) <= 301
+
+
+def test_the_audit_keeps_what_a_reply_carried_bounded(tmp_path, heart_bundle,
+                                                      signing_key_path) -> None:
+    """Recorded before the checks and shown by the console: 5 MB of words or a list of a
+    million numbers went into audit.jsonl whole."""
+    from flwr.app import ConfigRecord
+
+    def stuff(kind: str, content: RecordDict, server_round: int) -> None:
+        if kind == "train":
+            content["junk"] = ConfigRecord({"words": "\u202e" + "A" * 100_000,
+                                            "many": list(range(1000))})
+
+    out = _run(tmp_path, "stuffed", heart_bundle, signing_key_path, rewrite=stuff)
+    stuffed = [e["configs"] for e in out["audit"] if "junk/words" in e.get("configs", {})]
+    assert len(stuffed) == 3  # one per round, whole runs on
+    assert stuffed[0]["junk/words"].startswith("?AAA") and len(stuffed[0]["junk/words"]) <= 301
+    assert stuffed[0]["junk/many"] == [*range(16), "… 1000 items"]
 
 
 def test_a_spoofed_name_is_not_taken_over(tmp_path, heart_bundle, signing_key_path,

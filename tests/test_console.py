@@ -345,3 +345,18 @@ def test_console_under_the_registry_server_needs_a_federation_certificate(
         assert https_get(handle.port, enrolled, "/v1/versions")[0] == 200  # registry still
     finally:
         handle.stop()
+
+
+def test_values_of_a_runs_files_are_escaped_wherever_they_are_shown(runs_root, tmp_path,
+                                                                    signing_pub_path) -> None:
+    """The split sizes and a site model's version were printed raw (the server writes them,
+    but a page must not trust a file)."""
+    root = _copy(runs_root, tmp_path, "odd")
+    splits = root / "odd" / "splits.json"
+    sizes = json.loads(splits.read_text())
+    first = next(iter(sizes))
+    sizes[first]["train"] = "<img src=x onerror=alert(1)>"
+    splits.write_text(json.dumps(sizes))
+    with TestClient(create_app(root, signing_pub_path)) as c:
+        page = c.get("/runs/odd").text
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -50,6 +50,30 @@ def _stamp(entry: Path) -> Stamp | None:
     return tuple(out)
 
 
+_keys: dict[str, tuple[Stamp, Ed25519PublicKey]] = {}  # path -> (its stamp, the key)
+
+
+def federation_key(path: Path | None, what: str) -> Ed25519PublicKey:
+    """The federation's public key at `path`, which every bundle a hospital keeps (`what`)
+    is verified with: read once per process and file version (a stat per message, not a
+    read and parse; a key rotated in place is read again)."""
+    if path is None:
+        raise BundleError("this hospital has no federation public key (signing.pub) to "
+                          f"verify {what} with; refused")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_public_key(path)  # says what is wrong with it, in one sentence
+    stamp = ((st.st_mtime_ns, st.st_size, st.st_ino),)
+    memo = os.path.abspath(path)
+    hit = _keys.get(memo)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    key = load_public_key(path)
+    _keys[memo] = (stamp, key)
+    return key
+
+
 class MissingBackbone(RuntimeError):
     """The node's cache does not hold the backbone a message refers to."""
 
@@ -80,10 +104,7 @@ class BackboneCache:
 
     def _public_key(self) -> Ed25519PublicKey:
         """The federation's key; its absence is the hospital's setup, not a cache miss."""
-        if self.signing_pub is None:
-            raise BundleError("this hospital has no federation public key (signing.pub) to "
-                              "verify the backbone with; refused")
-        return load_public_key(self.signing_pub)
+        return federation_key(self.signing_pub, "the backbone")
 
     @staticmethod
     def _check_manifest(pub: Ed25519PublicKey, sha256: str, manifest_json: str,

@@ -22,7 +22,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import RecordDict
 
-from client.cache import BackboneCache, FeatureCache
+from client.cache import BackboneCache, FeatureCache, federation_key
 from client.faults import attack_of, maybe_fail, maybe_poison, tamper
 from client.local_data import fingerprint, hospital_site, simulated_site, simulated_site_name
 from common import records as rk
@@ -54,7 +54,7 @@ from common.names import printable, sanitise_name
 from common.personalise import SiteModel, personalise
 from common.scoring import OperatingPoint, score_splits
 from common.settings import NodeSettings, RunSettings
-from common.signing import load_public_key, verify
+from common.signing import verify
 from common.training import TrainResult, round_trainable, train_local
 
 BUILT_MODELS = 8  # backbones kept built per process
@@ -339,10 +339,7 @@ def personalise_site(node: Node, arrays: dict[str, torch.Tensor], backbone_sha: 
 
 def _signing_key(node: Node) -> Ed25519PublicKey:
     """The federation's public key: every bundle a hospital keeps is verified with it."""
-    if node.settings.signing_pub is None:
-        raise BundleError("this hospital has no federation public key (signing.pub) to verify "
-                          "models with; refused")
-    return load_public_key(node.settings.signing_pub)
+    return federation_key(node.settings.signing_pub, "models")
 
 
 def save_site_model(node: Node, manifest_json: str, sig_hex: str) -> Path:

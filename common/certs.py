@@ -423,6 +423,22 @@ def check_server_certs(certs_dir: Path) -> FederationPaths:
     return paths
 
 
+MAX_PUBLIC_KEY_BYTES = 64 << 10  # an OpenSSH public key is a few hundred bytes
+
+
+def read_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """A node's public key (`node_key.pub`, as `medfed certs hospital` writes it): an
+    OpenSSH elliptic-curve key, which Flower's node authentication takes."""
+    try:
+        pub = serialization.load_ssh_public_key(Path(path).read_bytes()[:MAX_PUBLIC_KEY_BYTES])
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
+        raise CertError(f"{path} is not an OpenSSH public key") from err
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise CertError(f"{path} is not an elliptic-curve key, which Flower's node "
+                        "authentication needs")
+    return pub
+
+
 def check_hospital_certs(hospital_dir: Path) -> HospitalPaths:
     """Check that a hospital folder holds its node key, client certificate and the CA."""
     paths = HospitalPaths(Path(hospital_dir))
@@ -432,10 +448,7 @@ def check_hospital_certs(hospital_dir: Path) -> HospitalPaths:
         check_private_key_permissions(key)
     node_key = _load_node_key(paths.node_key)
     if paths.node_pub.exists():
-        try:
-            pub = serialization.load_ssh_public_key(paths.node_pub.read_bytes())
-        except (ValueError, UnsupportedAlgorithm) as err:
-            raise CertError(f"{paths.node_pub} is not an OpenSSH public key") from err
+        pub = read_node_public_key(paths.node_pub)
         if pub != node_key.public_key():
             raise CertError(f"{paths.node_pub} does not belong to the key {paths.node_key}")
     verify_signed_by(paths.client_cert, paths.ca_cert)

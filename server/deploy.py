@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.bundle import load_bundle
-from common.certs import HOSPITAL_NAME, FederationPaths, check_server_certs
+from common.certs import (
+    HOSPITAL_NAME,
+    CertError,
+    FederationPaths,
+    check_server_certs,
+    read_node_public_key,
+)
 from common.config import ConfigError, safe_yaml, show, yaml_problem
 from common.config_check import check_hospital_count, load_config
 from common.follow import TailReader
@@ -66,9 +70,6 @@ class Hospital:
     name: str
     public_key: Path
     max_examples: int | None = None
-
-
-MAX_KEY_BYTES = 64 << 10  # an OpenSSH public key is a few hundred bytes
 
 
 def load_hospitals(path: Path) -> list[Hospital]:
@@ -123,17 +124,12 @@ def load_hospitals(path: Path) -> list[Hospital]:
 
 
 def _node_key(key: Path, name: str, path: Path) -> bytes:
-    """The public key file of hospital `name`, checked to be an OpenSSH EC key (what
-    `medfed certs hospital` writes and Flower's node authentication takes); its raw form."""
+    """The public key file of hospital `name`, checked (:func:`read_node_public_key`); its
+    OpenSSH form, to find a key listed twice."""
     try:
-        pub = serialization.load_ssh_public_key(key.read_bytes()[:MAX_KEY_BYTES])
-    except (OSError, ValueError, UnsupportedAlgorithm) as err:
-        raise ConfigError(f"hospitals file {path}: public key {key} of '{name}' is not an "
-                          "OpenSSH public key (node.pub, as `medfed certs hospital` writes "
-                          "it)") from err
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise ConfigError(f"hospitals file {path}: public key {key} of '{name}' is not an "
-                          "elliptic-curve key, which Flower's node authentication needs")
+        pub = read_node_public_key(key)
+    except CertError as err:
+        raise ConfigError(f"hospitals file {path}: public key of '{name}': {err}") from err
     return pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 

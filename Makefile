@@ -48,7 +48,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 
 lint: install
-	$(BIN)/ruff check common server client medfed tests benchmarks
+	$(BIN)/ruff check common server client console medfed tests benchmarks
 	$(BIN)/mypy
 
 clean:

@@ -31,6 +31,17 @@ from console import pages, runs
 _FILES = ("manifest.json", "manifest.sig", "backbone.safetensors", "head.safetensors",
           "site_stats.json")
 _ROUND = re.compile(r"\d{1,6}")
+# Every answer, page or file: the pages use only the console's own stylesheet and script, so a
+# value that slipped past escaping still could not run a script, load from elsewhere or frame
+# the console; a downloaded bundle file is never sniffed into a page.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                                "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                                "base-uri 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
 
 
 def create_app(root: Path, public_key: Path | None = None, prefix: str = "") -> FastAPI:
@@ -41,6 +52,12 @@ def create_app(root: Path, public_key: Path | None = None, prefix: str = "") -> 
     app = FastAPI(title="medfed console", docs_url=None, redoc_url=None, openapi_url=None)
     static = Path(__file__).with_name("static")
     app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     def run_dir(name: str) -> Path:
         try:

@@ -150,9 +150,22 @@ def test_every_link_of_every_page_answers_without_an_error(client) -> None:
         seen.add(url)
         answer = client.get(url)
         assert answer.status_code == 200, (url, answer.text[:300])
+        _assert_locked_down(answer, url)
         if "text/html" in answer.headers["content-type"]:
             todo += [u for u in parse(answer.text).links if u.startswith("/")]
     assert len(seen) > 20  # pages, filters, model cards and files were all followed
+    for url in ("/static/console.css", "/static/console.js", "/runs/nowhere",
+                "/api/runs/nowhere"):
+        _assert_locked_down(client.get(url), url)
+
+
+def _assert_locked_down(answer: object, url: str) -> None:
+    """Scripts and styles only from the console itself, never framed, never sniffed."""
+    headers = answer.headers  # type: ignore[attr-defined]
+    policy = headers.get("content-security-policy", "")
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy, url
+    assert "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy, url
+    assert headers.get("x-content-type-options") == "nosniff", url
 
 
 def test_audit_filters_by_site_and_round(client, runs_root) -> None:

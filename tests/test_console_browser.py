@@ -61,6 +61,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports land here
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1400,1100", "--no-first-run", "--disable-extensions",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
@@ -185,6 +186,13 @@ def test_the_running_run_is_shown_live_and_matches_its_files(browser, live_run, 
 
     WebDriverWait(drv, RUN_S).until(later)
     _assert_page_matches_metrics(drv, run)
+    assert not _refused(drv)  # the live-update script runs under the console's policy
+
+
+def _refused(drv: object) -> list[str]:
+    """What the browser's Content-Security-Policy blocked since the last call."""
+    return [e["message"] for e in drv.get_log("browser")  # type: ignore[attr-defined]
+            if "Content Security Policy" in e["message"]]
 
 
 def _crawl(drv: object, base: str, shots: Path) -> set[str]:
@@ -207,6 +215,12 @@ def _crawl(drv: object, base: str, shots: Path) -> set[str]:
         title = drv.title  # type: ignore[attr-defined]
         body = drv.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
         assert "Not found" not in title and "Internal Server Error" not in body, (path, body)
+        # the console's own stylesheet applies under its Content-Security-Policy, and the
+        # browser refused nothing on the page
+        header = drv.execute_script(  # type: ignore[attr-defined]
+            "return getComputedStyle(document.querySelector('header')).backgroundColor")
+        assert header == "rgb(17, 34, 51)", (path, header)
+        assert not _refused(drv), path
         # nothing from elsewhere: scripts, styles and images come from the console itself
         for tag, attr in (("script", "src"), ("link", "href"), ("img", "src")):
             for el in drv.find_elements(By.TAG_NAME, tag):  # type: ignore[attr-defined]

@@ -185,10 +185,13 @@ def test_a_constant_code_column_is_left_out_and_said_why(tmp_path) -> None:
     # one code cannot be a categorical column (it needs two); a number the same in every row
     # tells the model nothing either
     path = tmp_path / "site.csv"
-    path.write_text("age,grade,y\n40,3,0\n50,3,1\n60,3,1\n")
+    path.write_text("age,grade,dose,flag,y\n40,3,2.5,0,0\n50,3,2.5,0,1\n60,3,2.5,0,1\n")
     draft = draft_schema([path], "y")
     assert [c["name"] for c in draft.schema["columns"]] == ["age"]  # type: ignore[attr-defined]
-    assert "column 'grade' holds a single value (3) in every row: left out" in draft.decisions
+    for name, value in (("grade", "3"), ("dose", "2.5"), ("flag", "0")):
+        # a decimal was drafted numeric with the range 2.5 to 2.5, an all-0 column binary
+        assert f"column '{name}' holds a single value ({value}) in every row: left out" \
+            in draft.decisions
 
 
 @pytest.mark.parametrize(("second", "fragment"), [
@@ -197,6 +200,10 @@ def test_a_constant_code_column_is_left_out_and_said_why(tmp_path) -> None:
                                "other rows hold numbers"),
     ("age,y\n40,healthy\n50,sick\n", "f2.csv: label column 'y' has 2 rows (rows 2, 3) with "
                                      "text where the other files hold numbers"),
+    # a label code medfed cannot store (it was drafted, then refused as schema key
+    # 'positive[1]' with no file or row named)
+    ("age,y\n40,0\n50,inf\n", "f2.csv: column 'y' has 1 row (row 3) with a value that is "
+                              "infinite or beyond"),
 ])
 def test_a_label_problem_names_the_file_and_rows_where_it_is(second, fragment, tmp_path):
     first, other = tmp_path / "f1.csv", tmp_path / "f2.csv"

@@ -178,14 +178,16 @@ def _column(name: str, raw: pd.Series, draft: Draft, paths: list[Path],
     distinct = np.unique(observed)
     col: dict[str, object] = {"name": name}
     integral = bool(np.all(np.mod(observed, 1) == 0))
-    if set(distinct.tolist()) <= {0.0, 1.0}:
-        col["type"] = "binary"
-        draft.inferred.append(f"{name}: binary (values 0/1)")
-    elif integral and len(distinct) == 1 and 0 <= distinct[0] <= MAX_CODE:
-        # a categorical column needs two codes; one code in every row tells the model nothing
+    if len(distinct) == 1:
+        # one value in every row tells the model nothing: as a code it cannot be categorical
+        # (that needs two), as a number its drafted range would be that value alone and refuse
+        # the next hospital's first other reading
         draft.decisions.append(f"column '{name}' holds a single value ({_num(distinct[0])}) "
                                "in every row: left out")
         return None
+    if set(distinct.tolist()) <= {0.0, 1.0}:
+        col["type"] = "binary"
+        draft.inferred.append(f"{name}: binary (values 0/1)")
     elif integral and len(distinct) <= MAX_CATEGORIES and 0 <= distinct[0] \
             and distinct[-1] <= MAX_CODE:
         col["type"] = "categorical"
@@ -248,6 +250,7 @@ def draft_schema(paths: list[Path], label: str, ignore: tuple[str, ...] = ()) ->
     y = pd.to_numeric(raw, errors="coerce")
     text = int(y.isna().sum())
     _check_label_per_file(label, paths, frames, mixed=0 < text < len(y))
+    _refuse_unstorable(label, paths, frames)  # a code the drafted schema could not hold
     negative, positive, labels = (_text_label(label, raw, draft) if text
                                   else _numeric_label(label, y, draft))
     shown = [_num(v) if isinstance(v, float) else repr(v) for v in (*negative, *positive)]

@@ -49,7 +49,7 @@ from common.scoring import OperatingPoint, fit_operating_point, logits64, score,
 from common.settings import NodeSettings
 from common.signing import load_or_create_signing_key
 from common.training import round_trainable, train_local
-from server.heldout import aggregate_sites, aggregate_test
+from server.heldout import aggregate_sites, aggregate_test, site_combine
 
 State = dict[str, torch.Tensor]
 # how Aggregator computes; results record it, and a stored result computed otherwise is stale
@@ -230,6 +230,7 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: b
     mu = cfg.federation.strategy.proximal_mu if cfg.federation.strategy.name == "fedprox" else 0
     optim = replace(cfg.federation.local, proximal_mu=mu)
     metric = cfg.federation.best_metric
+    combine = site_combine(cfg.federation.heldout)
     versions: list[State] = []
     curve: list[float | None] = []
     best: tuple[int, float | None] | None = None
@@ -254,7 +255,7 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: b
             current = aggregate(current, replies)
         load_state(model, current, where="emulated global model")
         sites = site_scores(model, data.sites)
-        value = aggregate_sites([s["validation"] for s in sites.values()]).get(metric)
+        value = aggregate_sites([s["validation"] for s in sites.values()], combine).get(metric)
         value = None if value is None or not np.isfinite(value) else float(value)
         versions.append({k: v.clone() for k, v in current.items()})
         curve.append(value)
@@ -266,8 +267,8 @@ def federate(cfg: Config, model: SplitModel, data: FederatedData, personalise: b
     sites = site_scores(model, data.sites)
     out: dict[str, Any] = {
         "version": chosen, "validation_curve": curve, "sites": sites,
-        "validation": aggregate_sites([s["validation"] for s in sites.values()]),
-        "test": aggregate_test(sites),
+        "validation": aggregate_sites([s["validation"] for s in sites.values()], combine),
+        "test": aggregate_test(sites, combine),
     }
     if personalise:
         out["site_models"] = site_models(cfg, model, data)

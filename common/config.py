@@ -255,8 +255,10 @@ class FederationConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     local: OptimConfig = field(default_factory=OptimConfig)
     # what checks every global model and picks `best`; never a test split:
-    # validation (the sites' validation splits, evaluated at the sites), source-validation
-    # (a validation split of the pretraining cohort, held by the server) or file:PATH
+    # validation (the sites' validation splits, evaluated at the sites, mean over sites),
+    # validation-median (the same, median over sites: a minority of lying sites cannot move
+    # it beyond the others' figures), source-validation (a validation split of the
+    # pretraining cohort, held by the server) or file:PATH
     heldout: str = "validation"
     # true: each train message also scores the global model it carries at the site, so a
     # round is one message per node (version r is published when round r+1's replies arrive;

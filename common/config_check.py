@@ -31,7 +31,9 @@ STRATEGY_NAMES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
 )
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-HELDOUT_MODES = ("validation", "source-validation", "file:PATH")
+MEDIAN_MODE = "validation-median"
+AT_SITES = ("validation", MEDIAN_MODE)  # heldout modes the sites evaluate
+HELDOUT_MODES = (*AT_SITES, "source-validation", "file:PATH")
 # metrics a validation check reports that can pick `best` (higher is better; loss/brier/ece:
 # lower is better)
 SELECTION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "loss", "brier", "ece")
@@ -394,15 +396,15 @@ def _check_pretrain(cfg: Config) -> None:
 
 def _check_federation(cfg: Config) -> None:
     fed = cfg.federation
-    if not (fed.heldout in ("validation", "source-validation")
+    if not (fed.heldout in (*AT_SITES, "source-validation")
             or (fed.heldout.startswith("file:") and len(fed.heldout) > 5)):
         raise ConfigError(f"config key 'federation.heldout' must be one of "
                           f"{', '.join(HELDOUT_MODES)}, got {fed.heldout!r}")
-    if fed.heldout == "validation" and fed.strategy.fraction_evaluate <= 0:
+    if fed.heldout in AT_SITES and fed.strategy.fraction_evaluate <= 0:
         raise ConfigError(
             "config key 'federation.strategy.fraction_evaluate' is 0 but 'federation.heldout' "
-            "is 'validation', which evaluates every global model at the sites; raise it or use "
-            "heldout source-validation or file:PATH"
+            f"is {fed.heldout!r}, which evaluates every global model at the sites; raise it or "
+            "use heldout source-validation or file:PATH"
         )
     if fed.evaluate_with_train and fed.privacy.secure_aggregation:
         raise ConfigError(

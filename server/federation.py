@@ -59,7 +59,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.heldout import Heldout, aggregate_test, task_and_heldout
+from server.heldout import Heldout, aggregate_test, site_combine, task_and_heldout
 from server.history import RunHistory
 from server.privacy import privacy_summary, wrap_privacy
 from server.provisioning import BackbonePayload, Enrolment, ProvisioningGrid, RunStopped
@@ -254,7 +254,8 @@ class Federation:
         validation, sign, publish, record, then commit its round with its strategy state."""
         server_round, train, excluded = version.round, version.train, version.excluded
         validation = self.heldout.evaluate(self.model, sites)
-        metrics = json_metrics({"validation": validation, "test": aggregate_test(sites),
+        test = aggregate_test(sites, site_combine(self.heldout.mode))
+        metrics = json_metrics({"validation": validation, "test": test,
                                 "sites": sites, "train": train})
         backbone, head = split_state(self.model)
         manifest = make_manifest(

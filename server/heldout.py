@@ -4,6 +4,11 @@ Modes (`federation.heldout`):
 
 - ``validation`` (default): the sites' validation splits, evaluated at the sites; the server
   aggregates their metrics (mean over sites weighted by rows). No patient row moves.
+- ``validation-median``: the same splits, aggregated by the median over sites weighted by rows.
+  A site's scores are its own word: under the mean one site moves the figure, and so `best`,
+  by up to its share of the rows whatever the others measured; under the median a site (or
+  several) holding less than half the rows cannot move it outside the range the other sites
+  report.
 - ``source-validation``: the validation split of the pretraining cohort, held by the server
   and preprocessed with the bundle's statistics (the cohort's own training statistics).
 - ``file:PATH``: the operator's own labelled CSV or npz, validated against the bundle's
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.config import Config
+from common.config_check import AT_SITES, MEDIAN_MODE
 from common.data.csv_source import read_csv_checked
 from common.data.medmnist import read_labelled_npz
 from common.data.preprocess import SiteStats
@@ -33,15 +39,23 @@ from common.models import SplitModel
 from common.scoring import OperatingPoint, score_model
 
 SITES_LABEL = "the sites' validation splits (mean over sites, weighted by rows)"
+MEDIAN_LABEL = "the sites' validation splits (median over sites, weighted by rows)"
 
 
-def aggregate_sites(per_site: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of each metric over sites weighted by their rows (`n`), skipping undefined ones.
+def site_combine(mode: str) -> str:
+    """How the sites' metrics combine under heldout `mode`: ``mean`` or ``median``."""
+    return "median" if mode == MEDIAN_MODE else "mean"
+
+
+def aggregate_sites(per_site: list[dict[str, Any]], combine: str = "mean") -> dict[str, Any]:
+    """Mean (or, `combine` ``median``, median) of each metric over sites weighted by their
+    rows (`n`), skipping undefined ones.
 
     Counts (`n`, `positives`) add up. An empty list gives an empty dict.
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    scored: dict[str, list[tuple[float, float]]] = {}
     counts: dict[str, float] = {}
     for metrics in per_site:
         w = float(metrics.get("n") or 0)
@@ -53,9 +67,29 @@ def aggregate_sites(per_site: list[dict[str, Any]]) -> dict[str, Any]:
             elif w > 0 and np.isfinite(value):
                 sums[key] = sums.get(key, 0.0) + w * float(value)
                 weights[key] = weights.get(key, 0.0) + w
-    out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums}
+                scored.setdefault(key, []).append((float(value), w))
+    out: dict[str, Any] = ({k: sums[k] / weights[k] for k in sums} if combine == "mean" else
+                           {k: weighted_median(v) for k, v in scored.items()})
     out.update({k: int(v) for k, v in counts.items()})
     return out
+
+
+def weighted_median(pairs: list[tuple[float, float]]) -> float:
+    """The value at half the total weight of (`value`, `weight`) pairs (weights > 0); where a
+    half falls exactly between two values, their midpoint (equal weights: the usual median).
+
+    Values holding less than half the weight cannot move it outside the others' range.
+    """
+    ordered = sorted(pairs)
+    half = sum(w for _, w in ordered) / 2
+    below = 0.0
+    for i, (value, w) in enumerate(ordered):
+        below += w
+        if below > half:
+            return value
+        if below == half:
+            return (value + ordered[i + 1][0]) / 2
+    return ordered[-1][0]  # not reached: the weights sum to twice `half`
 
 
 @dataclass
@@ -70,24 +104,25 @@ class Heldout:
     @property
     def at_sites(self) -> bool:
         """True when the sites evaluate it (the server holds no rows)."""
-        return self.mode == "validation"
+        return self.mode in AT_SITES
 
     def evaluate(self, model: SplitModel, sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Validation metrics of the global model now loaded in `model`."""
         if self.at_sites:
-            out = aggregate_sites([s["validation"] for s in sites.values() if "validation" in s])
+            out = aggregate_sites([s["validation"] for s in sites.values() if "validation" in s],
+                                  site_combine(self.mode))
         else:
             assert self.x is not None and self.y is not None
             out = score_model(model, self.x, self.y, OperatingPoint())
         return {**out, "split": "validation", "source": self.label}
 
 
-def aggregate_test(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def aggregate_test(sites: dict[str, dict[str, Any]], combine: str = "mean") -> dict[str, Any]:
     """The sites' test metrics, aggregated like the validation ones and labelled."""
     tests = [s["test"] for s in sites.values() if "test" in s]
     if not tests:
         return {}
-    return {**aggregate_sites(tests), "label": TEST_LABEL}
+    return {**aggregate_sites(tests, combine), "label": TEST_LABEL}
 
 
 def _read_file(path: Path, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +142,8 @@ def _read_file(path: Path, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
 def build_heldout(cfg: Config, spec: DataSpec, bundle_stats: SiteStats) -> Heldout:
     """The check `cfg.federation.heldout` names, with its rows loaded and preprocessed."""
     mode = cfg.federation.heldout
-    if mode == "validation":
-        return Heldout(mode, SITES_LABEL)
+    if mode in AT_SITES:
+        return Heldout(mode, SITES_LABEL if mode == "validation" else MEDIAN_LABEL)
     if mode == "source-validation":
         from common.pretrain import load_source  # noqa: PLC0415 (server-side only)
 

@@ -330,3 +330,53 @@ def test_a_reply_with_its_tensors_reordered_is_still_clipped_under_dp(
              for v in (0, 1)]
     moved = np.sqrt(sum(float(((heads[1][k] - heads[0][k]) ** 2).sum()) for k in heads[0]))
     assert moved <= clip * (1 + 1e-4)  # the mean of updates each clipped to `clip`
+
+
+def _lie_for(target: int) -> Rewrite:
+    """Every evaluate reply scores version `target` perfect and every other one worthless."""
+    def lie(kind: str, content: RecordDict, server_round: int) -> None:
+        if kind == "evaluate":
+            metrics = dict(content.metric_records[rk.METRICS])
+            metrics["val-auc"] = 1.0 if server_round == target else 0.0
+            content[rk.METRICS] = MetricRecord(metrics)
+    return lie
+
+
+def _aucs(row: dict[str, Any], liar: str) -> tuple[float, list[float]]:
+    """A round's published validation AUC and the honest sites' own (where defined)."""
+    honest = [v["validation"]["auc"] for s, v in row["sites"].items() if s != liar]
+    return row["validation"]["auc"], [a for a in honest if a is not None]
+
+
+def test_a_site_lying_about_its_scores_picks_best_only_under_the_mean(
+        tmp_path, heart_bundle, signing_key_path) -> None:
+    """One hospital scores version 1 perfect and every other version worthless. Under the
+    mean over sites its word picks `best`; under the median the published figure of every
+    version stays within what the honest sites measured; under an operator's own file no
+    site's word counts at all."""
+    from tests.test_heldout import _labelled_file
+
+    target, best = 1, lambda run: json.loads((run / "registry" / "best.json").read_text())
+    honest = _run(tmp_path, "honest", heart_bundle, signing_key_path)
+    assert best(honest["run"])["version"] != target  # the lie has something to change
+    mean = _run(tmp_path, "mean", heart_bundle, signing_key_path, rewrite=_lie_for(target))
+    assert best(mean["run"])["version"] == target
+    liar = next(s for s, v in mean["rows"][target]["sites"].items()
+                if v["validation"]["auc"] == 1.0)
+    published, others = _aucs(mean["rows"][0], liar)
+    assert published < min(others)  # pulled outside what every honest site measured
+
+    median = _run(tmp_path, "median", heart_bundle, signing_key_path,
+                  "federation.heldout=validation-median", rewrite=_lie_for(target))
+    for row in median["rows"]:
+        published, others = _aucs(row, liar)
+        assert min(others) <= published <= max(others), row["round"]
+    assert "median over sites" in best(median["run"])["source"]
+
+    path = tmp_path / "operator.csv"
+    _labelled_file(path)
+    own = [_run(tmp_path, name, heart_bundle, signing_key_path, f"federation.heldout=file:{path}",
+                rewrite=lie) for name, lie in (("file-honest", None),
+                                               ("file-lied-to", _lie_for(target)))]
+    assert best(own[0]["run"]) == best(own[1]["run"])
+    assert [r["validation"] for r in own[0]["rows"]] == [r["validation"] for r in own[1]["rows"]]

@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.client_app import make_client_app
@@ -99,3 +100,22 @@ def test_validation_mode_refuses_to_run_without_federated_evaluation() -> None:
 
     with pytest.raises(ConfigError, match="fraction_evaluate.*is 0 but 'federation.heldout'"):
         load_config(HEART, ["federation.strategy.fraction_evaluate=0"])
+
+
+def test_the_weighted_median_stays_within_the_majoritys_values() -> None:
+    from server.heldout import aggregate_sites, weighted_median
+
+    assert weighted_median([(0.7, 1), (0.9, 1)]) == pytest.approx(0.8)  # equal weights: usual
+    assert weighted_median([(0.7, 3), (0.9, 1), (0.8, 1)]) == 0.7
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        honest = [(float(v), float(w)) for v, w in zip(rng.uniform(0.6, 0.8, 4),
+                                                        rng.uniform(1, 10, 4), strict=True)]
+        lie = sum(w for _, w in honest) * float(rng.uniform(0, 0.99))  # under half in all
+        for value in (0.0, 1.0):
+            m = weighted_median([*honest, (value, lie)])
+            assert min(v for v, _ in honest) <= m <= max(v for v, _ in honest)
+    sites = [{"auc": 0.9, "n": 10, "positives": 4}, {"auc": 0.6, "n": 30, "positives": 9},
+             {"auc": float("nan"), "n": 50, "positives": 0}]  # undefined: left out
+    assert aggregate_sites(sites, "median") == {"auc": 0.6, "n": 90, "positives": 13}
+    assert aggregate_sites(sites)["auc"] == pytest.approx((0.9 * 10 + 0.6 * 30) / 40)

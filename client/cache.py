@@ -229,9 +229,11 @@ class FeatureCache:
 
         buf = io.BytesIO()
         np.savez(buf, train=train)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # computed from the hospital's patient rows: readable by this user only, whatever the
+        # umask or the directories above
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.root / f"{key}.npz"
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue(), mode=0o600)
         self._remember(os.path.abspath(path), train)
         self._prune(key)
 

@@ -339,6 +339,16 @@ def _print_events(follower: events.Follower, stop: threading.Event) -> None:
         print(events.line(record), flush=True)
 
 
+def _open_to_others(path: Path) -> str | None:
+    """How other local users can reach into `path`, or None when only its owner can."""
+    mode = path.stat().st_mode
+    if mode & 0o007:
+        return "open to every user of this machine"
+    if mode & 0o070:
+        return "open to its group"
+    return None
+
+
 def _next_wait(attempt: int) -> float:
     return REGISTRATION_BACKOFF_S[min(attempt, len(REGISTRATION_BACKOFF_S) - 1)]
 
@@ -346,7 +356,8 @@ def _next_wait(attempt: int) -> float:
 def run_client(req: ClientRequest) -> int:
     """Run the SuperNode until it stops (or Ctrl-C); one sentence on known failures."""
     certs = _check(req)
-    req.workdir.mkdir(parents=True, exist_ok=True)
+    # it holds features computed from this hospital's patient rows: this user's alone
+    req.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     pid_file = req.workdir / "processes.pid"
     kill_stale_groups(pid_file)  # a crashed earlier client; refuses if one is still running
     follower = events.Follower(req.workdir / events.EVENTS_FILE)
@@ -358,6 +369,12 @@ def run_client(req: ClientRequest) -> int:
         "TLS, node key " + str(certs.node_key)
     events.emit(req.workdir, "start", name=req.name, server=req.server, data=str(req.data),
                 port=port, mode=mode)
+    shared = _open_to_others(req.workdir)
+    if shared:
+        events.emit(req.workdir, "waiting", name=req.name, message=(
+            f"warning: --workdir {req.workdir} is {shared} (mode "
+            f"{req.workdir.stat().st_mode & 0o777:04o}); it holds features computed from this "
+            f"hospital's patient rows: chmod 700 {req.workdir}"))
     group = ProcessGroup(pid_file)
 
     interrupt_on_sigterm()

@@ -1339,6 +1339,20 @@ def test_a_client_that_cannot_reach_the_server_says_what_ended_its_wait(tmp_path
     assert last == (f"medfed: error: hospital hospital-a: cannot reach the server at {server} "
                     "after at most 2 attempts: connection refused or no route (is it running, "
                     "and are the address and port right?)"), result.stderr
+    # the work directory it made holds patient-derived features: its user's only
+    assert (tmp_path / "work").stat().st_mode & 0o777 == 0o700
+    assert "chmod 700" not in result.stdout + result.stderr
+
+
+def test_a_client_warns_when_its_work_directory_is_open_to_others(tmp_path) -> None:
+    from client.deploy import _open_to_others
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for mode, said in ((0o755, "open to every user of this machine"),
+                       (0o750, "open to its group"), (0o700, None)):
+        work.chmod(mode)
+        assert _open_to_others(work) == said
 
 
 def test_a_full_disk_while_writing_predictions_is_one_sentence_naming_the_file(

@@ -260,3 +260,17 @@ def test_features_of_older_data_are_pruned_when_new_ones_are_written(tmp_path: P
     assert kept == sorted([week2, other_mode, other_backbone])
     assert cache.get(week1) is None  # not served from memory either
     np.testing.assert_array_equal(cache.get(week2), features + 1)
+
+
+def test_features_are_readable_by_the_hospitals_user_only(tmp_path: Path) -> None:
+    """They are computed from patient rows; they were written 0644 in a 0755 directory, so
+    any user of a shared hospital server could read them."""
+    old = os.umask(0o022)
+    try:
+        cache = FeatureCache(tmp_path / "node" / "features")
+        cache.put(FeatureCache.key("a" * 64, "head", "data"), np.zeros((2, 3), np.float32))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "node" / "features").stat().st_mode & 0o777 == 0o700
+    written = list((tmp_path / "node" / "features").glob("*.npz"))
+    assert len(written) == 1 and written[0].stat().st_mode & 0o777 == 0o600

@@ -364,7 +364,8 @@ def run_server(req: ServerRequest,
                 CONSOLE_PATH: console(req.run_dir, public_key_path(keys))}
             registry = start_registry_server(
                 req.run_dir / "registry", req.host, req.registry_port, certs.server_cert,
-                certs.server_key, certs.ca_cert, mounts=mounts)
+                certs.server_key, certs.ca_cert, mounts=mounts,
+                enrolled=frozenset(h.name for h in hospitals))
             if console is not None:
                 log.info("console on https://%s:%d%s/ (client certificates required)",
                          req.host, req.registry_port, CONSOLE_PATH)

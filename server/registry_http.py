@@ -9,6 +9,10 @@ Endpoints (all ``GET``)::
 
 Mutual TLS is enforced by the TLS layer itself (``CERT_REQUIRED`` with the federation CA as the
 only trust root), so a client without a certificate signed by that CA never reaches the app.
+Under ``medfed server`` a certificate must also name a hospital of its hospitals file (the
+certificate's common name, as ``medfed certs hospital NAME`` issues it): a hospital taken off
+that file loses the registry and the console at the server's next start, though its
+certificate is still valid; any other gets ``403`` with one sentence.
 The server only serves bytes; clients verify hashes and the signature (``client/pull.py``)::
 
     from client.pull import pull_from_server
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -45,6 +49,7 @@ from common.bundle import (
     BundleError,
 )
 from common.certs import CertError
+from common.names import printable
 from common.registry import Registry
 
 SERVED_FILES = (MANIFEST_FILE, SIGNATURE_FILE, BACKBONE_FILE, HEAD_FILE)
@@ -145,6 +150,7 @@ def _config(
     ca_certfile: Path,
     log_level: str,
     mounts: Mapping[str, ASGIApp] | None = None,
+    enrolled: frozenset[str] | None = None,
 ) -> uvicorn.Config:
     tls_files = (("certificate", certfile), ("key", keyfile), ("CA certificate", ca_certfile))
     for what, path in tls_files:
@@ -159,7 +165,8 @@ def _config(
         log_level=log_level,
         server_header=False,
         loop="asyncio",  # _Server sets the handshake timeout on asyncio's create_server
-        http=_HeadDeadline,
+        http=_HeadDeadline if enrolled is None else type(
+            "_EnrolledOnly", (_HeadDeadline,), {"enrolled": enrolled}),
         limit_concurrency=MAX_CONNECTIONS,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
@@ -179,9 +186,15 @@ class _HeadDeadline(H11Protocol):
     instead of holding one of the MAX_CONNECTIONS places."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    # the names a client certificate may carry (the hospitals file's); None: any the CA signed
+    enrolled: frozenset[str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.enrolled is not None:
+            name = _certificate_name(transport)
+            if name not in self.enrolled:
+                self.app = _not_enrolled(name)  # this connection's requests only
         self._arm_head_deadline()
 
     def on_response_complete(self) -> None:
@@ -203,6 +216,24 @@ class _HeadDeadline(H11Protocol):
             return  # a request arrived and is being answered (a large file may take long)
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def _certificate_name(transport: asyncio.BaseTransport) -> str | None:
+    """The common name of the client certificate the TLS handshake verified."""
+    cert = transport.get_extra_info("peercert") or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def _not_enrolled(name: str | None) -> ASGIApp:
+    """An app answering every request 403: the certificate names no enrolled hospital."""
+    who = "names no hospital" if name is None else f"is for {printable(repr(name), 80)}"
+    detail = (f"this client certificate {who}, which is not enrolled in this federation (the "
+              "hospitals file of medfed server); ask its operator")
+    return JSONResponse({"detail": detail}, status_code=403)
 
 
 class _Server(uvicorn.Server):
@@ -266,10 +297,12 @@ def start_registry_server(
     ca_certfile: Path,
     log_level: str = "warning",
     mounts: Mapping[str, ASGIApp] | None = None,
+    enrolled: frozenset[str] | None = None,
 ) -> RegistryServerHandle:
     """Start the mutual-TLS registry server in a daemon thread and wait until it listens.
 
-    ``port=0`` picks a free port; the handle's ``port`` is the one bound.
+    ``port=0`` picks a free port; the handle's ``port`` is the one bound. ``enrolled``: the
+    hospital names a client certificate must carry (None: any certificate the CA signed).
 
     Raises
     ------
@@ -280,7 +313,8 @@ def start_registry_server(
     RuntimeError
         If the server does not start within 10 s.
     """
-    config = _config(registry_root, certfile, keyfile, ca_certfile, log_level, mounts)
+    config = _config(registry_root, certfile, keyfile, ca_certfile, log_level, mounts,
+                     enrolled)
     # Bind here (not in the thread) so bind errors reach the caller and port 0 is resolved.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -381,6 +381,12 @@ def check_console(f: Federation, delivered: int) -> None:
     assert set(SITES) <= set(listed) and all(listed[s]["trained_rounds"] == [1, 2]
                                              for s in SITES)
     assert delivered in {v["version"] for v in versions["versions"]}
+    # a certificate of the federation's CA whose hospital is not in the hospitals file
+    intruder = f.certs / "hospitals" / "intruder"
+    context = tls_context(intruder / "ca.crt", intruder / "client.pem", intruder / "client.key")
+    for path in ("/console/api/runs", "/v1/versions"):
+        status, body = https_get(f.registry_port, context, path)
+        assert status == 403 and b"'intruder', which is not enrolled" in body, (path, body)
 
 
 def check_hospital_log(f: Federation, site: str, delivered: int) -> None:

@@ -144,6 +144,36 @@ def test_server_certificate_is_not_accepted_as_a_client_certificate(
         https_get(server.port, context, "/v1/versions")
 
 
+def test_only_hospitals_of_the_hospitals_file_get_in_under_medfed_server(
+    registry_root: Path, fed: FederationPaths, hospital: HospitalPaths, tmp_path: Path
+) -> None:
+    """A hospital taken off the hospitals file keeps a valid certificate of the federation's
+    CA; it used to keep pulling every new model and reading the console."""
+    from client.pull import PullError, pull_from_server
+
+    removed = init_hospital("hospital-b", fed.out / "hospitals", fed.out)
+    console = TestClient(create_app(registry_root)).app  # any app mounted beside the registry
+    handle = start_registry_server(registry_root, "127.0.0.1", 0, fed.server_cert,
+                                   fed.server_key, fed.ca_cert, mounts={"/console": console},
+                                   enrolled=frozenset({"hospital-a"}))
+    try:
+        for path in ("/v1/versions", "/console/v1/versions"):
+            enrolled = tls_context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
+            assert https_get(handle.port, enrolled, path)[0] == 200, path
+            gone = tls_context(removed.ca_cert, removed.client_cert, removed.client_key)
+            status, body = https_get(handle.port, gone, path)
+            assert status == 403, path
+            assert json.loads(body)["detail"].startswith(
+                "this client certificate is for 'hospital-b', which is not enrolled in this "
+                "federation"), body
+        with pytest.raises(PullError, match="HTTP 403 .*'hospital-b', which is not enrolled"):
+            pull_from_server(f"127.0.0.1:{handle.port}", removed.out, "latest",
+                             tmp_path / "pulled")
+        assert not (tmp_path / "pulled").exists()
+    finally:
+        handle.stop()
+
+
 def test_start_with_missing_certificate_names_it(
     registry_root: Path, fed: FederationPaths, tmp_path: Path
 ) -> None:

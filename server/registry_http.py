@@ -10,7 +10,7 @@ Endpoints (all ``GET``)::
 Mutual TLS is enforced by the TLS layer itself (``CERT_REQUIRED`` with the federation CA as the
 only trust root), so a client without a certificate signed by that CA never reaches the app.
 Under ``medfed server`` a certificate must also name a hospital of its hospitals file (the
-certificate's common name, as ``medfed certs hospital NAME`` issues it): a hospital taken off
+certificate's common name, as ``medfed certs hospital --name`` issues it): a hospital taken off
 that file loses the registry and the console at the server's next start, though its
 certificate is still valid; any other gets ``403`` with one sentence.
 The server only serves bytes; clients verify hashes and the signature (``client/pull.py``)::

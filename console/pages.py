@@ -213,7 +213,7 @@ def sites_table(view: RunView) -> str:
                      rows_text, "–" if s["last_reply_round"] is None else
                      f'round {s["last_reply_round"]}', excluded, kept])
     return "<h2>Sites</h2>" + table(
-        ["site", "rows (train / validation / test)", "last reply", "excluded replies",
+        ["site", "rows declared (train / validation / test)", "last reply", "excluded replies",
          "model kept after personalisation"], rows, cls="sites")
 
 

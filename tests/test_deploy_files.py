@@ -247,6 +247,17 @@ def test_dockerfile_runs_medfed_as_a_non_root_user() -> None:
     assert instructions["USER"] not in ("root", "0")
 
 
+def test_a_hospitals_work_volume_starts_readable_by_its_user_only() -> None:
+    """The compose hospitals keep patient-derived features in --workdir; a named volume takes
+    the image folder's mode, and `medfed client` warns about a work directory others can
+    read: the image makes that folder 0700."""
+    workdirs = {svc["command"][svc["command"].index("--workdir") + 1]
+                for svc in _services().values() if "--workdir" in svc.get("command", [])}
+    assert workdirs == {"/work"}
+    runs = " ".join(args for kind, args in _dockerfile_instructions(DOCKERFILE) if kind == "RUN")
+    assert "chmod 700 /work" in runs
+
+
 def test_dockerfile_installs_torch_from_the_build_arg_index() -> None:
     runs = [args for kind, args in _dockerfile_instructions(DOCKERFILE) if kind == "RUN"]
     args = {a.split("=")[0] for k, a in _dockerfile_instructions(DOCKERFILE) if k == "ARG"}

@@ -340,12 +340,13 @@ def _print_events(follower: events.Follower, stop: threading.Event) -> None:
 
 
 def _open_to_others(path: Path) -> str | None:
-    """How other local users can reach into `path`, or None when only its owner can."""
-    mode = path.stat().st_mode
+    """How other local users can reach into `path` (with its mode), or None when only its
+    owner can."""
+    mode = path.stat().st_mode & 0o777
     if mode & 0o007:
-        return "open to every user of this machine"
+        return f"open to every user of this machine (mode {mode:04o})"
     if mode & 0o070:
-        return "open to its group"
+        return f"open to its group (mode {mode:04o})"
     return None
 
 
@@ -372,9 +373,8 @@ def run_client(req: ClientRequest) -> int:
     shared = _open_to_others(req.workdir)
     if shared:
         events.emit(req.workdir, "waiting", name=req.name, message=(
-            f"warning: --workdir {req.workdir} is {shared} (mode "
-            f"{req.workdir.stat().st_mode & 0o777:04o}); it holds features computed from this "
-            f"hospital's patient rows: chmod 700 {req.workdir}"))
+            f"warning: --workdir {req.workdir} is {shared}; it holds features computed from "
+            f"this hospital's patient rows: chmod 700 {req.workdir}"))
     group = ProcessGroup(pid_file)
 
     interrupt_on_sigterm()

@@ -38,13 +38,16 @@ from common.metrics import COUNT_KEYS
 from common.models import SplitModel
 from common.scoring import OperatingPoint, score_model
 
-SITES_LABEL = "the sites' validation splits (mean over sites, weighted by rows)"
-MEDIAN_LABEL = "the sites' validation splits (median over sites, weighted by rows)"
+SITES_LABEL = "the sites' validation splits ({} over sites, weighted by rows)"
+# how each mode the sites evaluate combines their metrics: ``mean`` or ``median``
+_COMBINE = {"validation": "mean", MEDIAN_MODE: "median"}
+assert set(_COMBINE) == set(AT_SITES)
 
 
 def site_combine(mode: str) -> str:
-    """How the sites' metrics combine under heldout `mode`: ``mean`` or ``median``."""
-    return "median" if mode == MEDIAN_MODE else "mean"
+    """How the sites' metrics combine under heldout `mode` (``mean`` outside the site modes:
+    the sites' test metrics are still aggregated)."""
+    return _COMBINE.get(mode, "mean")
 
 
 def aggregate_sites(per_site: list[dict[str, Any]], combine: str = "mean") -> dict[str, Any]:
@@ -143,7 +146,7 @@ def build_heldout(cfg: Config, spec: DataSpec, bundle_stats: SiteStats) -> Heldo
     """The check `cfg.federation.heldout` names, with its rows loaded and preprocessed."""
     mode = cfg.federation.heldout
     if mode in AT_SITES:
-        return Heldout(mode, SITES_LABEL if mode == "validation" else MEDIAN_LABEL)
+        return Heldout(mode, SITES_LABEL.format(_COMBINE[mode]))
     if mode == "source-validation":
         from common.pretrain import load_source  # noqa: PLC0415 (server-side only)
 

@@ -1349,8 +1349,8 @@ def test_a_client_warns_when_its_work_directory_is_open_to_others(tmp_path) -> N
 
     work = tmp_path / "work"
     work.mkdir()
-    for mode, said in ((0o755, "open to every user of this machine"),
-                       (0o750, "open to its group"), (0o700, None)):
+    for mode, said in ((0o755, "open to every user of this machine (mode 0755)"),
+                       (0o750, "open to its group (mode 0750)"), (0o700, None)):
         work.chmod(mode)
         assert _open_to_others(work) == said
 

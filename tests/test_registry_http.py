@@ -152,15 +152,15 @@ def test_only_hospitals_of_the_hospitals_file_get_in_under_medfed_server(
     from client.pull import PullError, pull_from_server
 
     removed = init_hospital("hospital-b", fed.out / "hospitals", fed.out)
-    console = TestClient(create_app(registry_root)).app  # any app mounted beside the registry
+    console = create_app(registry_root)  # any app mounted beside the registry
     handle = start_registry_server(registry_root, "127.0.0.1", 0, fed.server_cert,
                                    fed.server_key, fed.ca_cert, mounts={"/console": console},
                                    enrolled=frozenset({"hospital-a"}))
+    enrolled = tls_context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
+    gone = tls_context(removed.ca_cert, removed.client_cert, removed.client_key)
     try:
         for path in ("/v1/versions", "/console/v1/versions"):
-            enrolled = tls_context(hospital.ca_cert, hospital.client_cert, hospital.client_key)
             assert https_get(handle.port, enrolled, path)[0] == 200, path
-            gone = tls_context(removed.ca_cert, removed.client_cert, removed.client_key)
             status, body = https_get(handle.port, gone, path)
             assert status == 403, path
             assert json.loads(body)["detail"].startswith(
